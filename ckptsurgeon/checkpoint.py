@@ -1,0 +1,255 @@
+"""An opened checkpoint: the object tree as saved, with lazy records in place of tensors.
+
+A training checkpoint nests its weights beside optimizer state, epochs and
+hyper-parameters. :class:`Checkpoint` finds every tensor-bearing dict in the tree,
+chooses the weights the way a user expects (and says which), and sizes each
+top-level entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import KeySelectionError
+from .record import TensorRecord
+
+# Entries that usually hold the model's weights, most likely first.
+WEIGHT_KEYS = (
+    "state_dict", "model_state_dict", "model", "module", "net", "network", "model_state",
+    "weights", "params", "state_dict_ema", "model_ema", "ema", "ema_state_dict",
+)
+# Path components that mark optimizer or other training state, never the default weights.
+TRAINING_STATE_MARKERS = ("optim", "scheduler", "lr_sched", "scaler", "loops", "callbacks")
+
+
+@dataclass(frozen=True)
+class StateDictCandidate:
+    """A tensor-bearing dict found in the tree, and where it is."""
+
+    key: str  # dotted path from the root, "" for the root itself
+    tensors: dict[str, TensorRecord]
+
+    @property
+    def count(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return unique_nbytes(self.tensors.values())
+
+    @property
+    def is_training_state(self) -> bool:
+        parts = [p.lower() for p in self.key.split(".")]
+        return any(marker in p for p in parts for marker in TRAINING_STATE_MARKERS)
+
+
+@dataclass(frozen=True)
+class TopLevelEntry:
+    """One top-level entry of a nested checkpoint, with what it holds."""
+
+    key: str
+    kind: str  # "weights", "optimizer", "tensors", "value"
+    tensor_count: int
+    nbytes: int
+    summary: str  # a short repr for plain values ("1", "{'lr': 0.1}")
+
+
+@dataclass
+class Checkpoint:
+    """What a reader returns: the tree, the files behind it, and what the reader noticed.
+
+    Example:
+        >>> ckpt = Checkpoint(path=Path("m.pth"), format="torch-zip",
+        ...                   tree={"fc.weight": TensorRecord("", "float32", (2, 3))})
+        >>> list(ckpt.weights().tensors)
+        ['fc.weight']
+    """
+
+    path: Path
+    format: str
+    tree: Any
+    files: tuple[Path, ...] = ()
+    file_size: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    globals_used: tuple[str, ...] = ()
+
+    # -- the weights ------------------------------------------------------------------------
+    def candidates(self) -> list[StateDictCandidate]:
+        """Every tensor-bearing dict in the tree (outermost ones; their nested dicts are flattened)."""
+        return list(_find_candidates(self.tree, ""))
+
+    def weights(self, key: str | None = None) -> StateDictCandidate:
+        """The chosen state dict: ``key`` if given (dotted path), else the most likely one."""
+        if key is not None:
+            return self._select(key)
+        candidates = self.candidates()
+        if not candidates:
+            raise KeySelectionError(f"{self.path}: holds no tensors")
+        return choose_weights(candidates)
+
+    def _select(self, key: str) -> StateDictCandidate:
+        node = resolve_key(self.tree, key)
+        if node is _MISSING:
+            available = ", ".join(repr(c.key) for c in self.candidates()) or "none"
+            raise KeySelectionError(
+                f"{self.path}: no entry {key!r}; entries that hold tensors: {available}"
+            )
+        if isinstance(node, TensorRecord):
+            return StateDictCandidate(key, {key.rsplit(".", 1)[-1]: node.renamed(key.rsplit(".", 1)[-1])})
+        tensors = dict(_flatten(node, "")) if isinstance(node, Mapping | list | tuple) else {}
+        if not tensors:
+            raise KeySelectionError(f"{self.path}: entry {key!r} holds no tensors")
+        return StateDictCandidate(key, tensors)
+
+    # -- everything else --------------------------------------------------------------------
+    def top_level(self, weights_key: str | None = None) -> list[TopLevelEntry]:
+        """Each top-level entry with its tensor count and bytes (empty when the root is the state dict)."""
+        if not isinstance(self.tree, Mapping) or weights_key == "":
+            return []
+        chosen_root = (weights_key or "").split(".", 1)[0]
+        entries = []
+        for raw_key, value in self.tree.items():
+            key = str(raw_key)
+            records = [r for _, r in _flatten(value, "")]
+            if key == chosen_root:
+                kind = "weights"
+            elif any(m in key.lower() for m in ("optim",)):
+                kind = "optimizer"
+            elif records:
+                kind = "tensors"
+            else:
+                kind = "value"
+            entries.append(TopLevelEntry(key, kind, len(records), unique_nbytes(records), short_repr(value)))
+        return entries
+
+
+def choose_weights(candidates: list[StateDictCandidate]) -> StateDictCandidate:
+    """Pick the weights the way a user expects: the root if it is a state dict, then a known
+    key (``state_dict``, ``model`` ...), then the largest dict that is not optimizer state."""
+    for cand in candidates:
+        if cand.key == "":
+            return cand
+    for name in WEIGHT_KEYS:
+        for cand in candidates:
+            if cand.key == name:
+                return cand
+    for name in WEIGHT_KEYS:
+        for cand in candidates:
+            if cand.key.rsplit(".", 1)[-1] == name and not cand.is_training_state:
+                return cand
+    plain = [c for c in candidates if not c.is_training_state] or candidates
+    return max(plain, key=lambda c: (c.nbytes, c.count))
+
+
+def unique_nbytes(records: Any) -> int:
+    """Bytes of tensor data, counting a storage shared by several tensors once."""
+    total = 0
+    seen: set[int] = set()
+    for rec in records:
+        storage = rec.storage
+        if storage is None:
+            total += rec.nbytes
+        elif id(storage) not in seen:
+            seen.add(id(storage))
+            total += storage.nbytes
+    return total
+
+
+_MISSING = object()
+
+
+def resolve_key(tree: Any, key: str) -> Any:
+    """Walk a dotted path through dicts and lists; a dict key may itself contain dots."""
+    if key == "":
+        return tree
+    parts = key.split(".")
+    node = tree
+    i = 0
+    while i < len(parts):
+        found = False
+        for j in range(len(parts), i, -1):  # longest key first: "model.ema" before "model"
+            part = ".".join(parts[i:j])
+            child = _child(node, part)
+            if child is not _MISSING:
+                node, i, found = child, j, True
+                break
+        if not found:
+            return _MISSING
+    return node
+
+
+def _child(node: Any, part: str) -> Any:
+    if isinstance(node, Mapping):
+        if part in node:
+            return node[part]
+        for k in node:
+            if str(k) == part:
+                return node[k]
+        return _MISSING
+    if isinstance(node, list | tuple) and part.isdigit() and int(part) < len(node):
+        return node[int(part)]
+    return _MISSING
+
+
+def _is_state_dict(node: Any) -> bool:
+    """A dict with string keys whose values are all records or (nested) such dicts."""
+    if not isinstance(node, Mapping) or not node:
+        return False
+    has_tensor = False
+    for k, v in node.items():
+        if not isinstance(k, str):
+            return False
+        if isinstance(v, TensorRecord):
+            has_tensor = True
+        elif _is_state_dict(v):
+            has_tensor = True
+        else:
+            return False
+    return has_tensor
+
+
+def _find_candidates(node: Any, path: str) -> Iterator[StateDictCandidate]:
+    if _is_state_dict(node):
+        yield StateDictCandidate(path, dict(_flatten(node, "")))
+        return
+    if isinstance(node, Mapping):
+        children = ((str(k), v) for k, v in node.items())
+    elif isinstance(node, list | tuple):
+        children = ((str(i), v) for i, v in enumerate(node))
+    else:
+        return
+    for k, v in children:
+        yield from _find_candidates(v, f"{path}.{k}" if path else k)
+
+
+def _flatten(node: Any, prefix: str) -> Iterator[tuple[str, TensorRecord]]:
+    """Every record below ``node`` with its dotted name, named accordingly."""
+    if isinstance(node, TensorRecord):
+        yield prefix, node.renamed(prefix)
+        return
+    if isinstance(node, Mapping):
+        items = ((str(k), v) for k, v in node.items())
+    elif isinstance(node, list | tuple):
+        items = ((str(i), v) for i, v in enumerate(node))
+    else:
+        return
+    for k, v in items:
+        yield from _flatten(v, f"{prefix}.{k}" if prefix else k)
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """A one-line description of a plain value, records shown as ``<tensor>``."""
+    if isinstance(value, TensorRecord):
+        return f"tensor {value.dtype}{list(value.shape)}"
+    if isinstance(value, Mapping):
+        text = f"dict of {len(value)}"
+    elif isinstance(value, list | tuple):
+        text = f"{type(value).__name__} of {len(value)}"
+    else:
+        text = repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,1 @@
+"""One module per ``ckpt`` command; each defines ``COMMAND`` (a click command)."""

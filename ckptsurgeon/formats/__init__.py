@@ -1,0 +1,207 @@
+"""Format detection by content and the registry of readers and writers.
+
+Every reader is a function ``read(path, options) -> Checkpoint`` in its own module,
+imported only when needed (so inspecting a safetensors file never imports torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import stat
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import FormatError, InputError, NotAStateDictError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..checkpoint import Checkpoint
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How carefully, and how trustingly, to read a file.
+
+    ``allow_globals``: extra pickle globals the user declared data-only (``--allow-global``).
+    ``unsafe``: full pickle trust (``--unsafe-trust-pickle``), which can run code.
+    ``check``: verify every CRC and every byte span, not only the structure.
+    """
+
+    allow_globals: frozenset[str] = frozenset()
+    unsafe: bool = False
+    check: bool = False
+
+
+# format name -> "module:function"
+READERS: dict[str, str] = {
+    "torch-zip": "ckptsurgeon.formats.torchzip:read",
+    "torch-legacy": "ckptsurgeon.formats.legacy:read",
+    "safetensors": "ckptsurgeon.formats.safetensors:read",
+    "sharded": "ckptsurgeon.formats.sharded:read",
+    "dcp": "ckptsurgeon.formats.dcp:read",
+}
+
+SUPPORTED = (
+    "torch.save files (.pth .pt .bin .ckpt .tar, zip or legacy), .safetensors, "
+    "sharded folders with a *.index.json, model folders, torch.distributed.checkpoint folders"
+)
+
+ZIP_MAGIC = b"PK\x03\x04"
+EMPTY_ZIP_MAGIC = b"PK\x05\x06"
+LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+
+
+def open_checkpoint(path: str | os.PathLike[str], options: ReadOptions | None = None) -> Checkpoint:
+    """Open any supported checkpoint lazily: records only, no tensor data read.
+
+    Example:
+        >>> ckpt = open_checkpoint("fixtures/vgg_1000.pth")          # doctest: +SKIP
+        >>> len(ckpt.weights().tensors)                              # doctest: +SKIP
+        38
+    """
+    options = options or ReadOptions()
+    path = Path(path)
+    fmt = detect(path)
+    module_name, func_name = READERS[fmt].split(":")
+    reader = getattr(importlib.import_module(module_name), func_name)
+    return reader(path, options)
+
+
+def detect(path: Path) -> str:
+    """Name the format of ``path`` from its content; raise a one-line error for anything else."""
+    st = check_input_path(path)
+    if stat.S_ISDIR(st.st_mode):
+        return _detect_directory(path)
+    if path.name.endswith(".index.json"):
+        return "sharded"
+    head = _read_head(path, 512)
+    return _detect_bytes(path, head, st.st_size)
+
+
+def check_input_path(path: Path) -> os.stat_result:
+    """Stat ``path`` and refuse what no reader should open (missing, FIFO, device, loop)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise InputError(f"{path}: a symbolic link to a file that does not exist") from None
+        raise InputError(f"{path}: no such file or directory") from None
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    except OSError as exc:  # ELOOP, ENAMETOOLONG ...
+        raise InputError(f"{path}: cannot be opened ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+        return st
+    kind = "a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
+    raise InputError(f"{path}: {kind}; give the path of a checkpoint file or folder")
+
+
+def _read_head(path: Path, size: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(size)
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _detect_bytes(path: Path, head: bytes, size: int) -> str:
+    if size == 0:
+        raise FormatError(f"{path}: the file is empty (0 bytes); the download or save did not finish")
+    if head.startswith(ZIP_MAGIC):
+        return _detect_zip(path)
+    if head.startswith(EMPTY_ZIP_MAGIC):
+        raise FormatError(f"{path}: an empty zip archive, not a checkpoint")
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
+        return "torch-legacy"  # the legacy reader also names bare pickles
+    if _looks_like_safetensors(head, size):
+        return "safetensors"
+    raise _not_a_checkpoint(path, head)
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    if len(head) < 9:
+        return False
+    header_len = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and header_len > 0  # the reader names a length past the end
+
+
+def _not_a_checkpoint(path: Path, head: bytes) -> FormatError:
+    text = head.lstrip().lower()
+    if head.startswith(b"version https://git-lfs"):
+        return NotAStateDictError(
+            f"{path}: a git-lfs pointer file, not the checkpoint itself; run `git lfs pull` "
+            "(or download the file directly) to get the real weights"
+        )
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        return NotAStateDictError(
+            f"{path}: an HTML page, not a checkpoint (a failed or login-protected download?); "
+            "download the file again from its direct link"
+        )
+    if head.startswith(b"\x93NUMPY"):
+        return NotAStateDictError(f"{path}: a NumPy .npy array, not a checkpoint; load it with numpy.load")
+    if head.startswith(b"\x89HDF"):
+        return NotAStateDictError(f"{path}: an HDF5 file (Keras .h5?), not a PyTorch checkpoint")
+    if head.startswith(b"GGUF"):
+        return NotAStateDictError(f"{path}: a GGUF file (llama.cpp), not a PyTorch checkpoint")
+    if head.startswith(b"\x1f\x8b"):
+        return NotAStateDictError(f"{path}: a gzip archive; decompress it first")
+    if head[257:262] == b"ustar":
+        return NotAStateDictError(
+            f"{path}: a tar archive (the torch.save format of PyTorch before 0.4?); "
+            "load it with an old PyTorch and save it again"
+        )
+    return FormatError(f"{path}: not a checkpoint (unrecognised content); supported: {SUPPORTED}")
+
+
+def _detect_zip(path: Path) -> str:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except zipfile.BadZipFile:
+        raise FormatError(
+            f"{path}: a truncated or damaged zip archive (no readable central directory); "
+            "the download or save did not finish, fetch or save it again"
+        ) from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise FormatError(f"{path}: a damaged zip archive ({exc.__class__.__name__}); fetch or save it again") from None
+    return classify_zip_names(path, names)
+
+
+def classify_zip_names(path: Path, names: list[str]) -> str:
+    """Tell a torch.save archive from TorchScript, torch.export and other zips by member names."""
+    if any(n.endswith("/constants.pkl") or n.startswith("constants.pkl") for n in names) and any(
+        "/code/" in n or n.startswith("code/") for n in names
+    ):
+        raise NotAStateDictError(
+            f"{path}: a TorchScript archive (torch.jit.save), not a state dict; load it with "
+            "torch.jit.load and save model.state_dict() with torch.save"
+        )
+    if any(n.endswith("archive_format") or "serialized_exported_program" in n or "/models/" in n and n.endswith(".json") for n in names):
+        raise NotAStateDictError(
+            f"{path}: a torch.export archive (.pt2), not a state dict; load it with torch.export.load "
+            "and save exported.state_dict with torch.save"
+        )
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return "torch-zip"
+    if names and all(n.endswith(".npy") for n in names):
+        raise NotAStateDictError(f"{path}: a NumPy .npz archive, not a PyTorch checkpoint; load it with numpy.load")
+    raise FormatError(f"{path}: a zip archive without data.pkl: not a torch.save checkpoint (or a damaged one)")
+
+
+def _detect_directory(path: Path) -> str:
+    names = set(os.listdir(path))
+    if ".metadata" in names:
+        return "dcp"
+    if any(n.endswith(".index.json") for n in names):
+        return "sharded"
+    for single in ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt"):
+        if single in names:
+            return "sharded"  # the sharded reader also opens a folder holding one weights file
+    raise InputError(
+        f"{path}: a folder without a checkpoint (no *.index.json, model.safetensors, "
+        "pytorch_model.bin or .metadata); give a file inside it"
+    )

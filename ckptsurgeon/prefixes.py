@@ -1,0 +1,60 @@
+"""Wrapper prefixes: the dotted components that DataParallel, torch.compile, Lightning,
+FSDP and friends put in front of every key."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# Components that wrappers add; found stacked in any order (``_orig_mod.module.``).
+KNOWN_WRAPPERS = (
+    "module",  # DataParallel / DistributedDataParallel
+    "_orig_mod",  # torch.compile
+    "model",  # Lightning, many trainers
+    "_fsdp_wrapped_module",  # FSDP
+    "_checkpoint_wrapped_module",  # activation checkpointing
+    "_forward_module",  # Lightning Fabric
+)
+
+
+def shared_prefix(names: Iterable[str]) -> str:
+    """The longest run of leading dotted components that every name shares (``""`` if none).
+
+    A name is never consumed whole: at least one component stays.
+
+    Example:
+        >>> shared_prefix(["module.fc.weight", "module.fc.bias"])
+        'module.fc.'
+        >>> shared_prefix(["fc.weight", "conv.weight"])
+        ''
+    """
+    common: list[str] | None = None
+    for name in names:
+        parts = name.split(".")[:-1]
+        if common is None:
+            common = parts
+            continue
+        n = 0
+        while n < min(len(common), len(parts)) and common[n] == parts[n]:
+            n += 1
+        common = common[:n]
+        if not common:
+            return ""
+    return ".".join(common) + "." if common else ""
+
+
+def wrapper_prefix(names: Iterable[str]) -> str:
+    """The stack of known wrapper components that every key starts with (``""`` if none).
+
+    Example:
+        >>> wrapper_prefix(["_orig_mod.module.fc.weight", "_orig_mod.module.conv.weight"])
+        '_orig_mod.module.'
+        >>> wrapper_prefix(["model.features.0.weight", "model.fc.bias"])
+        'model.'
+    """
+    common = shared_prefix(names)
+    stack = []
+    for part in common.split(".")[:-1] if common else []:
+        if part not in KNOWN_WRAPPERS:
+            break
+        stack.append(part)
+    return "".join(p + "." for p in stack)

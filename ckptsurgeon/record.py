@@ -1,0 +1,250 @@
+"""The one value type every layer shares: a lazy tensor record.
+
+A :class:`TensorRecord` describes a tensor (dtype, shape, element count, byte size)
+and knows where its bytes live (a :class:`Storage`: a span of a file, or a loader),
+but reads nothing until asked. Readers build records from headers or restricted
+pickles without importing torch; ``inspect`` and ``diff`` work on records alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .dtypes import DTYPES, get_dtype
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+CHUNK_SIZE = 8 * 1024 * 1024
+
+
+class _FdCache:
+    """A few read-only file descriptors kept open, so 20,000 small reads do not reopen a file."""
+
+    def __init__(self, limit: int = 32) -> None:
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def get(self, path: Path) -> int:
+        key = os.fspath(path)
+        with self._lock:
+            fd = self._fds.pop(key, None)
+            if fd is None:
+                fd = os.open(key, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._fds[key] = fd
+            while len(self._fds) > self._limit:
+                _, old = self._fds.popitem(last=False)
+                os.close(old)
+            return fd
+
+    def forget(self, path: Path) -> None:
+        with self._lock:
+            fd = self._fds.pop(os.fspath(path), None)
+            if fd is not None:
+                os.close(fd)
+
+
+FD_CACHE = _FdCache()
+
+
+def pread_exact(path: Path, offset: int, length: int) -> bytes:
+    """Read exactly ``length`` bytes at ``offset`` or raise ``EOFError`` (a truncated file)."""
+    fd = FD_CACHE.get(path)
+    parts: list[bytes] = []
+    remaining = length
+    pos = offset
+    while remaining > 0:
+        chunk = os.pread(fd, min(remaining, 1 << 30), pos)
+        if not chunk:
+            raise EOFError(f"{path}: file ends at byte {pos}, expected {offset + length}")
+        parts.append(chunk)
+        remaining -= len(chunk)
+        pos += len(chunk)
+    return b"".join(parts) if len(parts) != 1 else parts[0]
+
+
+@dataclass(frozen=True, eq=False)
+class Storage:
+    """A contiguous run of bytes that one or more tensors view.
+
+    Either ``path`` + ``offset`` locate the bytes in a file (they can be streamed
+    without torch), or ``loader`` produces them (formats with no raw span, live tensors).
+
+    Example:
+        >>> s = Storage(key="data/0", dtype="float32", nbytes=16, path=None, loader=lambda: bytes(16))
+        >>> len(s.read())
+        16
+    """
+
+    key: str
+    dtype: str
+    nbytes: int
+    path: Path | None = None
+    offset: int = 0
+    location: str = "cpu"
+    byteorder: str = "little"
+    loader: Callable[[], bytes] | None = field(default=None, repr=False)
+
+    @property
+    def is_raw(self) -> bool:
+        """True when the bytes sit in a file span and can be streamed directly."""
+        return self.path is not None and self.byteorder == "little"
+
+    def read(self, start: int = 0, length: int | None = None) -> bytes:
+        """Return ``length`` bytes from ``start`` (the whole storage by default)."""
+        if length is None:
+            length = self.nbytes - start
+        if start < 0 or length < 0 or start + length > self.nbytes:
+            raise ValueError(f"storage {self.key}: read {start}+{length} outside {self.nbytes} bytes")
+        if self.path is not None:
+            return pread_exact(self.path, self.offset + start, length)
+        if self.loader is not None:
+            return bytes(memoryview(self.loader())[start : start + length])
+        raise ValueError(f"storage {self.key}: no data (built on the meta device)")
+
+
+@dataclass(frozen=True, eq=False)
+class TensorRecord:
+    """A tensor described without its data: name, dtype, shape, and where the bytes are.
+
+    ``storage_offset`` and ``stride`` are in elements, as in torch. ``stride=None``
+    means contiguous. A record with ``storage=None`` and no ``loader`` has a shape only
+    (an architecture built on the meta device).
+
+    Example:
+        >>> r = TensorRecord("fc.weight", "float32", (2, 4))
+        >>> (r.numel, r.nbytes, r.is_contiguous)
+        (8, 32, True)
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    storage: Storage | None = None
+    storage_offset: int = 0
+    stride: tuple[int, ...] | None = None
+    requires_grad: bool = False
+    is_parameter: bool = False
+    loader: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+
+    # -- what it is -------------------------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype].itemsize if self.dtype in DTYPES else get_dtype(self.dtype).itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    @property
+    def has_data(self) -> bool:
+        return self.storage is not None or self.loader is not None
+
+    @property
+    def is_contiguous(self) -> bool:
+        return self.stride is None or self.stride == contiguous_stride(self.shape) or self.numel <= 1
+
+    @property
+    def byte_span(self) -> tuple[int, int]:
+        """(start, length) in bytes within the storage, for a contiguous record."""
+        return self.storage_offset * self.itemsize, self.nbytes
+
+    @property
+    def is_raw(self) -> bool:
+        """True when this tensor's bytes are one contiguous little-endian span of a file."""
+        return self.storage is not None and self.storage.is_raw and self.is_contiguous and self.loader is None
+
+    def renamed(self, name: str) -> TensorRecord:
+        """A copy of this record under another name (the data stays where it is)."""
+        return replace(self, name=name)
+
+    # -- data, on demand --------------------------------------------------------------------
+    def read_bytes(self) -> bytes:
+        """The tensor's bytes, contiguous, little-endian, in row-major order."""
+        if self.numel == 0:
+            return b""
+        if self.is_raw:
+            start, length = self.byte_span
+            return self.storage.read(start, length)  # type: ignore[union-attr]
+        tensor = self.to_torch()
+        return tensor_to_bytes(tensor)
+
+    def iter_bytes(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        """Yield the tensor's bytes in chunks (streamed from the file when possible)."""
+        if not self.is_raw:
+            data = self.read_bytes()
+            for pos in range(0, len(data), chunk_size):
+                yield data[pos : pos + chunk_size]
+            return
+        start, length = self.byte_span
+        for pos in range(0, length, chunk_size):
+            yield self.storage.read(start + pos, min(chunk_size, length - pos))  # type: ignore[union-attr]
+
+    def to_torch(self) -> torch.Tensor:
+        """Materialise this record as a CPU ``torch.Tensor`` (a fresh copy)."""
+        import torch
+
+        if self.loader is not None:
+            return self.loader()
+        torch_dtype = getattr(torch, self.dtype)
+        if self.storage is None:
+            raise ValueError(f"{self.name}: no data (built on the meta device)")
+        if self.numel == 0:
+            return torch.empty(self.shape, dtype=torch_dtype)
+        stride = self.stride or contiguous_stride(self.shape)
+        span_elems = 1 + sum((dim - 1) * st for dim, st in zip(self.shape, stride, strict=True))
+        start = self.storage_offset * self.itemsize
+        raw = bytearray(self.storage.read(start, span_elems * self.itemsize))
+        flat = torch.frombuffer(raw, dtype=torch.uint8).view(torch_dtype)
+        if self.storage.byteorder == "big" and self.itemsize > 1:
+            flat = _byteswap(flat, self.itemsize)
+        return flat.as_strided(self.shape, stride, 0).clone(memory_format=torch.contiguous_format)
+
+    @classmethod
+    def from_torch(cls, name: str, tensor: torch.Tensor) -> TensorRecord:
+        """A record for a live tensor (meta tensors give a shape-only record)."""
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        shape = tuple(int(d) for d in tensor.shape)
+        if tensor.device.type == "meta":
+            return cls(name, dtype, shape)
+        return cls(name, dtype, shape, loader=lambda t=tensor: t.detach().to("cpu").contiguous().clone(),
+                   is_parameter=type(tensor).__name__ == "Parameter")
+
+
+def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major strides (in elements) for ``shape``."""
+    strides: list[int] = []
+    acc = 1
+    for dim in reversed(shape):
+        strides.append(acc)
+        acc *= max(dim, 1)
+    return tuple(reversed(strides))
+
+
+def tensor_to_bytes(tensor: Any) -> bytes:
+    """Raw little-endian bytes of a torch tensor (any dtype, bf16 and float8 included)."""
+    import torch
+
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return b""
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def _byteswap(flat: Any, itemsize: int) -> Any:
+    import torch
+
+    as_bytes = flat.view(torch.uint8).reshape(-1, itemsize).flip(1).contiguous()
+    return as_bytes.reshape(-1).view(flat.dtype)
