@@ -1,0 +1,247 @@
+"""``inspect``: what a checkpoint holds, from records alone (no tensor data is read)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import Checkpoint, StateDictCandidate, TopLevelEntry
+from .formats import ReadOptions, open_checkpoint
+from .grouping import collapse, natural_sorted
+from .prefixes import wrapper_prefix
+from .record import TensorRecord
+from .report import dump_json, format_shape, human_bytes, human_count, render_fields, render_table
+
+# Buffers that are state, not learned parameters.
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+FORMAT_NAMES = {
+    "torch-zip": "torch.save zip archive",
+    "torch-legacy": "torch.save legacy (pre-1.6) file",
+    "pickle": "plain pickle",
+    "safetensors": "safetensors",
+    "sharded": "sharded checkpoint",
+    "dcp": "torch.distributed.checkpoint folder",
+}
+
+
+@dataclass
+class InspectReport:
+    """What ``ckpt inspect`` shows, as data. Render with :meth:`render` or :meth:`to_json`.
+
+    Example:
+        >>> report = inspect("fixtures/vgg_1000.pth")        # doctest: +SKIP
+        >>> report.tensor_count, report.wrapper_prefix        # doctest: +SKIP
+        (38, '')
+    """
+
+    path: Path
+    format: str
+    file_size: int
+    files: list[Path]
+    weights: StateDictCandidate
+    weights_chosen_by: str  # "default" or "--key"
+    candidates: list[StateDictCandidate]
+    entries: list[TopLevelEntry]
+    metadata: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    sha256: str | None = None
+
+    # -- derived facts ----------------------------------------------------------------------
+    @property
+    def tensors(self) -> list[TensorRecord]:
+        return [self.weights.tensors[n] for n in self.weights.tensors]
+
+    @property
+    def tensor_count(self) -> int:
+        return len(self.weights.tensors)
+
+    @property
+    def element_count(self) -> int:
+        return sum(r.numel for r in self.tensors)
+
+    @property
+    def parameter_count(self) -> int:
+        """Elements of every tensor except BatchNorm running statistics."""
+        return sum(r.numel for r in self.tensors if not r.name.endswith(BUFFER_SUFFIXES))
+
+    @property
+    def tensor_bytes(self) -> int:
+        return self.weights.nbytes
+
+    @property
+    def dtypes(self) -> dict[str, tuple[int, int]]:
+        """dtype -> (tensor count, bytes), largest first."""
+        totals: dict[str, list[int]] = {}
+        for rec in self.tensors:
+            entry = totals.setdefault(rec.dtype, [0, 0])
+            entry[0] += 1
+            entry[1] += rec.nbytes
+        ordered = sorted(totals.items(), key=lambda kv: (-kv[1][1], kv[0]))
+        return {k: (v[0], v[1]) for k, v in ordered}
+
+    @property
+    def wrapper_prefix(self) -> str:
+        return wrapper_prefix(self.weights.tensors)
+
+    @property
+    def devices(self) -> list[str]:
+        found = {r.storage.location for r in self.tensors if r.storage is not None}
+        return sorted(found)
+
+    # -- rendering --------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        """The documented JSON shape (see README, "inspect --format json")."""
+        return {
+            "path": os.fspath(self.path),
+            "format": self.format,
+            "file_size": self.file_size,
+            "files": [os.fspath(f) for f in self.files],
+            "weights_key": self.weights.key,
+            "summary": {
+                "tensor_count": self.tensor_count,
+                "parameter_count": self.parameter_count,
+                "element_count": self.element_count,
+                "tensor_bytes": self.tensor_bytes,
+                "dtypes": {k: {"count": c, "bytes": b} for k, (c, b) in self.dtypes.items()},
+                "wrapper_prefix": self.wrapper_prefix,
+                "devices": self.devices,
+            },
+            "entries": [
+                {"key": e.key, "kind": e.kind, "tensor_count": e.tensor_count, "bytes": e.nbytes,
+                 "summary": e.summary}
+                for e in self.entries
+            ],
+            "candidates": [{"key": c.key, "tensor_count": c.count, "bytes": c.nbytes} for c in self.candidates],
+            "tensors": [
+                {"name": r.name, "dtype": r.dtype, "shape": list(r.shape), "nbytes": r.nbytes}
+                for r in self.tensors
+            ],
+            "metadata": self.metadata,
+            "notes": self.notes,
+            **({"sha256": self.sha256} if self.sha256 else {}),
+        }
+
+    def render(self, fmt: str = "table", show_all: bool = False) -> str:
+        """The summary, the top-level entries, then the tensor table (grouped unless ``show_all``)."""
+        if fmt == "json":
+            return dump_json(self.to_json())
+        sections = [render_fields(self._summary_fields(), fmt)]
+        if self.entries:
+            sections.append(render_table(("entry", "kind", "tensors", "size", "value"), self._entry_rows(), fmt))
+        sections.append(render_table(("name", "dtype", "shape", "size"), self._tensor_rows(show_all), fmt))
+        if self.notes:
+            sections.append("\n".join(f"note: {n}" for n in self.notes))
+        return "\n\n".join(s for s in sections if s)
+
+    def _summary_fields(self) -> list[tuple[str, str]]:
+        fields = [
+            ("file", os.fspath(self.path)),
+            ("format", FORMAT_NAMES.get(self.format, self.format)
+             + (f", {len(self.files)} files" if len(self.files) > 1 else "")),
+            ("file size", human_bytes(self.file_size)),
+        ]
+        if self.weights.key or len(self.candidates) > 1:
+            fields.append(("weights", self._weights_line()))
+        fields += [
+            ("tensors", human_count(self.tensor_count)),
+            ("parameters", self._parameter_line()),
+            ("tensor data", human_bytes(self.tensor_bytes)),
+            ("dtypes", ", ".join(f"{k} {human_bytes(b)} ({c})" for k, (c, b) in self.dtypes.items()) or "-"),
+        ]
+        prefix = self.wrapper_prefix
+        fields.append(("prefix", f"{prefix}  (every key starts with it)" if prefix else "none"))
+        if self.devices and self.devices != ["cpu"]:
+            fields.append(("saved on", ", ".join(self.devices) + "  (opens on CPU)"))
+        if self.metadata:
+            shown = ", ".join(f"{k}={v}" for k, v in list(self.metadata.items())[:4])
+            fields.append(("metadata", shown[:100]))
+        if self.sha256:
+            fields.append(("sha256", self.sha256))
+        return fields
+
+    def _weights_line(self) -> str:
+        where = repr(self.weights.key) if self.weights.key else "the top level"
+        how = "chosen by default" if self.weights_chosen_by == "default" else "chosen with --key"
+        others = [c.key or "(top level)" for c in self.candidates if c.key != self.weights.key]
+        text = f"{where} ({how})"
+        if others:
+            shown = ", ".join(others[:4]) + (f" +{len(others) - 4} more" if len(others) > 4 else "")
+            text += f"; other tensor dicts: {shown}"
+        return text
+
+    def _parameter_line(self) -> str:
+        params, elements = self.parameter_count, self.element_count
+        if params == elements:
+            return human_count(params)
+        return f"{human_count(params)}  ({human_count(elements)} with BatchNorm running statistics)"
+
+    def _entry_rows(self) -> list[tuple[str, str, str, str, str]]:
+        rows = []
+        for e in self.entries:
+            count = str(e.tensor_count) if e.tensor_count else "-"
+            size = human_bytes(e.nbytes) if e.tensor_count else "-"
+            value = "" if e.kind in ("weights", "optimizer", "tensors") else e.summary
+            rows.append((e.key, e.kind, count, size, value))
+        return rows
+
+    def _tensor_rows(self, show_all: bool) -> list[tuple[str, str, str, str]]:
+        by_name = self.weights.tensors
+        if show_all:
+            return [(n, r.dtype, format_shape(r.shape), human_bytes(r.nbytes)) for n, r in by_name.items()]
+        rows = []
+        groups = collapse(list(by_name), attribute=lambda n: (by_name[n].dtype, by_name[n].shape))
+        for group in groups:
+            rec = by_name[group.members[0]]
+            count = len(group.members)
+            size = human_bytes(rec.nbytes) if count == 1 else f"{count} × {human_bytes(rec.nbytes)}"
+            rows.append((group.label, rec.dtype, format_shape(rec.shape), size))
+        return rows
+
+
+def inspect(
+    path: str | os.PathLike[str] | Checkpoint,
+    *,
+    key: str | None = None,
+    options: ReadOptions | None = None,
+    with_hash: bool = False,
+) -> InspectReport:
+    """Describe a checkpoint: format, sizes, counts, where the weights are, what else it holds.
+
+    Reads headers and pickles only, never tensor data (``with_hash`` reads the file to hash it).
+
+    Example:
+        >>> report = inspect("fixtures/real/lightning_tinynet.ckpt")   # doctest: +SKIP
+        >>> report.weights.key, report.wrapper_prefix                   # doctest: +SKIP
+        ('state_dict', 'model.')
+    """
+    ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, options)
+    weights = ckpt.weights(key)
+    candidates = ckpt.candidates()
+    return InspectReport(
+        path=ckpt.path,
+        format=ckpt.format,
+        file_size=ckpt.file_size,
+        files=list(ckpt.files) or [ckpt.path],
+        weights=weights,
+        weights_chosen_by="--key" if key is not None else "default",
+        candidates=candidates,
+        entries=ckpt.top_level(weights.key),
+        metadata=dict(ckpt.metadata),
+        notes=list(ckpt.notes),
+        sha256=_sha256_files(ckpt.files or (ckpt.path,)) if with_hash else None,
+    )
+
+
+def _sha256_files(files: Sequence[Path]) -> str:
+    """SHA-256 of a file (or of the concatenation of shard files, in name order)."""
+    digest = hashlib.sha256()
+    for file in natural_sorted(os.fspath(f) for f in files):
+        with open(file, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()

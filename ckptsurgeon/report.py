@@ -1,0 +1,78 @@
+"""Rendering helpers shared by every report: sizes, shapes, tables (tabulate, imported lazily), JSON.
+
+Each report object (inspect, diff, plan, scan) keeps its data in fields and renders
+itself through these helpers, so the table/markdown/json switch is written once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+# tabulate's name for each of our --format values
+TABLE_STYLES = {"table": "simple", "markdown": "github"}
+
+
+def human_bytes(n: int) -> str:
+    """Bytes in binary units, one decimal.
+
+    Example:
+        >>> human_bytes(1536), human_bytes(12), human_bytes(3 * 2**30)
+        ('1.5 KiB', '12 B', '3.0 GiB')
+    """
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # unreachable
+
+
+def human_count(n: int) -> str:
+    """A count with thousands separators and a short form for large ones.
+
+    Example:
+        >>> human_count(5382), human_count(124_439_808)
+        ('5,382', '124,439,808 (124.4M)')
+    """
+    if n < 1_000_000:
+        return f"{n:,}"
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M")):
+        if n >= div:
+            return f"{n:,} ({n / div:.1f}{suffix})"
+    return f"{n:,}"
+
+
+def format_shape(shape: Sequence[int] | None) -> str:
+    """``[16, 3, 3, 3]``; ``[]`` for a 0-dim tensor.
+
+    Example:
+        >>> format_shape((2, 64)), format_shape(())
+        ('[2, 64]', '[]')
+    """
+    if shape is None:
+        return "-"
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str = "table") -> str:
+    """A table in the style for ``fmt`` ("table" or "markdown"); empty string for no rows."""
+    if not rows:
+        return ""
+    from tabulate import tabulate
+
+    return tabulate(rows, headers=list(headers), tablefmt=TABLE_STYLES.get(fmt, "simple"), disable_numparse=True)
+
+
+def render_fields(pairs: Sequence[tuple[str, str]], fmt: str = "table") -> str:
+    """``label  value`` lines (a two-column table without headers in markdown)."""
+    if fmt == "markdown":
+        return render_table(("", ""), [(f"**{k}**", v) for k, v in pairs], fmt)
+    width = max((len(k) for k, _ in pairs), default=0)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in pairs)
+
+
+def dump_json(data: Any) -> str:
+    """Stable, indented JSON (keys in insertion order, non-ASCII kept)."""
+    return json.dumps(data, indent=2, ensure_ascii=False, default=str)
