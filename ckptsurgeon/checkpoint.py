@@ -196,7 +196,8 @@ def _child(node: Any, part: str) -> Any:
 
 
 def _is_state_dict(node: Any) -> bool:
-    """A dict with string keys whose values are all records or (nested) such dicts."""
+    """A dict with string keys holding tensors directly; other values may only be None
+    (some modules store None for absent buffers) or nested dicts of the same kind."""
     if not isinstance(node, Mapping) or not node:
         return False
     has_tensor = False
@@ -205,9 +206,7 @@ def _is_state_dict(node: Any) -> bool:
             return False
         if isinstance(v, TensorRecord):
             has_tensor = True
-        elif _is_state_dict(v):
-            has_tensor = True
-        else:
+        elif v is not None and not _is_state_dict(v):
             return False
     return has_tensor
 

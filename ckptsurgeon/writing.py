@@ -69,7 +69,7 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool = False) -> Itera
 
 def _open_temp(parent: Path, name: str) -> tuple[BinaryIO, str | None]:
     flag = getattr(os, "O_TMPFILE", 0)
-    if flag:
+    if flag and os.path.isdir("/proc/self/fd"):
         try:
             fd = os.open(parent, flag | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o644)
             return os.fdopen(fd, "w+b"), None
@@ -81,14 +81,25 @@ def _open_temp(parent: Path, name: str) -> tuple[BinaryIO, str | None]:
 
 
 def _link_anonymous(fh: BinaryIO, parent: Path, name: str) -> str:
+    """Give an O_TMPFILE file a (hidden) name so it can be renamed over the target."""
     for attempt in range(100):
         candidate = parent / f".{name}.{os.getpid()}.{attempt}.ckpt-tmp"
-        try:
-            os.link(f"/proc/self/fd/{fh.fileno()}", candidate)
+        err = _linkat_follow(f"/proc/self/fd/{fh.fileno()}", os.fspath(candidate))
+        if err == 0:
             return os.fspath(candidate)
-        except FileExistsError:
-            continue
+        if err != errno.EEXIST:
+            raise OSError(err, os.strerror(err))
     raise OutputError(f"{parent / name}: could not create a temporary name beside it")
+
+
+def _linkat_follow(src: str, dst: str) -> int:
+    """linkat(2) with AT_SYMLINK_FOLLOW (os.link does not follow /proc/self/fd links here)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, at_symlink_follow = -100, 0x400
+    result = libc.linkat(at_fdcwd, src.encode(), at_fdcwd, dst.encode(), at_symlink_follow)
+    return 0 if result == 0 else ctypes.get_errno()
 
 
 def _fsync_dir(parent: Path) -> None:

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Set up and run ckptsurgeon with nothing but Python 3.10+.
+
+    python3 dev.py demo    # create .venv, install, run the story on the bundled fixtures
+    python3 dev.py test    # create .venv, install, run the whole test suite (what CI runs)
+
+The virtual environment lives in .venv next to this file and is reused while
+pyproject.toml and constraints.txt are unchanged. torch is pinned through
+constraints.txt to a CPU build, so set-up never pulls a multi-GB CUDA wheel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = Path(os.environ.get("CKPT_VENV", ROOT / ".venv"))
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
+STAMP = VENV / ".ckptsurgeon-installed"
+
+
+def _requirements_digest() -> str:
+    digest = hashlib.sha256()
+    for name in ("pyproject.toml", "constraints.txt"):
+        digest.update((ROOT / name).read_bytes())
+    return digest.hexdigest()
+
+
+def ensure_environment() -> None:
+    """Create .venv and install the package with its test extras, once."""
+    if sys.version_info < (3, 10):
+        sys.exit(f"ckptsurgeon needs Python 3.10 or newer; this is {sys.version.split()[0]}")
+    wanted = _requirements_digest()
+    if STAMP.exists() and STAMP.read_text() == wanted and PYTHON.exists():
+        return
+    if not PYTHON.exists():
+        print(f"dev.py: creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    print("dev.py: installing ckptsurgeon and its test dependencies (torch CPU build)", flush=True)
+    pip = [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}[dev]"], check=True)
+    STAMP.write_text(wanted)
+
+
+def run(*args: str) -> int:
+    print("$ " + " ".join(args), flush=True)
+    return subprocess.run(list(args), cwd=ROOT).returncode
+
+
+def demo() -> int:
+    """The story: three checkpoints that do not fit their 2-class targets, diagnosed and fixed."""
+    ckpt = str(BIN / "ckpt")
+    out = Path(tempfile.mkdtemp(prefix="ckpt-demo-"))
+    vgg_target = "torch.nn.DataParallel(fixtures/models.py:vgg_like(num_classes=2))"
+    steps = [
+        [ckpt, "inspect", "fixtures/real/lightning_tinynet.ckpt"],
+        [ckpt, "diff", "fixtures/vgg_1000.pth", vgg_target],
+        [ckpt, "adapt", "fixtures/vgg_1000.pth", vgg_target, "-o", str(out / "vgg_2.pth")],
+        [ckpt, "diff", str(out / "vgg_2.pth"), vgg_target, "--min-coverage", "90"],
+        [ckpt, "diff", "fixtures/resnet_dp_6.pth", "fixtures/models.py:resnet_like(num_classes=2)"],
+        [ckpt, "adapt", "fixtures/resnet_dp_6.pth", "fixtures/models.py:resnet_like(num_classes=2)",
+         "-o", str(out / "resnet_2.safetensors")],
+        [ckpt, "convert", "fixtures/xception_dp_6.pth", "-o", str(out / "xception.safetensors")],
+        [ckpt, "inspect", str(out / "xception.safetensors")],
+    ]
+    # diff exits 1 when the checkpoint does not fit as saved: that is the point of the demo
+    expected = {1: {0, 1}, 4: {0, 1}}
+    for index, step in enumerate(steps):
+        code = run(*step)
+        print(flush=True)
+        if code not in expected.get(index, {0}):
+            print(f"dev.py: step failed with exit code {code}", file=sys.stderr)
+            return code
+    print(f"dev.py: demo outputs are in {out}")
+    return 0
+
+
+def test() -> int:
+    """Lint, then the whole test suite."""
+    code = run(str(PYTHON), "-m", "ruff", "check", "ckptsurgeon", "tests", "fixtures", "benchmarks", "dev.py")
+    if code:
+        return code
+    return run(str(PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", *sys.argv[2:])
+
+
+def main() -> int:
+    commands = {"demo": demo, "test": test}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        print(__doc__.strip())
+        return 2
+    ensure_environment()
+    return commands[sys.argv[1]]()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
