@@ -37,10 +37,13 @@ def collapse(
     names: Sequence[str],
     attribute: Callable[[str], Hashable] | None = None,
     merge_leaves: bool = False,
+    natural: bool = True,
 ) -> list[Group]:
     """Collapse names that differ only in numeric components (and share ``attribute``).
 
     ``merge_leaves`` also folds siblings into one label: ``conv1.{weight,bias}``.
+    Groups come in natural order of their first member, or (``natural=False``) in the
+    order their first member appears in ``names`` (module order for torch state dicts).
 
     Example:
         >>> [g.label for g in collapse(["l.0.w", "l.1.w", "l.2.w", "head.w"])]
@@ -58,7 +61,10 @@ def collapse(
         groups.extend(_product_groups(natural_sorted(members)))
     if merge_leaves:
         groups = _merge_leaves(groups, attr)
-    return sorted(groups, key=lambda g: natural_key(g.members[0]))
+    if natural:
+        return sorted(groups, key=lambda g: natural_key(g.members[0]))
+    position = {name: i for i, name in enumerate(names)}
+    return sorted(groups, key=lambda g: min(position[m] for m in g.members))
 
 
 def _product_groups(members: list[str]) -> list[Group]:

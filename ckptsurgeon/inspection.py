@@ -194,7 +194,9 @@ class InspectReport:
         if show_all:
             return [(n, r.dtype, format_shape(r.shape), human_bytes(r.nbytes)) for n, r in by_name.items()]
         rows = []
-        groups = collapse(list(by_name), attribute=lambda n: (by_name[n].dtype, by_name[n].shape))
+        # torch state dicts are in module order; safetensors headers are sorted by name
+        natural = self.format in ("safetensors", "sharded")
+        groups = collapse(list(by_name), attribute=lambda n: (by_name[n].dtype, by_name[n].shape), natural=natural)
         for group in groups:
             rec = by_name[group.members[0]]
             count = len(group.members)

@@ -1,0 +1,363 @@
+"""safetensors: a strict header-only reader and a torch-free streaming writer.
+
+The file is an 8-byte little-endian header length N, N bytes of UTF-8 JSON, then the
+data region. The reader parses the header with :mod:`json` alone (no torch, no
+safetensors package) and validates it at least as strictly as the reference
+implementation; every fault is a one-line :class:`~ckptsurgeon.errors.FormatError`.
+
+Tied weights: safetensors cannot store two names for one tensor, so :func:`write`
+keeps one name per shared tensor and records the others in ``__metadata__`` under
+:data:`ALIASES_KEY` as a JSON object ``{"dropped name": "kept name"}``. :func:`read`
+restores those names as records that share the kept tensor's :class:`Storage`, so a
+``.pth`` -> safetensors -> ``.pth`` round trip gives the tied weights back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..checkpoint import Checkpoint
+from ..dtypes import BY_SAFETENSORS, DTYPES, DType
+from ..errors import FormatError, OutputError
+from ..record import Storage, TensorRecord, contiguous_stride
+from . import ReadOptions, check_input_path
+
+FORMAT = "safetensors"
+MAX_HEADER_BYTES = 100_000_000  # the reference implementation's cap
+ALIASES_KEY = "ckptsurgeon.aliases"  # __metadata__ key: JSON {"dropped name": "kept name"}
+_U64 = 1 << 64
+_DAMAGED = "the file is damaged or was not written by a safetensors writer; download or save it again"
+
+
+# -- reading -------------------------------------------------------------------------------
+def read(path: Path, options: ReadOptions | None = None) -> Checkpoint:
+    """Open a ``.safetensors`` file from its header alone; no tensor data is read.
+
+    Every check is always made (``options.check`` adds nothing: the header fully
+    determines the layout, including the exact file size).
+
+    Example:
+        >>> ckpt = read(Path("model.safetensors"))                # doctest: +SKIP
+        >>> ckpt.weights().tensors["wte.weight"].shape            # doctest: +SKIP
+        (1000, 64)
+    """
+    path = Path(path)
+    size = check_input_path(path).st_size
+    header_len, header = _read_header(path, size)
+    raw = _parse_json(path, header)
+    metadata = _parse_metadata(path, raw.pop("__metadata__", None))
+    entries = [_parse_entry(path, name, value) for name, value in raw.items()]
+    _check_layout(path, entries, size - 8 - header_len)
+    data_start = 8 + header_len
+    tree: dict[str, TensorRecord] = {}
+    for name, dtype, shape, begin, end in entries:
+        storage = Storage(key=name, dtype=dtype.name, nbytes=end - begin, path=path, offset=data_start + begin)
+        tree[name] = TensorRecord(name, dtype.name, shape, storage)
+    notes: list[str] = []
+    aliases = parse_aliases(path, metadata, tree)
+    if aliases:
+        tree = restore_aliases(tree, aliases)
+        notes.append(
+            f"{len(aliases)} tied tensor name(s) restored from __metadata__[{ALIASES_KEY!r}] "
+            f"(stored once): {', '.join(sorted(aliases))}"
+        )
+    return Checkpoint(
+        path=path, format=FORMAT, tree=tree, files=(path,), file_size=size, metadata=metadata, notes=notes
+    )
+
+
+def _fault(path: Path, problem: str) -> FormatError:
+    return FormatError(f"{path}: bad safetensors header: {problem}; {_DAMAGED}")
+
+
+def _read_header(path: Path, size: int) -> tuple[int, bytes]:
+    if size < 8:
+        raise _fault(path, f"the file is {size} bytes, shorter than the 8-byte header length")
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        if header_len > MAX_HEADER_BYTES:
+            raise _fault(path, f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        if 8 + header_len > size:
+            raise FormatError(
+                f"{path}: truncated safetensors file: the header claims {header_len} bytes but the file "
+                f"has only {size - 8} after the length; the download or save did not finish, fetch it again"
+            )
+        header = fh.read(header_len)
+    if len(header) != header_len:
+        raise _fault(path, "the file changed while it was read")
+    return header_len, header
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_json(path: Path, header: bytes) -> dict[str, Any]:
+    try:
+        text = header.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _fault(path, f"not valid UTF-8 (byte {exc.start} of the header)") from None
+    if not text.startswith("{"):
+        raise _fault(path, "the header does not start with '{'")
+    try:
+        raw = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except _DuplicateKey as exc:
+        raise _fault(path, f"the key {exc.key!r} appears twice") from None
+    except (ValueError, RecursionError) as exc:
+        raise _fault(path, f"not valid JSON ({' '.join(str(exc).split())})") from None
+    if not isinstance(raw, dict):
+        raise _fault(path, f"the header is a JSON {type(raw).__name__}, not an object")
+    return raw
+
+
+def _parse_metadata(path: Path, value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fault(path, f"__metadata__ must be an object of strings, not a JSON {type(value).__name__}")
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise _fault(path, f"__metadata__[{key!r}] must be a string, not {type(item).__name__}")
+        _check_text(path, key, "__metadata__ key")
+        _check_text(path, item, f"__metadata__[{key!r}]")
+    return dict(value)
+
+
+def _check_text(path: Path, text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _fault(path, f"{what} {text!r} holds an unpaired surrogate (not valid Unicode)") from None
+
+
+def _is_uint(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _parse_entry(path: Path, name: str, value: Any) -> tuple[str, DType, tuple[int, ...], int, int]:
+    _check_text(path, name, "tensor name")
+    where = f"tensor {name!r}"
+    if not isinstance(value, dict):
+        raise _fault(path, f"{where}: the entry is a JSON {type(value).__name__}, not an object")
+    for field in ("dtype", "shape", "data_offsets"):
+        if field not in value:
+            raise _fault(path, f"{where}: no {field!r}")
+    code, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+    if not isinstance(code, str):
+        raise _fault(path, f"{where}: dtype must be a string, not {type(code).__name__}")
+    if code not in BY_SAFETENSORS:
+        known = ", ".join(sorted(BY_SAFETENSORS))
+        raise _fault(path, f"{where}: unknown dtype {code!r} (known: {known})")
+    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        raise _fault(path, f"{where}: shape must be a list of non-negative integers, got {_short(shape)}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
+        raise _fault(path, f"{where}: data_offsets must be two non-negative integers, got {_short(offsets)}")
+    begin, end = offsets
+    if end < begin:
+        raise _fault(path, f"{where}: data_offsets end {end} is before begin {begin}")
+    dtype = BY_SAFETENSORS[code]
+    nbytes = _nbytes(path, where, shape, dtype.itemsize)
+    if nbytes != end - begin:
+        raise _fault(
+            path, f"{where}: shape {shape} of {code} needs {nbytes} bytes but data_offsets span {end - begin}"
+        )
+    return name, dtype, tuple(shape), begin, end
+
+
+def _nbytes(path: Path, where: str, shape: list[int], itemsize: int) -> int:
+    total = itemsize
+    for dim in shape:
+        total *= dim
+        if total >= _U64:
+            raise _fault(path, f"{where}: shape {_short(shape)} overflows a 64-bit byte count")
+    return total
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _check_layout(path: Path, entries: list[tuple[str, DType, tuple[int, ...], int, int]], data_size: int) -> None:
+    """Tensors must tile the data region exactly: sorted by begin, no gap, no overlap, no tail."""
+    expected = 0
+    previous = None
+    for name, _dtype, _shape, begin, end in sorted(entries, key=lambda e: (e[3], e[4])):
+        if end > data_size:
+            raise FormatError(
+                f"{path}: truncated safetensors file: tensor {name!r} ends at data byte {end} but the data "
+                f"region holds {data_size} bytes; the download or save did not finish, fetch it again"
+            )
+        if begin < expected:
+            raise _fault(path, f"tensor {name!r} (bytes {begin}..{end}) overlaps tensor {previous!r}")
+        if begin > expected:
+            after = f"after tensor {previous!r}" if previous is not None else "at the start of the data"
+            raise _fault(path, f"{begin - expected} bytes {after} belong to no tensor (gap before {name!r})")
+        expected, previous = end, name
+    if expected != data_size:
+        raise _fault(path, f"{data_size - expected} bytes after the last tensor belong to no tensor")
+
+
+# -- aliases ---------------------------------------------------------------------------------
+def parse_aliases(path: Path, metadata: Mapping[str, str], tensors: Mapping[str, Any]) -> dict[str, str]:
+    """The ``{dropped: kept}`` tied-name map recorded by :func:`write`, validated against ``tensors``.
+
+    Example:
+        >>> parse_aliases(Path("m.safetensors"), {ALIASES_KEY: '{"lm_head.weight": "wte.weight"}'},
+        ...               {"wte.weight": None})
+        {'lm_head.weight': 'wte.weight'}
+    """
+    text = metadata.get(ALIASES_KEY)
+    if text is None:
+        return {}
+    where = f"__metadata__[{ALIASES_KEY!r}]"
+    try:
+        aliases = json.loads(text, object_pairs_hook=_no_duplicates)
+    except (ValueError, _DuplicateKey):
+        raise _fault(path, f"{where} is not a JSON object") from None
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise _fault(path, f"{where} must map tied names to stored names (strings)")
+    for dropped, kept in aliases.items():
+        if kept not in tensors:
+            raise _fault(path, f"{where}: {dropped!r} is tied to {kept!r}, which the file does not hold")
+        if dropped in tensors:
+            raise _fault(path, f"{where}: tied name {dropped!r} is also stored as a tensor")
+    return aliases
+
+
+def restore_aliases(tensors: Mapping[str, TensorRecord], aliases: Mapping[str, str]) -> dict[str, TensorRecord]:
+    """Add each tied name as a record sharing its kept tensor's storage (so writers store it once).
+
+    Example:
+        >>> rec = TensorRecord("wte.weight", "float32", (2, 2))
+        >>> list(restore_aliases({"wte.weight": rec}, {"lm_head.weight": "wte.weight"}))
+        ['wte.weight', 'lm_head.weight']
+    """
+    result = dict(tensors)
+    for dropped, kept in aliases.items():
+        result[dropped] = tensors[kept].renamed(dropped)
+    return result
+
+
+def find_aliases(tensors: Mapping[str, TensorRecord]) -> dict[str, str]:
+    """Names whose record views exactly the same bytes as an earlier name: ``{dropped: kept}``.
+
+    Two records are tied when they share a :class:`Storage` object (or the same span of
+    the same file) with the same offset, dtype, shape and stride. Empty tensors are never tied.
+
+    Example:
+        >>> s = Storage(key="0", dtype="float32", nbytes=8, loader=lambda: bytes(8))
+        >>> find_aliases({"a": TensorRecord("a", "float32", (2,), s), "b": TensorRecord("b", "float32", (2,), s)})
+        {'b': 'a'}
+    """
+    first: dict[tuple[Any, ...], str] = {}
+    aliases: dict[str, str] = {}
+    for name, rec in tensors.items():
+        key = _tie_key(rec)
+        if key is None:
+            continue
+        kept = first.setdefault(key, name)
+        if kept != name:
+            aliases[name] = kept
+    return aliases
+
+
+def _tie_key(rec: TensorRecord) -> tuple[Any, ...] | None:
+    storage = rec.storage
+    if storage is None or rec.numel == 0 or rec.loader is not None:
+        return None
+    where = ("file", os.fspath(storage.path), storage.offset) if storage.path is not None else ("obj", id(storage))
+    stride = rec.stride or contiguous_stride(rec.shape)
+    return (where, rec.storage_offset, rec.dtype, rec.shape, stride)
+
+
+# -- writing ---------------------------------------------------------------------------------
+def write(tensors: Mapping[str, TensorRecord], fh: BinaryIO, metadata: Mapping[str, str] | None = None) -> None:
+    """Stream ``tensors`` into ``fh`` as safetensors, without torch for raw records.
+
+    The header lists tensors in the given order; the data is laid out by element size
+    (largest first, then the given order) so every tensor is aligned to its dtype.
+    ``{"format": "pt"}`` is always in the metadata. Tied tensors (see :func:`find_aliases`)
+    are stored once and the dropped names recorded under :data:`ALIASES_KEY`.
+    Non-contiguous records are written contiguous.
+
+    Example:
+        >>> with atomic_output("out.safetensors") as fh:          # doctest: +SKIP
+        ...     write(ckpt.weights().tensors, fh)
+    """
+    for name, rec in tensors.items():
+        _check_writable(name, rec)
+    aliases = find_aliases(tensors)
+    header_meta = _header_metadata(metadata, aliases)
+    kept = [(name, rec) for name, rec in tensors.items() if name not in aliases]
+    layout = sorted(kept, key=lambda item: -DTYPES[item[1].dtype].itemsize)
+    offsets: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for name, rec in layout:
+        offsets[name] = (pos, pos + rec.nbytes)
+        pos += rec.nbytes
+    fh.write(_encode_header(header_meta, kept, offsets))
+    for name, rec in layout:
+        _write_tensor(fh, name, rec)
+
+
+def _check_writable(name: str, rec: TensorRecord) -> None:
+    dtype = DTYPES.get(rec.dtype)
+    if dtype is None or dtype.safetensors is None:
+        raise OutputError(
+            f"{name}: dtype {rec.dtype} cannot be stored in safetensors; cast it (--dtype) or write a .pth"
+        )
+    if not rec.has_data:
+        raise OutputError(f"{name}: the record has no data (built on the meta device); nothing can be written")
+
+
+def _header_metadata(metadata: Mapping[str, str] | None, aliases: Mapping[str, str]) -> dict[str, str]:
+    result = {str(k): str(v) for k, v in (metadata or {}).items() if k != ALIASES_KEY}
+    result.setdefault("format", "pt")
+    if aliases:
+        result[ALIASES_KEY] = json.dumps(dict(aliases), ensure_ascii=False, separators=(",", ":"))
+    return result
+
+
+def _encode_header(
+    metadata: dict[str, str], kept: Iterable[tuple[str, TensorRecord]], offsets: Mapping[str, tuple[int, int]]
+) -> bytes:
+    header: dict[str, Any] = {"__metadata__": metadata}
+    for name, rec in kept:
+        code = DTYPES[rec.dtype].safetensors
+        header[name] = {"dtype": code, "shape": list(rec.shape), "data_offsets": list(offsets[name])}
+    try:
+        body = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise OutputError(f"a tensor name or metadata value is not valid Unicode ({exc.reason})") from None
+    body += b" " * (-len(body) % 8)  # the data region starts 8-byte aligned
+    return struct.pack("<Q", len(body)) + body
+
+
+def _write_tensor(fh: BinaryIO, name: str, rec: TensorRecord) -> None:
+    written = 0
+    for chunk in rec.iter_bytes():
+        fh.write(chunk)
+        written += len(chunk)
+    if written != rec.nbytes:
+        raise OutputError(f"{name}: produced {written} bytes, expected {rec.nbytes}; the source is damaged")
