@@ -21,6 +21,12 @@ from .errors import CkptError
 # Modules under ckptsurgeon.commands, each defining a click command named COMMAND.
 COMMAND_MODULES = (
     "inspect",
+    "diff",
+    "rename",
+    "strip_head",
+    "convert",
+    "adapt",
+    "scan",
 )
 
 EXIT_ERROR = 2

@@ -6,7 +6,7 @@ returns renamed records that still point at the source's bytes.
 
 Steps (applied to each name in order; the first step that drops a name ends it):
 :func:`strip_prefix`, :func:`add_prefix`, :func:`replace`, :func:`drop`, :func:`keep`,
-:func:`drop_names`. :func:`render_plan` shows a plan as a table, markdown or JSON.
+:func:`drop_names`. ``ckpt`` renders plans (ckptsurgeon.commands.convert.render_plan).
 
 Inverses: a plan that drops nothing is a bijection from its input names onto its
 output names (two names that would collide are refused when the plan is made), so
@@ -19,13 +19,11 @@ keys lack the prefix inverts exactly, while a later ``add_prefix("module.")`` wo
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import SurgeryError
-from .grouping import collapse
 from .record import TensorRecord
 
 # Module names that usually hold the classifier / output head.
@@ -33,109 +31,30 @@ HEAD_NAMES = ("fc", "classifier", "head", "heads", "last_linear", "lm_head", "lo
 
 
 # -- steps ------------------------------------------------------------------------------------
+def _changed(old: str, new: str | None) -> bool:
+    return new != old
+
+
 @dataclass(frozen=True)
 class Step:
-    """One transform of a name: return the new name, or ``None`` to drop it (see subclasses)."""
+    """One transform of a name: ``apply`` returns the new name, or ``None`` to drop it.
 
-    def apply(self, name: str) -> str | None:  # pragma: no cover - overridden
-        raise SurgeryError(f"{type(self).__name__}: not a usable surgery step")
+    ``matched(old, new)`` says whether the step did something to a name; a step that does
+    nothing to any name is refused as a likely typo (``add_prefix`` never is).
+    """
 
-    def describe(self) -> str:  # pragma: no cover - overridden
-        return type(self).__name__
+    description: str
+    transform: Callable[[str], str | None] = field(repr=False)
+    why: Callable[[str], str] = field(repr=False, default=lambda _name: "")
+    matched: Callable[[str, str | None], bool] = field(repr=False, default=_changed)
+    required: tuple[str, ...] = ()  # names that must exist (drop_names)
+
+    def apply(self, name: str) -> str | None:
+        return self.transform(name)
 
     def reason(self, name: str) -> str:
         """Why ``name`` was dropped by this step."""
-        return self.describe()
-
-    def touches(self, name: str) -> bool:
-        """True when the step changes or drops ``name`` (used to refuse steps that match nothing)."""
-        return self.apply(name) != name
-
-
-@dataclass(frozen=True)
-class _StripPrefix(Step):
-    prefix: str
-
-    def apply(self, name: str) -> str | None:
-        if name.startswith(self.prefix) and len(name) > len(self.prefix):
-            return name[len(self.prefix) :]
-        return name
-
-    def describe(self) -> str:
-        return f"strip prefix {self.prefix!r}"
-
-
-@dataclass(frozen=True)
-class _AddPrefix(Step):
-    prefix: str
-
-    def apply(self, name: str) -> str | None:
-        return self.prefix + name
-
-    def describe(self) -> str:
-        return f"add prefix {self.prefix!r}"
-
-
-@dataclass(frozen=True)
-class _Replace(Step):
-    pattern: str
-    repl: str
-    regex: re.Pattern[str] = field(compare=False, repr=False, default=None)  # type: ignore[assignment]
-
-    def apply(self, name: str) -> str | None:
-        try:
-            return self.regex.sub(self.repl, name)
-        except (re.error, IndexError) as exc:
-            raise SurgeryError(f"--replace {self.pattern!r} {self.repl!r}: bad replacement ({exc})") from None
-
-    def describe(self) -> str:
-        return f"replace {self.pattern!r} with {self.repl!r}"
-
-
-@dataclass(frozen=True)
-class _Drop(Step):
-    patterns: tuple[str, ...]
-
-    def apply(self, name: str) -> str | None:
-        return None if any(fnmatch.fnmatchcase(name, p) for p in self.patterns) else name
-
-    def describe(self) -> str:
-        return "drop " + ", ".join(repr(p) for p in self.patterns)
-
-    def reason(self, name: str) -> str:
-        hit = next(p for p in self.patterns if fnmatch.fnmatchcase(name, p))
-        return f"--drop {hit}"
-
-
-@dataclass(frozen=True)
-class _Keep(Step):
-    patterns: tuple[str, ...]
-
-    def apply(self, name: str) -> str | None:
-        return name if any(fnmatch.fnmatchcase(name, p) for p in self.patterns) else None
-
-    def describe(self) -> str:
-        return "keep only " + ", ".join(repr(p) for p in self.patterns)
-
-    def reason(self, name: str) -> str:
-        return "not matched by --keep " + " ".join(self.patterns)
-
-    def touches(self, name: str) -> bool:
-        return self.apply(name) is not None  # a keep that keeps nothing is the mistake to catch
-
-
-@dataclass(frozen=True)
-class _DropNames(Step):
-    reasons: tuple[tuple[str, str], ...]
-
-    def apply(self, name: str) -> str | None:
-        return None if name in dict(self.reasons) else name
-
-    def describe(self) -> str:
-        return f"drop {len(self.reasons)} named tensor(s)"
-
-    def reason(self, name: str) -> str:
-        return dict(self.reasons)[name]
+        return self.why(name) or self.description
 
 
 def _dotted(prefix: str) -> str:
@@ -151,7 +70,8 @@ def strip_prefix(prefix: str) -> Step:
         >>> make_plan(["module.fc.weight"], [strip_prefix("module")]).mapping
         {'module.fc.weight': 'fc.weight'}
     """
-    return _StripPrefix(_dotted(prefix))
+    p = _dotted(prefix)
+    return Step(f"strip prefix {p!r}", lambda n: n[len(p) :] if n.startswith(p) and len(n) > len(p) else n)
 
 
 def add_prefix(prefix: str) -> Step:
@@ -161,7 +81,8 @@ def add_prefix(prefix: str) -> Step:
         >>> make_plan(["fc.weight"], [add_prefix("module.")]).mapping
         {'fc.weight': 'module.fc.weight'}
     """
-    return _AddPrefix(_dotted(prefix))
+    p = _dotted(prefix)
+    return Step(f"add prefix {p!r}", lambda n: p + n, matched=lambda _o, _n: True)
 
 
 def replace(pattern: str, repl: str) -> Step:
@@ -175,7 +96,14 @@ def replace(pattern: str, repl: str) -> Step:
         regex = re.compile(pattern)
     except re.error as exc:
         raise SurgeryError(f"--replace {pattern!r}: not a valid regular expression ({exc})") from None
-    return _Replace(pattern, repl, regex)
+
+    def sub(name: str) -> str:
+        try:
+            return regex.sub(repl, name)
+        except (re.error, IndexError) as exc:
+            raise SurgeryError(f"--replace {pattern!r} {repl!r}: bad replacement ({exc})") from None
+
+    return Step(f"replace {pattern!r} with {repl!r}", sub)
 
 
 def drop(*patterns: str) -> Step:
@@ -185,7 +113,15 @@ def drop(*patterns: str) -> Step:
         >>> make_plan(["fc.weight", "conv.weight"], [drop("fc.*")]).dropped_names
         ['fc.weight']
     """
-    return _Drop(tuple(patterns))
+
+    def hit(name: str) -> str | None:
+        return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+
+    return Step(
+        "drop " + ", ".join(repr(p) for p in patterns),
+        lambda n: None if hit(n) else n,
+        why=lambda n: f"--drop {hit(n)}",
+    )
 
 
 def keep(*patterns: str) -> Step:
@@ -195,7 +131,12 @@ def keep(*patterns: str) -> Step:
         >>> make_plan(["backbone.w", "head.w"], [keep("backbone.*")]).dropped_names
         ['head.w']
     """
-    return _Keep(tuple(patterns))
+    return Step(
+        "keep only " + ", ".join(repr(p) for p in patterns),
+        lambda n: n if any(fnmatch.fnmatchcase(n, p) for p in patterns) else None,
+        why=lambda _n: "not matched by --keep " + " ".join(patterns),
+        matched=lambda _old, new: new is not None,  # a keep that keeps nothing is the mistake to catch
+    )
 
 
 def drop_names(reasons: Mapping[str, str]) -> Step:
@@ -205,7 +146,13 @@ def drop_names(reasons: Mapping[str, str]) -> Step:
         >>> make_plan(["fc.weight", "x"], [drop_names({"fc.weight": "head"})]).entries[0].reason
         'head'
     """
-    return _DropNames(tuple(reasons.items()))
+    table = dict(reasons)
+    return Step(
+        f"drop {len(table)} named tensor(s)",
+        lambda n: None if n in table else n,
+        why=lambda n: table[n],
+        required=tuple(table),
+    )
 
 
 # -- the plan ---------------------------------------------------------------------------------
@@ -357,8 +304,8 @@ def make_plan(tensors: Mapping[str, TensorRecord] | Iterable[str], steps: Sequen
         current: str | None = name
         reason = ""
         for i, step in enumerate(steps):
-            touched[i] = touched[i] or step.touches(current)
             result = step.apply(current)
+            touched[i] = touched[i] or step.matched(current, result)
             if result is None:
                 reason = step.reason(current)
                 current = None
@@ -368,7 +315,7 @@ def make_plan(tensors: Mapping[str, TensorRecord] | Iterable[str], steps: Sequen
             current = result
         entries.append(_entry(name, current, reason, rec))
     _refuse_idle_steps(steps, touched, records)
-    return Plan(tuple(entries), tuple(s.describe() for s in steps))
+    return Plan(tuple(entries), tuple(s.description for s in steps))
 
 
 def _entry(old: str, new: str | None, reason: str, rec: TensorRecord | None) -> Entry:
@@ -378,16 +325,16 @@ def _entry(old: str, new: str | None, reason: str, rec: TensorRecord | None) -> 
 
 
 def _refuse_idle_steps(steps: Sequence[Step], touched: list[bool], records: Mapping[str, object]) -> None:
-    for step, hit in zip(steps, touched, strict=True):
-        if hit or not records or isinstance(step, _AddPrefix):
-            continue
-        if isinstance(step, _DropNames):
-            absent = [n for n, _ in step.reasons if n not in records]
+    for step in steps:
+        absent = [n for n in step.required if n not in records]
+        if absent:
             raise SurgeryError(f"cannot drop {absent[0]!r}: no such tensor")
-        sample = ", ".join(repr(n) for n in list(records)[:3])
-        raise SurgeryError(
-            f"{step.describe()}: matches no tensor (names look like {sample}); check the pattern"
-        )
+    for step, hit in zip(steps, touched, strict=True):
+        if not hit and records:
+            sample = ", ".join(repr(n) for n in list(records)[:3])
+            raise SurgeryError(
+                f"{step.description}: matches no tensor (names look like {sample}); check the pattern"
+            )
 
 
 def plan_from_mapping(
@@ -423,8 +370,9 @@ def find_head(tensors: Mapping[str, TensorRecord], head: str | None = None) -> t
     bias matches its output size. Refuses (SurgeryError) rather than guess further.
 
     Example:
-        >>> recs = {n: TensorRecord(n, "float32", s) for n, s in
-        ...         [("classifier.0.weight", (8, 4)), ("classifier.6.weight", (10, 8)), ("classifier.6.bias", (10,))]}
+        >>> shapes = {"classifier.0.weight": (8, 4), "classifier.6.weight": (10, 8),
+        ...           "classifier.6.bias": (10,)}
+        >>> recs = {n: TensorRecord(n, "float32", s) for n, s in shapes.items()}
         >>> find_head(recs)
         (['classifier.6.weight', 'classifier.6.bias'], "the last layer named like a head: 'classifier.6'")
     """
@@ -494,102 +442,6 @@ def head_plan(tensors: Mapping[str, TensorRecord], head: str | None = None) -> P
         ['fc.weight']
     """
     names, how = find_head(tensors, head)
-    reasons = {n: f"classifier head ({how})" for n in names}
+    reasons = dict.fromkeys(names, "classifier head")
     plan = make_plan(tensors, [drop_names(reasons)])
     return Plan(plan.entries, (f"drop the classifier head: {how}",))
-
-
-# -- rendering --------------------------------------------------------------------------------
-def plan_json(plan: Plan) -> dict[str, object]:
-    """The plan as a JSON-ready dict: summary, steps, renamed, dropped (every one) and unchanged."""
-    return {
-        "summary": {
-            "tensors": len(plan.entries),
-            "renamed": len(plan.renamed),
-            "unchanged": len(plan.unchanged),
-            "dropped": len(plan.dropped),
-        },
-        "steps": list(plan.steps),
-        "renamed": [{"from": e.old, "to": e.new} for e in plan.renamed],
-        "dropped": [
-            {"name": e.old, "dtype": e.dtype, "shape": _shape_json(e.shape), "reason": e.reason}
-            for e in plan.dropped
-        ],
-        "unchanged": [e.old for e in plan.unchanged],
-    }
-
-
-def render_plan(plan: Plan, fmt: str = "table", verbose: bool = False) -> str:
-    """Render a plan: a headline, the renames (grouped), every dropped tensor with shape and reason.
-
-    Example:
-        >>> print(render_plan(make_plan(["module.fc.w"], [strip_prefix("module.")])))
-        Plan: 1 tensor: 1 renamed, 0 unchanged, 0 dropped (strip prefix 'module.')
-        <BLANKLINE>
-        renamed      to
-        -----------  ----
-        module.fc.w  fc.w
-    """
-    if fmt == "json":
-        return json.dumps(plan_json(plan), indent=2)
-    from tabulate import tabulate
-
-    tablefmt = "github" if fmt == "markdown" else "simple"
-    parts = [plan_headline(plan)]
-    renamed = _rename_rows(plan, verbose)
-    if renamed:
-        parts.append(tabulate(renamed, headers=["renamed", "to"], tablefmt=tablefmt, disable_numparse=True))
-    dropped = _drop_rows(plan, verbose)
-    if dropped:
-        headers = ["dropped", "dtype", "shape", "reason"]
-        parts.append(tabulate(dropped, headers=headers, tablefmt=tablefmt, disable_numparse=True))
-    return "\n\n".join(parts)
-
-
-def plan_headline(plan: Plan) -> str:
-    """One line: how many tensors, renamed, unchanged, dropped, and the steps."""
-    n = len(plan.entries)
-    steps = f" ({'; '.join(plan.steps)})" if plan.steps else ""
-    return (
-        f"Plan: {n} tensor{'s' if n != 1 else ''}: {len(plan.renamed)} renamed, "
-        f"{len(plan.unchanged)} unchanged, {len(plan.dropped)} dropped{steps}"
-    )
-
-
-def _rename_rows(plan: Plan, verbose: bool) -> list[list[str]]:
-    new_of = {e.old: e.new or "" for e in plan.renamed}
-    if verbose:
-        return [[old, new] for old, new in new_of.items()]
-    rows = []
-    for group in collapse(list(new_of), attribute=lambda o: _skeleton(new_of[o]), merge_leaves=True):
-        targets = collapse([new_of[m] for m in group.members], merge_leaves=True)
-        if len(targets) == 1:
-            rows.append([group.label, targets[0].label])
-        else:
-            rows.extend([m, new_of[m]] for m in group.members)
-    return rows
-
-
-def _drop_rows(plan: Plan, verbose: bool) -> list[list[str]]:
-    by_name = {e.old: e for e in plan.dropped}
-    if verbose:
-        return [[e.old, e.dtype, _shape_text(e.shape), e.reason] for e in by_name.values()]
-    rows = []
-    for group in collapse(
-        list(by_name), attribute=lambda n: (by_name[n].dtype, by_name[n].shape, by_name[n].reason)
-    ):
-        e = by_name[group.members[0]]
-        rows.append([group.label, e.dtype, _shape_text(e.shape), e.reason])
-    return rows
-
-
-def _skeleton(name: str) -> str:
-    return re.sub(r"\d+", "#", name)
-
-
-def _shape_text(shape: tuple[int, ...] | None) -> str:
-    return "?" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]"
-
-
-def _shape_json(shape: tuple[int, ...] | None) -> list[int] | None:
-    return None if shape is None else list(shape)

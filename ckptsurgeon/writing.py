@@ -60,8 +60,9 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool = False) -> Itera
     except OSError as exc:
         raise OutputError(_os_error_message(path, exc)) from None
     finally:
-        if not fh.closed:
-            fh.close()
+        if not fh.closed:  # after a failed write, closing flushes the rest and fails again
+            with contextlib.suppress(OSError):
+                fh.close()
         if tmp_name is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
@@ -114,6 +115,8 @@ def _fsync_dir(parent: Path) -> None:
 def _os_error_message(path: Path, exc: OSError) -> str:
     if exc.errno == errno.ENOSPC:
         return f"{path}: no space left on the device; nothing was written, free space and retry"
+    if exc.errno == errno.EFBIG:
+        return f"{path}: file too large for this file system or the file-size limit (ulimit -f); nothing was written"
     if exc.errno == errno.EDQUOT:
         return f"{path}: disk quota exceeded; nothing was written"
     if exc.errno in (errno.EACCES, errno.EPERM):

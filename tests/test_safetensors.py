@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from conftest import REAL, REPO, assert_one_line_error, run_cli
 
 from ckptsurgeon.errors import FormatError, OutputError
 from ckptsurgeon.formats import ReadOptions, open_checkpoint
 from ckptsurgeon.formats import safetensors as st
 from ckptsurgeon.record import TensorRecord, tensor_to_bytes
-
-from conftest import REAL, REPO, assert_one_line_error, run_cli
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:
@@ -63,7 +62,9 @@ def header_of(path: Path) -> tuple[int, dict]:
 # -- round trips against the reference implementation -----------------------------------------
 def test_written_file_loads_with_safetensors_bit_exactly(tmp_path: Path) -> None:
     tensors = sample_tensors()
-    out = write_file(tmp_path / "ours.safetensors", {k: TensorRecord.from_torch(k, v) for k, v in tensors.items()})
+    out = write_file(
+        tmp_path / "ours.safetensors", {k: TensorRecord.from_torch(k, v) for k, v in tensors.items()}
+    )
     loaded = safetensors.torch.load_file(out)
     assert sorted(loaded) == sorted(tensors)
     for name, tensor in tensors.items():
@@ -124,7 +125,7 @@ def test_header_is_padded_and_data_aligned_by_dtype(tmp_path: Path) -> None:
 
 def test_records_point_at_absolute_offsets(tmp_path: Path) -> None:
     out = write_file(tmp_path / "a.safetensors", {"x": TensorRecord.from_torch("x", torch.ones(2))})
-    length, header = header_of(out)
+    length, _ = header_of(out)
     rec = open_checkpoint(out).tree["x"]
     assert (rec.storage.path, rec.storage.offset, rec.storage.nbytes) == (out, 8 + length, 8)
     assert rec.read_bytes() == out.read_bytes()[8 + length :]
@@ -137,19 +138,28 @@ def test_reading_a_header_imports_neither_torch_nor_safetensors() -> None:
         f"c = open_checkpoint({str(src)!r}); assert len(c.tree) == 28; "
         "print(sorted(m for m in ('torch', 'safetensors', 'numpy') if m in sys.modules))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
     assert result.stdout.strip() == "[]"
 
 
 # -- tied tensors --------------------------------------------------------------------------------
 def test_tied_tensors_are_written_once_and_restored(tmp_path: Path) -> None:
     weight = torch.randn(10, 4)
-    src = write_file(tmp_path / "src.safetensors", {
-        "wte.weight": TensorRecord.from_torch("wte.weight", weight),
-        "ln.bias": TensorRecord.from_torch("ln.bias", torch.zeros(4)),
-    })
+    src = write_file(
+        tmp_path / "src.safetensors",
+        {
+            "wte.weight": TensorRecord.from_torch("wte.weight", weight),
+            "ln.bias": TensorRecord.from_torch("ln.bias", torch.zeros(4)),
+        },
+    )
     wte = open_checkpoint(src).tree["wte.weight"]
-    tied = {"wte.weight": wte, "ln.bias": open_checkpoint(src).tree["ln.bias"], "lm_head.weight": wte.renamed("lm_head.weight")}
+    tied = {
+        "wte.weight": wte,
+        "ln.bias": open_checkpoint(src).tree["ln.bias"],
+        "lm_head.weight": wte.renamed("lm_head.weight"),
+    }
     out = write_file(tmp_path / "tied.safetensors", tied)
     _, header = header_of(out)
     assert "lm_head.weight" not in header
@@ -189,8 +199,11 @@ def raw_file(path: Path, header: bytes | str, data: bytes = b"", length: int | N
 
 
 def entry(dtype: object = "F32", shape: object = (2,), offsets: object = (0, 8)) -> dict:
-    return {"dtype": dtype, "shape": list(shape) if isinstance(shape, tuple) else shape,
-            "data_offsets": list(offsets) if isinstance(offsets, tuple) else offsets}
+    return {
+        "dtype": dtype,
+        "shape": list(shape) if isinstance(shape, tuple) else shape,
+        "data_offsets": list(offsets) if isinstance(offsets, tuple) else offsets,
+    }
 
 
 def js(obj: object) -> str:
@@ -205,11 +218,25 @@ BAD_HEADERS = {
     "not_json": ("{not json}", b"", None, "not valid JSON"),
     "trailing_garbage": ('{"__metadata__": {}} xyz', b"", None, "not valid JSON"),
     "nan_constant": ('{"__metadata__": {"a": NaN}}', b"", None, "not valid JSON"),
-    "duplicate_tensor": ('{"w": %s, "w": %s}' % (js(entry()), js(entry())), bytes(8), None, "'w' appears twice"),
-    "duplicate_field": ('{"w": {"dtype": "F32", "dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}',
-                        bytes(8), None, "'dtype' appears twice"),
+    "duplicate_tensor": (
+        f'{{"w": {js(entry())}, "w": {js(entry())}}}',
+        bytes(8),
+        None,
+        "'w' appears twice",
+    ),
+    "duplicate_field": (
+        '{"w": {"dtype": "F32", "dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}',
+        bytes(8),
+        None,
+        "'dtype' appears twice",
+    ),
     "metadata_not_object": (js({"__metadata__": ["a"]}), b"", None, "__metadata__ must be an object"),
-    "metadata_value_not_str": (js({"__metadata__": {"epoch": 3}}), b"", None, "__metadata__['epoch'] must be a string"),
+    "metadata_value_not_str": (
+        js({"__metadata__": {"epoch": 3}}),
+        b"",
+        None,
+        "__metadata__['epoch'] must be a string",
+    ),
     "entry_not_object": (js({"w": 5}), b"", None, "tensor 'w': the entry is a JSON int"),
     "missing_dtype": (js({"w": {"shape": [2], "data_offsets": [0, 8]}}), bytes(8), None, "no 'dtype'"),
     "missing_shape": (js({"w": {"dtype": "F32", "data_offsets": [0, 8]}}), bytes(8), None, "no 'shape'"),
@@ -227,11 +254,20 @@ BAD_HEADERS = {
     "shape_overflow": (js({"w": entry(shape=[1 << 40, 1 << 40])}), bytes(8), None, "overflows a 64-bit"),
     "offsets_out_of_bounds": (js({"w": entry()}), bytes(4), None, "ends at data byte 8"),
     "overlap": (js({"a": entry(), "b": entry(offsets=[4, 12])}), bytes(12), None, "overlaps tensor 'a'"),
-    "gap_between": (js({"a": entry(), "b": entry(offsets=[12, 20])}), bytes(20), None, "4 bytes after tensor 'a'"),
+    "gap_between": (
+        js({"a": entry(), "b": entry(offsets=[12, 20])}),
+        bytes(20),
+        None,
+        "4 bytes after tensor 'a'",
+    ),
     "gap_at_start": (js({"a": entry(offsets=[4, 12])}), bytes(12), None, "at the start of the data"),
     "tail_not_covered": (js({"a": entry()}), bytes(16), None, "8 bytes after the last tensor"),
-    "bad_alias_target": (js({"__metadata__": {st.ALIASES_KEY: '{"b": "zz"}'}, "a": entry()}), bytes(8), None,
-                         "tied to 'zz'"),
+    "bad_alias_target": (
+        js({"__metadata__": {st.ALIASES_KEY: '{"b": "zz"}'}, "a": entry()}),
+        bytes(8),
+        None,
+        "tied to 'zz'",
+    ),
 }
 
 
@@ -264,7 +300,9 @@ def _inspect_registered() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _inspect_registered(), reason="the `inspect` command (written by the lead) is not there yet")
+@pytest.mark.skipif(
+    not _inspect_registered(), reason="the `inspect` command (written by the lead) is not there yet"
+)
 @pytest.mark.parametrize("case", sorted(BAD_HEADERS))
 def test_malformed_header_gives_one_line_and_exit_2(tmp_path: Path, case: str) -> None:
     header, data, length, fragment = BAD_HEADERS[case]

@@ -115,10 +115,10 @@ def _detect_bytes(path: Path, head: bytes, size: int) -> str:
         return _detect_zip(path)
     if head.startswith(EMPTY_ZIP_MAGIC):
         raise FormatError(f"{path}: an empty zip archive, not a checkpoint")
+    if _looks_like_safetensors(head, size):  # first: a header length of 640 starts b"\x80\x02"
+        return "safetensors"
     if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
         return "torch-legacy"  # the legacy reader also names bare pickles
-    if _looks_like_safetensors(head, size):
-        return "safetensors"
     raise _not_a_checkpoint(path, head)
 
 
@@ -126,6 +126,8 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
     if len(head) < 9:
         return False
     header_len = int.from_bytes(head[:8], "little")
+    if head[:1] == b"\x80" and header_len + 8 > size:  # a pickle whose 9th byte happens to be "{"
+        return False
     return head[8:9] == b"{" and header_len > 0  # the reader names a length past the end
 
 

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 from ..checkpoint import Checkpoint
 from ..dtypes import BY_SAFETENSORS, DTYPES, DType
 from ..errors import FormatError, OutputError
-from ..record import Storage, TensorRecord, contiguous_stride
+from ..record import Storage, TensorRecord, contiguous_stride, copy_span
 from . import ReadOptions, check_input_path
 
 FORMAT = "safetensors"
@@ -56,7 +56,9 @@ def read(path: Path, options: ReadOptions | None = None) -> Checkpoint:
     data_start = 8 + header_len
     tree: dict[str, TensorRecord] = {}
     for name, dtype, shape, begin, end in entries:
-        storage = Storage(key=name, dtype=dtype.name, nbytes=end - begin, path=path, offset=data_start + begin)
+        storage = Storage(
+            key=name, dtype=dtype.name, nbytes=end - begin, path=path, offset=data_start + begin
+        )
         tree[name] = TensorRecord(name, dtype.name, shape, storage)
     notes: list[str] = []
     aliases = parse_aliases(path, metadata, tree)
@@ -93,17 +95,27 @@ def _read_header(path: Path, size: int) -> tuple[int, bytes]:
     return header_len, header
 
 
-class _DuplicateKey(Exception):
+class DuplicateKeyError(ValueError):
+    """Raised by :func:`no_duplicate_keys` (caught and reworded by the readers)."""
+
     def __init__(self, key: str) -> None:
         super().__init__(key)
         self.key = key
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A ``json.loads`` ``object_pairs_hook`` that refuses a key given twice (JSON would keep the last).
+
+    Example:
+        >>> json.loads('{"a": 1, "a": 2}', object_pairs_hook=no_duplicate_keys)
+        Traceback (most recent call last):
+        ...
+        ckptsurgeon.formats.safetensors.DuplicateKeyError: a
+    """
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise _DuplicateKey(key)
+            raise DuplicateKeyError(key)
         result[key] = value
     return result
 
@@ -120,8 +132,8 @@ def _parse_json(path: Path, header: bytes) -> dict[str, Any]:
     if not text.startswith("{"):
         raise _fault(path, "the header does not start with '{'")
     try:
-        raw = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except _DuplicateKey as exc:
+        raw = json.loads(text, object_pairs_hook=no_duplicate_keys, parse_constant=_reject_constant)
+    except DuplicateKeyError as exc:
         raise _fault(path, f"the key {exc.key!r} appears twice") from None
     except (ValueError, RecursionError) as exc:
         raise _fault(path, f"not valid JSON ({' '.join(str(exc).split())})") from None
@@ -198,7 +210,9 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _check_layout(path: Path, entries: list[tuple[str, DType, tuple[int, ...], int, int]], data_size: int) -> None:
+def _check_layout(
+    path: Path, entries: list[tuple[str, DType, tuple[int, ...], int, int]], data_size: int
+) -> None:
     """Tensors must tile the data region exactly: sorted by begin, no gap, no overlap, no tail."""
     expected = 0
     previous = None
@@ -219,8 +233,11 @@ def _check_layout(path: Path, entries: list[tuple[str, DType, tuple[int, ...], i
 
 
 # -- aliases ---------------------------------------------------------------------------------
-def parse_aliases(path: Path, metadata: Mapping[str, str], tensors: Mapping[str, Any]) -> dict[str, str]:
-    """The ``{dropped: kept}`` tied-name map recorded by :func:`write`, validated against ``tensors``.
+def parse_aliases(
+    path: Path, metadata: Mapping[str, str], tensors: Mapping[str, Any] | None = None
+) -> dict[str, str]:
+    """The ``{dropped: kept}`` tied-name map recorded by :func:`write`, checked against the
+    stored ``tensors`` when given (each kept name stored, no dropped name stored).
 
     Example:
         >>> parse_aliases(Path("m.safetensors"), {ALIASES_KEY: '{"lm_head.weight": "wte.weight"}'},
@@ -232,12 +249,12 @@ def parse_aliases(path: Path, metadata: Mapping[str, str], tensors: Mapping[str,
         return {}
     where = f"__metadata__[{ALIASES_KEY!r}]"
     try:
-        aliases = json.loads(text, object_pairs_hook=_no_duplicates)
-    except (ValueError, _DuplicateKey):
+        aliases = json.loads(text, object_pairs_hook=no_duplicate_keys)
+    except ValueError:
         raise _fault(path, f"{where} is not a JSON object") from None
     if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
         raise _fault(path, f"{where} must map tied names to stored names (strings)")
-    for dropped, kept in aliases.items():
+    for dropped, kept in aliases.items() if tensors is not None else ():
         if kept not in tensors:
             raise _fault(path, f"{where}: {dropped!r} is tied to {kept!r}, which the file does not hold")
         if dropped in tensors:
@@ -245,7 +262,9 @@ def parse_aliases(path: Path, metadata: Mapping[str, str], tensors: Mapping[str,
     return aliases
 
 
-def restore_aliases(tensors: Mapping[str, TensorRecord], aliases: Mapping[str, str]) -> dict[str, TensorRecord]:
+def restore_aliases(
+    tensors: Mapping[str, TensorRecord], aliases: Mapping[str, str]
+) -> dict[str, TensorRecord]:
     """Add each tied name as a record sharing its kept tensor's storage (so writers store it once).
 
     Example:
@@ -267,7 +286,8 @@ def find_aliases(tensors: Mapping[str, TensorRecord]) -> dict[str, str]:
 
     Example:
         >>> s = Storage(key="0", dtype="float32", nbytes=8, loader=lambda: bytes(8))
-        >>> find_aliases({"a": TensorRecord("a", "float32", (2,), s), "b": TensorRecord("b", "float32", (2,), s)})
+        >>> a = TensorRecord("a", "float32", (2,), s)
+        >>> find_aliases({"a": a, "b": a.renamed("b")})
         {'b': 'a'}
     """
     first: dict[tuple[Any, ...], str] = {}
@@ -286,13 +306,19 @@ def _tie_key(rec: TensorRecord) -> tuple[Any, ...] | None:
     storage = rec.storage
     if storage is None or rec.numel == 0 or rec.loader is not None:
         return None
-    where = ("file", os.fspath(storage.path), storage.offset) if storage.path is not None else ("obj", id(storage))
+    where = (
+        ("file", os.fspath(storage.path), storage.offset)
+        if storage.path is not None
+        else ("obj", id(storage))
+    )
     stride = rec.stride or contiguous_stride(rec.shape)
     return (where, rec.storage_offset, rec.dtype, rec.shape, stride)
 
 
 # -- writing ---------------------------------------------------------------------------------
-def write(tensors: Mapping[str, TensorRecord], fh: BinaryIO, metadata: Mapping[str, str] | None = None) -> None:
+def write(
+    tensors: Mapping[str, TensorRecord], fh: BinaryIO, metadata: Mapping[str, str] | None = None
+) -> None:
     """Stream ``tensors`` into ``fh`` as safetensors, without torch for raw records.
 
     The header lists tensors in the given order; the data is laid out by element size
@@ -328,7 +354,9 @@ def _check_writable(name: str, rec: TensorRecord) -> None:
             f"{name}: dtype {rec.dtype} cannot be stored in safetensors; cast it (--dtype) or write a .pth"
         )
     if not rec.has_data:
-        raise OutputError(f"{name}: the record has no data (built on the meta device); nothing can be written")
+        raise OutputError(
+            f"{name}: the record has no data (built on the meta device); nothing can be written"
+        )
 
 
 def _header_metadata(metadata: Mapping[str, str] | None, aliases: Mapping[str, str]) -> dict[str, str]:
@@ -355,6 +383,13 @@ def _encode_header(
 
 
 def _write_tensor(fh: BinaryIO, name: str, rec: TensorRecord) -> None:
+    if rec.is_raw and rec.numel:  # a file span: through one reused, page-aligned buffer
+        start, length = rec.byte_span
+        try:
+            copy_span(rec.storage.path, rec.storage.offset + start, length, fh)  # type: ignore[union-attr]
+        except EOFError:
+            raise OutputError(f"{name}: the source file ends inside the tensor; it is truncated") from None
+        return
     written = 0
     for chunk in rec.iter_bytes():
         fh.write(chunk)

@@ -1,0 +1,57 @@
+"""``ckpt diff``: what of a checkpoint would load into a target, why not, and the fix."""
+
+from __future__ import annotations
+
+import click
+
+from ._options import make_read_options, output_format, read_options
+
+
+@click.command("diff")
+@click.argument("source", type=click.Path(path_type=str))
+@click.argument("target")
+@read_options
+@output_format
+@click.option("-v", "--verbose", is_flag=True, help="List every key (matched ones too), one per row.")
+@click.option(
+    "--min-coverage",
+    type=click.FloatRange(0, 100),
+    default=None,
+    metavar="P",
+    help="Exit 0 when at least P% of the target's tensors load as saved (default: when all load strictly).",
+)
+def COMMAND(
+    source: str,
+    target: str,
+    key: str | None,
+    allow_globals: tuple[str, ...],
+    unsafe: bool,
+    output_format: str,
+    verbose: bool,
+    min_coverage: float | None,
+) -> None:
+    """Diff a checkpoint against a model: what would load, what not, why, and the fix.
+
+    SOURCE is any checkpoint `ckpt inspect` opens (--key picks a nested entry). TARGET is
+    another checkpoint, JSON from `ckpt inspect --format json`, or an architecture call
+    built on the meta device (no memory, no download): `pkg.module.factory(args)` or
+    `path/to/models.py:factory(args)`; arguments are literals or further calls.
+
+    Exit status: 0 when SOURCE loads into TARGET with strict loading as is (or, with
+    --min-coverage P, when at least P% of the target's tensors load), 1 when it does not,
+    2 on error.
+
+    \b
+    Examples:
+      ckpt diff fixtures/vgg_1000.pth 'torch.nn.DataParallel(fixtures/models.py:vgg_like(num_classes=2))'
+      ckpt diff fixtures/resnet_dp_6.pth 'fixtures/models.py:resnet_like(num_classes=2)' -v
+      ckpt diff model.pth 'torchvision.models.resnet50(num_classes=2)' --format json
+      ckpt diff last.ckpt other.safetensors --key state_dict --min-coverage 90
+    """
+    from ..diffreport import render
+    from ..match import diff
+
+    options = make_read_options(allow_globals, unsafe)
+    result = diff(source, target, key=key, read_options=options)
+    click.echo(render(result, output_format, verbose=verbose), nl=False)
+    raise click.exceptions.Exit(0 if result.passes(min_coverage) else 1)

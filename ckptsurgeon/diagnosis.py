@@ -1,0 +1,382 @@
+"""Why a checkpoint does not load into a target, and what makes it load.
+
+The search tries every pair (strip a leading prefix of the file's keys, add a leading prefix
+of the target's keys), with candidates found in the data (not only a list of known wrappers),
+and keeps the one that loads the most tensors by name *and* shape. On top of that: the head
+(shape-mismatched output layer: a class count change, not a bug), the filter idiom users
+write, a suffix-matching proposal when prefixes are not enough, and the exact fix commands.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .compare import Comparison, FilterIdiom, ShapeMismatch, compare, filter_idiom
+from .prefixes import shared_prefix, wrapper_prefix
+from .record import TensorRecord
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+# Last name components of layers that are classification/output heads.
+HEAD_NAMES = frozenset(
+    {
+        "fc",
+        "classifier",
+        "head",
+        "heads",
+        "last_linear",
+        "lm_head",
+        "logits",
+        "output",
+        "out",
+        "cls",
+        "fc8",
+        "predictions",
+        "classif",
+        "score",
+        "cls_score",
+    }
+)
+_CANDIDATE_DEPTH = 3
+_CANDIDATE_LIMIT = 10
+
+
+@dataclass(frozen=True)
+class KeyTransform:
+    """Rename keys: remove ``strip`` where a key starts with it, then put ``add`` in front.
+
+    This is what ``ckpt adapt`` applies; ``ckpt rename --strip-prefix S --add-prefix A`` does the same.
+
+    Example:
+        >>> t = KeyTransform(strip="_orig_mod.module.", add="")
+        >>> t.rename("_orig_mod.module.fc.weight")
+        'fc.weight'
+        >>> KeyTransform(add="module.").rename("fc.weight")
+        'module.fc.weight'
+    """
+
+    strip: str = ""
+    add: str = ""
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.strip and not self.add
+
+    @property
+    def complexity(self) -> int:
+        return self.strip.count(".") + self.add.count(".")
+
+    def rename(self, name: str) -> str:
+        if self.strip and name.startswith(self.strip):
+            name = name[len(self.strip) :]
+        return self.add + name
+
+    def to_dict(self) -> dict[str, str]:
+        return {"strip": self.strip, "add": self.add}
+
+
+@dataclass(frozen=True)
+class Head:
+    """Shape-mismatched output layer(s) whose leading dimension is a class count."""
+
+    modules: tuple[str, ...]
+    tensors: tuple[ShapeMismatch, ...]
+    source_classes: int
+    target_classes: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "modules": list(self.modules),
+            "tensors": [t.to_dict() | {"source_name": t.file_name} for t in self.tensors],
+            "source_classes": self.source_classes,
+            "target_classes": self.target_classes,
+        }
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """The best key transform, what it loads, the head, the filter idiom, proposals and fixes.
+
+    ``mapping``: every key of the file that should be kept -> its name in the target, after
+    ``transform`` (and the proposal, if any). ``drop``: keys of the file whose shape does not fit
+    (the head). ``extra``: keys of the file with no place in the target even after the transform.
+
+    Example:
+        >>> d = diagnose({"w": (2,)}, {"w": (2,)})
+        >>> d.transform.is_identity, d.loads_after, d.total
+        (True, 1, 1)
+    """
+
+    transform: KeyTransform
+    as_saved: Comparison
+    after: Comparison
+    head: Head | None
+    filter_as_saved: FilterIdiom
+    filter_after: FilterIdiom
+    proposed_mapping: tuple[tuple[str, str], ...] = ()
+    ambiguous: tuple[str, ...] = ()
+    mapping: dict[str, str] = field(default_factory=dict)
+    drop: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return self.after.total
+
+    @property
+    def loads_after(self) -> int:
+        return self.after.loadable
+
+    @property
+    def improves(self) -> bool:
+        """True when the transform loads more than the file as saved."""
+        return not self.transform.is_identity and self.after.loadable > self.as_saved.loadable
+
+
+def diagnose(
+    source: Shapes | Mapping[str, TensorRecord],
+    target: Shapes | Mapping[str, TensorRecord],
+    tied: Mapping[str, str] | None = None,
+    as_saved: Comparison | None = None,
+) -> Diagnosis:
+    """Search the key transform that loads the most tensors and explain the rest.
+
+    Example:
+        >>> d = diagnose({"conv.weight": (3,), "fc.weight": (6, 4), "fc.bias": (6,)},
+        ...              {"module.conv.weight": (3,), "module.fc.weight": (2, 4), "module.fc.bias": (2,)})
+        >>> d.transform.add, [t.name for t in d.head.tensors]
+        ('module.', ['module.fc.weight', 'module.fc.bias'])
+    """
+    src = _records(source)
+    tgt = _records(target)
+    tied = tied or {}
+    as_saved = as_saved or compare(src, tgt, tied)
+    transform = best_transform(_shapes(src), _shapes(tgt))
+    renamed, origin = apply_transform(src, transform)
+    after = compare(renamed, tgt, tied, origin)
+    proposal, ambiguous = suffix_proposal(after, renamed, tgt, origin)
+    head = find_head(after.shape_mismatched, list(tgt))
+    mapping = {
+        origin[name]: name for name in renamed if name in tgt and renamed[name].shape == tgt[name].shape
+    }
+    mapping.update(proposal)
+    return Diagnosis(
+        transform=transform,
+        as_saved=as_saved,
+        after=after,
+        head=head,
+        filter_as_saved=filter_idiom(src, tgt),
+        filter_after=filter_idiom(renamed, tgt),
+        proposed_mapping=tuple(proposal.items()),
+        ambiguous=ambiguous,
+        mapping=mapping,
+        drop=tuple(m.file_name for m in after.shape_mismatched),
+        extra=tuple(origin[name] for name in after.unexpected if origin[name] not in proposal),
+    )
+
+
+def _records(data: Shapes | Mapping[str, TensorRecord]) -> dict[str, TensorRecord]:
+    out: dict[str, TensorRecord] = {}
+    for name, value in data.items():
+        out[name] = value if isinstance(value, TensorRecord) else TensorRecord(name, "float32", tuple(value))
+    return out
+
+
+def _shapes(records: Mapping[str, TensorRecord]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(rec.shape) for name, rec in records.items()}
+
+
+def apply_transform(
+    records: Mapping[str, TensorRecord], transform: KeyTransform
+) -> tuple[dict[str, TensorRecord], dict[str, str]]:
+    """Rename ``records``; a key that would collide with an earlier one keeps its own name.
+
+    Returns the renamed records and new name -> key in the file.
+
+    Example:
+        >>> renamed, origin = apply_transform({"module.w": TensorRecord("module.w", "float32", ())},
+        ...                                   KeyTransform(strip="module."))
+        >>> list(renamed), origin
+        (['w'], {'w': 'module.w'})
+    """
+    renamed: dict[str, TensorRecord] = {}
+    origin: dict[str, str] = {}
+    for name, rec in records.items():
+        new = transform.rename(name)
+        if new in renamed:
+            new = name
+        renamed[new] = rec
+        origin[new] = name
+    return renamed, origin
+
+
+# -- the prefix search ----------------------------------------------------------------------------
+def candidate_prefixes(names: list[str]) -> list[str]:
+    """Leading dotted prefixes worth trying, found in the data: the most common ones up to three
+    components deep, the stack of known wrappers shared by all keys, and the shared prefix.
+
+    Example:
+        >>> candidate_prefixes(["_orig_mod.module.fc.w", "_orig_mod.module.conv.w"])[:3]
+        ['_orig_mod.', '_orig_mod.module.', '_orig_mod.module.conv.']
+    """
+    counts: Counter[str] = Counter()
+    for name in names:
+        parts = name.split(".")
+        for depth in range(1, min(_CANDIDATE_DEPTH, len(parts) - 1) + 1):
+            counts[".".join(parts[:depth]) + "."] += 1
+    ranked = sorted(counts, key=lambda p: (-counts[p], p.count("."), p))[:_CANDIDATE_LIMIT]
+    common = shared_prefix(names)
+    extra = [wrapper_prefix(names), common]
+    parts = common.split(".")[:-1]
+    extra += [".".join(parts[:i]) + "." for i in range(1, len(parts))]
+    return sorted({p for p in [*ranked, *extra] if p}, key=lambda p: (p.count("."), -counts.get(p, 0), p))
+
+
+def best_transform(source: Shapes, target: Shapes) -> KeyTransform:
+    """The (strip, add) pair that loads the most tensors by name and shape (the identity unless
+    another loads more); among equals, the one matching more names, then the simplest.
+
+    Example:
+        >>> best_transform({"model.fc.w": (2,)}, {"module.fc.w": (2,)})
+        KeyTransform(strip='model.', add='module.')
+    """
+    src_names = list(source)
+    strips = ["", *candidate_prefixes(src_names)]
+    adds = ["", *candidate_prefixes(list(target))]
+    by_add = {add: {t[len(add) :]: shape for t, shape in target.items() if t.startswith(add)} for add in adds}
+    best = KeyTransform()
+    best_score = _score(source, by_add[""])
+    identity_loads = best_score[0]
+    pairs = sorted(((s, a) for s in strips for a in adds), key=lambda p: -len(by_add[p[1]]))
+    for strip, add in pairs:
+        if min(len(source), len(by_add[add])) < best_score[0]:
+            break  # no later pair can load more
+        if not strip and not add:
+            continue
+        mapped = {(n[len(strip) :] if strip and n.startswith(strip) else n): s for n, s in source.items()}
+        score = _score(mapped, by_add[add])
+        candidate = KeyTransform(strip, add)
+        if (score[0], score[1], -candidate.complexity) > (best_score[0], best_score[1], -best.complexity):
+            best, best_score = candidate, score
+    return best if best_score[0] > identity_loads else KeyTransform()
+
+
+def _score(source: Shapes, target: Shapes) -> tuple[int, int]:
+    """(tensors that load by name and shape, names that match)."""
+    loads = names = 0
+    small, large = (source, target) if len(source) <= len(target) else (target, source)
+    for name, shape in small.items():
+        other = large.get(name)
+        if other is not None:
+            names += 1
+            loads += tuple(other) == tuple(shape)
+    return loads, names
+
+
+# -- the head -------------------------------------------------------------------------------------
+def output_layer(target_names: list[str]) -> str:
+    """The module of the last ``*.weight`` in the target's order (the output layer, usually).
+
+    Example:
+        >>> output_layer(["features.0.weight", "classifier.6.weight", "classifier.6.bias"])
+        'classifier.6'
+    """
+    for name in reversed(target_names):
+        if name.endswith(".weight"):
+            return name.rpartition(".")[0]
+    return ""
+
+
+def is_head_module(module: str, output: str) -> bool:
+    """The output layer, or a module named like a head (``fc``, ``classifier.6``, ``lm_head`` ...)."""
+    if module == output:
+        return True
+    parts = [p for p in module.split(".") if not p.isdigit()]
+    return bool(parts) and parts[-1] in HEAD_NAMES
+
+
+def find_head(mismatches: tuple[ShapeMismatch, ...], target_names: list[str]) -> Head | None:
+    """Shape-mismatched tensors of head modules that differ only in their leading (class) dim.
+
+    Example:
+        >>> m = (ShapeMismatch("fc.weight", (6, 32), (2, 32)), ShapeMismatch("fc.bias", (6,), (2,)))
+        >>> find_head(m, ["conv.weight", "fc.weight", "fc.bias"]).target_classes
+        2
+    """
+    output = output_layer(target_names)
+    chosen = [
+        m
+        for m in mismatches
+        if is_head_module(m.name.rpartition(".")[0], output)
+        and len(m.source_shape) == len(m.target_shape) >= 1
+        and m.source_shape[1:] == m.target_shape[1:]
+    ]
+    if not chosen:
+        return None
+    classes = {(m.source_shape[0], m.target_shape[0]) for m in chosen}
+    if len(classes) != 1:
+        chosen = [m for m in chosen if m.name.rpartition(".")[0] == output]
+        classes = {(m.source_shape[0], m.target_shape[0]) for m in chosen}
+        if len(classes) != 1:
+            return None
+    (source_classes, target_classes) = classes.pop()
+    modules = tuple(dict.fromkeys(m.name.rpartition(".")[0] for m in chosen))
+    return Head(modules, tuple(chosen), source_classes, target_classes)
+
+
+# -- the suffix proposal ------------------------------------------------------
+def suffix_proposal(
+    after: Comparison,
+    renamed: Mapping[str, TensorRecord],
+    target: Mapping[str, TensorRecord],
+    origin: Mapping[str, str],
+) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Pair still-missing target keys with still-unexpected file keys by the longest common dotted
+    suffix (at least the last two components) and equal shape; ambiguous pairs are refused.
+
+    Returns (key in the file -> target name, target names left out as ambiguous).
+
+    Example:
+        >>> src = {"enc.conv1.w": TensorRecord("a", "float32", (2,))}
+        >>> tgt = {"body.conv1.w": TensorRecord("b", "float32", (2,))}
+        >>> suffix_proposal(compare(src, tgt), src, tgt, {"enc.conv1.w": "enc.conv1.w"})
+        ({'enc.conv1.w': 'body.conv1.w'}, ())
+    """
+    buckets: dict[str, list[str]] = {}
+    for name in after.unexpected:
+        buckets.setdefault(_tail(name), []).append(name)
+    best_for: dict[str, str] = {}
+    ambiguous: list[str] = []
+    for tname in after.missing:
+        scored = [
+            (_common_suffix(tname, sname), sname)
+            for sname in buckets.get(_tail(tname), [])
+            if tuple(renamed[sname].shape) == tuple(target[tname].shape)
+        ]
+        if not scored:
+            continue
+        top = max(score for score, _ in scored)
+        winners = [sname for score, sname in scored if score == top]
+        if len(winners) > 1:
+            ambiguous.append(tname)
+        else:
+            best_for[tname] = winners[0]
+    claims = Counter(best_for.values())
+    proposal = {origin[s]: t for t, s in best_for.items() if claims[s] == 1}
+    ambiguous += [t for t, s in best_for.items() if claims[s] > 1]
+    return proposal, tuple(ambiguous)
+
+
+def _tail(name: str) -> str:
+    return ".".join(name.split(".")[-2:])
+
+
+def _common_suffix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(reversed(a.split(".")), reversed(b.split(".")), strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

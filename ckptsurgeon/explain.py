@@ -1,0 +1,262 @@
+"""The diagnosis in words: what loads, why not, the head, the filter idiom, and the fix commands."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .compare import Comparison, FilterIdiom, ShapeMismatch
+from .diagnosis import Diagnosis
+from .grouping import collapse
+from .prefixes import KNOWN_WRAPPERS
+
+FILTER = "{k: v for k, v in sd.items() if k in model_sd}"
+ALARM_FRACTION = 0.1  # below this share of the target loading, the report alarms loudly
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Sentences for the report: the diagnosis ``message``, the ``filter_idiom`` note, an ``alarm``
+    when (almost) nothing loads, and the ``fix_commands`` to run next."""
+
+    message: str
+    filter_idiom: str
+    alarm: str | None
+    fix_commands: tuple[str, ...]
+
+
+def explain(
+    diagnosis: Diagnosis, source: str, target_spec: str | None, key: str | None = None
+) -> Explanation:
+    """Put ``diagnosis`` into words, naming ``source`` and ``target_spec`` in the fix commands.
+
+    Example:
+        >>> from .diagnosis import diagnose
+        >>> e = explain(diagnose({"w": (2,)}, {"w": (2,)}), "a.pth", "b.pth")
+        >>> e.message, e.fix_commands
+        ('All 1 target tensors load as is.', ())
+    """
+    return Explanation(
+        message=" ".join(_sentences(diagnosis)),
+        filter_idiom=_filter_sentence(diagnosis),
+        alarm=_alarm(diagnosis.as_saved),
+        fix_commands=fix_commands(diagnosis, source, target_spec, key),
+    )
+
+
+def _sentences(d: Diagnosis) -> list[str]:
+    saved = d.as_saved
+    if saved.ok:
+        return [f"All {saved.total} target tensors load as is.", *_notes(saved)]
+    out = [f"As saved: {saved.loadable} of {saved.total} would load."]
+    final = saved
+    if d.improves:
+        out.append(_transform_sentence(d))
+        final = d.after
+    out += _remainder(d, final)
+    out += _notes(final)
+    if d.proposed_mapping:
+        loads = final.loadable + len(d.proposed_mapping)
+        first, second = d.proposed_mapping[0]
+        out.append(
+            "Prefix changes are not enough: matching keys by their longest common dotted suffix "
+            f"(same shape) proposes {len(d.proposed_mapping)} renames, e.g. {first} → {second}; "
+            f"with them {loads} of {final.total} would load. It is a proposal: review it before applying."
+        )
+    if d.ambiguous:
+        out.append(
+            f"{len(d.ambiguous)} target keys matched several file keys equally well and were left out."
+        )
+    return out
+
+
+def _transform_sentence(d: Diagnosis) -> str:
+    t, n, total = d.transform, d.after.loadable, d.after.total
+    if t.strip and t.add:
+        return (
+            f"The file's keys start with {describe_prefix(t.strip)} and the target's with "
+            f"{describe_prefix(t.add)}: replacing one with the other loads {n} of {total}."
+        )
+    if t.add:
+        where, verb = f"The target's keys start with {describe_prefix(t.add)} and the file's don't", "adding"
+    else:
+        where, verb = (
+            f"The file's keys start with {describe_prefix(t.strip)} and the target's don't",
+            "stripping",
+        )
+    return f"{where}: {verb} it loads {n} of {total}."
+
+
+def _remainder(d: Diagnosis, final: Comparison) -> list[str]:
+    out: list[str] = []
+    head = d.head
+    head_names = {m.name for m in head.tensors} if head else set()
+    rest = len(final.missing) + len(final.shape_mismatched)
+    if head:
+        lead = "The other" if rest == len(head.tensors) else f"Of the other {rest},"
+        which = "classifier head" if _is_classifier(head.modules) else "output head"
+        shapes = ", ".join(_shape_change(m) for m in head.tensors)
+        out.append(f"{lead} {len(head.tensors)} are the {which}: {shapes}.")
+        out.append(
+            f"It is the output layer for {head.source_classes} classes and the target has "
+            f"{head.target_classes}: expected when fine-tuning on other classes, not a bug; "
+            "drop it and the new head trains from scratch."
+        )
+    others = [m for m in final.shape_mismatched if m.name not in head_names]
+    if others:
+        out.append(
+            f"{len(others)} {_plural(len(others), 'tensor has', 'tensors have')} another shape "
+            f"({', '.join(_shape_change(m) for m in others[:3])}{_more(len(others), 3)}): "
+            "a different model size or variant, not just a head."
+        )
+    if final.missing:
+        out.append(f"Missing from the file: {len(final.missing)} ({_labels(final.missing)}).")
+    if final.unexpected:
+        out.append(
+            f"In the file but not in the target: {len(final.unexpected)} ({_labels(final.unexpected)})."
+        )
+    return out
+
+
+def _notes(c: Comparison) -> list[str]:
+    out: list[str] = []
+    counters = [n for n in c.missing if n.rsplit(".", 1)[-1] == "num_batches_tracked"]
+    if counters:
+        out.append(
+            f"{len(counters)} of the missing are BatchNorm num_batches_tracked counters: load_state_dict "
+            "tolerates their absence when the dict carries no version metadata (it fills in 0), "
+            "but they are not in the file."
+        )
+    for alias, held in c.tied.items():
+        out.append(f"{alias} is tied to {held}, which the file holds: not missing.")
+    if c.dtype_differences:
+        pairs = sorted({(x.source_dtype, x.target_dtype) for x in c.dtype_differences})
+        kinds = ", ".join(f"{a} in the file, {b} in the target" for a, b in pairs)
+        out.append(
+            f"{len(c.dtype_differences)} matched tensors differ in dtype ({kinds}): "
+            "load_state_dict casts them."
+        )
+    return out
+
+
+def _filter_sentence(d: Diagnosis) -> str:
+    if d.as_saved.ok:
+        return ""
+    saved = _filter_text(d.filter_as_saved, "keeps")
+    if not d.improves:
+        return f"A name-only filter `{FILTER}` {saved}"
+    after = _filter_text(d.filter_after, "would keep")
+    change = "the prefix fix"
+    return f"A name-only filter `{FILTER}` {saved} After {change}, the same filter {after}"
+
+
+def _filter_text(f: FilterIdiom, verb: str) -> str:
+    if f.kept == 0:
+        return (
+            f"{verb} 0 of {f.source_total} keys: load_state_dict(strict=False) then loads nothing and "
+            "raises nothing, and training starts from random weights, silently."
+        )
+    if f.wrong_shape:
+        return (
+            f"{verb} {f.kept} of {f.source_total} keys, but {f.wrong_shape} of them have the wrong shape, so "
+            f"load_state_dict raises a size mismatch; also filter on shape to keep the {f.fits} that fit."
+        )
+    return f"{verb} {f.kept} of {f.source_total} keys, all of the right shape."
+
+
+def _alarm(c: Comparison) -> str | None:
+    if c.total == 0 or c.loadable >= ALARM_FRACTION * c.total:
+        return None
+    what = "NOTHING WOULD LOAD" if c.loadable == 0 else "ALMOST NOTHING WOULD LOAD"
+    return (
+        f"{what}: {c.loadable} of {c.total} target tensors are in the file under the same name and shape. "
+        "Loaded with strict=False (or after a name filter), the model keeps its random weights, silently."
+    )
+
+
+def fix_commands(
+    d: Diagnosis, source: str, target_spec: str | None, key: str | None = None
+) -> tuple[str, ...]:
+    """The ``ckpt`` commands that make the file load: ``adapt`` in one go, then the step-by-step pair.
+
+    Example:
+        >>> from .diagnosis import diagnose
+        >>> fix_commands(diagnose({"m.w": (2,), "m.x": (1,)}, {"w": (2,), "x": (1,)}), "a.pth", "b.pth")
+        ('ckpt adapt a.pth b.pth -o a.adapted.pth', 'ckpt rename a.pth --strip-prefix m. -o a.renamed.pth')
+    """
+    if d.as_saved.ok or d.after.loadable == 0:
+        return ()
+    src, tgt = shlex.quote(source), shlex.quote(target_spec or "TARGET")
+    key_opt = f" --key {shlex.quote(key)}" if key else ""
+    needs_drop = bool(d.after.shape_mismatched or d.after.unexpected)
+    commands = [f"ckpt adapt {src} {tgt}{key_opt} -o {_output(source, 'adapted')}"]
+    if d.improves:
+        flags = (f" --strip-prefix {shlex.quote(d.transform.strip)}" if d.transform.strip else "") + (
+            f" --add-prefix {shlex.quote(d.transform.add)}" if d.transform.add else ""
+        )
+        renamed = _output(source, "renamed")
+        commands.append(f"ckpt rename {src}{key_opt}{flags} -o {renamed}")
+        if d.after.shape_mismatched:
+            commands.append(f"ckpt strip-head {renamed} --target {tgt} -o {_output(source, 'adapted')}")
+    elif needs_drop and d.after.shape_mismatched:
+        commands.append(f"ckpt strip-head {src}{key_opt} --target {tgt} -o {_output(source, 'stripped')}")
+    return tuple(commands)
+
+
+def _output(source: str, tag: str) -> str:
+    path = Path(source)
+    suffix = path.suffix if path.suffix in (".pth", ".pt", ".bin", ".ckpt", ".safetensors") else ".pth"
+    stem = path.stem if path.suffix else path.name
+    return shlex.quote(f"{stem}.{tag}{suffix}")  # in the working folder: the source's may be read-only
+
+
+# -- wording helpers ------------------------------------------------------------------------------
+def _shape_change(m: ShapeMismatch) -> str:
+    return f"{m.file_name} {_shape(m.source_shape)} → {_shape(m.target_shape)}"
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _is_classifier(modules: Sequence[str]) -> bool:
+    words = ("fc", "classifier", "head", "last_linear", "logits", "cls")
+    return any(w in part for m in modules for part in m.split(".") for w in words) and not any(
+        "lm_head" in m for m in modules
+    )
+
+
+def _labels(names: Sequence[str], limit: int = 3) -> str:
+    groups = collapse(list(names), merge_leaves=True)
+    shown = ", ".join(g.label for g in groups[:limit])
+    return shown + _more(len(groups), limit)
+
+
+def _more(count: int, limit: int) -> str:
+    return f" and {count - limit} more" if count > limit else ""
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return one if n == 1 else many
+
+
+def describe_prefix(prefix: str) -> str:
+    """``_orig_mod.module.`` -> "`_orig_mod.module.` (torch.compile, DataParallel)" for messages.
+
+    Example:
+        >>> describe_prefix("module.")
+        '`module.` (DataParallel)'
+    """
+    who = {
+        "module": "DataParallel",
+        "_orig_mod": "torch.compile",
+        "model": "Lightning or a trainer",
+        "_fsdp_wrapped_module": "FSDP",
+        "_checkpoint_wrapped_module": "activation checkpointing",
+        "_forward_module": "Lightning Fabric",
+    }
+    parts = prefix.split(".")[:-1]
+    names = [who[p] for p in parts if p in KNOWN_WRAPPERS and p in who]
+    return f"`{prefix}` ({', '.join(names)})" if names and len(names) == len(parts) else f"`{prefix}`"

@@ -1,0 +1,436 @@
+"""Sharded checkpoints: ``*.index.json`` + shards, model folders, and the sharded writer.
+
+The index is Hugging Face's: ``{"metadata": {"total_size": ...}, "weight_map": {name: shard}}``.
+Reading validates it (shards stay inside the folder, every shard exists, index and shards
+agree) and opens each shard with its own reader; the result is one flat state dict of
+records pointing into the shards. Nothing is merged in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from ..checkpoint import Checkpoint
+from ..errors import CkptError, FormatError, InputError, KeySelectionError, OutputError
+from ..record import TensorRecord
+from ..writing import atomic_output, check_output_path
+from . import ReadOptions, open_checkpoint
+from .safetensors import ALIASES_KEY, DuplicateKeyError, find_aliases, no_duplicate_keys, parse_aliases
+
+FORMAT = "sharded"
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
+LAYOUT = {  # fmt -> (single file, shard pattern, index file)
+    "safetensors": (
+        "model.safetensors",
+        "model-{i:05d}-of-{n:05d}.safetensors",
+        "model.safetensors.index.json",
+    ),
+    "pth": ("pytorch_model.bin", "pytorch_model-{i:05d}-of-{n:05d}.bin", "pytorch_model.bin.index.json"),
+}
+_UNITS = {"": 1, "b": 1} | {
+    unit: base**power
+    for power, prefix in enumerate("kmgt", start=1)
+    for unit, base in ((f"{prefix}b", 1000), (f"{prefix}ib", 1024))
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+class SizeError(CkptError):
+    """A size such as ``--max-shard-size`` could not be understood."""
+
+
+# -- reading -------------------------------------------------------------------------------
+def read(path: Path, options: ReadOptions | None = None) -> Checkpoint:
+    """Open a ``*.index.json`` (or a folder holding one, or a single weights file) lazily.
+
+    Example:
+        >>> ckpt = read(Path("llama/model.safetensors.index.json"))   # doctest: +SKIP
+        >>> len(ckpt.files), ckpt.format                              # doctest: +SKIP
+        (3, 'sharded')
+    """
+    path = Path(path)
+    options = options or ReadOptions()
+    if path.is_dir():
+        index = find_index(path)
+        if index is None:
+            return _read_single(path, options)
+        path = index
+    return _read_index(path, options)
+
+
+def find_index(folder: Path) -> Path | None:
+    """The index file of a model folder (safetensors preferred), or None.
+
+    Example:
+        >>> find_index(Path("gpt2"))                                  # doctest: +SKIP
+        PosixPath('gpt2/model.safetensors.index.json')
+    """
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".index.json"))
+    for preferred in (*INDEX_NAMES, *(n for n in names if n.endswith(".safetensors.index.json")), *names):
+        if preferred in names and (folder / preferred).is_file():
+            return folder / preferred
+    return None
+
+
+def _read_single(folder: Path, options: ReadOptions) -> Checkpoint:
+    for name in SINGLE_FILES:
+        candidate = folder / name
+        if candidate.is_file():
+            ckpt = open_checkpoint(candidate, options)
+            ckpt.notes.insert(0, f"{folder}: a model folder; opened {name}")
+            return ckpt
+    raise InputError(
+        f"{folder}: a folder without a checkpoint (no *.index.json, model.safetensors or "
+        "pytorch_model.bin); give a file inside it"
+    )
+
+
+def _read_index(index: Path, options: ReadOptions) -> Checkpoint:
+    raw = load_index(index)
+    weight_map: dict[str, str] = raw["weight_map"]
+    groups: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        groups.setdefault(shard, []).append(name)
+    shard_paths = {shard: shard_path(index, shard) for shard in groups}
+    _check_shards_exist(index, shard_paths, groups)
+    mapped: dict[str, TensorRecord] = {}
+    tied: dict[str, TensorRecord] = {}
+    ignored: list[str] = []
+    for shard, names in groups.items():
+        found = _shard_records(index, shard, shard_paths[shard], names, weight_map, options)
+        mapped.update(found[0])
+        tied.update(found[1])
+        ignored.extend(found[2])
+    files = tuple(shard_paths.values())
+    return Checkpoint(
+        path=index,
+        format=FORMAT,
+        tree={name: mapped[name] for name in weight_map} | tied,
+        files=files,
+        file_size=sum(p.stat().st_size for p in files),
+        metadata=_string_metadata(raw.get("metadata")),
+        notes=_notes(index, files, tied, ignored),
+    )
+
+
+def _shard_records(
+    index: Path, shard: str, path: Path, names: list[str], weight_map: Mapping[str, str], options: ReadOptions
+) -> tuple[dict[str, TensorRecord], dict[str, TensorRecord], list[str]]:
+    """One shard's records: (mapped by the index, tied names restored, others ignored)."""
+    records, aliases = _open_shard(path, options)
+    _check_shard_holds(index, shard, names, records)
+    mapped = {name: records[name].renamed(name) for name in names}
+    extra = {name: rec for name, rec in records.items() if name not in mapped}
+    tied = {
+        name: rec.renamed(name) for name, rec in extra.items() if name in aliases and name not in weight_map
+    }
+    ignored = [f"{name} ({shard})" for name in extra if name not in tied]
+    return mapped, tied, ignored
+
+
+def load_index(index: Path) -> dict[str, Any]:
+    """Parse and validate an index file: a JSON object whose ``weight_map`` maps names to shard files.
+
+    Example:
+        >>> load_index(Path("model.safetensors.index.json"))["weight_map"]["wte.weight"]  # doctest: +SKIP
+        'model-00001-of-00002.safetensors'
+    """
+    try:
+        text = index.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FormatError(f"{index}: not a sharded-checkpoint index (not UTF-8 text)") from None
+    except OSError as exc:
+        raise InputError(f"{index}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        raw = json.loads(text, object_pairs_hook=no_duplicate_keys)
+    except DuplicateKeyError as exc:
+        raise FormatError(f"{index}: {exc.key!r} appears twice in the index; fetch the index again") from None
+    except ValueError as exc:
+        raise FormatError(
+            f"{index}: not valid JSON ({exc.msg} at line {exc.lineno}); fetch the index again"
+        ) from None
+    except RecursionError:
+        raise FormatError(f"{index}: not valid JSON (nested too deeply)") from None
+    if not isinstance(raw, dict) or "weight_map" not in raw:
+        raise FormatError(
+            f'{index}: not a sharded-checkpoint index (a JSON object with a "weight_map" is expected)'
+        )
+    weight_map = raw["weight_map"]
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise FormatError(f"{index}: weight_map must map tensor names to shard file names (strings)")
+    if "metadata" in raw and raw["metadata"] is not None and not isinstance(raw["metadata"], dict):
+        raise FormatError(f"{index}: metadata must be a JSON object")
+    return raw
+
+
+def shard_path(index: Path, shard: str) -> Path:
+    """The path of ``shard`` beside ``index``; refuses names that lead outside the index's folder.
+
+    Example:
+        >>> shard_path(Path("m/model.safetensors.index.json"), "../../etc/passwd")
+        Traceback (most recent call last):
+        ...
+        ckptsurgeon.errors.FormatError: m/model.safetensors.index.json: shard '../../etc/passwd' ...
+    """
+    folder = index.parent
+    posix, windows = PurePosixPath(shard), PureWindowsPath(shard)
+    if "\x00" in shard or posix.is_absolute() or windows.anchor or ".." in (*posix.parts, *windows.parts):
+        raise _outside(index, shard, "it is not a plain file name inside the folder")
+    if not shard or shard.endswith(("/", "\\")):
+        raise FormatError(f"{index}: shard name {shard!r} is not a file name; fix the weight_map")
+    full = folder / shard
+    try:
+        inside = full.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        raise FormatError(f"{index}: shard {shard!r} is a symbolic link loop; fix the folder") from None
+    if not inside:
+        raise _outside(index, shard, "a symbolic link leads outside the folder")
+    return full
+
+
+def _outside(index: Path, shard: str, why: str) -> FormatError:
+    return FormatError(
+        f"{index}: shard {shard!r} points outside the index's folder ({why}); refusing to read it, "
+        "fix the weight_map"
+    )
+
+
+def _check_shards_exist(index: Path, paths: Mapping[str, Path], groups: Mapping[str, list[str]]) -> None:
+    missing = [shard for shard, path in paths.items() if not path.is_file()]
+    if not missing:
+        return
+    shard = missing[0]
+    more = f" (and {len(missing) - 1} more shard(s) are missing)" if len(missing) > 1 else ""
+    what = "is not a file" if paths[shard].exists() else "is missing"
+    raise FormatError(
+        f"{index}: shard {shard} {what}; it holds {len(groups[shard])} of the "
+        f"{sum(map(len, groups.values()))} tensors{more}; download the missing shard(s) into {index.parent}"
+    )
+
+
+def _open_shard(path: Path, options: ReadOptions) -> tuple[dict[str, TensorRecord], dict[str, str]]:
+    if path.name.endswith(".index.json"):
+        raise FormatError(f"{path}: a shard cannot itself be an index file; fix the weight_map")
+    ckpt = open_checkpoint(path, options)
+    try:
+        records = ckpt.weights("").tensors
+    except KeySelectionError:  # a shard without tensors: the weight_map check names what is absent
+        return {}, {}
+    aliases = parse_aliases(path, ckpt.metadata)  # validated by the shard's reader
+    return records, aliases
+
+
+def _check_shard_holds(
+    index: Path, shard: str, names: list[str], records: Mapping[str, TensorRecord]
+) -> None:
+    absent = [name for name in names if name not in records]
+    if absent:
+        raise FormatError(
+            f"{index}: {absent[0]!r} is mapped to {shard}, which does not hold it ({len(absent)} of its "
+            f"{len(names)} mapped tensors are absent); index and shards do not match, fetch both again"
+        )
+
+
+def _string_metadata(metadata: Any) -> dict[str, str]:
+    if not isinstance(metadata, dict):
+        return {}
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+
+
+def _notes(index: Path, files: tuple[Path, ...], tied: Mapping[str, Any], ignored: list[str]) -> list[str]:
+    notes = [f"{len(files)} shard(s) listed in {index.name}"]
+    if tied:
+        notes.append(
+            f"{len(tied)} tied tensor name(s) restored from shard metadata: {', '.join(sorted(tied))}"
+        )
+    if ignored:
+        shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+        notes.append(
+            f"{len(ignored)} tensor(s) in the shards are not in the index's weight_map (ignored): {shown}"
+        )
+    return notes
+
+
+# -- writing ---------------------------------------------------------------------------------
+def parse_size(text: str | int) -> int:
+    """A byte count from ``"5GB"`` (10^9, like Hugging Face), ``"2GiB"`` (2^30), ``"500MB"`` or ``"1024"``.
+
+    Example:
+        >>> parse_size("5GB"), parse_size("1.5 GiB"), parse_size("1024")
+        (5000000000, 1610612736, 1024)
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = Decimal(text)
+    else:
+        match = _SIZE_RE.match(str(text))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise SizeError(f"invalid size {text!r}; use bytes or a size such as 500MB, 5GB or 2GiB")
+        try:
+            value = Decimal(match.group(1)) * _UNITS[unit]
+        except InvalidOperation:
+            raise SizeError(
+                f"invalid size {text!r}; use bytes or a size such as 500MB, 5GB or 2GiB"
+            ) from None
+    if value < 1:
+        raise SizeError(f"invalid size {text!r}: must be at least one byte")
+    return int(value)
+
+
+def plan_shards(tensors: Mapping[str, TensorRecord], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy packing in the given (name) order: a new shard starts when the next tensor would
+    overflow the limit; a tensor bigger than the limit gets a shard of its own. Tied names
+    (see :func:`~ckptsurgeon.formats.safetensors.find_aliases`) go with the tensor they share.
+
+    Example:
+        >>> recs = {n: TensorRecord(n, "float32", (10,)) for n in "abc"}
+        >>> plan_shards(recs, 80)
+        [['a', 'b'], ['c']]
+    """
+    aliases = find_aliases(tensors)
+    shards: list[list[str]] = [[]]
+    size = 0
+    where: dict[str, int] = {}
+    for name, rec in tensors.items():
+        if name in aliases:
+            continue
+        if shards[-1] and size + rec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += rec.nbytes
+        where[name] = len(shards) - 1
+    for dropped, kept in aliases.items():
+        shards[where[kept]].append(dropped)
+    return shards
+
+
+def write(
+    tensors: Mapping[str, TensorRecord],
+    out_dir: Path,
+    *,
+    max_shard_bytes: int,
+    fmt: str = "safetensors",
+    force: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> list[Path]:
+    """Write ``tensors`` into ``out_dir`` in Hugging Face's sharded layout; return the paths written.
+
+    Shards are ``model-00001-of-0000N.safetensors`` (``pytorch_model-...bin`` for ``fmt="pth"``)
+    plus ``model.safetensors.index.json``; one shard is written as plain ``model.safetensors``
+    with no index, as ``save_pretrained`` does. Each file is written atomically, the index
+    last, so an interrupted write leaves no index. Tied names are stored once (safetensors:
+    recorded in the shard's metadata and left out of the weight_map).
+
+    Example:
+        >>> write(ckpt.weights().tensors, Path("out"), max_shard_bytes=parse_size("5GB"))  # doctest: +SKIP
+        [PosixPath('out/model-00001-of-00002.safetensors'), ...,
+         PosixPath('out/model.safetensors.index.json')]
+    """
+    if fmt not in LAYOUT:
+        raise OutputError(f"{out_dir}: unknown shard format {fmt!r}; use one of {', '.join(LAYOUT)}")
+    if max_shard_bytes < 1:
+        raise SizeError(f"max shard size must be at least one byte, got {max_shard_bytes}")
+    created = not os.path.lexists(out_dir)
+    out_dir = _prepare_folder(Path(out_dir))
+    shards = plan_shards(tensors, max_shard_bytes)
+    names = _shard_names(fmt, len(shards))
+    index_path = out_dir / LAYOUT[fmt][2] if len(shards) > 1 else None
+    for target in [out_dir / n for n in names] + ([index_path] if index_path else []):
+        check_output_path(target, force=force)
+    _remove_stale_index(out_dir / LAYOUT[fmt][2], force)
+    written: list[Path] = []
+    weight_map: dict[str, str] = {}
+    try:
+        for file_name, shard in zip(names, shards, strict=True):
+            part = {name: tensors[name] for name in shard}
+            written.append(_write_shard(out_dir / file_name, part, fmt, force, metadata))
+            stored = part if fmt == "pth" else {n: r for n, r in part.items() if n not in find_aliases(part)}
+            weight_map.update(dict.fromkeys(stored, file_name))
+        if index_path is not None:
+            written.append(_write_index(index_path, tensors, weight_map, force, metadata))
+    except BaseException:
+        _discard(written, out_dir if created else None)
+        raise
+    return written
+
+
+def _discard(written: list[Path], created_dir: Path | None) -> None:
+    """After a failed write (a full disk, Ctrl-C), remove the shards already written: no partial set."""
+    for path in written:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    if created_dir is not None:
+        with contextlib.suppress(OSError):
+            created_dir.rmdir()
+
+
+def _prepare_folder(out_dir: Path) -> Path:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a folder; sharded output needs a folder")
+    if not out_dir.exists():
+        if not out_dir.parent.is_dir():
+            raise OutputError(f"{out_dir}: the folder {out_dir.parent} does not exist")
+        try:
+            out_dir.mkdir()
+        except OSError as exc:
+            raise OutputError(f"{out_dir}: cannot create the folder ({exc.strerror or exc})") from None
+    return out_dir
+
+
+def _remove_stale_index(index: Path, force: bool) -> None:
+    """An old index must go before any shard is replaced: an interrupted write then leaves no index."""
+    if not os.path.lexists(index):
+        return
+    if not force:
+        raise OutputError(f"{index}: already exists; pass --force to overwrite the sharded checkpoint")
+    try:
+        index.unlink()
+    except OSError as exc:
+        raise OutputError(f"{index}: cannot remove the old index ({exc.strerror or exc})") from None
+
+
+def _shard_names(fmt: str, count: int) -> list[str]:
+    single, pattern, _ = LAYOUT[fmt]
+    if count == 1:
+        return [single]
+    return [pattern.format(i=i, n=count) for i in range(1, count + 1)]
+
+
+def _write_shard(
+    path: Path, part: Mapping[str, TensorRecord], fmt: str, force: bool, metadata: Mapping[str, str] | None
+) -> Path:
+    with atomic_output(path, force=force) as fh:
+        if fmt == "safetensors":
+            from .safetensors import write as write_safetensors
+
+            write_safetensors(part, fh, metadata)
+        else:
+            from .torchzip import write as write_torchzip
+
+            write_torchzip(dict(part), fh)
+    return path
+
+
+def _write_index(
+    path: Path,
+    tensors: Mapping[str, TensorRecord],
+    weight_map: Mapping[str, str],
+    force: bool,
+    metadata: Mapping[str, str] | None,
+) -> Path:
+    aliases = find_aliases(tensors)
+    total = sum(rec.nbytes for name, rec in tensors.items() if name not in aliases)
+    extra = {str(k): str(v) for k, v in (metadata or {}).items() if k not in ("total_size", ALIASES_KEY)}
+    index = {"metadata": {"total_size": total, **extra}, "weight_map": dict(weight_map)}
+    with atomic_output(path, force=force) as fh:
+        fh.write((json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    return path

@@ -1,0 +1,374 @@
+"""The torch.save zip format: a torch-free reader (records, no tensor data read) and writer.
+
+A torch.save file is a zip (members stored, not compressed) holding ``<archive>/data.pkl``
+-- the object pickled with protocol 2, tensors as ``torch._utils._rebuild_tensor_v2``
+calls whose storages are persistent ids ``('storage', FloatStorage, key, location,
+numel)`` -- and one member ``<archive>/data/<key>`` per storage, aligned to 64 bytes.
+The reader runs data.pkl through the restricted unpickler (:mod:`ckptsurgeon.pickles`)
+with :class:`TorchResolver`, which turns each tensor into a :class:`TensorRecord`
+pointing at its member's bytes in the file.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from ..dtypes import DTYPES
+from ..errors import FormatError, OutputError
+from ..pickles import Emitter, PickleError
+from ..record import CHUNK_SIZE, Storage, TensorRecord, contiguous_stride, pread_exact
+from ..safety import GlobalRef
+from .legacy import StorageSlot, TorchResolver, check_tree, locations_note, read_unsafe, unpickle
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..checkpoint import Checkpoint
+    from . import ReadOptions
+
+ALIGNMENT = 64
+
+
+# -- the zip reader -------------------------------------------------------------------------
+def read(path: Path, options: ReadOptions) -> Checkpoint:
+    """Open a torch.save zip checkpoint as records, reading no tensor data.
+
+    Example:
+        >>> ckpt = read(Path("fixtures/real/tinynet_compiled.pth"), ReadOptions())  # doctest: +SKIP
+        >>> ckpt.weights().tensors["_orig_mod.fc.weight"].shape                     # doctest: +SKIP
+        (6, 32)
+    """
+    from ..checkpoint import Checkpoint
+
+    if options.unsafe:
+        return read_unsafe(path, "torch-zip")
+    file_size = os.path.getsize(path)
+    with _open_zip(path) as zf:
+        infos = {info.filename: info for info in zf.infolist()}
+        prefix = _archive_prefix(path, infos)
+        data = _member(zf, path, prefix + "data.pkl")
+        byteorder = (
+            _member(zf, path, prefix + "byteorder").decode("ascii", "replace").strip()
+            if prefix + "byteorder" in infos
+            else "little"
+        )
+        if options.check:
+            verify_crcs(zf, path)
+    if byteorder not in ("little", "big"):
+        raise FormatError(f"{path}: unknown byte order {byteorder!r} in the archive; the file is damaged")
+    storages = _ZipStorages(path, prefix, infos, byteorder, file_size)
+    resolver = TorchResolver(options.allow_globals, storages.slot)
+    try:
+        tree, _ = unpickle(data, path, resolver)
+    finally:
+        storages.close()
+    check_tree(tree, path, storages.problems)
+    extra_pickles = [n for n in infos if n.endswith(".pkl") and n != prefix + "data.pkl"]
+    notes = locations_note(storages.slots.values())
+    if extra_pickles:
+        notes.append(f"the archive also holds {', '.join(extra_pickles)} (not read)")
+    return Checkpoint(
+        path=path,
+        format="torch-zip",
+        tree=tree,
+        files=(path,),
+        file_size=file_size,
+        metadata={"archive": prefix.rstrip("/"), "byteorder": byteorder},
+        notes=notes,
+        globals_used=tuple(sorted(resolver.used)),
+    )
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise FormatError(
+            f"{path}: a truncated or damaged zip archive (no readable central directory); "
+            "the download or save did not finish, fetch or save it again"
+        ) from None
+    except (OSError, ValueError, EOFError, struct.error) as exc:
+        raise FormatError(
+            f"{path}: a damaged zip archive ({exc.__class__.__name__}); fetch or save it again"
+        ) from None
+
+
+def _archive_prefix(path: Path, infos: dict[str, zipfile.ZipInfo]) -> str:
+    found = [n for n in infos if n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1)]
+    if not found:
+        raise FormatError(
+            f"{path}: a zip archive without data.pkl: not a torch.save checkpoint (or a damaged one)"
+        )
+    return min(found, key=len)[: -len("data.pkl")]
+
+
+def _member(zf: zipfile.ZipFile, path: Path, name: str) -> bytes:
+    try:
+        return zf.read(name)
+    except KeyError:
+        raise FormatError(f"{path}: the archive has no {name}; the file is damaged") from None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error) as exc:
+        detail = " ".join(str(exc).split())[:100]
+        raise FormatError(f"{path}: member {name} cannot be read ({detail}); the file is damaged") from None
+
+
+def verify_crcs(zf: zipfile.ZipFile, path: Path) -> None:
+    """Read every member through zipfile, which checks its CRC-32; name the first bad one."""
+    for info in zf.infolist():
+        try:
+            with zf.open(info) as fh:
+                while fh.read(CHUNK_SIZE):
+                    pass
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error) as exc:
+            detail = " ".join(str(exc).split())[:100]
+            raise FormatError(
+                f"{path}: member {info.filename} fails its check ({detail}); the file is damaged, fetch it again"
+            ) from None
+
+
+class _ZipStorages:
+    """Maps persistent ids to storages: the member's data span in the file (or a zip loader)."""
+
+    def __init__(
+        self, path: Path, prefix: str, infos: dict[str, zipfile.ZipInfo], byteorder: str, file_size: int
+    ) -> None:
+        self.path, self.prefix, self.infos = path, prefix, infos
+        self.byteorder, self.file_size = byteorder, file_size
+        self.slots: dict[str, StorageSlot] = {}
+        self.problems: dict[int, str] = {}
+        # Local headers are read through a map of the file: no syscall per storage, no data read.
+        with open(path, "rb") as fh:
+            self.headers = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if file_size else b""
+
+    def close(self) -> None:
+        if isinstance(self.headers, mmap.mmap):
+            self.headers.close()
+
+    def slot(self, pid: tuple) -> StorageSlot:
+        if len(pid) < 5 or not isinstance(pid[1], GlobalRef) or pid[1].extra is None:
+            raise PickleError(f"malformed pickle (storage id {str(pid)[:60]})")
+        key, location, numel = str(pid[2]), str(pid[3]), pid[4]
+        if type(numel) is not int or numel < 0:
+            raise PickleError(f"malformed pickle (storage {key} has size {numel!r})")
+        found = self.slots.get(key)
+        if found is None:
+            dtype = pid[1].extra if pid[1].extra in DTYPES else "uint8"
+            found = self.slots[key] = StorageSlot(key, dtype, numel, location, self._open)
+        return found
+
+    def _open(self, slot: StorageSlot, dtype: str) -> Storage:
+        name = f"{self.prefix}data/{slot.key}"
+        info = self.infos.get(name)
+        path: Path | None = self.path
+        offset, loader, problem = 0, None, None
+        if info is None:
+            problem = f"its storage {name} is missing from the archive; the file is damaged"
+        elif info.compress_type != zipfile.ZIP_STORED:
+            path, loader = None, lambda p=self.path, n=name: _read_member(p, n)
+        else:
+            offset = self._data_offset(info)
+            if offset + info.file_size > self.file_size:
+                problem = f"its storage {name} runs past the end of the file; the file is truncated"
+        if info is not None and info.file_size < slot.nbytes:
+            problem = f"its storage {name} holds {info.file_size} bytes but declares {slot.nbytes}; the file is damaged"
+        storage = Storage(f"data/{slot.key}", dtype, slot.nbytes, path, offset, slot.location, self.byteorder, loader)
+        if problem:
+            self.problems[id(storage)] = problem
+        return storage
+
+    def _data_offset(self, info: zipfile.ZipInfo) -> int:
+        header = self.headers[info.header_offset : info.header_offset + 30]
+        if len(header) < 30:
+            raise FormatError(f"{self.path}: member {info.filename} lies past the end of the file; truncated")
+        if header[:4] != b"PK\x03\x04":
+            raise FormatError(f"{self.path}: member {info.filename} has no valid local header; the file is damaged")
+        name_len, extra_len = struct.unpack_from("<HH", header, 26)
+        return info.header_offset + 30 + name_len + extra_len
+
+
+def _read_member(path: Path, name: str) -> bytes:
+    with zipfile.ZipFile(path) as zf:
+        return zf.read(name)
+
+
+# -- the zip writer -------------------------------------------------------------------------
+def write(tree: Any, fh: BinaryIO, archive_name: str = "archive") -> None:
+    """Write ``tree`` (records in place of tensors) as a torch.save zip, streaming tensor bytes.
+
+    ``torch.load(weights_only=True)`` loads the result. Records sharing a storage share it in
+    the file; every other tensor is written as its own contiguous bytes.
+
+    Example:
+        >>> with atomic_output("out.pth") as fh:          # doctest: +SKIP
+        ...     write({"w": record}, fh)
+    """
+    plan = StoragePlan(tree)
+    emitter = Emitter(hook=plan.emit)
+    try:
+        emitter.dump(tree)
+    except (TypeError, RecursionError) as exc:
+        raise OutputError(f"cannot write this object as a checkpoint: {exc}") from None
+    prefix = archive_name.strip("/") + "/"
+    with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        _write_member(zf, fh, prefix + "data.pkl", [emitter.getvalue()], align=False)
+        _write_member(zf, fh, prefix + ".format_version", [b"1"], align=False)
+        _write_member(zf, fh, prefix + ".storage_alignment", [str(ALIGNMENT).encode()], align=False)
+        _write_member(zf, fh, prefix + "byteorder", [b"little"], align=False)
+        for key, nbytes, chunks in plan.jobs():
+            _write_member(zf, fh, f"{prefix}data/{key}", chunks, nbytes=nbytes)
+        _write_member(zf, fh, prefix + "version", [b"3\n"], align=False)
+
+
+def _write_member(
+    zf: zipfile.ZipFile,
+    fh: BinaryIO,
+    name: str,
+    chunks: Iterable[bytes],
+    *,
+    nbytes: int | None = None,
+    align: bool = True,
+) -> None:
+    chunks = list(chunks) if nbytes is None else chunks
+    size = sum(len(c) for c in chunks) if nbytes is None else nbytes  # type: ignore[arg-type]
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = size
+    zip64 = size * 1.05 > zipfile.ZIP64_LIMIT
+    if align:
+        used = fh.tell() + 30 + len(name.encode("utf-8")) + (20 if zip64 else 0) + 4
+        pad = (-used) % ALIGNMENT
+        info.extra = struct.pack("<HH", 0x6B63, pad) + b"\0" * pad  # "ck": padding only
+    written = 0
+    with zf.open(info, "w", force_zip64=zip64) as out:
+        for chunk in chunks:
+            out.write(chunk)
+            written += len(chunk)
+    info.extra = b""  # the padding is only needed in the local header
+    if written != size:
+        raise OutputError(f"{name}: wrote {written} bytes, expected {size}")
+
+
+def iter_storage(storage: Storage, nbytes: int) -> Iterator[bytes]:
+    """Stream a whole storage's bytes in chunks."""
+    for pos in range(0, nbytes, CHUNK_SIZE):
+        yield storage.read(pos, min(CHUNK_SIZE, nbytes - pos))
+
+
+class StoragePlan:
+    """Decides each record's storage entry while data.pkl is emitted, then streams the bytes.
+
+    A storage viewed by several records is written whole, once (views keep their offsets
+    and strides); any other record is written as its own contiguous bytes.
+    """
+
+    def __init__(self, tree: Any) -> None:
+        self.groups: dict[int, list[TensorRecord]] = {}
+        _collect_records(tree, self.groups, set())
+        self.shared: dict[int, str] = {}
+        self._jobs: list[tuple[str, int, Callable[[], Iterator[bytes]]]] = []
+
+    def jobs(self) -> Iterator[tuple[str, int, Iterator[bytes]]]:
+        for key, nbytes, chunks in self._jobs:
+            yield key, nbytes, chunks()
+
+    def emit(self, em: Emitter, rec: Any) -> bool:
+        """The Emitter hook: write a record as torch does (``_rebuild_tensor_v2`` / ``_v3``)."""
+        if not isinstance(rec, TensorRecord):
+            return False
+        if not rec.has_data:
+            raise OutputError(f"tensor {rec.name or '<unnamed>'}: has no data (built on the meta device)")
+        if rec.is_parameter:
+            em.save_global("torch._utils", "_rebuild_parameter")
+        self._emit_tensor(em, rec)
+        if rec.is_parameter:
+            em.save(rec.requires_grad)
+            em.save_reduce("collections", "OrderedDict", (), None)
+            em.out += b"\x87R"
+        em.put(rec)
+        return True
+
+    def _emit_tensor(self, em: Emitter, rec: TensorRecord) -> None:
+        key, nbytes, offset, stride = self._place(rec)
+        storage_class = DTYPES[rec.dtype].storage_class
+        em.save_global("torch._utils", "_rebuild_tensor_v2" if storage_class else "_rebuild_tensor_v3")
+        em.out += b"(("
+        em.save_str("storage")
+        if storage_class:
+            em.save_global("torch", storage_class)
+        else:
+            em.save_global("torch.storage", "UntypedStorage")
+        em.save_str(key)
+        em.save_str("cpu")
+        em.save_int(nbytes // rec.itemsize if storage_class else nbytes)
+        em.out += b"tQ"
+        em.save_int(offset)
+        em.save_tuple(tuple(rec.shape))
+        em.save_tuple(tuple(stride))
+        em.save(bool(rec.requires_grad and not rec.is_parameter))
+        em.save_reduce("collections", "OrderedDict", (), None)
+        if not storage_class:
+            em.save_global("torch", rec.dtype)
+        em.out += b"tR"
+
+    def _place(self, rec: TensorRecord) -> tuple[str, int, int, tuple[int, ...]]:
+        storage = rec.storage
+        if storage is not None and self._share_whole(storage):
+            key = self.shared.get(id(storage))
+            if key is None:
+                key = self.shared[id(storage)] = self._add_job(
+                    storage.nbytes, lambda s=storage: iter_storage(s, s.nbytes)
+                )
+            return key, storage.nbytes, rec.storage_offset, rec.stride or contiguous_stride(rec.shape)
+        key = self._add_job(rec.nbytes, rec.iter_bytes)
+        return key, rec.nbytes, 0, contiguous_stride(rec.shape)
+
+    def _share_whole(self, storage: Storage) -> bool:
+        group = self.groups.get(id(storage), [])
+        if (
+            len(group) < 2
+            or storage.byteorder != "little"
+            or (storage.path is None and storage.loader is None)
+        ):
+            return False
+        dtype = group[0].dtype
+        return (
+            all(r.dtype == dtype and r.loader is None for r in group)
+            and storage.nbytes % group[0].itemsize == 0
+        )
+
+    def _add_job(self, nbytes: int, chunks: Callable[[], Iterator[bytes]]) -> str:
+        key = str(len(self._jobs))
+        self._jobs.append((key, nbytes, chunks))
+        return key
+
+
+def _collect_records(node: Any, groups: dict[int, list[TensorRecord]], seen: set[int]) -> None:
+    if id(node) in seen:
+        return
+    if isinstance(node, TensorRecord):
+        seen.add(id(node))
+        if node.storage is not None:
+            groups.setdefault(id(node.storage), []).append(node)
+        return
+    if isinstance(node, dict):
+        children: Iterable[Any] = [*node.keys(), *node.values()]
+    elif isinstance(node, list | tuple | set | frozenset):
+        children = node
+    elif hasattr(node, "__ckpt_reduce__") or hasattr(node, "__dict__"):
+        children = [
+            getattr(node, "args", ()),
+            getattr(node, "state", None),
+            getattr(node, "listitems", ()),
+            getattr(node, "dictitems", ()),
+            *(vars(node).values() if type(node).__name__ == "Namespace" else ()),
+        ]
+    else:
+        return
+    seen.add(id(node))
+    for child in children:
+        _collect_records(child, groups, seen)

@@ -1,0 +1,518 @@
+"""The pickle allowlist: which globals a checkpoint may name, and what each one becomes.
+
+Three kinds of global:
+
+* ``tensor`` -- what ``torch.load(weights_only=True)`` accepts to rebuild tensors: the
+  ``torch._utils._rebuild_*`` functions, storage classes, dtypes, ``torch.Size`` ...
+* ``data`` -- containers torch also accepts (``collections.OrderedDict``, ``builtins.set``
+  ...) and a short list of classes that only hold data, which real training checkpoints
+  carry: ``argparse.Namespace`` (torchvision's reference scripts and timm save ``args``),
+  numpy scalars and dtypes, ``pathlib`` paths. They are rebuilt without numpy, and
+  ``--allow-global mylib.Cls`` adds a class that is kept as an opaque :class:`Reduced`
+  placeholder (never imported).
+* ``unsafe`` -- everything else: ``builtins.exec``, ``os.system``, ``subprocess.*``, any
+  model or user class. Importing or calling them can run code, so the readers refuse.
+
+Nothing here imports torch or numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UnsafeCheckpointError
+from .pickles import BlockedGlobal, PickleError
+
+TENSOR, DATA, UNSAFE = "tensor", "data", "unsafe"
+
+_DTYPE_NAMES = (
+    "float64 float32 float16 bfloat16 complex32 complex64 complex128 uint8 uint16 uint32 uint64 "
+    "int8 int16 int32 int64 bool qint8 quint8 qint32 quint4x2 quint2x4 float8_e5m2 float8_e4m3fn "
+    "float8_e5m2fnuz float8_e4m3fnuz float8_e8m0fnu float4_e2m1fn_x2 bits8 bits16 bits1x8 bits2x4 bits4x2 "
+    + " ".join(f"uint{i} int{i}" for i in range(1, 8))
+).split()
+_STORAGE_STEMS = [
+    "BFloat16",
+    "Bool",
+    "Byte",
+    "Char",
+    "ComplexDouble",
+    "ComplexFloat",
+    "Double",
+    "Float",
+    "Half",
+    "Int",
+    "Long",
+    "Short",
+]
+_QSTORAGE_STEMS = ["QInt32", "QInt8", "QUInt2x4", "QUInt4x2", "QUInt8"]
+_TENSOR_STEMS = ["BFloat16", "Bool", "Byte", "Char", "Double", "Float", "Half", "Int", "Long", "Short"]
+REBUILD_FUNCTIONS = frozenset(
+    f"torch._utils._rebuild_{n}"
+    for n in [
+        "tensor",
+        "tensor_v2",
+        "tensor_v3",
+        "parameter",
+        "parameter_with_state",
+        "qtensor",
+        "sparse_tensor",
+        "nested_tensor",
+        "meta_tensor_no_storage",
+        "wrapper_subclass",
+        "device_tensor_from_numpy",
+        "device_tensor_from_cpu_tensor",
+    ]
+) | {"torch._tensor._rebuild_from_type_v2"}
+DTYPE_GLOBALS = frozenset(f"torch.{n}" for n in _DTYPE_NAMES)
+STORAGE_GLOBALS = frozenset(
+    [f"torch.{s}Storage" for s in _STORAGE_STEMS + _QSTORAGE_STEMS]
+    + [f"torch.cuda.{s}Storage" for s in _STORAGE_STEMS]
+    + ["torch.storage.TypedStorage", "torch.storage.UntypedStorage"]
+)
+TENSOR_CLASS_GLOBALS = frozenset(
+    [f"torch.{p}{s}Tensor" for p in ("", "cuda.") for s in _TENSOR_STEMS]
+    + [f"torch.{p}sparse.{s}Tensor" for p in ("", "cuda.") for s in _TENSOR_STEMS if s != "Bool"]
+)
+TORCH_DATA_GLOBALS = frozenset(
+    {
+        "torch.Size",
+        "torch.Tensor",
+        "torch.nn.parameter.Parameter",
+        "torch.device",
+        "torch.serialization._get_layout",
+    }
+    | {
+        f"torch.{q}"
+        for q in (
+            "per_tensor_affine",
+            "per_tensor_symmetric",
+            "per_channel_affine",
+            "per_channel_symmetric",
+            "per_channel_affine_float_qparams",
+        )
+    }
+)
+# What torch's weights_only accepts besides tensors: plain containers.
+CONTAINER_GLOBALS = frozenset(
+    {
+        "collections.OrderedDict",
+        "collections.Counter",
+        "builtins.set",
+        "builtins.frozenset",
+        "builtins.bytearray",
+        "builtins.complex",
+        "_codecs.encode",
+    }
+)
+# ckptsurgeon's own data-only additions (documented in the README's Security section).
+PATH_CLASSES = ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")
+DATA_ONLY_GLOBALS = frozenset(
+    {"argparse.Namespace", "numpy.dtype", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"}
+    | {f"pathlib.{c}" for c in PATH_CLASSES}
+)
+_CODECS = frozenset({"latin1", "latin-1", "iso-8859-1", "utf-8", "utf8", "ascii"})
+
+
+@dataclass(frozen=True)
+class GlobalVerdict:
+    """One global a pickle names, its kind (tensor / data / unsafe) and why.
+
+    Example:
+        >>> classify("os.system").kind
+        'unsafe'
+    """
+
+    name: str
+    kind: str
+    why: str
+
+
+def classify(name: str, allow_globals: Iterable[str] = ()) -> GlobalVerdict:
+    """Say whether a global (``module.name``) is tensor machinery, data, or able to run code.
+
+    Example:
+        >>> classify("torch._utils._rebuild_tensor_v2").kind
+        'tensor'
+        >>> classify("argparse.Namespace").why
+        'a data-only class on the ckptsurgeon allowlist'
+    """
+    if name in REBUILD_FUNCTIONS:
+        return GlobalVerdict(name, TENSOR, "rebuilds a tensor from its stored bytes")
+    if name in STORAGE_GLOBALS:
+        return GlobalVerdict(name, TENSOR, "a tensor storage type")
+    if name in DTYPE_GLOBALS:
+        return GlobalVerdict(name, TENSOR, "a tensor dtype")
+    if name in TENSOR_CLASS_GLOBALS or name in TORCH_DATA_GLOBALS:
+        return GlobalVerdict(name, TENSOR, "a torch type that weights_only accepts")
+    if name in CONTAINER_GLOBALS:
+        return GlobalVerdict(name, DATA, "a container type that weights_only accepts")
+    if name in DATA_ONLY_GLOBALS or is_numpy_dtype_class(name):
+        return GlobalVerdict(name, DATA, "a data-only class on the ckptsurgeon allowlist")
+    if name in set(allow_globals):
+        return GlobalVerdict(name, DATA, "declared data-only with --allow-global (kept as a placeholder)")
+    return GlobalVerdict(name, UNSAFE, _unsafe_reason(name))
+
+
+def is_numpy_dtype_class(name: str) -> bool:
+    """``numpy.dtypes.Float64DType`` and friends (numpy 2 pickles dtype classes by name)."""
+    module, _, attr = name.rpartition(".")
+    return module == "numpy.dtypes" and attr.endswith("DType") and attr.isidentifier()
+
+
+def is_model_class(name: str) -> bool:
+    """A global that means the file is a whole pickled ``nn.Module``."""
+    return name.startswith(("torch.nn.modules.", "torch.nn.parallel.", "torch.jit.", "__main__."))
+
+
+def _unsafe_reason(name: str) -> str:
+    module = name.split(".", 1)[0]
+    if module in ("os", "posix", "nt", "subprocess", "pty", "shutil"):
+        return "runs commands or touches files: can run code"
+    if module in ("builtins", "__builtin__", "operator", "functools", "importlib", "runpy", "code", "types"):
+        return "a Python builtin or callable: can run code"
+    if name.startswith(("torch.nn.modules.", "torch.nn.parallel.")):
+        return "a model class: building it runs its code"
+    if name.startswith("<computed>") or name.startswith("copyreg.<"):
+        return "an import whose name is only known at load time: can run code"
+    return "a class or function not on the allowlist: can run code"
+
+
+def refusal(path: Any, blocked: list[str], *, model: bool = False) -> UnsafeCheckpointError:
+    """The one-line error for a pickle that names ``blocked`` globals.
+
+    Example:
+        >>> refusal("x.pth", ["builtins.exec", "os.system"]).message.split(";")[0]
+        'x.pth: refusing to load: the pickle imports builtins.exec, os.system, which can run code'
+    """
+    names = ", ".join(blocked)
+    if model:
+        return UnsafeCheckpointError(
+            f"{path}: this file is a whole pickled model object, not a state dict (it imports {names}); "
+            "load it with torch.load(weights_only=False) only if you trust it, then save model.state_dict()",
+            blocked,
+        )
+    return UnsafeCheckpointError(
+        f"{path}: refusing to load: the pickle imports {names}, which can run code; if a class only holds "
+        "data, pass --allow-global MODULE.NAME; if you made this file yourself, pass --unsafe-trust-pickle "
+        "(this runs its code)",
+        blocked,
+    )
+
+
+# -- placeholders: data-only objects rebuilt without importing their modules ----------------
+@dataclass(eq=False)
+class Reduced:
+    """An object kept as the recipe that rebuilds it: ``module.name(*args)`` plus state.
+
+    Used for ``--allow-global`` classes, ``torch.device``, layouts; re-pickled exactly.
+
+    Example:
+        >>> Reduced("torch", "device", ("cuda", 0))
+        torch.device('cuda', 0)
+    """
+
+    module: str
+    name: str
+    args: tuple = ()
+    newobj: bool = False
+    state: Any = None
+    listitems: list[Any] = field(default_factory=list)
+    dictitems: list[tuple[Any, Any]] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        args = ", ".join(repr(a) for a in self.args)
+        return f"{self.module}.{self.name}({args})"
+
+    def _ckpt_build(self, state: Any) -> None:
+        self.state = state
+
+    def __ckpt_reduce__(self) -> tuple[str, str, tuple, dict[str, Any]]:
+        extra = {
+            "newobj": self.newobj,
+            "state": self.state,
+            "listitems": self.listitems or None,
+            "dictitems": self.dictitems or None,
+        }
+        return self.module, self.name, self.args, extra
+
+
+class PathValue(Reduced):
+    """A pickled ``pathlib`` path, usable as a path (``str()``, ``os.fspath``)."""
+
+    def __str__(self) -> str:
+        parts = [str(p) for p in self.args]
+        if not parts:
+            return "."
+        sep = "\\" if "Windows" in self.name else "/"
+        head, rest = parts[0], parts[1:]
+        return head + (sep if head and not head.endswith(sep) and rest else "") + sep.join(rest)
+
+    def __fspath__(self) -> str:
+        return str(self)
+
+    def __repr__(self) -> str:
+        return f"{self.name}({str(self)!r})"
+
+
+@dataclass(eq=False)
+class GlobalRef:
+    """A global's value as it sits on the unpickler stack: what calling/instantiating it makes."""
+
+    module: str
+    name: str
+    call: Callable[[tuple], Any] | None = None
+    new: Callable[[tuple, dict], Any] | None = None
+    extra: Any = None  # e.g. the dtype of a storage class
+
+    @property
+    def full(self) -> str:
+        return f"{self.module}.{self.name}"
+
+    def __repr__(self) -> str:
+        return self.full
+
+    def __ckpt_reduce__(self) -> tuple[str, str, tuple, dict[str, Any]]:
+        raise TypeError(f"{self.full} is a class or function, not data")
+
+
+class NumpyDType(Reduced):
+    """``numpy.dtype('f8', False, True)`` with its pickled state (byte order ...)."""
+
+    @property
+    def typestr(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    @property
+    def byteorder(self) -> str:
+        order = self.state[1] if isinstance(self.state, tuple) and len(self.state) > 1 else "<"
+        return ">" if order == ">" else "<"
+
+    def __repr__(self) -> str:
+        return f"numpy.dtype({self.typestr!r})"
+
+
+class _NumpyValue:
+    """Mixin for numpy scalars rebuilt as Python numbers that re-pickle as numpy scalars."""
+
+    np_dtype: NumpyDType
+    raw: bytes
+    scalar_module: str
+
+    def __ckpt_reduce__(self) -> tuple[str, str, tuple, dict[str, Any]]:
+        return self.scalar_module, "scalar", (self.np_dtype, self.raw), {}
+
+
+class NumpyInt(_NumpyValue, int):
+    """A numpy integer scalar, as a Python ``int``."""
+
+
+class NumpyFloat(_NumpyValue, float):
+    """A numpy floating scalar, as a Python ``float``."""
+
+
+class NumpyComplex(_NumpyValue, complex):
+    """A numpy complex scalar, as a Python ``complex``."""
+
+
+class NumpyBool(_NumpyValue, int):
+    """A numpy bool scalar (an ``int`` 0/1 that prints as True/False)."""
+
+    def __repr__(self) -> str:
+        return repr(bool(self))
+
+
+class NumpyScalar(Reduced):
+    """A numpy scalar of another kind (strings, datetimes ...), kept as dtype + raw bytes."""
+
+
+_NUMPY_STRUCT = {
+    "f2": "e",
+    "f4": "f",
+    "f8": "d",
+    "i1": "b",
+    "i2": "h",
+    "i4": "i",
+    "i8": "q",
+    "u1": "B",
+    "u2": "H",
+    "u4": "I",
+    "u8": "Q",
+    "b1": "?",
+    "c8": "ff",
+    "c16": "dd",
+}
+
+
+def numpy_scalar(module: str, dtype: Any, raw: Any) -> Any:
+    """Decode ``numpy.core.multiarray.scalar(dtype, raw)`` with :mod:`struct`, no numpy.
+
+    Example:
+        >>> d = NumpyDType("numpy", "dtype", ("f8", False, True))
+        >>> numpy_scalar("numpy.core.multiarray", d, struct.pack("<d", 1.5))
+        1.5
+    """
+    if not isinstance(dtype, NumpyDType) or not isinstance(raw, bytes | str):
+        raise PickleError("malformed pickle (a numpy scalar without a dtype and bytes)")
+    raw = raw.encode("latin-1") if isinstance(raw, str) else raw
+    code = _NUMPY_STRUCT.get(dtype.typestr)
+    if code is None or struct.calcsize(code) != len(raw):
+        return NumpyScalar(module, "scalar", (dtype, raw))
+    values = struct.unpack(dtype.byteorder + code, raw)
+    kind = dtype.typestr[0]
+    cls: type = {"f": NumpyFloat, "c": NumpyComplex, "b": NumpyBool}.get(kind, NumpyInt)
+    value = cls(complex(*values)) if kind == "c" else cls(values[0])
+    value.np_dtype, value.raw, value.scalar_module = dtype, raw, module
+    return value
+
+
+# -- resolving data-only globals ------------------------------------------------------------
+class DataResolver:
+    """Gives meaning to the data-only globals; readers subclass it to add tensor machinery.
+
+    Every global looked up is remembered in ``used``; anything unknown raises
+    :class:`BlockedGlobal` (the reader then lists all blocked globals in one message).
+    """
+
+    def __init__(self, allow_globals: Iterable[str] = ()) -> None:
+        self.allow_globals = frozenset(allow_globals)
+        self.used: set[str] = set()
+        self.table: dict[str, GlobalRef] = {}
+        for ref in _data_globals():
+            self.table[ref.full] = ref
+
+    def find_global(self, module: str, name: str) -> Any:
+        full = f"{module}.{name}"
+        self.used.add(full)
+        ref = self.table.get(full)
+        if ref is not None:
+            return ref
+        if is_numpy_dtype_class(full):
+            return GlobalRef(module, name, call=lambda a, m=module, n=name: Reduced(m, n, a))
+        if full in self.allow_globals:
+            return GlobalRef(
+                module,
+                name,
+                call=lambda a, m=module, n=name: Reduced(m, n, a),
+                new=lambda a, kw, m=module, n=name: Reduced(m, n, a, newobj=True),
+            )
+        raise BlockedGlobal(full)
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise PickleError("the pickle refers to external objects (persistent ids) it does not carry")
+
+    def call(self, func: Any, args: tuple) -> Any:
+        if isinstance(func, GlobalRef) and func.call is not None:
+            return func.call(args)
+        raise PickleError(f"malformed pickle (a call to {func!r}, which cannot be called here)")
+
+    def new(self, cls: Any, args: tuple, kwargs: dict) -> Any:
+        if isinstance(cls, GlobalRef) and cls.new is not None:
+            return cls.new(args, kwargs)
+        raise PickleError(f"malformed pickle (an instance of {cls!r}, which cannot be built here)")
+
+    def build(self, inst: Any, state: Any) -> None:
+        if hasattr(inst, "_ckpt_build"):
+            inst._ckpt_build(state)
+            return
+        if type(inst) in (OrderedDict, Counter, argparse.Namespace):
+            if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
+                state = {**(state[0] or {}), **(state[1] or {})}
+            if not isinstance(state, dict):
+                raise PickleError(
+                    f"malformed pickle (BUILD of a {type(inst).__name__} with a non-dict state)"
+                )
+            inst.__dict__.update(state)
+            return
+        raise PickleError(f"malformed pickle (BUILD on a {type(inst).__name__}, which holds no state)")
+
+    def setitems(self, target: Any, items: list[Any]) -> None:
+        if not isinstance(target, Reduced):
+            raise PickleError(f"malformed pickle (SETITEMS on a {type(target).__name__})")
+        target.dictitems.extend(zip(items[::2], items[1::2], strict=True))
+
+    def extend(self, target: Any, items: list[Any]) -> None:
+        if not isinstance(target, Reduced):
+            raise PickleError(f"malformed pickle (APPENDS on a {type(target).__name__})")
+        target.listitems.extend(items)
+
+
+def _data_globals() -> list[GlobalRef]:
+    refs = [
+        GlobalRef(
+            "collections", "OrderedDict", call=lambda a: OrderedDict(*a), new=lambda a, kw: OrderedDict()
+        ),
+        GlobalRef("collections", "Counter", call=lambda a: Counter(*a), new=lambda a, kw: Counter()),
+        GlobalRef("builtins", "set", call=lambda a: set(*_iterable_args(a))),
+        GlobalRef("builtins", "frozenset", call=lambda a: frozenset(*_iterable_args(a))),
+        GlobalRef("builtins", "bytearray", call=_bytearray),
+        GlobalRef("builtins", "complex", call=_complex),
+        GlobalRef("_codecs", "encode", call=_encode),
+        GlobalRef(
+            "argparse",
+            "Namespace",
+            call=lambda a: argparse.Namespace(),
+            new=lambda a, kw: argparse.Namespace(),
+        ),
+        GlobalRef("numpy", "dtype", call=lambda a: NumpyDType("numpy", "dtype", a)),
+        GlobalRef("torch", "Size", call=lambda a: tuple(*_iterable_args(a))),
+        GlobalRef("torch", "device", call=lambda a: Reduced("torch", "device", a)),
+        GlobalRef(
+            "torch.serialization",
+            "_get_layout",
+            call=lambda a: Reduced("torch.serialization", "_get_layout", a),
+        ),
+    ]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        refs.append(GlobalRef(module, "scalar", call=lambda a, m=module: numpy_scalar(m, *a)))
+    for cls in PATH_CLASSES:
+        refs.append(
+            GlobalRef(
+                "pathlib",
+                cls,
+                call=lambda a, c=cls: PathValue("pathlib", c, _path_parts(a)),
+                new=lambda a, kw, c=cls: PathValue("pathlib", c, _path_parts(a), newobj=True),
+            )
+        )
+    return refs
+
+
+def _iterable_args(args: tuple) -> tuple:
+    if len(args) > 1 or (args and not isinstance(args[0], list | tuple | set | frozenset | dict | str)):
+        raise PickleError("malformed pickle (a set/Size built from something that is not a sequence)")
+    return args
+
+
+def _bytearray(args: tuple) -> bytearray:
+    if len(args) == 1 and isinstance(args[0], bytes | bytearray):
+        return bytearray(args[0])
+    if len(args) == 2 and isinstance(args[0], str) and args[1] in _CODECS:
+        return bytearray(args[0], args[1])
+    if not args:
+        return bytearray()
+    raise PickleError("malformed pickle (a bytearray built from something that is not bytes)")
+
+
+def _complex(args: tuple) -> complex:
+    if len(args) <= 2 and all(isinstance(a, int | float) for a in args):
+        return complex(*args)
+    raise PickleError("malformed pickle (a complex number built from something that is not numbers)")
+
+
+def _encode(args: tuple) -> bytes:
+    if len(args) == 2 and isinstance(args[0], str) and str(args[1]).lower() in _CODECS:
+        return args[0].encode(args[1])
+    if len(args) == 1 and isinstance(args[0], str):
+        return args[0].encode("utf-8")
+    raise PickleError("malformed pickle (_codecs.encode with arguments other than a string and a text codec)")
+
+
+def _path_parts(args: tuple) -> tuple:
+    if not all(isinstance(a, str) for a in args):
+        raise PickleError("malformed pickle (a path built from something that is not strings)")
+    return args

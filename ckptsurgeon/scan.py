@@ -1,0 +1,392 @@
+"""``ckpt scan``: what a checkpoint's pickles would import, found without executing anything.
+
+Every pickle in a file (a torch zip's ``data.pkl`` and any other ``.pkl`` member, each
+pickle of a legacy torch.save file, a bare pickle) is read opcode by opcode with
+:func:`pickletools.genops`; nothing is built, imported or called. Each global is
+classified by :mod:`ckptsurgeon.safety` as ``tensor``, ``data`` or ``unsafe``. A file
+whose pickles name only tensor and data globals is then opened with the restricted
+reader, which checks its structure (and every CRC with ``check=True``). A safetensors
+file holds no code; its header is validated by the safetensors reader.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickletools
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .errors import CkptError, FormatError, NotAStateDictError
+from .formats import ReadOptions, check_input_path, classify_zip_names, detect, open_checkpoint
+from .pickles import PickleError, fix_name
+from .safety import UNSAFE, GlobalVerdict, classify, is_model_class
+
+SAFE, UNREADABLE = "safe", "unreadable"
+MODEL_NOTE = (
+    "this file is a whole pickled model object, not a state dict; load it with "
+    "torch.load(weights_only=False) only if you trust it, then save model.state_dict()"
+)
+PROBE_SIZE = 64 << 20  # how much of an unknown file to try as a pickle
+
+
+@dataclass
+class PickleGlobals:
+    """What one pickle names: its globals (``module.name``, in first-use order) and persistent ids."""
+
+    globals: list[str] = field(default_factory=list)
+    persistent_kinds: list[str] = field(default_factory=list)
+    strings: set[str] = field(default_factory=set)  # telling strings seen ("_modules" ...)
+    end: int = 0
+    protocol: int = 0
+
+
+_TELLING = frozenset({"_modules", "_parameters", "_buffers"})
+_STRING_OPS = frozenset(
+    {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+)
+_MARK_CLOSERS = frozenset(
+    {"TUPLE", "LIST", "DICT", "SETITEMS", "APPENDS", "FROZENSET", "ADDITEMS", "POP_MARK", "OBJ"}
+)
+_PENDING = object()
+
+
+def scan_globals(source: bytes | memoryview | BinaryIO, start: int = 0) -> PickleGlobals:
+    """List every global one pickle would import, executing nothing (``pickletools.genops``).
+
+    ``source`` is the bytes, or an open file (read only up to the pickle's STOP).
+    ``STACK_GLOBAL`` names are recovered from the strings pushed (or fetched from the memo)
+    just before it. Raises :class:`PickleError` on a malformed pickle.
+
+    Example:
+        >>> scan_globals(b"\\x80\\x02cos\\nsystem\\n.").globals
+        ['os.system']
+    """
+    state = _ScanState()
+    stream = io.BytesIO(source) if isinstance(source, bytes | bytearray | memoryview) else source
+    stream.seek(start)
+    try:
+        for opcode, arg, _pos in pickletools.genops(stream):
+            state.step(opcode.name, arg)
+    except Exception as exc:  # genops raises ValueError/EOFError/... on damaged input
+        detail = " ".join(str(exc).split())[:120] or exc.__class__.__name__
+        raise PickleError(f"malformed pickle ({detail})") from None
+    state.found.end = stream.tell()
+    return state.found
+
+
+class _ScanState:
+    """Just enough of the stack to name STACK_GLOBAL imports and persistent id kinds."""
+
+    def __init__(self) -> None:
+        self.found = PickleGlobals()
+        self.memo: dict[int, Any] = {}
+        self.recent: list[Any] = []  # values pushed, as far as a scan can know them (None = unknown)
+        self.mark_heads: list[Any] = []  # first string after each open MARK
+        self.last_head: Any = None
+
+    def step(self, name: str, arg: Any) -> None:  # noqa: C901, PLR0912
+        recent = self.recent
+        if name in ("GLOBAL", "INST"):
+            module, _, attr = str(arg).partition(" ")
+            self._add(*fix_name(module, attr))
+            recent.append(None)
+        elif name == "STACK_GLOBAL":
+            attr = recent.pop() if recent else None
+            module = recent.pop() if recent else None
+            if isinstance(module, str) and isinstance(attr, str):
+                self._add(*fix_name(module, attr))
+            else:
+                self._add("<computed>", "<a global whose name is built at load time>")
+            recent.append(None)
+        elif name in _STRING_OPS:
+            self._push_string(arg)
+        elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+            self.memo[int(arg)] = recent[-1] if recent else None
+        elif name == "MEMOIZE":
+            self.memo[len(self.memo)] = recent[-1] if recent else None
+        elif name in ("BINGET", "LONG_BINGET", "GET"):
+            value = self.memo.get(int(arg))
+            if isinstance(value, str):
+                self._push_string(value)
+            else:
+                recent.append(value)
+        elif name == "MARK":
+            self.mark_heads.append(_PENDING)
+        elif name in _MARK_CLOSERS:
+            self.last_head = self.mark_heads.pop() if self.mark_heads else None
+            recent.append(None)
+        elif name in ("BINPERSID", "PERSID"):
+            kind = arg if name == "PERSID" else self.last_head
+            self.found.persistent_kinds.append(kind if isinstance(kind, str) else "<unknown>")
+            recent.append(None)
+        elif name == "PROTO":
+            self.found.protocol = int(arg)
+        elif name in ("EXT1", "EXT2", "EXT4"):
+            self._add("copyreg", f"<extension code {arg}>")
+        elif name not in ("FRAME", "STOP"):
+            recent.append(None)
+        if len(recent) > 64:
+            del recent[:32]
+
+    def _push_string(self, value: Any) -> None:
+        self.recent.append(value)
+        if value in _TELLING:
+            self.found.strings.add(value)
+        if self.mark_heads and self.mark_heads[-1] is _PENDING:
+            self.mark_heads[-1] = value
+
+    def _add(self, module: str, name: str) -> None:
+        full = f"{module}.{name}"
+        if full not in self.found.globals:
+            self.found.globals.append(full)
+
+
+# -- results --------------------------------------------------------------------------------
+@dataclass
+class FileScan:
+    """The verdict on one file: its format, status and every global its pickles name."""
+
+    path: Path
+    format: str
+    status: str  # "safe", "unsafe" or "unreadable"
+    globals: list[GlobalVerdict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def unsafe_globals(self) -> list[str]:
+        return [g.name for g in self.globals if g.kind == UNSAFE]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "status": self.status,
+            "globals": [{"name": g.name, "kind": g.kind, "why": g.why} for g in self.globals],
+            "notes": list(self.notes),
+            "error": self.error,
+        }
+
+
+@dataclass
+class ScanResult:
+    """What ``scan`` found in a file or every file of a folder.
+
+    Example:
+        >>> result = scan("fixtures/real/tinynet_compiled.pth")     # doctest: +SKIP
+        >>> result.safe, result.to_json()["status"]                 # doctest: +SKIP
+        (True, 'safe')
+    """
+
+    path: Path
+    files: list[FileScan]
+
+    @property
+    def safe(self) -> bool:
+        return all(f.status == SAFE for f in self.files)
+
+    @property
+    def status(self) -> str:
+        statuses = {f.status for f in self.files}
+        return UNSAFE if UNSAFE in statuses else UNREADABLE if UNREADABLE in statuses else SAFE
+
+    def to_json(self) -> dict[str, Any]:
+        counts = {s: sum(f.status == s for f in self.files) for s in (SAFE, UNSAFE, UNREADABLE)}
+        return {
+            "status": self.status,
+            "path": str(self.path),
+            "files": [f.to_json() for f in self.files],
+            "summary": {"files": len(self.files), **counts},
+        }
+
+
+# -- scanning -------------------------------------------------------------------------------
+def scan(path: str | os.PathLike[str], options: ReadOptions | None = None) -> ScanResult:
+    """Classify every global the pickles in ``path`` (a file or a folder) would import.
+
+    Nothing from the file is executed. A single unreadable file raises a
+    :class:`~ckptsurgeon.errors.FormatError`; in a folder it is reported as ``unreadable``.
+
+    Example:
+        >>> scan("evil.pth").files[0].unsafe_globals                  # doctest: +SKIP
+        ['os.system']
+    """
+    options = options or ReadOptions()
+    path = Path(path)
+    st = check_input_path(path)
+    if not os.path.isdir(path):
+        return ScanResult(path, [scan_file(path, options, st.st_size)])
+    files = []
+    for file in _folder_files(path):
+        try:
+            files.append(scan_file(file, options, os.path.getsize(file), in_folder=True))
+        except CkptError as exc:
+            files.append(FileScan(file, "unknown", UNREADABLE, error=exc.message))
+    return ScanResult(path, files)
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        found.extend(Path(root) / n for n in sorted(names) if os.path.isfile(Path(root) / n))
+    return found
+
+
+def scan_file(path: Path, options: ReadOptions, size: int, *, in_folder: bool = False) -> FileScan:
+    """Scan one file (see :func:`scan`)."""
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if head.startswith(b"PK\x03\x04"):
+        return _scan_zip(path, options)
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5 and detect(path) != "safetensors":
+        return _scan_pickle_file(path, options)
+    try:
+        fmt = detect(path)
+    except FormatError:
+        if _is_pickle(path):
+            return _scan_pickle_file(path, options)
+        if in_folder:
+            return FileScan(
+                path, "other", SAFE, notes=["not a checkpoint or pickle: it holds no code to run"]
+            )
+        raise
+    if fmt == "safetensors":
+        return _validated(
+            FileScan(path, "safetensors", SAFE, notes=["the safetensors format holds no code"]), options
+        )
+    return _validated(
+        FileScan(path, fmt, SAFE, notes=[f"a {fmt} checkpoint; scan its files one by one"]), options
+    )
+
+
+def _scan_zip(path: Path, options: ReadOptions) -> FileScan:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            fmt = classify_zip_names(path, names)
+            pickles = sorted(
+                (n for n in names if n.endswith(".pkl")), key=lambda n: (not n.endswith("data.pkl"), n)
+            )
+            found = {name: scan_globals(zf.read(name)) for name in pickles}
+    except NotAStateDictError:
+        raise
+    except PickleError as exc:
+        raise FormatError(f"{path}: {exc}; the file is damaged") from None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as exc:
+        raise FormatError(f"{path}: a truncated or damaged zip archive ({exc.__class__.__name__})") from None
+    main = found.pop(pickles[0])
+    result = _classified(path, fmt, [main], options)
+    for name, other in found.items():
+        bad = [g for g in other.globals if classify(g, options.allow_globals).kind == UNSAFE]
+        suffix = f"; it imports {', '.join(bad)}" if bad else ""
+        result.notes.append(f"the archive also holds {name}, which torch.load does not read{suffix}")
+    return _validated(result, options)
+
+
+def _scan_pickle_file(path: Path, options: ReadOptions) -> FileScan:
+    """A legacy torch.save file (a run of pickles) or a bare pickle."""
+    from .formats.legacy import MAGIC_NUMBER
+
+    found: list[PickleGlobals] = []
+    with open(path, "rb") as fh:
+        try:
+            found.append(scan_globals(fh, 0))
+            legacy = _first_int(path) == MAGIC_NUMBER
+            for _ in range(4 if legacy else 0):  # protocol, sys_info, object, storage keys
+                found.append(scan_globals(fh, found[-1].end))
+        except PickleError as exc:
+            raise FormatError(f"{path}: {exc}; the file is damaged or truncated") from None
+    return _validated(_classified(path, "torch-legacy" if legacy else "pickle", found, options), options)
+
+
+def _first_int(path: Path) -> Any:
+    from .pickles import Unpickler
+    from .safety import DataResolver
+
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    try:
+        return Unpickler(head, DataResolver()).load()
+    except Exception:  # not an int pickle: a bare pickle
+        return None
+
+
+def _is_pickle(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        data = fh.read(PROBE_SIZE)
+    try:
+        scan_globals(data)
+    except PickleError:
+        return False
+    return True
+
+
+def _classified(path: Path, fmt: str, found: list[PickleGlobals], options: ReadOptions) -> FileScan:
+    names = list(dict.fromkeys(n for f in found for n in f.globals))
+    verdicts = [classify(n, options.allow_globals) for n in names]
+    order = {UNSAFE: 0, "tensor": 1, "data": 2}
+    verdicts.sort(key=lambda v: (order.get(v.kind, 3), v.name))
+    result = FileScan(path, fmt, UNSAFE if any(v.kind == UNSAFE for v in verdicts) else SAFE, verdicts)
+    kinds = {k for f in found for k in f.persistent_kinds}
+    strings = {s for f in found for s in f.strings}
+    unsafe = result.unsafe_globals
+    if unsafe and (
+        any(is_model_class(n) for n in unsafe) or "module" in kinds or {"_modules", "_parameters"} <= strings
+    ):
+        result.notes.append(MODEL_NOTE)
+    odd = sorted(kinds - {"storage"})
+    if odd:
+        result.notes.append(f"persistent ids of kind {', '.join(odd)} (only 'storage' is expected)")
+    return result
+
+
+def _validated(result: FileScan, options: ReadOptions) -> FileScan:
+    """Open a file whose pickles are safe with the restricted reader, to check its structure."""
+    if result.status != SAFE:
+        return result
+    try:
+        checkpoint = open_checkpoint(
+            result.path, ReadOptions(allow_globals=options.allow_globals, check=options.check)
+        )
+    except ModuleNotFoundError as exc:  # a reader that is not installed
+        result.notes.append(f"structure not checked ({exc.name} is missing)")
+        return result
+    result.notes.extend(n for n in checkpoint.notes if n not in result.notes)
+    result.notes.append("structure checked" + (" (every CRC and byte span)" if options.check else ""))
+    return result
+
+
+# -- rendering ------------------------------------------------------------------------------
+def render_table(result: ScanResult) -> str:
+    """The human report: one block per file, then the verdict line."""
+    blocks = [_render_file(f) for f in result.files]
+    return "\n\n".join(blocks + [_verdict(result)]) + "\n"
+
+
+def _render_file(file: FileScan) -> str:
+    status = file.status.upper() if file.status != SAFE else SAFE
+    lines = [f"{file.path}: {file.format}, {status}"]
+    if file.error:
+        lines.append(f"  error: {file.error}")
+    width = max((len(g.name) for g in file.globals), default=0)
+    lines.extend(f"  {g.kind:<6}  {g.name:<{width}}  {g.why}" for g in file.globals)
+    lines.extend(f"  note: {n}" for n in file.notes)
+    return "\n".join(lines)
+
+
+def _verdict(result: ScanResult) -> str:
+    if result.status == SAFE:
+        count = len(result.files)
+        return f"verdict: safe: nothing in {'this file' if count == 1 else f'these {count} files'} can run code when loaded"
+    if result.status == UNSAFE:
+        bad = [n for f in result.files for n in f.unsafe_globals]
+        return (
+            f"verdict: UNSAFE: loading with pickle or torch.load(weights_only=False) can run code "
+            f"({', '.join(dict.fromkeys(bad))}); do not load it unless you trust its source"
+        )
+    unreadable = [str(f.path) for f in result.files if f.status == UNREADABLE]
+    return f"verdict: unreadable: {', '.join(unreadable)} could not be read"

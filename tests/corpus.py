@@ -1,0 +1,421 @@
+"""A generated corpus of malformed and hostile inputs, importable by tests.
+
+:func:`build_corpus` writes 60-odd files and folders into a folder and returns one
+:class:`Case` per input: what it is, whether ``ckpt scan`` must call it unsafe
+(exit 1) or unreadable (exit 2), and whether only ``--check`` can notice the fault.
+Hostile pickles are built by hand from pickle opcodes; each would create a marker
+file under ``<root>/markers`` if it were ever executed, so a test can prove nothing ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import struct
+import warnings
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+UNSAFE = "unsafe"
+MALFORMED = "malformed"
+MAGIC = 0x1950A86A20F9469CFC6C  # the legacy torch.save magic number
+
+
+@dataclass(frozen=True)
+class Case:
+    """One corpus input and what every command must do with it."""
+
+    name: str
+    path: Path
+    category: str
+    kind: str  # UNSAFE (scan exits 1) or MALFORMED (scan exits 2)
+    needs_check: bool = False  # only ``--check`` (CRC / full offsets) can see the fault
+    fragment: str = ""  # text the refusal must contain, e.g. the offending global
+    may_hang: bool = False  # run it in a subprocess with a timeout
+
+
+# -- pickle opcodes, by hand --------------------------------------------------------------
+def s(text: str) -> bytes:
+    """BINUNICODE: a str on the stack."""
+    raw = text.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def n(value: int) -> bytes:
+    """BININT: a signed 32-bit int on the stack."""
+    return b"J" + struct.pack("<i", value)
+
+
+def glob(module: str, name: str) -> bytes:
+    """GLOBAL (protocol 0-3)."""
+    return b"c" + f"{module}\n{name}\n".encode()
+
+
+def stack_glob(module: str, name: str) -> bytes:
+    """STACK_GLOBAL (protocol 4+): module and name come from the stack."""
+    return b"\x8c" + bytes([len(module)]) + module.encode() + b"\x8c" + bytes([len(name)]) + name.encode() + b"\x93"
+
+
+def call(func: bytes, *args: bytes) -> bytes:
+    """``func(*args)`` via MARK ... TUPLE REDUCE."""
+    return func + b"(" + b"".join(args) + b"tR"
+
+
+def tup(*items: bytes) -> bytes:
+    return b"(" + b"".join(items) + b"t"
+
+
+def state_dict_pickle(*entries: tuple[str, bytes], proto: int = 2) -> bytes:
+    """A pickled dict {name: expression ...}."""
+    body = b"".join(s(k) + v + b"s" for k, v in entries)
+    return b"\x80" + bytes([proto]) + b"}" + body + b"."
+
+
+def tensor_expr(key: str = "0", numel: int = 4, offset: int = 0, shape: tuple[int, ...] = (2, 2),
+                stride: tuple[int, ...] = (2, 1), storage: str = "FloatStorage") -> bytes:
+    """``torch._utils._rebuild_tensor_v2`` with a persistent-id storage, as torch.save writes it."""
+    persid = tup(s("storage"), glob("torch", storage), s(key), s("cpu"), n(numel)) + b"Q"
+    hooks = call(glob("collections", "OrderedDict"))
+    return call(glob("torch._utils", "_rebuild_tensor_v2"), persid, n(offset),
+                tup(*map(n, shape)), tup(*map(n, stride)), b"\x89", hooks)
+
+
+def payloads(marker: Path) -> dict[str, tuple[bytes, str]]:
+    """Expressions that would create ``marker`` if unpickled, with the global each names."""
+    m = str(marker)
+    sh = f"touch {m}"
+    imp = call(glob("builtins", "__import__"), s("os"))
+    return {
+        "os_system_global": (call(glob("os", "system"), s(sh)), "system"),
+        "posix_system_global": (call(glob("posix", "system"), s(sh)), "system"),
+        "os_system_stack_global": (call(stack_glob("os", "system"), s(sh)), "system"),
+        "exec_global": (call(glob("builtins", "exec"), s(f"open({m!r}, 'w').close()")), "exec"),
+        "exec_stack_global": (call(stack_glob("builtins", "exec"), s(f"open({m!r}, 'w').close()")), "exec"),
+        "eval_py2_builtin": (call(glob("__builtin__", "eval"), s(f"__import__('os').system({sh!r})")), "eval"),
+        "subprocess_list": (call(glob("subprocess", "check_call"), b"](" + s("touch") + s(m) + b"e"), "subprocess"),
+        "getattr_import": (call(call(glob("builtins", "getattr"), imp, s("system")), s(sh)), "getattr"),
+        "inst_opcode": (b"(" + s(sh) + b"ios\nsystem\n", "system"),
+        "obj_opcode": (b"(" + glob("os", "system") + s(sh) + b"o", "system"),
+    }
+
+
+# -- containers -----------------------------------------------------------------------------
+VALID_PKL = state_dict_pickle(("a.weight", tensor_expr()))
+
+
+def legacy_prefix(magic: bool = True) -> bytes:
+    """The small pickles a legacy torch.save file starts with (magic number, protocol, sys info)."""
+    import pickle
+
+    info = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    return b"".join(pickle.dumps(x, protocol=2) for x in ((MAGIC,) if magic else ()) + (1001, info))
+
+
+def st_bytes(header: dict | bytes, data: bytes = b"", length: int | None = None) -> bytes:
+    """A safetensors file: 8-byte little-endian header length, the header, the data."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + data
+
+
+def st_valid_header(**extra: object) -> dict:
+    header: dict = {"a.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+                    "a.bias": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]},
+                    "__metadata__": {"format": "pt"}}
+    header.update(extra)
+    return header
+
+
+def _entry(dtype: object = "F32", shape: object = (2,), offsets: object = (16, 24)) -> dict:
+    return {"dtype": dtype, "shape": list(shape) if isinstance(shape, tuple) else shape,
+            "data_offsets": list(offsets) if isinstance(offsets, tuple) else offsets}
+
+
+# -- the corpus -------------------------------------------------------------------------------
+class _Builder:
+    def __init__(self, root: Path, dry: bool = False) -> None:
+        self.root = root
+        self.dry = dry  # only list the cases (cheap: for test parametrization)
+        self.inputs = root / "inputs"
+        self.markers = root / "markers"
+        if not dry:
+            self.inputs.mkdir(parents=True, exist_ok=True)
+            self.markers.mkdir(exist_ok=True)
+        self.cases: list[Case] = []
+
+    def add(self, name: str, data: bytes | Callable[[Path], object] | None, category: str,
+            kind: str = MALFORMED, suffix: str = ".pth", **kw: object) -> Path:
+        path = self.inputs / f"{name}{suffix}"
+        if self.dry:
+            pass
+        elif isinstance(data, bytes):
+            path.write_bytes(data)
+        elif data is not None:
+            data(path)
+        self.cases.append(Case(name, path, category, kind, **kw))  # type: ignore[arg-type]
+        return path
+
+    def marker(self, name: str) -> Path:
+        return self.markers / name
+
+
+def build_corpus(root: Path, dry: bool = False) -> list[Case]:
+    """Write every malformed and hostile input under ``root``; return the cases.
+
+    Example:
+        >>> cases = build_corpus(tmp_path)                  # doctest: +SKIP
+        >>> sum(c.kind == "unsafe" for c in cases) > 10     # doctest: +SKIP
+        True
+    """
+    b = _Builder(root, dry)
+    for build in (_misc, _filesystem, _torch_zip, _hostile, _legacy, _safetensors, _sharded, _archives):
+        build(b)
+    return b.cases
+
+
+def _misc(b: _Builder) -> None:
+    rng = random.Random(6)
+    b.add("empty", b"", "misc")
+    for size in (1, 7, 100, 4096, 65536):
+        b.add(f"random_{size}", bytes(rng.getrandbits(8) for _ in range(size)), "misc", suffix=".bin")
+    b.add("pickle_header_then_garbage", b"\x80\x02" + bytes(rng.getrandbits(8) for _ in range(300)), "misc")
+    b.add("zip_magic_then_garbage", b"PK\x03\x04" + bytes(rng.getrandbits(8) for _ in range(300)), "misc")
+    b.add("git_lfs_pointer", b"version https://git-lfs.github.com/spec/v1\noid sha256:"
+          + b"ab" * 32 + b"\nsize 4404\n", "misc", fragment="git-lfs")
+    b.add("html_page", b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>403</body></html>\n",
+          "misc", fragment="HTML")
+
+
+def _filesystem(b: _Builder) -> None:
+    def no_checkpoint(path: Path) -> None:
+        path.mkdir()
+        (path / "README.txt").write_text("weights were here\n")
+
+    def loop(path: Path) -> None:
+        os.symlink(path.with_name("symlink_loop_b.pth"), path)
+        os.symlink(path, path.with_name("symlink_loop_b.pth"))
+
+    b.add("dir_without_checkpoint", no_checkpoint, "filesystem", suffix="")
+    b.add("dangling_symlink", lambda p: os.symlink(b.inputs / "does-not-exist.pth", p), "filesystem")
+    b.add("symlink_loop", loop, "filesystem")
+    b.add("fifo", os.mkfifo, "filesystem", may_hang=True)
+
+
+def _valid_zip_bytes() -> bytes:
+    storages = {"0": bytes(range(256)) * 16}  # 64x16 float32 = 4096 bytes
+    pkl = state_dict_pickle(("a.weight", tensor_expr("0", 1024, 0, (64, 16), (16, 1))))
+    return torch_zip_bytes(pkl, storages)
+
+
+def _member_span(data: bytes, suffix: str) -> tuple[int, int]:
+    """(offset, size) of a stored member's bytes inside zip ``data``."""
+    import io
+
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith(suffix))
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def _torch_zip(b: _Builder) -> None:
+    good = _valid_zip_bytes()
+    start, size = _member_span(good, "data/0")
+    cd = good.find(b"PK\x01\x02")
+    for name, cut in (("header_only", 40), ("mid_data", start + size // 2),
+                      ("before_central_dir", cd), ("last_10_missing", len(good) - 10)):
+        b.add(f"zip_truncated_{name}", good[:cut], "torch-zip")
+    flipped = bytearray(good)
+    flipped[start + 100] ^= 0xFF
+    b.add("zip_crc_flipped_data", bytes(flipped), "torch-zip", needs_check=True)
+    zips = {
+        "zip_pkl_bad_opcode": torch_zip_bytes(b"\x80\x02}\xff\xfe."),
+        "zip_pkl_truncated": torch_zip_bytes(VALID_PKL[: len(VALID_PKL) // 2]),
+        "zip_pkl_bad_utf8": torch_zip_bytes(b"\x80\x02}X\x04\x00\x00\x00\xff\xfe\xfd\xfc" + tensor_expr() + b"s."),
+        "zip_pkl_empty": torch_zip_bytes(b""),
+        "zip_pkl_ext_opcode": torch_zip_bytes(b"\x80\x02}" + s("a") + b"\x82\x07s."),
+        "zip_without_data_pkl": torch_zip_bytes(None),
+        "zip_storage_smaller_than_tensor": torch_zip_bytes(VALID_PKL, {"0": bytes(8)}),
+        "zip_storage_member_missing": torch_zip_bytes(state_dict_pickle(("a.weight", tensor_expr("7")))),
+        "zip_storage_key_escapes": torch_zip_bytes(state_dict_pickle(("a.weight", tensor_expr("../../version")))),
+        "zip_tensor_offset_past_storage": torch_zip_bytes(state_dict_pickle(("a.weight", tensor_expr(offset=3)))),
+        "zip_tensor_negative_shape": torch_zip_bytes(state_dict_pickle(("a.weight", tensor_expr(shape=(-2, 2))))),
+        "zip_tensor_huge_shape": torch_zip_bytes(
+            state_dict_pickle(("a.weight", tensor_expr(shape=(2**31 - 1, 2**31 - 1), stride=(2**31 - 1, 1))))),
+        "zip_unknown_storage_type": torch_zip_bytes(state_dict_pickle(("a.weight", tensor_expr(storage="NoStorage")))),
+        "zip_persid_not_tuple": torch_zip_bytes(state_dict_pickle(("a.weight", s("storage") + b"Q"))),
+    }
+    for name, data in zips.items():
+        b.add(name, data, "torch-zip")
+
+
+def torch_zip_bytes(pickle_bytes: bytes | None, storages: dict[str, bytes] | None = None) -> bytes:
+    """A torch.save-like zip in memory (``pickle_bytes=None`` leaves out data.pkl)."""
+    import io
+
+    buf = io.BytesIO()
+    members = {"byteorder": b"little", "version": b"3\n"}
+    if pickle_bytes is not None:
+        members["data.pkl"] = pickle_bytes
+    members.update({f"data/{k}": v for k, v in (storages if storages is not None else {"0": bytes(16)}).items()})
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in members.items():
+            zf.writestr(f"archive/{name}", data)
+    return buf.getvalue()
+
+
+def _hostile(b: _Builder) -> None:
+    """Each payload inside a torch zip (beside a real tensor), and as a bare pickle."""
+    for name, (expr, fragment) in payloads(b.marker("zip")).items():
+        proto = 4 if "stack" in name else 2
+        pkl = state_dict_pickle(("a.weight", tensor_expr()), ("evil", expr), proto=proto)
+        b.add(f"zip_{name}", torch_zip_bytes(pkl), "hostile", UNSAFE, fragment=fragment)
+    for name in ("os_system_global", "os_system_stack_global", "exec_global", "subprocess_list", "inst_opcode"):
+        expr, fragment = payloads(b.marker("bare"))[name]
+        b.add(f"bare_pickle_{name}", b"\x80\x04" + expr + b".", "hostile", UNSAFE, suffix=".pkl", fragment=fragment)
+    user = state_dict_pickle(("a.weight", tensor_expr()), ("config", call(glob("mytrainer.config", "TrainConfig"))))
+    b.add("zip_custom_user_class", torch_zip_bytes(user), "hostile", UNSAFE, fragment="mytrainer.config")
+    b.add("zip_pickled_nn_module", _save_module, "hostile", UNSAFE, fragment="torch.nn")
+
+
+def _save_module(path: Path) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    torch.save(torch.nn.Sequential(torch.nn.Linear(3, 2)), path)
+
+
+def _legacy(b: _Builder) -> None:
+    data = bytes(1000) if b.dry else _legacy_bytes()
+    b.add("legacy_truncated_mid_data", data[: len(data) - 100], "legacy")
+    b.add("legacy_truncated_in_pickle", data[: len(legacy_prefix()) + 40], "legacy")
+    b.add("legacy_truncated_after_magic", data[:14], "legacy")
+    b.add("legacy_bad_magic", b"\x80\x02\x8a\x02\x39\x05." + data[14:], "legacy")
+    expr, fragment = payloads(b.marker("legacy"))["os_system_global"]
+    b.add("legacy_os_system", legacy_prefix() + state_dict_pickle(("evil", expr)), "hostile", UNSAFE,
+          suffix=".pt", fragment=fragment)
+    expr, fragment = payloads(b.marker("legacy_magic"))["exec_stack_global"]
+    b.add("legacy_exec_in_magic_pickle", b"\x80\x04" + expr + b"." + legacy_prefix(magic=False), "hostile", UNSAFE,
+          suffix=".pt", fragment=fragment)
+
+
+def _safetensors(b: _Builder) -> None:
+    data = bytes(24)
+    bad = {
+        "st_length_past_eof": st_bytes(st_valid_header(), data, length=10_000),
+        "st_length_over_cap": st_bytes(st_valid_header(), data, length=200 * 1024 * 1024),
+        "st_header_not_utf8": st_bytes(b'{"a.w\xff\xfeight": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}}',
+                                       bytes(4)),
+        "st_header_not_json": st_bytes(b'{"a.weight": {"dtype": "F32", "shape": [2, 2], ', data),
+        "st_header_json_list": st_bytes(b"[1, 2, 3]", data),
+        "st_entry_not_object": st_bytes({"a.weight": 5}, data),
+        "st_duplicate_key": st_bytes(b'{"a.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}, '
+                                     b'"a.bias": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}, '
+                                     b'"a.weight": {"dtype": "I32", "shape": [4], "data_offsets": [0, 16]}}', data),
+        "st_unknown_dtype": st_bytes(st_valid_header(**{"a.bias": _entry(dtype="F33")}), data),
+        "st_shape_offsets_mismatch": st_bytes(st_valid_header(**{"a.bias": _entry(shape=(3,))}), data),
+        "st_offsets_out_of_bounds": st_bytes(st_valid_header(**{"a.bias": _entry(shape=(12,), offsets=(16, 64))}),
+                                             data),
+        "st_offsets_overlap": st_bytes(st_valid_header(**{"a.bias": _entry(shape=(4,), offsets=(8, 24))}), data),
+        "st_offsets_gap": st_bytes(st_valid_header(**{"a.bias": _entry(offsets=(20, 28))}), bytes(28)),
+        "st_data_not_covered": st_bytes(st_valid_header(), bytes(32)),
+        "st_offsets_reversed": st_bytes(st_valid_header(**{"a.bias": _entry(shape=(0,), offsets=(24, 16))}), data),
+        "st_negative_shape": st_bytes(st_valid_header(**{"a.bias": _entry(shape=(-2,))}), data),
+        "st_negative_offset": st_bytes(st_valid_header(**{"a.bias": _entry(offsets=(-8, 0))}), data),
+        "st_shape_overflow": st_bytes(st_valid_header(**{"a.bias": _entry(shape=(2**62, 2**62, 2**62))}), data),
+        "st_shape_not_ints": st_bytes(st_valid_header(**{"a.bias": _entry(shape=["2"])}), data),
+        "st_metadata_not_str": st_bytes(st_valid_header(__metadata__={"format": "pt", "epoch": 3}), data),
+        "st_missing_data_offsets": st_bytes(st_valid_header(**{"a.bias": {"dtype": "F32", "shape": [2]}}), data),
+        "st_missing_dtype": st_bytes(st_valid_header(**{"a.bias": {"shape": [2], "data_offsets": [16, 24]}}), data),
+        "st_truncated_data": st_bytes(st_valid_header(), bytes(20)),
+    }
+    for name, raw in bad.items():
+        b.add(name, raw, "safetensors", suffix=".safetensors")
+
+
+def _sharded(b: _Builder) -> None:
+    shard = st_bytes({"a.weight": _entry(shape=(2, 2), offsets=(0, 16))}, bytes(16))
+    if not b.dry:  # a valid file outside every folder, that an escaping index would reach
+        (b.root / "outside.safetensors").write_bytes(shard)
+
+    def folder(name: str, weight_map: object, index: bytes | None = None,
+               index_name: str = "model.safetensors.index.json") -> None:
+        def make(path: Path) -> None:
+            path.mkdir()
+            (path / "model-00001-of-00002.safetensors").write_bytes(shard)
+            raw = index if index is not None else json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
+            (path / index_name).write_bytes(raw)
+
+        b.add(name, make, "sharded", suffix="")
+
+    first = "model-00001-of-00002.safetensors"
+    folder("shard_missing", {"a.weight": first, "a.bias": "model-00002-of-00002.safetensors"})
+    folder("shard_escapes_folder", {"a.weight": first, "a.bias": "../../outside.safetensors"}, )
+    folder("shard_absolute_path", {"a.weight": first, "a.bias": str(b.root / "outside.safetensors")})
+    folder("shard_index_not_json", {}, index=b'{"weight_map": {"a.weight": ')
+    folder("shard_index_not_object", {}, index=b'["model-00001-of-00002.safetensors"]')
+    folder("shard_weight_map_not_dict", ["a.weight"])
+    folder("shard_name_not_in_shard", {"a.weight": first, "a.bias": first})
+    folder("shard_bin_missing", {"a.weight": "pytorch_model-00001-of-00002.bin"},
+           index_name="pytorch_model.bin.index.json")
+
+
+def _archives(b: _Builder) -> None:
+    b.add("torchscript_archive", _save_torchscript, "archive", fragment="TorchScript", suffix=".pt")
+    b.add("torch_export_pt2", _save_exported, "archive", fragment="torch.export", suffix=".pt2")
+
+
+def _save_torchscript(path: Path) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(torch.nn.Linear(2, 2)).save(str(path))
+
+
+def _save_exported(path: Path) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    torch.export.save(torch.export.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),)), str(path))
+
+
+def _legacy_bytes() -> bytes:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"a.weight": torch.arange(64.0).reshape(8, 8)}, buf, _use_new_zipfile_serialization=False)
+    return buf.getvalue()
+
+
+# -- valid companions -------------------------------------------------------------------------
+def write_valid(path: Path, prefix: str = "a.", classes: int = 10) -> Path:
+    """A small valid state dict (conv features + ``fc`` head) saved with torch.save.
+
+    Example:
+        >>> write_valid(tmp_path / "src.pth")               # doctest: +SKIP
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"features.0.weight": torch.randn(4, 3, 3, 3, generator=g), "features.0.bias": torch.randn(4, generator=g),
+          "fc.weight": torch.randn(classes, 4, generator=g), "fc.bias": torch.randn(classes, generator=g)}
+    torch.save({prefix + k: v for k, v in sd.items()}, path)
+    return path
+
+
+def fingerprint(path: Path) -> object:
+    """What an input is, byte for byte: file hashes, link targets, folder contents."""
+    import hashlib
+
+    if os.path.islink(path):
+        return ("link", os.readlink(path))
+    if path.is_dir():
+        return ("dir", sorted((p.name, fingerprint(p)) for p in path.iterdir()))
+    if path.is_fifo():
+        return ("fifo",)
+    return ("file", hashlib.sha256(path.read_bytes()).hexdigest())

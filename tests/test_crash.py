@@ -1,0 +1,152 @@
+"""Crash safety: ``kill -9`` in the middle of writing a large file leaves no output and the input intact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+# Runs the CLI with a writer that announces (marker file) and then stalls once LIMIT bytes are out.
+SLOW_WRITER = """
+import sys, time
+import ckptsurgeon.writing as writing
+from ckptsurgeon.cli import main
+
+marker, limit = sys.argv[1], int(sys.argv[2])
+real_open = writing._open_temp
+
+class Stalling:
+    def __init__(self, fh):
+        self._fh, self._written = fh, 0
+    def write(self, data):
+        n = self._fh.write(data)
+        self._written += len(data)
+        if self._written >= limit:
+            self._fh.flush()
+            open(marker, "w").close()
+            time.sleep(600)
+        return n
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+def stalling_open(parent, name):
+    fh, tmp = real_open(parent, name)
+    return Stalling(fh), tmp
+
+writing._open_temp = stalling_open
+main(sys.argv[3:])
+"""
+
+TENSOR_BYTES = 64 * 2**20  # four of them: a 256 MiB input
+
+
+def make_large_safetensors(path: Path) -> None:
+    """A 256 MiB safetensors file written directly (no torch): four float32 tensors of 64 MiB."""
+    names = [f"module.layer{i}.weight" for i in range(4)]
+    numel = TENSOR_BYTES // 4
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    for i, name in enumerate(names):
+        header[name] = {
+            "dtype": "F32",
+            "shape": [numel // 1024, 1024],
+            "data_offsets": [i * TENSOR_BYTES, (i + 1) * TENSOR_BYTES],
+        }
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    block = os.urandom(2**20)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(body)) + body)
+        for i in range(4 * TENSOR_BYTES // len(block)):
+            fh.write(bytes([i % 251]) + block[1:])
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 * 2**20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def large_input(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    folder = tmp_path_factory.mktemp("large")
+    path = folder / "big.safetensors"
+    make_large_safetensors(path)
+    return path, digest(path)
+
+
+def kill_mid_write(args: list[str], marker: Path, limit: int = 96 * 2**20) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER, str(marker), str(limit), *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"the writer ended before the signal: {proc.stderr.read().decode()}")  # type: ignore[union-attr]
+            if time.monotonic() > deadline:
+                raise AssertionError("the writer never reached the signal point")
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_kill_mid_write_leaves_no_output(tmp_path: Path, large_input: tuple[Path, str], suffix: str) -> None:
+    src, before = large_input
+    out = tmp_path / f"out{suffix}"
+    marker = tmp_path / "marker"
+    kill_mid_write(["rename", str(src), "-o", str(out), "--strip-prefix", "module."], marker)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["marker"]  # no half-written temporary file either
+    assert digest(src) == before
+
+
+def test_kill_mid_write_over_the_input_leaves_it_intact(
+    tmp_path: Path, large_input: tuple[Path, str]
+) -> None:
+    src, before = large_input
+    copy = tmp_path / "copy.safetensors"
+    shutil.copyfile(src, copy)
+    marker = tmp_path / "marker"
+    kill_mid_write(["rename", str(copy), "-o", str(copy), "--force", "--strip-prefix", "module."], marker)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.safetensors", "marker"]
+    assert digest(copy) == before
+
+
+def test_two_writers_of_one_output_do_not_corrupt_it(tmp_path: Path) -> None:
+    small = tmp_path / "small.pth"
+    import torch
+
+    torch.save({f"w{i}": torch.full((256, 256), float(i)) for i in range(8)}, small)
+    out = tmp_path / "out.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "ckptsurgeon", "convert", str(small), "-o", str(out), "--force"]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+    from safetensors.torch import load_file
+
+    loaded = load_file(str(out))
+    assert all(torch.equal(loaded[f"w{i}"], torch.full((256, 256), float(i))) for i in range(8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "small.pth"]

@@ -1,0 +1,296 @@
+"""`ckpt diff` end to end: exact tables, JSON, exit codes 0/1/2."""
+
+# ruff: noqa: E501, W291  (expected outputs are compared verbatim)
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, assert_one_line_error, run_cli
+
+RESNET = "fixtures/models.py:resnet_like(num_classes=2)"
+VGG = "torch.nn.DataParallel(fixtures/models.py:vgg_like(num_classes=2))"
+
+RESNET_TABLE = """\
+Source: fixtures/resnet_dp_6.pth (122 tensors)
+Target: fixtures/models.py:resnet_like(num_classes=2) (architecture, 122 tensors)
+
+0 of 122 target tensors would load (0%) (0 matched, 122 missing, 122 unexpected, 0 shape-mismatched)
+
+!! NOTHING WOULD LOAD: 0 of 122 target tensors are in the file under the same name and shape. \
+Loaded with strict=False (or after a name filter), the model keeps its random weights, silently.
+
+status      count    keys
+----------  -------  -------------------------------------------------------------------------------------------
+missing     5        bn1.{bias,num_batches_tracked,running_mean,running_var,weight}
+            1        conv1.weight
+            2        fc.{bias,weight}
+            80       layer{1..4}.{0,1}.bn{1,2}.{bias,num_batches_tracked,running_mean,running_var,weight}
+            16       layer{1..4}.{0,1}.conv{1,2}.weight
+            6        layer{2..4}.0.downsample.{0,1}.weight
+            12       layer{2..4}.0.downsample.1.{bias,num_batches_tracked,running_mean,running_var}
+unexpected  5        module.bn1.{bias,num_batches_tracked,running_mean,running_var,weight}
+            1        module.conv1.weight
+            2        module.fc.{bias,weight}
+            80       module.layer{1..4}.{0,1}.bn{1,2}.{bias,num_batches_tracked,running_mean,running_var,weight}
+            16       module.layer{1..4}.{0,1}.conv{1,2}.weight
+            6        module.layer{2..4}.0.downsample.{0,1}.weight
+            12       module.layer{2..4}.0.downsample.1.{bias,num_batches_tracked,running_mean,running_var}
+
+Diagnosis: As saved: 0 of 122 would load. The file's keys start with `module.` (DataParallel) and the \
+target's don't: stripping it loads 120 of 122. The other 2 are the classifier head: module.fc.weight [6, 32] → \
+[2, 32], module.fc.bias [6] → [2]. It is the output layer for 6 classes and the target has 2: expected when \
+fine-tuning on other classes, not a bug; drop it and the new head trains from scratch.
+
+A name-only filter `{k: v for k, v in sd.items() if k in model_sd}` keeps 0 of 122 keys: \
+load_state_dict(strict=False) then loads nothing and raises nothing, and training starts from random weights, \
+silently. After the prefix fix, the same filter would keep 122 of 122 keys, but 2 of them have the wrong shape, \
+so load_state_dict raises a size mismatch; also filter on shape to keep the 120 that fit.
+
+Fix:
+  ckpt adapt fixtures/resnet_dp_6.pth 'fixtures/models.py:resnet_like(num_classes=2)' -o resnet_dp_6.adapted.pth
+or step by step:
+  ckpt rename fixtures/resnet_dp_6.pth --strip-prefix module. -o resnet_dp_6.renamed.pth
+  ckpt strip-head resnet_dp_6.renamed.pth --target 'fixtures/models.py:resnet_like(num_classes=2)' \
+-o resnet_dp_6.adapted.pth
+"""
+
+GPT2_TABLE = """\
+Source: fixtures/real/hf_gpt2_tiny (28 tensors)
+Target: fixtures/models.py:gpt2_like() (architecture, 29 tensors)
+
+28 of 28 target tensors would load (100%) (28 matched, 0 missing, 0 unexpected, 0 shape-mismatched, 1 tied)
+
+Diagnosis: All 28 target tensors load as is. lm_head.weight is tied to transformer.wte.weight, which the file \
+holds: not missing.
+"""
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+
+
+@pytest.fixture
+def small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A two-layer model file and a checkpoint with a 3-class head, in a clean working folder."""
+    (tmp_path / "net.py").write_text(
+        "import torch\n"
+        "def build(classes=2):\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, classes))\n"
+    )
+    torch.save(
+        {
+            "0.weight": torch.zeros(8, 4),
+            "0.bias": torch.zeros(8),
+            "2.weight": torch.zeros(3, 8),
+            "2.bias": torch.zeros(3),
+            "extra": torch.zeros(1, dtype=torch.float16),
+        },
+        tmp_path / "small.pth",
+    )
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_story_table_exact() -> None:
+    result = run_cli("diff", "fixtures/resnet_dp_6.pth", RESNET)
+    assert (result.exit_code, result.stderr) == (1, "")
+    assert result.stdout == RESNET_TABLE
+
+
+def test_tied_weights_table_exact_and_exit_0() -> None:
+    result = run_cli("diff", "fixtures/real/hf_gpt2_tiny", "fixtures/models.py:gpt2_like()")
+    assert result.exit_code == 0
+    assert result.stdout == GPT2_TABLE
+
+
+def test_verbose_lists_every_key_exact(small: Path) -> None:
+    result = run_cli("diff", "small.pth", "net.py:build()", "-v")
+    assert result.exit_code == 1
+    assert (
+        result.stdout
+        == """\
+Source: small.pth (5 tensors)
+Target: net.py:build() (architecture, 4 tensors)
+
+2 of 4 target tensors would load (50.0%) (2 matched, 0 missing, 1 unexpected, 2 shape-mismatched)
+
+status            keys      file → target
+----------------  --------  ---------------
+matched           0.bias
+                  0.weight
+unexpected        extra
+shape-mismatched  2.bias    [3] → [2]
+                  2.weight  [3, 8] → [2, 8]
+
+Diagnosis: As saved: 2 of 4 would load. The other 2 are the output head: 2.weight [3, 8] → [2, 8], 2.bias [3] → \
+[2]. It is the output layer for 3 classes and the target has 2: expected when fine-tuning on other classes, not a \
+bug; drop it and the new head trains from scratch. In the file but not in the target: 1 (extra).
+
+A name-only filter `{k: v for k, v in sd.items() if k in model_sd}` keeps 4 of 5 keys, but 2 of them have the \
+wrong shape, so load_state_dict raises a size mismatch; also filter on shape to keep the 2 that fit.
+
+Fix:
+  ckpt adapt small.pth 'net.py:build()' -o small.adapted.pth
+  or step by step:
+  ckpt strip-head small.pth --target 'net.py:build()' -o small.stripped.pth
+""".replace("  or step by step:", "or step by step:")
+    )
+
+
+def test_markdown_exact(small: Path) -> None:
+    result = run_cli("diff", "small.pth", "net.py:build(classes=3)", "--format", "markdown")
+    assert result.exit_code == 1
+    assert (
+        result.stdout
+        == """\
+**Source:** `small.pth` (5 tensors)  
+**Target:** `net.py:build(classes=3)` (architecture, 4 tensors)
+
+**4 of 4 target tensors would load (100%)** (4 matched, 0 missing, 1 unexpected, 0 shape-mismatched)
+
+| status     | count   | keys   |
+|------------|---------|--------|
+| unexpected | 1       | extra  |
+
+**Diagnosis:** As saved: 4 of 4 would load. In the file but not in the target: 1 (extra).
+
+A name-only filter `{k: v for k, v in sd.items() if k in model_sd}` keeps 4 of 5 keys, all of the right shape.
+
+**Fix:**
+
+```sh
+ckpt adapt small.pth 'net.py:build(classes=3)' -o small.adapted.pth
+```
+"""
+    )
+
+
+def test_json_shape() -> None:
+    result = run_cli("diff", "fixtures/vgg_1000.pth", VGG, "--format", "json")
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["status"] == "mismatch"
+    assert data["summary"] == {
+        "source_tensors": 38,
+        "target_tensors": 38,
+        "matched": 0,
+        "missing": 38,
+        "unexpected": 38,
+        "shape_mismatched": 0,
+        "tied": 0,
+        "dtype_differences": 0,
+        "coverage_percent": 0.0,
+    }
+    assert data["matched"] == [] and len(data["missing"]) == 38 and len(data["unexpected"]) == 38
+    assert data["missing"][:3] == [
+        "module.classifier.0.bias",
+        "module.classifier.0.weight",
+        "module.classifier.3.bias",
+    ]
+    assert data["unexpected"][-1] == "features.34.weight"  # natural order: 34 after 5
+    diagnosis = data["diagnosis"]
+    assert diagnosis["transform"] == {"strip": "", "add": "module."}
+    assert diagnosis["loads_after_transform"] == 36
+    assert diagnosis["head"]["modules"] == ["module.classifier.6"]
+    assert diagnosis["head"]["tensors"] == [
+        {
+            "name": "module.classifier.6.weight",
+            "source_shape": [1000, 64],
+            "target_shape": [2, 64],
+            "source_name": "classifier.6.weight",
+        },
+        {
+            "name": "module.classifier.6.bias",
+            "source_shape": [1000],
+            "target_shape": [2],
+            "source_name": "classifier.6.bias",
+        },
+    ]
+    assert diagnosis["filter_idiom"]["as_saved"] == {"kept": 0, "wrong_shape": 0, "source_total": 38}
+    assert diagnosis["filter_idiom"]["after_transform"] == {"kept": 38, "wrong_shape": 2, "source_total": 38}
+    assert diagnosis["drop"] == ["classifier.6.weight", "classifier.6.bias"]
+    assert diagnosis["alarm"].startswith("NOTHING WOULD LOAD")
+    assert diagnosis["fix_commands"][0] == f"ckpt adapt fixtures/vgg_1000.pth '{VGG}' -o vgg_1000.adapted.pth"
+    assert "adding it loads 36 of 38" in diagnosis["message"]
+
+
+def test_json_shape_mismatched_objects(small: Path) -> None:
+    data = json.loads(run_cli("diff", "small.pth", "net.py:build()", "--format", "json").stdout)
+    assert data["shape_mismatched"] == [
+        {"name": "2.bias", "source_shape": [3], "target_shape": [2]},
+        {"name": "2.weight", "source_shape": [3, 8], "target_shape": [2, 8]},
+    ]
+    assert data["status"] == "mismatch" and data["diagnosis"]["transform"] is None
+
+
+def test_min_coverage(small: Path) -> None:
+    assert run_cli("diff", "small.pth", "net.py:build()", "--min-coverage", "50").exit_code == 0
+    assert run_cli("diff", "small.pth", "net.py:build()", "--min-coverage", "50.1").exit_code == 1
+    assert (
+        run_cli("diff", "small.pth", "net.py:build(classes=3)").exit_code == 1
+    )  # strict: `extra` is unexpected
+    assert run_cli("diff", "small.pth", "net.py:build(classes=3)", "--min-coverage", "100").exit_code == 0
+
+
+def test_key_selects_nested_weights() -> None:
+    result = run_cli(
+        "diff",
+        "fixtures/real/lightning_tinynet.ckpt",
+        "fixtures/models.py:tinynet()",
+        "--key",
+        "state_dict",
+        "--format",
+        "json",
+    )
+    data = json.loads(result.stdout)
+    assert data["source"]["key"] == "state_dict"
+    assert data["diagnosis"]["fix_commands"][1] == (
+        "ckpt rename fixtures/real/lightning_tinynet.ckpt --key state_dict --strip-prefix model. "
+        "-o lightning_tinynet.renamed.ckpt"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("no_such.pth", RESNET), "no_such.pth: no such file or directory"),
+        (("fixtures/resnet_dp_6.pth", "no_such_target.pth"), "no_such_target.pth: no such file or folder"),
+        (
+            ("fixtures/resnet_dp_6.pth", "fixtures/models.py:resnet_like(pretrained=True)"),
+            "pretrained weights",
+        ),
+        (("fixtures/resnet_dp_6.pth", "fixtures/models.py:nope()"), "does not exist"),
+        (("fixtures/resnet_dp_6.pth", RESNET, "--key", "nope"), "no entry 'nope'"),
+    ],
+)
+def test_errors_exit_2_with_one_line(args: tuple[str, ...], fragment: str) -> None:
+    result = run_cli("diff", *args)
+    assert_one_line_error(result, fragment)
+    assert result.stdout == ""
+
+
+def test_help_has_an_example() -> None:
+    result = run_cli("diff", "--help")
+    assert result.exit_code == 0
+    assert "  Examples:\n    ckpt diff fixtures/vgg_1000.pth 'torch.nn.DataParallel(" in result.stdout
+    assert "--min-coverage P" in result.stdout
+
+
+def test_safetensors_diff_does_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "from ckptsurgeon.cli import main\n"
+        "try:\n"
+        "    main(['diff', 'fixtures/real/hf_gpt2_tiny/model.safetensors', 'fixtures/real/hf_gpt2_tiny'])\n"
+        "except SystemExit as exc:\n"
+        "    print('exit', exc.code, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "exit 0 False"

@@ -1,0 +1,192 @@
+"""Property-based tests (Hypothesis, bounded): round trips are bit-exact, plans compose and invert,
+and a state dict never differs from itself."""
+
+from __future__ import annotations
+
+import importlib
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from ckptsurgeon.errors import SurgeryError  # noqa: E402
+from ckptsurgeon.formats import open_checkpoint  # noqa: E402
+from ckptsurgeon.record import TensorRecord  # noqa: E402
+
+BOUNDED = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int8", "uint8", "bool")
+SEGMENT = st.text(alphabet="abcxyz_019éñ中ΩΔ", min_size=1, max_size=5)
+NAME = st.lists(SEGMENT, min_size=1, max_size=4).map(".".join).filter(lambda n: n != "__metadata__")
+
+
+def module_or_skip(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        pytest.skip(f"{name} is not there yet")
+
+
+@st.composite
+def tensors(draw: st.DrawFn) -> Any:
+    """A tensor of any listed dtype and a shape with 0 to 3 dims (0-dim and empty included), random bits."""
+    dtype = getattr(torch, draw(st.sampled_from(DTYPES)))
+    shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
+    count = int(torch.Size(shape).numel())
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = draw(st.binary(min_size=count * itemsize, max_size=count * itemsize))
+    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    if dtype == torch.bool:
+        return (flat % 2).bool().reshape(shape)
+    return flat.view(dtype).reshape(shape).clone()
+
+
+@st.composite
+def state_dicts(draw: st.DrawFn) -> dict[str, Any]:
+    """Unique unicode dotted names; some entries are views sharing another entry's storage."""
+    names = draw(st.lists(NAME, min_size=1, max_size=6, unique=True))
+    sd: dict[str, Any] = {}
+    for name in names:
+        bases = [t for t in sd.values() if t.dim() >= 1 and t.shape[0] >= 2]
+        if bases and draw(st.booleans()):
+            base = draw(st.sampled_from(bases))
+            view = draw(st.sampled_from(("slice", "same", "transpose", "flat")))
+            sd[name] = {"slice": lambda b: b[1:], "same": lambda b: b, "flat": lambda b: b.reshape(-1),
+                        "transpose": lambda b: b.transpose(0, -1)}[view](base)
+        else:
+            sd[name] = draw(tensors())
+    return sd
+
+
+def as_bytes(t: Any) -> Any:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same(path: Path, expected: dict[str, Any]) -> None:
+    got = open_checkpoint(path).weights().tensors
+    assert sorted(got) == sorted(expected)
+    for name, want in expected.items():
+        have = got[name].to_torch()
+        assert (have.dtype, tuple(have.shape)) == (want.dtype, tuple(want.shape)), name
+        assert torch.equal(as_bytes(have), as_bytes(want)), name
+
+
+def records(sd: dict[str, Any]) -> dict[str, TensorRecord]:
+    return {name: TensorRecord.from_torch(name, t) for name, t in sd.items()}
+
+
+def file_records(sd: dict[str, Any], folder: Path) -> dict[str, TensorRecord]:
+    """Records backed by a torch.save file (raw spans, shared storages, views)."""
+    torch.save(sd, folder / "src.pth")
+    return dict(open_checkpoint(folder / "src.pth").weights().tensors)
+
+
+def write_safetensors(recs: dict[str, TensorRecord], folder: Path) -> Path:
+    from ckptsurgeon.formats import safetensors
+
+    with open(folder / "out.safetensors", "wb") as fh:
+        safetensors.write(recs, fh)
+    return folder / "out.safetensors"
+
+
+def write_torchzip(recs: dict[str, TensorRecord], folder: Path) -> Path:
+    torchzip = module_or_skip("ckptsurgeon.formats.torchzip")
+    with open(folder / "out.pth", "wb") as fh:
+        torchzip.write(recs, fh)
+    return folder / "out.pth"
+
+
+def write_sharded(fmt: str) -> Callable[[dict[str, TensorRecord], Path], Path]:
+    def write(recs: dict[str, TensorRecord], folder: Path) -> Path:
+        sharded = module_or_skip("ckptsurgeon.formats.sharded")
+        sharded.write(recs, folder / "shards", max_shard_bytes=24, fmt=fmt)
+        return folder / "shards"
+
+    return write
+
+
+WRITERS = {
+    "safetensors": write_safetensors,
+    "torchzip": write_torchzip,
+    "sharded-safetensors": write_sharded("safetensors"),
+    "sharded-pth": write_sharded("pth"),
+}
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+@BOUNDED
+@given(sd=state_dicts())
+def test_live_records_round_trip_bit_exact(writer: str, sd: dict[str, Any]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        assert_same(WRITERS[writer](records(sd), Path(tmp)), sd)
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+@BOUNDED
+@given(sd=state_dicts())
+def test_file_records_round_trip_bit_exact(writer: str, sd: dict[str, Any]) -> None:
+    """torch.save -> our reader -> each writer -> our reader: views and shared storages stream correctly."""
+    module_or_skip("ckptsurgeon.formats.torchzip")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        assert_same(WRITERS[writer](file_records(sd, folder), folder), sd)
+
+
+# -- rename plans -------------------------------------------------------------------------------
+PREFIX = st.lists(SEGMENT, min_size=1, max_size=2).map(lambda parts: ".".join(parts) + ".")
+
+
+@BOUNDED
+@given(names=st.lists(NAME, min_size=1, max_size=8, unique=True), prefix=PREFIX, other=PREFIX)
+def test_rename_plans_compose_and_invert(names: list[str], prefix: str, other: str) -> None:
+    surgery = module_or_skip("ckptsurgeon.surgery")
+    src = [prefix + n for n in names]
+    steps = [surgery.strip_prefix(prefix), surgery.add_prefix(other)]
+    whole = surgery.make_plan(src, steps)
+    first = surgery.make_plan(src, steps[:1])
+    composed = first.then(surgery.make_plan(first.output_names, steps[1:]))
+    assert composed.mapping == whole.mapping == {prefix + n: other + n for n in names}
+    assert whole.then(whole.inverse()).mapping == {n: n for n in src}
+    assert whole.inverse().then(whole).mapping == {n: n for n in whole.output_names}
+
+
+@BOUNDED
+@given(names=st.lists(NAME, min_size=2, max_size=8, unique=True), prefix=PREFIX)
+def test_strip_prefix_inverts_on_mixed_names(names: list[str], prefix: str) -> None:
+    """As documented: the inverse is of the plan, so names without the prefix round-trip too."""
+    surgery = module_or_skip("ckptsurgeon.surgery")
+    src = [prefix + n for n in names[: len(names) // 2]] + names[len(names) // 2 :]
+    assume(len(set(src)) == len(src))
+    try:
+        plan = surgery.make_plan(src, [surgery.strip_prefix(prefix)])
+    except SurgeryError:  # a stripped name collides with a kept one: refused, as documented
+        return
+    assert plan.then(plan.inverse()).mapping == {n: n for n in src}
+    recs = {n: TensorRecord(n, "float32", (1,)) for n in src}
+    assert list(plan.apply(recs)) == plan.output_names
+
+
+@BOUNDED
+@given(names=st.lists(NAME, min_size=2, max_size=8, unique=True))
+def test_a_plan_that_drops_has_no_inverse(names: list[str]) -> None:
+    surgery = module_or_skip("ckptsurgeon.surgery")
+    plan = surgery.make_plan(names, [surgery.drop_names({names[0]: "test"})])
+    assert plan.dropped_names == [names[0]]
+    with pytest.raises(SurgeryError):
+        plan.inverse()
+
+
+# -- diff against itself ------------------------------------------------------------------------
+@BOUNDED
+@given(sd=state_dicts())
+def test_diff_of_a_state_dict_with_itself_is_ok(sd: dict[str, Any]) -> None:
+    match = module_or_skip("ckptsurgeon.match")
+    recs = records(sd)
+    result = match.diff(recs, dict(recs))
+    assert result.ok
+    assert result.comparison.ok
