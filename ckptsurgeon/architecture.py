@@ -96,7 +96,7 @@ def _replace_file_callees(spec: str) -> tuple[str, dict[str, Path]]:
 
     def substitute(match: re.Match[str]) -> str:
         alias = f"__ckpt_file{len(files)}__"
-        files[alias] = Path(match.group("path"))
+        files[alias] = Path(match.group("path")).expanduser()
         return f"{alias}.{match.group('func')}"
 
     return _FILE_CALLEE.sub(substitute, spec), files

@@ -10,7 +10,7 @@ every tensor is compared bit for bit (stream hashes) before it replaces anything
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 from .checkpoint import Checkpoint, StateDictCandidate, resolve_key
 from .dtypes import DTYPES, get_dtype
-from .errors import OutputError
+from .errors import CkptError, OutputError
 from .formats import ReadOptions, open_checkpoint
 from .record import FD_CACHE, Storage, TensorRecord, tensor_to_bytes
 from .report import human_bytes
@@ -85,17 +85,8 @@ class WriteResult:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "output": str(self.output),
-            "format": self.format,
-            "files": [str(f) for f in self.files],
-            "tensors": self.tensors,
-            "cast": self.cast,
-            "source_size": self.source_size,
-            "output_size": self.output_size,
-            "verified": self.verified,
-            "notes": list(self.notes),
-        }
+        data = dataclasses.asdict(self)
+        return data | {"output": str(self.output), "files": [str(f) for f in self.files]}
 
 
 # -- opening ----------------------------------------------------------------------------------
@@ -317,10 +308,13 @@ def write_checkpoint(source: Source, plan: Plan | None, options: WriteOptions) -
         tensors = cast_tensors(before, options.dtype)
         cast = sum(1 for name, rec in tensors.items() if rec.dtype != before[name].dtype)
     notes: list[str] = []
-    keep_tree = kind == "pth" and not options.weights_only
+    unread = _has_unread_values(source)
+    keep_tree = kind == "pth" and not options.weights_only and not unread
     left_out = [] if keep_tree else dropped_entries(source)
     if left_out:
         why = "safetensors holds the weights only" if "safetensors" in kind else "--weights-only"
+        if unread and kind == "pth" and not options.weights_only:
+            why = "the reader does not load this folder's non-tensor values, so only the weights are written"
         notes.append(
             f"left out {len(left_out)} non-weight entr{'y' if len(left_out) == 1 else 'ies'} ({why}): "
             + ", ".join(left_out)
@@ -333,17 +327,19 @@ def write_checkpoint(source: Source, plan: Plan | None, options: WriteOptions) -
     output_size = sum(f.stat().st_size for f in files)
     if left_out:
         notes.append(f"size: {human_bytes(source.checkpoint.file_size)} -> {human_bytes(output_size)}")
+    size = source.checkpoint.file_size
     return WriteResult(
-        options.output,
-        kind,
-        files,
-        len(tensors),
-        source.checkpoint.file_size,
-        output_size,
-        options.verify,
-        cast,
-        notes,
+        options.output, kind, files, len(tensors), size, output_size, options.verify, cast, notes
     )
+
+
+def _has_unread_values(source: Source) -> bool:
+    """True when the tree holds placeholders for values the reader did not load (DCP bytes entries)."""
+    if source.checkpoint.format != "dcp":
+        return False
+    from .formats.dcp import BYTES_PLACEHOLDER
+
+    return any(leaf == BYTES_PLACEHOLDER for _path, leaf in _leaves(source.checkpoint.tree, ()))
 
 
 def _flat_payload(source: Source, tensors: dict[str, TensorRecord], plan: Plan | None, kind: str) -> Any:
@@ -378,6 +374,12 @@ def _write_single(payload: Any, options: WriteOptions, kind: str) -> Path:
 def _write_sharded(tensors: dict[str, TensorRecord], options: WriteOptions, fmt: str) -> list[Path]:
     from .formats.sharded import write as write_shards
 
+    inputs = {r.storage.path.parent for r in tensors.values() if r.storage is not None and r.storage.path}
+    if options.output.is_dir() and any(_same_dir(options.output, p) for p in inputs):
+        raise OutputError(
+            f"{options.output}: holds the input's shards; write the new shards to another folder"
+        )
+
     files = write_shards(
         tensors,
         options.output,
@@ -397,6 +399,13 @@ def _write_sharded(tensors: dict[str, TensorRecord], options: WriteOptions, fmt:
                     f.unlink()
             raise
     return files
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _archive_name(out: Path) -> str:
@@ -438,6 +447,12 @@ def _verify_open_file(fh: BinaryIO, payload: Any, out: Path) -> None:
         return
     try:
         verify(proc, payload, label=str(out))
+    except OutputError:
+        raise
+    except CkptError as exc:
+        raise OutputError(
+            f"{out}: verification failed: the written file does not read back ({exc.message})"
+        ) from None
     finally:
         FD_CACHE.forget(proc)
 
@@ -456,11 +471,8 @@ def _leaves(node: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...],
 
 
 def _fingerprint(value: Any) -> Any:
-    if isinstance(value, TensorRecord):
-        digest = hashlib.blake2b(digest_size=20)
-        for chunk in value.iter_bytes():
-            digest.update(chunk)
-        return ("tensor", value.dtype, tuple(value.shape), digest.hexdigest())
+    if isinstance(value, TensorRecord):  # CRC-32 of the bytes, streamed (zip's own check, ~6 GB/s)
+        return ("tensor", value.dtype, tuple(value.shape), value.nbytes, value.write_to(None))
     if value is None or isinstance(value, bool | int | float | str | bytes):
         return ("value", type(value).__name__, repr(value))
     return ("object", type(value).__name__)

@@ -148,8 +148,7 @@ def _filter_sentence(d: Diagnosis) -> str:
     if not d.improves:
         return f"A name-only filter `{FILTER}` {saved}"
     after = _filter_text(d.filter_after, "would keep")
-    change = "the prefix fix"
-    return f"A name-only filter `{FILTER}` {saved} After {change}, the same filter {after}"
+    return f"A name-only filter `{FILTER}` {saved} After the prefix fix, the same filter {after}"
 
 
 def _filter_text(f: FilterIdiom, verb: str) -> str:

@@ -19,6 +19,9 @@ from .report import dump_json, format_shape, human_bytes, human_count, render_fi
 # Buffers that are state, not learned parameters.
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
+# Up to this many tensors the table shows one row each; above it, repeated layers are collapsed.
+GROUP_ABOVE = 40
+
 FORMAT_NAMES = {
     "torch-zip": "torch.save zip archive",
     "torch-legacy": "torch.save legacy (pre-1.6) file",
@@ -157,7 +160,7 @@ class InspectReport:
         fields.append(("prefix", f"{prefix}  (every key starts with it)" if prefix else "none"))
         if self.devices and self.devices != ["cpu"]:
             fields.append(("saved on", ", ".join(self.devices) + "  (opens on CPU)"))
-        if self.metadata:
+        if self.metadata and self.format in ("safetensors", "sharded"):
             shown = ", ".join(f"{k}={v}" for k, v in list(self.metadata.items())[:4])
             fields.append(("metadata", shown[:100]))
         if self.sha256:
@@ -170,7 +173,8 @@ class InspectReport:
         others = [c.key or "(top level)" for c in self.candidates if c.key != self.weights.key]
         text = f"{where} ({how})"
         if others:
-            shown = ", ".join(others[:4]) + (f" +{len(others) - 4} more" if len(others) > 4 else "")
+            labels = [g.label for g in collapse(others, natural=False)]
+            shown = ", ".join(labels[:4]) + (f" +{len(labels) - 4} more" if len(labels) > 4 else "")
             text += f"; other tensor dicts: {shown}"
         return text
 
@@ -191,7 +195,7 @@ class InspectReport:
 
     def _tensor_rows(self, show_all: bool) -> list[tuple[str, str, str, str]]:
         by_name = self.weights.tensors
-        if show_all:
+        if show_all or len(by_name) <= GROUP_ABOVE:
             return [(n, r.dtype, format_shape(r.shape), human_bytes(r.nbytes)) for n, r in by_name.items()]
         rows = []
         # torch state dicts are in module order; safetensors headers are sorted by name

@@ -26,6 +26,10 @@ class PickleError(Exception):
     """The pickle is malformed (truncated, bad opcode, stack underflow ...); the message is one line."""
 
 
+class PickleUnsupported(PickleError):
+    """A well-formed pickle holding something ckptsurgeon does not read (sparse tensors ...)."""
+
+
 class PickleTruncated(PickleError):
     """The data ends before the pickle's STOP opcode (a reader may retry with more bytes)."""
 

@@ -36,79 +36,38 @@ _DTYPE_NAMES = (
     "float8_e5m2fnuz float8_e4m3fnuz float8_e8m0fnu float4_e2m1fn_x2 bits8 bits16 bits1x8 bits2x4 bits4x2 "
     + " ".join(f"uint{i} int{i}" for i in range(1, 8))
 ).split()
-_STORAGE_STEMS = [
-    "BFloat16",
-    "Bool",
-    "Byte",
-    "Char",
-    "ComplexDouble",
-    "ComplexFloat",
-    "Double",
-    "Float",
-    "Half",
-    "Int",
-    "Long",
-    "Short",
-]
-_QSTORAGE_STEMS = ["QInt32", "QInt8", "QUInt2x4", "QUInt4x2", "QUInt8"]
-_TENSOR_STEMS = ["BFloat16", "Bool", "Byte", "Char", "Double", "Float", "Half", "Int", "Long", "Short"]
-REBUILD_FUNCTIONS = frozenset(
-    f"torch._utils._rebuild_{n}"
-    for n in [
-        "tensor",
-        "tensor_v2",
-        "tensor_v3",
-        "parameter",
-        "parameter_with_state",
-        "qtensor",
-        "sparse_tensor",
-        "nested_tensor",
-        "meta_tensor_no_storage",
-        "wrapper_subclass",
-        "device_tensor_from_numpy",
-        "device_tensor_from_cpu_tensor",
-    ]
-) | {"torch._tensor._rebuild_from_type_v2"}
+_STORAGE_STEMS = "BFloat16 Bool Byte Char ComplexDouble ComplexFloat Double Float Half Int Long Short"
+_QSTORAGE_STEMS = "QInt32 QInt8 QUInt2x4 QUInt4x2 QUInt8"
+_TENSOR_STEMS = "BFloat16 Bool Byte Char Double Float Half Int Long Short"
+_REBUILDERS = (
+    "tensor tensor_v2 tensor_v3 parameter parameter_with_state qtensor sparse_tensor nested_tensor "
+    "meta_tensor_no_storage wrapper_subclass device_tensor_from_numpy device_tensor_from_cpu_tensor"
+)
+_QSCHEMES = "per_tensor_affine per_tensor_symmetric per_channel_affine per_channel_symmetric "
+_QSCHEMES += "per_channel_affine_float_qparams"
+REBUILD_FUNCTIONS = frozenset(f"torch._utils._rebuild_{n}" for n in _REBUILDERS.split()) | {
+    "torch._tensor._rebuild_from_type_v2"
+}
 DTYPE_GLOBALS = frozenset(f"torch.{n}" for n in _DTYPE_NAMES)
 STORAGE_GLOBALS = frozenset(
-    [f"torch.{s}Storage" for s in _STORAGE_STEMS + _QSTORAGE_STEMS]
-    + [f"torch.cuda.{s}Storage" for s in _STORAGE_STEMS]
+    [f"torch.{s}Storage" for s in f"{_STORAGE_STEMS} {_QSTORAGE_STEMS}".split()]
+    + [f"torch.cuda.{s}Storage" for s in _STORAGE_STEMS.split()]
     + ["torch.storage.TypedStorage", "torch.storage.UntypedStorage"]
 )
 TENSOR_CLASS_GLOBALS = frozenset(
-    [f"torch.{p}{s}Tensor" for p in ("", "cuda.") for s in _TENSOR_STEMS]
-    + [f"torch.{p}sparse.{s}Tensor" for p in ("", "cuda.") for s in _TENSOR_STEMS if s != "Bool"]
+    [f"torch.{p}{s}Tensor" for p in ("", "cuda.") for s in _TENSOR_STEMS.split()]
+    + [f"torch.{p}sparse.{s}Tensor" for p in ("", "cuda.") for s in _TENSOR_STEMS.split() if s != "Bool"]
 )
-TORCH_DATA_GLOBALS = frozenset(
-    {
-        "torch.Size",
-        "torch.Tensor",
-        "torch.nn.parameter.Parameter",
-        "torch.device",
-        "torch.serialization._get_layout",
-    }
-    | {
-        f"torch.{q}"
-        for q in (
-            "per_tensor_affine",
-            "per_tensor_symmetric",
-            "per_channel_affine",
-            "per_channel_symmetric",
-            "per_channel_affine_float_qparams",
-        )
-    }
+QSCHEME_GLOBALS = frozenset(f"torch.{q}" for q in _QSCHEMES.split())
+_TORCH_TYPES = (
+    "torch.Size torch.Tensor torch.nn.parameter.Parameter torch.device torch.serialization._get_layout"
 )
+TORCH_DATA_GLOBALS = frozenset(_TORCH_TYPES.split()) | QSCHEME_GLOBALS
 # What torch's weights_only accepts besides tensors: plain containers.
+_CONTAINERS = "OrderedDict Counter set frozenset bytearray complex encode"
 CONTAINER_GLOBALS = frozenset(
-    {
-        "collections.OrderedDict",
-        "collections.Counter",
-        "builtins.set",
-        "builtins.frozenset",
-        "builtins.bytearray",
-        "builtins.complex",
-        "_codecs.encode",
-    }
+    ("collections." if n[0].isupper() else "_codecs." if n == "encode" else "builtins.") + n
+    for n in _CONTAINERS.split()
 )
 # ckptsurgeon's own data-only additions (documented in the README's Security section).
 PATH_CLASSES = ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")

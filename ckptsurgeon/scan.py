@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import CkptError, FormatError, NotAStateDictError
+from .errors import CkptError, FormatError, InputError, NotAStateDictError
 from .formats import ReadOptions, check_input_path, classify_zip_names, detect, open_checkpoint
 from .pickles import PickleError, fix_name
 from .safety import UNSAFE, GlobalVerdict, classify, is_model_class
@@ -225,6 +225,8 @@ def scan(path: str | os.PathLike[str], options: ReadOptions | None = None) -> Sc
             files.append(scan_file(file, options, os.path.getsize(file), in_folder=True))
         except CkptError as exc:
             files.append(FileScan(file, "unknown", UNREADABLE, error=exc.message))
+    if all(f.format == "other" for f in files):
+        raise InputError(f"{path}: a folder without a checkpoint or pickle in it; nothing to scan")
     return ScanResult(path, files)
 
 

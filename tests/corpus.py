@@ -34,6 +34,7 @@ class Case:
     kind: str  # UNSAFE (scan exits 1) or MALFORMED (scan exits 2)
     needs_check: bool = False  # only ``--check`` (CRC / full offsets) can see the fault
     fragment: str = ""  # text the refusal must contain, e.g. the offending global
+    scan_fragment: str | None = None  # what ``scan`` must say instead, when it differs
     may_hang: bool = False  # run it in a subprocess with a timeout
 
 
@@ -88,6 +89,7 @@ def payloads(marker: Path) -> dict[str, tuple[bytes, str]]:
     m = str(marker)
     sh = f"touch {m}"
     imp = call(glob("builtins", "__import__"), s("os"))
+    os_sys = stack_glob("os", "system")[:-1]  # the two strings, without the STACK_GLOBAL
     return {
         "os_system_global": (call(glob("os", "system"), s(sh)), "system"),
         "posix_system_global": (call(glob("posix", "system"), s(sh)), "system"),
@@ -98,6 +100,11 @@ def payloads(marker: Path) -> dict[str, tuple[bytes, str]]:
         "subprocess_list": (call(glob("subprocess", "check_call"), b"](" + s("touch") + s(m) + b"e"), "subprocess"),
         "getattr_import": (call(call(glob("builtins", "getattr"), imp, s("system")), s(sh)), "getattr"),
         "inst_opcode": (b"(" + s(sh) + b"ios\nsystem\n", "system"),
+        # STACK_GLOBAL whose last two pushed strings are a harmless name, popped before it runs
+        "stack_global_pop_trick": (call(os_sys + stack_glob("collections", "OrderedDict")[:-1] + b"00\x93", s(sh)),
+                                   "system"),
+        "stack_global_mark_trick": (call(os_sys + b"(" + s("collections") + s("OrderedDict") + b"1\x93", s(sh)),
+                                    "system"),
         "obj_opcode": (b"(" + glob("os", "system") + s(sh) + b"o", "system"),
     }
 
@@ -234,7 +241,6 @@ def _torch_zip(b: _Builder) -> None:
         "zip_pkl_truncated": torch_zip_bytes(VALID_PKL[: len(VALID_PKL) // 2]),
         "zip_pkl_bad_utf8": torch_zip_bytes(b"\x80\x02}X\x04\x00\x00\x00\xff\xfe\xfd\xfc" + tensor_expr() + b"s."),
         "zip_pkl_empty": torch_zip_bytes(b""),
-        "zip_pkl_ext_opcode": torch_zip_bytes(b"\x80\x02}" + s("a") + b"\x82\x07s."),
         "zip_without_data_pkl": torch_zip_bytes(None),
         "zip_storage_smaller_than_tensor": torch_zip_bytes(VALID_PKL, {"0": bytes(8)}),
         "zip_storage_member_missing": torch_zip_bytes(state_dict_pickle(("a.weight", tensor_expr("7")))),
@@ -243,7 +249,6 @@ def _torch_zip(b: _Builder) -> None:
         "zip_tensor_negative_shape": torch_zip_bytes(state_dict_pickle(("a.weight", tensor_expr(shape=(-2, 2))))),
         "zip_tensor_huge_shape": torch_zip_bytes(
             state_dict_pickle(("a.weight", tensor_expr(shape=(2**31 - 1, 2**31 - 1), stride=(2**31 - 1, 1))))),
-        "zip_unknown_storage_type": torch_zip_bytes(state_dict_pickle(("a.weight", tensor_expr(storage="NoStorage")))),
         "zip_persid_not_tuple": torch_zip_bytes(state_dict_pickle(("a.weight", s("storage") + b"Q"))),
     }
     for name, data in zips.items():
@@ -270,10 +275,20 @@ def _hostile(b: _Builder) -> None:
     for name, (expr, fragment) in payloads(b.marker("zip")).items():
         proto = 4 if "stack" in name else 2
         pkl = state_dict_pickle(("a.weight", tensor_expr()), ("evil", expr), proto=proto)
-        b.add(f"zip_{name}", torch_zip_bytes(pkl), "hostile", UNSAFE, fragment=fragment)
+        # a static scan cannot name a global whose strings were shuffled on the stack: it says so
+        scan_fragment = "<computed>" if "trick" in name else None
+        b.add(f"zip_{name}", torch_zip_bytes(pkl), "hostile", UNSAFE, fragment=fragment, scan_fragment=scan_fragment)
     for name in ("os_system_global", "os_system_stack_global", "exec_global", "subprocess_list", "inst_opcode"):
         expr, fragment = payloads(b.marker("bare"))[name]
         b.add(f"bare_pickle_{name}", b"\x80\x04" + expr + b".", "hostile", UNSAFE, suffix=".pkl", fragment=fragment)
+    # globals a scanner could misread: an EXT code, an unknown storage class
+    odd = {
+        "ext_opcode": (b"\x82\x07", "extension"),
+        "unknown_storage_type": (tensor_expr(storage="NoStorage"), "NoStorage"),
+    }
+    for name, (expr, fragment) in odd.items():
+        pkl = state_dict_pickle(("a.weight", tensor_expr()), ("x", expr), proto=4)
+        b.add(f"zip_{name}", torch_zip_bytes(pkl), "hostile", UNSAFE, fragment=fragment)
     user = state_dict_pickle(("a.weight", tensor_expr()), ("config", call(glob("mytrainer.config", "TrainConfig"))))
     b.add("zip_custom_user_class", torch_zip_bytes(user), "hostile", UNSAFE, fragment="mytrainer.config")
     b.add("zip_pickled_nn_module", _save_module, "hostile", UNSAFE, fragment="torch.nn")
@@ -293,7 +308,8 @@ def _legacy(b: _Builder) -> None:
     b.add("legacy_truncated_after_magic", data[:14], "legacy")
     b.add("legacy_bad_magic", b"\x80\x02\x8a\x02\x39\x05." + data[14:], "legacy")
     expr, fragment = payloads(b.marker("legacy"))["os_system_global"]
-    b.add("legacy_os_system", legacy_prefix() + state_dict_pickle(("evil", expr)), "hostile", UNSAFE,
+    keys = b"\x80\x02]."  # the (empty) storage key list: the file is well formed, only hostile
+    b.add("legacy_os_system", legacy_prefix() + state_dict_pickle(("evil", expr)) + keys, "hostile", UNSAFE,
           suffix=".pt", fragment=fragment)
     expr, fragment = payloads(b.marker("legacy_magic"))["exec_stack_global"]
     b.add("legacy_exec_in_magic_pickle", b"\x80\x04" + expr + b"." + legacy_prefix(magic=False), "hostile", UNSAFE,

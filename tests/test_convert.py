@@ -338,3 +338,49 @@ def test_library_rename_plan_written(tmp_path: Path) -> None:
     assert result.summary().startswith(f"wrote {tmp_path / 'o.pth'} (pth, 1 tensors")
     assert list(torch.load(tmp_path / "o.pth", weights_only=True)) == ["a"]
     assert sha256(src) == before
+
+
+def test_torchvision_reference_checkpoint_keeps_args_optimizer_and_epoch(tmp_path: Path) -> None:
+    import argparse
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    args = argparse.Namespace(lr=0.1, data="/data", epochs=90)
+    src = save(
+        tmp_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3, "args": args}
+    )
+    out = tmp_path / "out.pth"
+    result = run_cli("rename", src, "-o", out, "--add-prefix", "module.")
+    assert result.exit_code == 0, result.stderr
+    before = torch.load(src, weights_only=False)
+    after = torch.load(out, weights_only=False)
+    assert list(after) == list(before)
+    assert after["args"] == args and after["epoch"] == 3
+    assert_tree_equal(after["optimizer"], before["optimizer"], "optimizer")
+    assert list(after["model"]) == ["module.weight", "module.bias"]
+
+
+def test_dcp_non_tensor_values_are_never_written_as_placeholders(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    weights = {"weight": torch.randn(2, 3), "bias": torch.randn(2)}
+    dcp.save({"model": weights, "step": 5}, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    out = tmp_path / "model.pth"
+    result = run_cli("convert", tmp_path / "dcp", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert "only the weights are written): step" in result.stderr
+    state = torch.load(out, weights_only=True)
+    assert list(state) == ["weight", "bias"]
+    assert_same(state["weight"], weights["weight"])
+
+
+def test_sharded_output_into_the_input_folder_is_refused(tmp_path: Path) -> None:
+    src = save(tmp_path, zoo())
+    shards = tmp_path / "shards"
+    assert run_cli("convert", src, "-o", shards, "--max-shard-size", "64").exit_code == 0
+    before = {p.name: sha256(p) for p in shards.iterdir()}
+    result = run_cli("convert", shards, "-o", shards, "--max-shard-size", "128", "--force")
+    assert_one_line_error(result, "holds the input's shards")
+    assert {p.name: sha256(p) for p in shards.iterdir()} == before

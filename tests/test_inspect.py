@@ -88,10 +88,10 @@ def test_json_shape(cli) -> None:
 
 
 def test_grouped_rows_and_all(tmp_path: Path) -> None:
-    state = {f"layers.{i}.attn.q.weight": torch.zeros(4, 4) for i in range(32)}
+    state = {f"layers.{i}.attn.{p}.weight": torch.zeros(4, 4) for i in range(32) for p in "qk"}
     torch.save(state, tmp_path / "m.pth")
     grouped = run_cli("inspect", tmp_path / "m.pth").stdout
-    assert "layers.{0..31}.attn.q.weight  float32  [4, 4]   32 × 64 B" in grouped
+    assert "layers.{0..31}.attn.q.weight  float32  [4, 4]   32 × 64 B" in grouped.splitlines()
     every = run_cli("inspect", tmp_path / "m.pth", "--all").stdout
     assert "layers.31.attn.q.weight" in every
 

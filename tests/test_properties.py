@@ -190,3 +190,52 @@ def test_diff_of_a_state_dict_with_itself_is_ok(sd: dict[str, Any]) -> None:
     result = match.diff(recs, dict(recs))
     assert result.ok
     assert result.comparison.ok
+
+
+# -- mutated files never crash ------------------------------------------------------------------
+def valid_files(folder: Path) -> dict[str, Path]:
+    """One small valid file per format, the seeds the mutations start from."""
+    from corpus import st_bytes, st_valid_header
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"a.weight": torch.randn(3, 4, generator=g), "a.bias": torch.randn(3, generator=g)}
+    torch.save(sd, folder / "zip.pth")
+    torch.save(sd, folder / "legacy.pt", _use_new_zipfile_serialization=False)
+    (folder / "st.safetensors").write_bytes(st_bytes(st_valid_header(), bytes(24)))
+    return {p.stem: p for p in folder.iterdir()}
+
+
+MUTATION = st.one_of(
+    st.tuples(st.just("truncate"), st.floats(0, 1)),
+    st.tuples(st.just("flip"), st.floats(0, 1), st.integers(1, 255)),
+    st.tuples(st.just("insert"), st.floats(0, 1), st.binary(min_size=1, max_size=16)),
+)
+
+
+def mutate(data: bytes, mutation: tuple[Any, ...]) -> bytes:
+    pos = int(mutation[1] * (len(data) - 1))
+    if mutation[0] == "truncate":
+        return data[:pos]
+    if mutation[0] == "flip":
+        return data[:pos] + bytes([data[pos] ^ mutation[2]]) + data[pos + 1 :]
+    return data[:pos] + mutation[2] + data[pos:]
+
+
+@pytest.mark.parametrize("seed", ["zip", "legacy", "st"])
+@pytest.mark.parametrize("command", ["inspect", "scan"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutation=MUTATION)
+def test_mutated_files_never_crash(seed: str, command: str, mutation: tuple[Any, ...]) -> None:
+    """A truncated, flipped or padded file gives a report or one error line: never a traceback."""
+    from conftest import run_cli
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        src = valid_files(folder / "seeds" if (folder / "seeds").mkdir() is None else folder)[seed]
+        bad = folder / f"bad{src.suffix}"
+        bad.write_bytes(mutate(src.read_bytes(), mutation))
+        result = run_cli(command, bad, "--check")
+        assert result.exception is None, repr(result.exception)
+        assert result.exit_code in (0, 1, 2) and "internal error" not in result.stderr, result.stderr
+        if result.exit_code == 2:
+            assert len(result.stderr.splitlines()) == 1, result.stderr

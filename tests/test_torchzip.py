@@ -67,9 +67,18 @@ def _cases() -> dict[str, Any]:
     base = torch.randn(4, 6)
     lin = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     return {
-        "parameters": {"w": torch.nn.Parameter(torch.randn(2, 3)), "frozen": torch.nn.Parameter(torch.ones(2), False)},
+        "parameters": {
+            "w": torch.nn.Parameter(torch.randn(2, 3)),
+            "frozen": torch.nn.Parameter(torch.ones(2), False),
+        },
         "module_state_dict": lin.state_dict(),
-        "shared_views": {"a": base, "row": base[1], "col": base[:, 2], "t": base.t(), "tail": base.view(-1)[5:]},
+        "shared_views": {
+            "a": base,
+            "row": base[1],
+            "col": base[:, 2],
+            "t": base.t(),
+            "tail": base.view(-1)[5:],
+        },
         "non_contiguous": {"t": torch.randn(3, 5).t(), "step": torch.arange(20.0)[::3]},
         "dtypes": {
             "bf16": torch.randn(3, 2).to(torch.bfloat16),
@@ -85,10 +94,21 @@ def _cases() -> dict[str, Any]:
             "f8b": torch.randn(4).to(torch.float8_e5m2),
             "c64": torch.randn(3, dtype=torch.complex64),
         },
-        "zero_dim_and_empty": {"scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4), "int0": torch.tensor(7)},
+        "zero_dim_and_empty": {
+            "scalar": torch.tensor(3.5),
+            "empty": torch.zeros(0, 4),
+            "int0": torch.tensor(7),
+        },
         "requires_grad": {"g": torch.randn(3, requires_grad=True).detach().requires_grad_()},
-        "nested": {"model": {"enc": {"w": torch.ones(2)}}, "list": [torch.zeros(1), {"x": torch.ones(3)}],
-                   "tup": (1, "a", torch.arange(3)), "none": None, "f": 1.5, "b": b"\x00\xff", "s": {1, 2}},
+        "nested": {
+            "model": {"enc": {"w": torch.ones(2)}},
+            "list": [torch.zeros(1), {"x": torch.ones(3)}],
+            "tup": (1, "a", torch.arange(3)),
+            "none": None,
+            "f": 1.5,
+            "b": b"\x00\xff",
+            "s": {1, 2},
+        },
         "lightning_like": _training_checkpoint(lin),
         "tied": _tied(),
     }
@@ -98,9 +118,17 @@ def _training_checkpoint(model: torch.nn.Module) -> dict[str, Any]:
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.randn(5, 3)).sum().backward()
     opt.step()
-    return {"epoch": 3, "global_step": 12, "state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()],
-            "lr_schedulers": [{"gamma": 0.1, "base_lrs": [0.1]}], "hyper_parameters": {"lr": 0.1, "name": "x"},
-            "pytorch-lightning_version": "2.6.6", "loops": {"fit_loop": {"state_dict": {}}}, "callbacks": {}}
+    return {
+        "epoch": 3,
+        "global_step": 12,
+        "state_dict": model.state_dict(),
+        "optimizer_states": [opt.state_dict()],
+        "lr_schedulers": [{"gamma": 0.1, "base_lrs": [0.1]}],
+        "hyper_parameters": {"lr": 0.1, "name": "x"},
+        "pytorch-lightning_version": "2.6.6",
+        "loops": {"fit_loop": {"state_dict": {}}},
+        "callbacks": {},
+    }
 
 
 def _tied() -> dict[str, Any]:
@@ -136,8 +164,14 @@ def _records_of(obj: Any) -> Any:
     """Turn torch.load's tensors into loader records so assert_same can compare them."""
     if isinstance(obj, torch.Tensor):
         rec = TensorRecord.from_torch("", obj)
-        return TensorRecord(rec.name, rec.dtype, rec.shape, requires_grad=obj.requires_grad,
-                            is_parameter=isinstance(obj, torch.nn.Parameter), loader=rec.loader)
+        return TensorRecord(
+            rec.name,
+            rec.dtype,
+            rec.shape,
+            requires_grad=obj.requires_grad,
+            is_parameter=isinstance(obj, torch.nn.Parameter),
+            loader=rec.loader,
+        )
     if isinstance(obj, dict):
         out = type(obj)((k, _records_of(v)) for k, v in obj.items())
         if hasattr(obj, "_metadata"):
@@ -160,7 +194,9 @@ def _assert_aligned(path: Path) -> None:
 
 def test_write_keeps_shared_storage_shared(tmp_path: Path) -> None:
     base = torch.arange(12.0)
-    source = open_checkpoint(save(tmp_path, {"a": base.view(3, 4), "b": base[4:8], "alone": torch.arange(6.0)[2:4]}))
+    source = open_checkpoint(
+        save(tmp_path, {"a": base.view(3, 4), "b": base[4:8], "alone": torch.arange(6.0)[2:4]})
+    )
     out = tmp_path / "out.pth"
     with open(out, "wb") as fh:
         write(source.tree, fh)
@@ -171,7 +207,10 @@ def test_write_keeps_shared_storage_shared(tmp_path: Path) -> None:
 
 
 def test_write_live_tensors_and_placeholders(tmp_path: Path) -> None:
-    tree = {"w": TensorRecord.from_torch("w", torch.randn(3, 3).t()), "dev": Reduced("torch", "device", ("cuda", 0))}
+    tree = {
+        "w": TensorRecord.from_torch("w", torch.randn(3, 3).t()),
+        "dev": Reduced("torch", "device", ("cuda", 0)),
+    }
     out = tmp_path / "out.pth"
     with open(out, "wb") as fh:
         write(tree, fh, archive_name="mine")
@@ -199,9 +238,15 @@ def test_real_fixtures_match_torch(name: str) -> None:
 
 
 def test_data_only_extras_open_without_flag_and_rewrite_faithfully(tmp_path: Path) -> None:
-    obj = {"args": argparse.Namespace(lr=0.1, arch="resnet", out=pathlib.PosixPath("/runs/a")),
-           "best_acc": np.float64(0.75), "n": np.int64(3), "ok": np.bool_(True), "f32": np.float32(1.5),
-           "dt": np.dtype("float32"), "w": torch.ones(2)}
+    obj = {
+        "args": argparse.Namespace(lr=0.1, arch="resnet", out=pathlib.PosixPath("/runs/a")),
+        "best_acc": np.float64(0.75),
+        "n": np.int64(3),
+        "ok": np.bool_(True),
+        "f32": np.float32(1.5),
+        "dt": np.dtype("float32"),
+        "w": torch.ones(2),
+    }
     path = save(tmp_path, obj)
     tree = open_checkpoint(path).tree
     assert tree["args"].lr == 0.1 and tree["args"].arch == "resnet" and str(tree["args"].out) == "/runs/a"
@@ -362,3 +407,9 @@ def test_many_tensors_parse_without_torch(tmp_path: Path) -> None:
     ckpt = open_checkpoint(save(tmp_path, sd))
     assert len(ckpt.weights().tensors) == 3000
     assert pickle.loads(pickle.dumps(ckpt.format)) == "torch-zip"
+
+
+def test_sparse_tensors_are_refused_in_one_line(tmp_path: Path) -> None:
+    path = save(tmp_path, {"s": torch.randn(3, 3).to_sparse()})
+    with pytest.raises(FormatError, match=r"_rebuild_sparse_tensor.*open it with torch.load$"):
+        open_checkpoint(path)

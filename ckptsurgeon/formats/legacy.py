@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..dtypes import BY_STORAGE_CLASS, DTYPES
 from ..errors import FormatError
-from ..pickles import BlockedGlobal, PickleError, PickleTruncated, Unpickler
+from ..pickles import BlockedGlobal, PickleError, PickleTruncated, PickleUnsupported, Unpickler
 from ..record import Storage, TensorRecord, contiguous_stride, pread_exact
 from ..safety import (
     DTYPE_GLOBALS,
+    QSCHEME_GLOBALS,
     REBUILD_FUNCTIONS,
     STORAGE_GLOBALS,
     TENSOR_CLASS_GLOBALS,
@@ -74,32 +75,24 @@ class TorchResolver(DataResolver):
     def __init__(self, allow_globals: Iterable[str], storage_slot: Callable[[tuple], StorageSlot]) -> None:
         super().__init__(allow_globals)
         self.storage_slot = storage_slot
-        for full in REBUILD_FUNCTIONS:
+        for full in (
+            REBUILD_FUNCTIONS | DTYPE_GLOBALS | STORAGE_GLOBALS | TENSOR_CLASS_GLOBALS | QSCHEME_GLOBALS
+        ):
             module, name = full.rsplit(".", 1)
-            self.table[full] = GlobalRef(module, name, call=self._rebuilder(name))
-        for full in DTYPE_GLOBALS:
-            self.table[full] = GlobalRef("torch", full[6:], extra=full[6:])
-        for full in STORAGE_GLOBALS:
-            module, name = full.rsplit(".", 1)
-            dtype = BY_STORAGE_CLASS.get(name)
-            self.table[full] = GlobalRef(module, name, extra=dtype.name if dtype else name)
-        self.table["torch.storage.UntypedStorage"].extra = "uint8"
-        for full in TENSOR_CLASS_GLOBALS | {"torch.Tensor"}:
-            module, name = full.rsplit(".", 1)
-            self.table[full] = GlobalRef(module, name)
+            ref = self.table[full] = GlobalRef(module, name)
+            if full in REBUILD_FUNCTIONS:
+                ref.call = self._rebuilder(name)
+            elif full in DTYPE_GLOBALS:
+                ref.extra = name
+            elif full in STORAGE_GLOBALS:  # the dtype it holds (UntypedStorage: bytes)
+                dtype = BY_STORAGE_CLASS.get(name)
+                ref.extra = dtype.name if dtype else "uint8" if name == "UntypedStorage" else name
+        self.table["torch.Tensor"] = GlobalRef("torch", "Tensor")
         self.table["torch.nn.parameter.Parameter"] = GlobalRef(
             "torch.nn.parameter",
             "Parameter",
             new=lambda a, kw: _parameter(a[0], a[1] if len(a) > 1 else True),
         )
-        for full in (
-            "torch.per_tensor_affine",
-            "torch.per_tensor_symmetric",
-            "torch.per_channel_affine",
-            "torch.per_channel_symmetric",
-            "torch.per_channel_affine_float_qparams",
-        ):
-            self.table[full] = GlobalRef("torch", full[6:])
 
     def persistent_load(self, pid: Any) -> Any:
         if type(pid) is not tuple or not pid or pid[0] not in ("storage", b"storage"):
@@ -122,12 +115,21 @@ class TorchResolver(DataResolver):
             return table[name]
 
         def unsupported(args: tuple) -> Any:
-            raise PickleError(
+            raise PickleUnsupported(
                 f"the checkpoint holds a tensor of a kind ckptsurgeon cannot read ({name}: "
                 "quantized, sparse, nested or subclass); open it with torch.load"
             )
 
         return unsupported
+
+
+def storage_dtype(ref: GlobalRef) -> str:
+    """The dtype a storage class holds, or a one-line refusal for one ckptsurgeon cannot read."""
+    if ref.extra not in DTYPES:
+        raise PickleUnsupported(
+            f"the checkpoint holds a {ref.name}, which ckptsurgeon cannot read; open it with torch.load"
+        )
+    return ref.extra
 
 
 def _ints(value: Any) -> tuple[int, ...]:
@@ -142,7 +144,7 @@ def _dtype_of(ref: Any) -> str:
     if not isinstance(ref, GlobalRef) or ref.extra is None:
         raise PickleError(f"malformed pickle (expected a torch dtype, got {str(ref)[:40]})")
     if ref.extra not in DTYPES:
-        raise PickleError(
+        raise PickleUnsupported(
             f"the checkpoint holds tensors of dtype torch.{ref.extra}, which ckptsurgeon cannot read"
         )
     return ref.extra
@@ -155,7 +157,9 @@ def _tensor(
         raise PickleError("malformed pickle (a tensor without a storage and a storage offset)")
     dtype = dtype or slot.dtype
     if dtype not in DTYPES:
-        raise PickleError(f"the checkpoint holds tensors of dtype {dtype}, which ckptsurgeon cannot read")
+        raise PickleUnsupported(
+            f"the checkpoint holds tensors of dtype {dtype}, which ckptsurgeon cannot read"
+        )
     shape, strides = _ints(size), _ints(stride)
     if len(shape) != len(strides) or any(d < 0 for d in shape):
         raise PickleError(f"malformed pickle (a tensor of shape {shape} with stride {strides})")
@@ -177,7 +181,7 @@ def _from_type_v2(args: tuple) -> Any:
         return _parameter(result, result.requires_grad)
     if isinstance(new_type, GlobalRef) and new_type.full == "torch.Tensor":
         return result
-    raise PickleError(f"the checkpoint holds a tensor subclass ({new_type!r}); open it with torch.load")
+    raise PickleUnsupported(f"the checkpoint holds a tensor subclass ({new_type!r}); open it with torch.load")
 
 
 # -- unpickling with one-line errors --------------------------------------------------------
@@ -202,6 +206,8 @@ def unpickle(
         if more:
             raise
         raise FormatError(f"{path}: truncated: {exc}; the download or save did not finish") from None
+    except PickleUnsupported as exc:
+        raise FormatError(f"{path}: {exc}") from None
     except PickleError as exc:
         raise FormatError(f"{path}: {exc}; the file is damaged or not a checkpoint") from None
 
@@ -216,7 +222,8 @@ def blocked_error(data: bytes, path: Path, allow: Iterable[str], start: int, fir
         names, strings, kinds = [first], set(), []
     else:
         names, strings, kinds = found.globals, found.strings, found.persistent_kinds
-    blocked = [n for n in names if classify(n, allow).kind == "unsafe"] or [first]
+    # ``first`` is what the unpickler really met: the scan may only see a computed name
+    blocked = list(dict.fromkeys([first, *(n for n in names if classify(n, allow).kind == "unsafe")]))
     model = (
         any(is_model_class(n) for n in blocked) or "module" in kinds or {"_modules", "_parameters"} <= strings
     )
@@ -342,6 +349,10 @@ def read(path: Path, options: ReadOptions) -> Checkpoint:
         return read_unsafe(path, "torch-legacy" if _is_legacy(path, file_size) else "pickle")
     first = TorchResolver(options.allow_globals, _no_storages)
     obj, end, data = _load_growing(path, 0, file_size, lambda: first)
+    if type(obj) is int and obj != MAGIC_NUMBER and end < file_size:
+        raise FormatError(
+            f"{path}: starts like a legacy torch.save file but its magic number is wrong; the file is damaged"
+        )
     if type(obj) is not int or obj != MAGIC_NUMBER:
         return _bare_pickle(path, obj, first, file_size)
     version, end, _ = _load_growing(path, end, file_size, lambda: DataResolver())
@@ -428,7 +439,7 @@ class _LegacyStorages:
         key, location, numel = str(pid[2]), str(pid[3]), pid[4]
         root = self.slots.get(key)
         if root is None:
-            dtype = pid[1].extra if pid[1].extra in DTYPES else "uint8"
+            dtype = storage_dtype(pid[1])
             root = self.slots[key] = StorageSlot(key, dtype, numel, location, self._open)
         view = pid[5] if len(pid) > 5 else None
         if view is None:

@@ -16,16 +16,23 @@ import os
 import struct
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..dtypes import DTYPES
 from ..errors import FormatError, OutputError
 from ..pickles import Emitter, PickleError
-from ..record import CHUNK_SIZE, Storage, TensorRecord, contiguous_stride, pread_exact
+from ..record import CHUNK_SIZE, Storage, TensorRecord, contiguous_stride
 from ..safety import GlobalRef
-from .legacy import StorageSlot, TorchResolver, check_tree, locations_note, read_unsafe, unpickle
+from .legacy import (
+    StorageSlot,
+    TorchResolver,
+    check_tree,
+    locations_note,
+    read_unsafe,
+    storage_dtype,
+    unpickle,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..checkpoint import Checkpoint
@@ -157,7 +164,7 @@ class _ZipStorages:
             raise PickleError(f"malformed pickle (storage {key} has size {numel!r})")
         found = self.slots.get(key)
         if found is None:
-            dtype = pid[1].extra if pid[1].extra in DTYPES else "uint8"
+            dtype = storage_dtype(pid[1])
             found = self.slots[key] = StorageSlot(key, dtype, numel, location, self._open)
         return found
 
@@ -176,7 +183,9 @@ class _ZipStorages:
                 problem = f"its storage {name} runs past the end of the file; the file is truncated"
         if info is not None and info.file_size < slot.nbytes:
             problem = f"its storage {name} holds {info.file_size} bytes but declares {slot.nbytes}; the file is damaged"
-        storage = Storage(f"data/{slot.key}", dtype, slot.nbytes, path, offset, slot.location, self.byteorder, loader)
+        storage = Storage(
+            f"data/{slot.key}", dtype, slot.nbytes, path, offset, slot.location, self.byteorder, loader
+        )
         if problem:
             self.problems[id(storage)] = problem
         return storage
@@ -186,7 +195,9 @@ class _ZipStorages:
         if len(header) < 30:
             raise FormatError(f"{self.path}: member {info.filename} lies past the end of the file; truncated")
         if header[:4] != b"PK\x03\x04":
-            raise FormatError(f"{self.path}: member {info.filename} has no valid local header; the file is damaged")
+            raise FormatError(
+                f"{self.path}: member {info.filename} has no valid local header; the file is damaged"
+            )
         name_len, extra_len = struct.unpack_from("<HH", header, 26)
         return info.header_offset + 30 + name_len + extra_len
 
