@@ -353,7 +353,7 @@ def suffix_proposal(
         scored = [
             (_common_suffix(tname, sname), sname)
             for sname in buckets.get(_tail(tname), [])
-            if tuple(renamed[sname].shape) == tuple(target[tname].shape)
+            if tuple(renamed[sname].shape) == tuple(target[tname].shape) and _names_a_module(tname, sname)
         ]
         if not scored:
             continue
@@ -371,6 +371,16 @@ def suffix_proposal(
 
 def _tail(name: str) -> str:
     return ".".join(name.split(".")[-2:])
+
+
+def _names_a_module(a: str, b: str) -> bool:
+    """The shared suffix must name a module, not only an index: ``conv1.weight`` counts,
+    ``1.weight`` (``features.1`` vs ``downsample.1``) does not."""
+    n = _common_suffix(a, b)
+    if n < 2:
+        return False
+    shared = a.split(".")[-n:][:-1]
+    return any(not part.isdigit() for part in shared)
 
 
 def _common_suffix(a: str, b: str) -> int:

@@ -190,6 +190,8 @@ def fix_commands(
     src, tgt = shlex.quote(source), shlex.quote(target_spec or "TARGET")
     key_opt = f" --key {shlex.quote(key)}" if key else ""
     needs_drop = bool(d.after.shape_mismatched or d.after.unexpected)
+    if not d.improves and not needs_drop:
+        return ()  # only keys the file does not have are missing: no command can add them
     commands = [f"ckpt adapt {src} {tgt}{key_opt} -o {_output(source, 'adapted')}"]
     if d.improves:
         flags = (f" --strip-prefix {shlex.quote(d.transform.strip)}" if d.transform.strip else "") + (

@@ -71,6 +71,12 @@ def _long(data: bytes) -> int:
     return int.from_bytes(data, "little", signed=True)
 
 
+# BINBYTES, SHORT_BINBYTES, BINBYTES8, BYTEARRAY8, BINSTRING, SHORT_BINSTRING
+_BYTES_OPS = frozenset({0x42, 0x43, 0x8E, 0x96, 0x54, 0x55})
+# Protocol 0 text arguments: INT LONG FLOAT STRING UNICODE GET PUT PERSID
+_TEXT_OPS = frozenset({0x49, 0x4C, 0x46, 0x53, 0x56, 0x67, 0x70, 0x50})
+
+
 class Unpickler:
     """Interpret one pickle in ``data`` starting at ``start``; ``load()`` returns the object.
 
@@ -268,14 +274,7 @@ class Unpickler:
         data = self.data
         self._stack = stack
         push = stack.append
-        if op in (
-            0x42,
-            0x43,
-            0x8E,
-            0x96,
-            0x54,
-            0x55,
-        ):  # BINBYTES, SHORT_BINBYTES, BINBYTES8, BYTEARRAY8, BINSTRING, SHORT_BINSTRING
+        if op in _BYTES_OPS:
             n, pos = _length(data, pos, op)
             raw = bytes(_take(data, pos, n))
             push(bytearray(raw) if op == 0x96 else _py2_str(raw) if op in (0x54, 0x55) else raw)
@@ -284,16 +283,7 @@ class Unpickler:
             n, pos = _length(data, pos, op)
             push(_long(_take(data, pos, n)))
             return pos + n
-        if op in (
-            0x49,
-            0x4C,
-            0x46,
-            0x53,
-            0x56,
-            0x67,
-            0x70,
-            0x50,
-        ):  # INT LONG FLOAT STRING UNICODE GET PUT PERSID
+        if op in _TEXT_OPS:
             line, pos = _line(data, pos, raw=op == 0x56)
             self._text_op(op, line, stack)
             return pos

@@ -75,6 +75,14 @@ DATA_ONLY_GLOBALS = frozenset(
     {"argparse.Namespace", "numpy.dtype", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"}
     | {f"pathlib.{c}" for c in PATH_CLASSES}
 )
+# torch.distributed.checkpoint's .metadata file (which torch reads with plain pickle): dataclasses.
+_DCP = (
+    "Metadata TensorStorageMetadata BytesStorageMetadata TensorProperties ChunkStorageMetadata MetadataIndex "
+    "StorageMeta _MEM_FORMAT_ENCODING"
+)
+DCP_METADATA_GLOBALS = frozenset(f"torch.distributed.checkpoint.metadata.{n}" for n in _DCP.split()) | {
+    "torch.distributed.checkpoint.filesystem._StorageInfo"
+}
 _CODECS = frozenset({"latin1", "latin-1", "iso-8859-1", "utf-8", "utf8", "ascii"})
 
 
@@ -113,6 +121,8 @@ def classify(name: str, allow_globals: Iterable[str] = ()) -> GlobalVerdict:
         return GlobalVerdict(name, DATA, "a container type that weights_only accepts")
     if name in DATA_ONLY_GLOBALS or is_numpy_dtype_class(name):
         return GlobalVerdict(name, DATA, "a data-only class on the ckptsurgeon allowlist")
+    if name in DCP_METADATA_GLOBALS:
+        return GlobalVerdict(name, DATA, "torch.distributed.checkpoint metadata (a data class)")
     if name in set(allow_globals):
         return GlobalVerdict(name, DATA, "declared data-only with --allow-global (kept as a placeholder)")
     return GlobalVerdict(name, UNSAFE, _unsafe_reason(name))
@@ -361,6 +371,10 @@ class DataResolver:
                 new=lambda a, kw, m=module, n=name: Reduced(m, n, a, newobj=True),
             )
         raise BlockedGlobal(full)
+
+    def accepts(self, full: str) -> bool:
+        """Whether ``find_global`` gives this global a meaning (everything else is refused)."""
+        return full in self.table or is_numpy_dtype_class(full) or full in self.allow_globals
 
     def persistent_load(self, pid: Any) -> Any:
         raise PickleError("the pickle refers to external objects (persistent ids) it does not carry")

@@ -15,6 +15,7 @@ import io
 import os
 import pickletools
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -87,7 +88,7 @@ class _ScanState:
         self.mark_heads: list[Any] = []  # first string after each open MARK
         self.last_head: Any = None
 
-    def step(self, name: str, arg: Any) -> None:  # noqa: C901, PLR0912
+    def step(self, name: str, arg: Any) -> None:
         recent = self.recent
         if name in ("GLOBAL", "INST"):
             module, _, attr = str(arg).partition(" ")
@@ -278,7 +279,16 @@ def _scan_zip(path: Path, options: ReadOptions) -> FileScan:
         raise
     except PickleError as exc:
         raise FormatError(f"{path}: {exc}; the file is damaged") from None
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as exc:
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        EOFError,
+        ValueError,
+        KeyError,
+        NotImplementedError,
+        RuntimeError,  # zipfile: an encrypted member
+        zlib.error,
+    ) as exc:
         raise FormatError(f"{path}: a truncated or damaged zip archive ({exc.__class__.__name__})") from None
     main = found.pop(pickles[0])
     result = _classified(path, fmt, [main], options)
@@ -366,7 +376,7 @@ def _validated(result: FileScan, options: ReadOptions) -> FileScan:
 def render_table(result: ScanResult) -> str:
     """The human report: one block per file, then the verdict line."""
     blocks = [_render_file(f) for f in result.files]
-    return "\n\n".join(blocks + [_verdict(result)]) + "\n"
+    return "\n\n".join([*blocks, _verdict(result)]) + "\n"
 
 
 def _render_file(file: FileScan) -> str:
@@ -383,7 +393,8 @@ def _render_file(file: FileScan) -> str:
 def _verdict(result: ScanResult) -> str:
     if result.status == SAFE:
         count = len(result.files)
-        return f"verdict: safe: nothing in {'this file' if count == 1 else f'these {count} files'} can run code when loaded"
+        what = "this file" if count == 1 else f"these {count} files"
+        return f"verdict: safe: nothing in {what} can run code when loaded"
     if result.status == UNSAFE:
         bad = [n for f in result.files for n in f.unsafe_globals]
         return (

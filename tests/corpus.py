@@ -253,6 +253,37 @@ def _torch_zip(b: _Builder) -> None:
     }
     for name, data in zips.items():
         b.add(name, data, "torch-zip")
+    for name, field, value in (("version_needed_99", 6, 99), ("encrypted_flag", 8, 1), ("unknown_compression", 10, 99)):
+        b.add(f"zip_data_pkl_{name}", _patch_headers(good, "data.pkl", field, value), "torch-zip")
+    b.add("zip_data_pkl_deflate_corrupt", _deflated_corrupt(), "torch-zip")
+
+
+def _patch_headers(data: bytes, member: str, cd_field: int, value: int) -> bytes:
+    """Set a 2-byte field of ``member``'s central directory entry (and the same field of its local header)."""
+    out = bytearray(data)
+    cd = data.find(b"PK\x01\x02")
+    while cd != -1:
+        name_len = struct.unpack_from("<H", data, cd + 28)[0]
+        if data[cd + 46 : cd + 46 + name_len].decode().endswith(member):
+            struct.pack_into("<H", out, cd + cd_field, value)
+            local = struct.unpack_from("<I", data, cd + 42)[0]
+            struct.pack_into("<H", out, local + cd_field - 2, value)
+        cd = data.find(b"PK\x01\x02", cd + 4)
+    return bytes(out)
+
+
+def _deflated_corrupt() -> bytes:
+    """data.pkl stored deflated, its compressed bytes damaged (the CRC is right for the original)."""
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("archive/data.pkl", VALID_PKL * 4, compress_type=zipfile.ZIP_DEFLATED)
+        zf.writestr("archive/data/0", bytes(16))
+    data = bytearray(buf.getvalue())
+    start = 30 + len("archive/data.pkl")
+    data[start + 2 : start + 8] = b"\xff" * 6
+    return bytes(data)
 
 
 def torch_zip_bytes(pickle_bytes: bytes | None, storages: dict[str, bytes] | None = None) -> bytes:

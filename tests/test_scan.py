@@ -266,3 +266,21 @@ def test_allow_global_read_option_matches_scan(tmp_path: Path) -> None:
     options = ReadOptions(allow_globals=frozenset({"mylib.Config"}))
     assert scan(custom, options).safe
     assert open_checkpoint(custom, options).tree["c"].name == "Config"
+
+
+def test_dcp_folder_metadata_is_data(tmp_path: Path) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(2)}, checkpoint_id=tmp_path / "dcp")
+    doc = scan(tmp_path / "dcp").to_json()
+    meta = next(f for f in doc["files"] if f["path"].endswith(".metadata"))
+    assert meta["status"] == "safe" and meta["format"] == "pickle"
+    assert {
+        "name": "torch.distributed.checkpoint.metadata.Metadata",
+        "kind": "data",
+        "why": "torch.distributed.checkpoint metadata (a data class)",
+    } in meta["globals"]

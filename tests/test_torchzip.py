@@ -271,7 +271,7 @@ def _zip_with_pickle(tmp_path: Path, data_pkl: bytes, name: str = "x.pth") -> Pa
 def test_allow_global_gives_an_opaque_placeholder(tmp_path: Path) -> None:
     pkl = b"\x80\x02}X\x03\x00\x00\x00cfgcmylib\nConfig\n)\x81}X\x01\x00\x00\x00kK\x05sbs."
     path = _zip_with_pickle(tmp_path, pkl)
-    with pytest.raises(UnsafeCheckpointError, match="mylib.Config") as info:
+    with pytest.raises(UnsafeCheckpointError, match=r"mylib\.Config") as info:
         open_checkpoint(path)
     assert info.value.blocked_globals == ("mylib.Config",)
     cfg = open_checkpoint(path, ReadOptions(allow_globals=frozenset({"mylib.Config"}))).tree["cfg"]

@@ -168,7 +168,7 @@ def _detect_zip(path: Path) -> str:
             f"{path}: a truncated or damaged zip archive (no readable central directory); "
             "the download or save did not finish, fetch or save it again"
         ) from None
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, NotImplementedError) as exc:
         raise FormatError(f"{path}: a damaged zip archive ({exc.__class__.__name__}); fetch or save it again") from None
     return classify_zip_names(path, names)
 

@@ -34,7 +34,6 @@ from ..safety import (
     TENSOR_CLASS_GLOBALS,
     DataResolver,
     GlobalRef,
-    classify,
     is_model_class,
     refusal,
 )
@@ -201,7 +200,7 @@ def unpickle(
     try:
         return unpickler.load(), unpickler.pos
     except BlockedGlobal as exc:
-        raise blocked_error(data, path, resolver.allow_globals, start, exc.name) from None
+        raise blocked_error(data, path, resolver, start, exc.name) from None
     except PickleTruncated as exc:
         if more:
             raise
@@ -212,8 +211,14 @@ def unpickle(
         raise FormatError(f"{path}: {exc}; the file is damaged or not a checkpoint") from None
 
 
-def blocked_error(data: bytes, path: Path, allow: Iterable[str], start: int, first: str) -> Exception:
-    """List every unsafe global (a scan that executes nothing) and build the refusal."""
+def blocked_error(data: bytes, path: Path, resolver: DataResolver, start: int, first: str) -> Exception:
+    """List every global the resolver refuses (a scan that executes nothing); build the refusal.
+
+    Example:
+        >>> evil = b"\\x80\\x02cos\\nsystem\\n."
+        >>> blocked_error(evil, Path("x.pth"), DataResolver(), 0, "os.system").blocked_globals
+        ('os.system',)
+    """
     from ..scan import scan_globals
 
     try:
@@ -222,8 +227,8 @@ def blocked_error(data: bytes, path: Path, allow: Iterable[str], start: int, fir
         names, strings, kinds = [first], set(), []
     else:
         names, strings, kinds = found.globals, found.strings, found.persistent_kinds
-    # ``first`` is what the unpickler really met: the scan may only see a computed name
-    blocked = list(dict.fromkeys([first, *(n for n in names if classify(n, allow).kind == "unsafe")]))
+    # ``first`` is what the unpickler really met; a static scan may only see a computed name
+    blocked = list(dict.fromkeys([first, *(n for n in names if not resolver.accepts(n))]))
     model = (
         any(is_model_class(n) for n in blocked) or "module" in kinds or {"_modules", "_parameters"} <= strings
     )
@@ -340,15 +345,14 @@ def read(path: Path, options: ReadOptions) -> Checkpoint:
     """Open a legacy torch.save file (or a bare pickle) as records, reading no tensor data.
 
     Example:
-        >>> ckpt = read(Path("old.pth"), ReadOptions())      # doctest: +SKIP
-        >>> ckpt.format
+        >>> read(Path("old.pth"), ReadOptions()).format      # doctest: +SKIP
         'torch-legacy'
     """
     file_size = os.path.getsize(path)
     if options.unsafe:
         return read_unsafe(path, "torch-legacy" if _is_legacy(path, file_size) else "pickle")
     first = TorchResolver(options.allow_globals, _no_storages)
-    obj, end, data = _load_growing(path, 0, file_size, lambda: first)
+    obj, end, _ = _load_growing(path, 0, file_size, lambda: first)
     if type(obj) is int and obj != MAGIC_NUMBER and end < file_size:
         raise FormatError(
             f"{path}: starts like a legacy torch.save file but its magic number is wrong; the file is damaged"
@@ -465,7 +469,8 @@ class _LegacyStorages:
             self.problems[id(storage)] = f"its storage {key} is not in the file; the file is damaged"
         elif start + slot.nbytes > stored:
             self.problems[id(storage)] = (
-                f"its storage {slot.key} needs {start + slot.nbytes} bytes but the file holds {stored}; damaged"
+                f"its storage {slot.key} needs {start + slot.nbytes} bytes but the file holds {stored}; "
+                "the file is damaged"
             )
         return storage
 

@@ -15,6 +15,7 @@ import mmap
 import os
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -99,7 +100,7 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
             f"{path}: a truncated or damaged zip archive (no readable central directory); "
             "the download or save did not finish, fetch or save it again"
         ) from None
-    except (OSError, ValueError, EOFError, struct.error) as exc:
+    except (OSError, ValueError, EOFError, struct.error, NotImplementedError) as exc:
         raise FormatError(
             f"{path}: a damaged zip archive ({exc.__class__.__name__}); fetch or save it again"
         ) from None
@@ -119,7 +120,16 @@ def _member(zf: zipfile.ZipFile, path: Path, name: str) -> bytes:
         return zf.read(name)
     except KeyError:
         raise FormatError(f"{path}: the archive has no {name}; the file is damaged") from None
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error) as exc:
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        EOFError,
+        ValueError,
+        struct.error,
+        NotImplementedError,
+        RuntimeError,  # zipfile: an encrypted member
+        zlib.error,
+    ) as exc:
         detail = " ".join(str(exc).split())[:100]
         raise FormatError(f"{path}: member {name} cannot be read ({detail}); the file is damaged") from None
 
@@ -131,10 +141,20 @@ def verify_crcs(zf: zipfile.ZipFile, path: Path) -> None:
             with zf.open(info) as fh:
                 while fh.read(CHUNK_SIZE):
                     pass
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error) as exc:
+        except (
+            zipfile.BadZipFile,
+            OSError,
+            EOFError,
+            ValueError,
+            struct.error,
+            NotImplementedError,
+            RuntimeError,  # zipfile: an encrypted member
+            zlib.error,
+        ) as exc:
             detail = " ".join(str(exc).split())[:100]
             raise FormatError(
-                f"{path}: member {info.filename} fails its check ({detail}); the file is damaged, fetch it again"
+                f"{path}: member {info.filename} fails its check ({detail}); "
+                "the file is damaged, fetch it again"
             ) from None
 
 
@@ -182,7 +202,8 @@ class _ZipStorages:
             if offset + info.file_size > self.file_size:
                 problem = f"its storage {name} runs past the end of the file; the file is truncated"
         if info is not None and info.file_size < slot.nbytes:
-            problem = f"its storage {name} holds {info.file_size} bytes but declares {slot.nbytes}; the file is damaged"
+            size = info.file_size
+            problem = f"its storage {name} holds {size} bytes but declares {slot.nbytes}; the file is damaged"
         storage = Storage(
             f"data/{slot.key}", dtype, slot.nbytes, path, offset, slot.location, self.byteorder, loader
         )

@@ -1,0 +1,115 @@
+"""The plain recipes ckptsurgeon is measured against, as ``python -c`` scripts (one process each).
+
+Each is what a user writes without the tool: ``torch.load`` the whole file, change the dict,
+``torch.save`` / ``save_file``. ``COMPARE`` checks two outputs tensor by tensor, bit for bit.
+"""
+
+from __future__ import annotations
+
+IMPORT_TORCH = "import torch"
+
+LIST_SAFETENSORS = """
+import sys
+from safetensors import safe_open
+with safe_open(sys.argv[1], framework="pt") as f:
+    for k in f.keys():
+        s = f.get_slice(k)
+        print(k, s.get_dtype(), s.get_shape())
+"""
+
+LIST_SHARDED = """
+import sys, pathlib
+from safetensors import safe_open
+for shard in sorted(pathlib.Path(sys.argv[1]).glob("*.safetensors")):
+    with safe_open(shard, framework="pt") as f:
+        for k in f.keys():
+            s = f.get_slice(k)
+            print(k, s.get_dtype(), s.get_shape())
+"""
+
+LIST_PTH = """
+import sys, torch
+sd = torch.load(sys.argv[1], weights_only=True, mmap=sys.argv[2] == "mmap")
+for k, v in sd.items():
+    print(k, v.dtype, tuple(v.shape))
+"""
+
+PTH_TO_SAFETENSORS = """
+import sys, torch
+from safetensors.torch import save_file
+save_file(torch.load(sys.argv[1], weights_only=True), sys.argv[2], metadata={"format": "pt"})
+"""
+
+SAFETENSORS_TO_PTH = """
+import sys, torch
+from safetensors.torch import load_file
+torch.save(load_file(sys.argv[1]), sys.argv[2])
+"""
+
+RENAME = """
+import sys, torch
+sd = torch.load(sys.argv[1], weights_only=True)
+torch.save({k.removeprefix("module."): v for k, v in sd.items()}, sys.argv[2])
+"""
+
+STRIP_HEAD = """
+import sys, torch
+sd = torch.load(sys.argv[1], weights_only=True)
+torch.save({k: v for k, v in sd.items() if ".lm_head." not in "." + k}, sys.argv[2])
+"""
+
+_BUILD = """
+import sys, torch
+sys.path.insert(0, sys.argv[3])
+import models
+dim, layers, vocab, head = map(int, sys.argv[4:8])
+model_state = models.build(dim=dim, layers=layers, vocab=vocab, head=head).state_dict()
+"""
+
+ADAPT = (
+    _BUILD
+    + """
+sd = torch.load(sys.argv[1], weights_only=True)
+out = {}
+for k, v in sd.items():
+    k = k.removeprefix("module.")
+    if k in model_state and model_state[k].shape == v.shape:
+        out[k] = v
+torch.save(out, sys.argv[2])
+"""
+)
+
+DIFF = (
+    _BUILD
+    + """
+sd = {k.removeprefix("module."): v for k, v in torch.load(sys.argv[1], weights_only=True, mmap=True).items()}
+missing = [k for k in model_state if k not in sd]
+unexpected = [k for k in sd if k not in model_state]
+mismatched = [k for k in sd if k in model_state and model_state[k].shape != sd[k].shape]
+print(len(missing), "missing", len(unexpected), "unexpected", len(mismatched), "mismatched")
+"""
+)
+
+COMPARE = """
+import sys, torch
+from safetensors import safe_open
+
+def tensors(path):
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="pt") as f:
+            for k in f.keys():
+                yield k, f.get_tensor(k)
+    else:
+        yield from torch.load(path, weights_only=True, mmap=True).items()
+
+ours, theirs = dict(tensors(sys.argv[1])), dict(tensors(sys.argv[2]))
+if list(ours) != list(theirs) and sorted(ours) != sorted(theirs):
+    sys.exit(f"different names: {sorted(set(ours) ^ set(theirs))[:3]}")
+for k, a in ours.items():
+    b = theirs[k]
+    if a.dtype != b.dtype or a.shape != b.shape:
+        sys.exit(f"{k}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}")
+    if not torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)):
+        sys.exit(f"{k}: different bytes")
+print(f"tensors equal ({len(ours)})")
+"""
