@@ -35,7 +35,7 @@ def _requirements_digest() -> str:
 
 def ensure_environment() -> None:
     """Create .venv and install the package with its test extras, once."""
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 - dev.py runs before anything checks the version
         sys.exit(f"ckptsurgeon needs Python 3.10 or newer; this is {sys.version.split()[0]}")
     wanted = _requirements_digest()
     if STAMP.exists() and STAMP.read_text() == wanted and PYTHON.exists():
@@ -65,8 +65,14 @@ def demo() -> int:
         [ckpt, "adapt", "fixtures/vgg_1000.pth", vgg_target, "-o", str(out / "vgg_2.pth")],
         [ckpt, "diff", str(out / "vgg_2.pth"), vgg_target, "--min-coverage", "90"],
         [ckpt, "diff", "fixtures/resnet_dp_6.pth", "fixtures/models.py:resnet_like(num_classes=2)"],
-        [ckpt, "adapt", "fixtures/resnet_dp_6.pth", "fixtures/models.py:resnet_like(num_classes=2)",
-         "-o", str(out / "resnet_2.safetensors")],
+        [
+            ckpt,
+            "adapt",
+            "fixtures/resnet_dp_6.pth",
+            "fixtures/models.py:resnet_like(num_classes=2)",
+            "-o",
+            str(out / "resnet_2.safetensors"),
+        ],
         [ckpt, "convert", "fixtures/xception_dp_6.pth", "-o", str(out / "xception.safetensors")],
         [ckpt, "inspect", str(out / "xception.safetensors")],
     ]

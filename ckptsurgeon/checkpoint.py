@@ -18,8 +18,19 @@ from .record import TensorRecord
 
 # Entries that usually hold the model's weights, most likely first.
 WEIGHT_KEYS = (
-    "state_dict", "model_state_dict", "model", "module", "net", "network", "model_state",
-    "weights", "params", "state_dict_ema", "model_ema", "ema", "ema_state_dict",
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "module",
+    "net",
+    "network",
+    "model_state",
+    "weights",
+    "params",
+    "state_dict_ema",
+    "model_ema",
+    "ema",
+    "ema_state_dict",
 )
 # Path components that mark optimizer or other training state, never the default weights.
 TRAINING_STATE_MARKERS = ("optim", "scheduler", "lr_sched", "scaler", "loops", "callbacks")
@@ -95,9 +106,7 @@ class Checkpoint:
         node = resolve_key(self.tree, key)
         if node is _MISSING:
             available = ", ".join(repr(c.key) for c in self.candidates()) or "none"
-            raise KeySelectionError(
-                f"{self.path}: no entry {key!r}; entries that hold tensors: {available}"
-            )
+            raise KeySelectionError(f"{self.path}: no entry {key!r}; entries that hold tensors: {available}")
         if isinstance(node, TensorRecord):
             return StateDictCandidate(key, {key.rsplit(".", 1)[-1]: node.renamed(key.rsplit(".", 1)[-1])})
         tensors = dict(_flatten(node, "")) if isinstance(node, Mapping | list | tuple) else {}

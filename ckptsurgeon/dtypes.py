@@ -65,9 +65,15 @@ BY_STORAGE_CLASS: dict[str, DType] = {d.storage_class: d for d in _ALL if d.stor
 
 # Short names accepted on the command line (``--dtype bf16``).
 ALIASES: dict[str, str] = {
-    "fp64": "float64", "f64": "float64", "double": "float64",
-    "fp32": "float32", "f32": "float32", "float": "float32",
-    "fp16": "float16", "f16": "float16", "half": "float16",
+    "fp64": "float64",
+    "f64": "float64",
+    "double": "float64",
+    "fp32": "float32",
+    "f32": "float32",
+    "float": "float32",
+    "fp16": "float16",
+    "f16": "float16",
+    "half": "float16",
     "bf16": "bfloat16",
 }
 

@@ -102,11 +102,10 @@ def _format_values(values: list[int]) -> str:
 
 def _merge_leaves(groups: list[Group], attr: Callable[[str], Hashable]) -> list[Group]:
     """Fold groups whose labels differ only in the last component: ``a.{weight,bias}``."""
-    by_parent: dict[tuple[str, Hashable], list[Group]] = {}
+    by_parent: dict[tuple[str, int, Hashable], list[Group]] = {}
     for group in groups:
-        parent, _, leaf = group.label.rpartition(".")
-        counts = len(group.members)
-        by_parent.setdefault((parent, counts, attr(group.members[0])), []).append(group)
+        parent = group.label.rpartition(".")[0]
+        by_parent.setdefault((parent, len(group.members), attr(group.members[0])), []).append(group)
     merged: list[Group] = []
     for (parent, _count, _attr), siblings in by_parent.items():
         if len(siblings) == 1 or not parent:

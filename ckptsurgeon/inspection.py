@@ -115,11 +115,18 @@ class InspectReport:
                 "devices": self.devices,
             },
             "entries": [
-                {"key": e.key, "kind": e.kind, "tensor_count": e.tensor_count, "bytes": e.nbytes,
-                 "summary": e.summary}
+                {
+                    "key": e.key,
+                    "kind": e.kind,
+                    "tensor_count": e.tensor_count,
+                    "bytes": e.nbytes,
+                    "summary": e.summary,
+                }
                 for e in self.entries
             ],
-            "candidates": [{"key": c.key, "tensor_count": c.count, "bytes": c.nbytes} for c in self.candidates],
+            "candidates": [
+                {"key": c.key, "tensor_count": c.count, "bytes": c.nbytes} for c in self.candidates
+            ],
             "tensors": [
                 {"name": r.name, "dtype": r.dtype, "shape": list(r.shape), "nbytes": r.nbytes}
                 for r in self.tensors
@@ -135,7 +142,9 @@ class InspectReport:
             return dump_json(self.to_json())
         sections = [render_fields(self._summary_fields(), fmt)]
         if self.entries:
-            sections.append(render_table(("entry", "kind", "tensors", "size", "value"), self._entry_rows(), fmt))
+            sections.append(
+                render_table(("entry", "kind", "tensors", "size", "value"), self._entry_rows(), fmt)
+            )
         sections.append(render_table(("name", "dtype", "shape", "size"), self._tensor_rows(show_all), fmt))
         if self.notes:
             sections.append("\n".join(f"note: {n}" for n in self.notes))
@@ -144,8 +153,11 @@ class InspectReport:
     def _summary_fields(self) -> list[tuple[str, str]]:
         fields = [
             ("file", os.fspath(self.path)),
-            ("format", FORMAT_NAMES.get(self.format, self.format)
-             + (f", {len(self.files)} files" if len(self.files) > 1 else "")),
+            (
+                "format",
+                FORMAT_NAMES.get(self.format, self.format)
+                + (f", {len(self.files)} files" if len(self.files) > 1 else ""),
+            ),
             ("file size", human_bytes(self.file_size)),
         ]
         if self.weights.key or len(self.candidates) > 1:
@@ -200,7 +212,9 @@ class InspectReport:
         rows = []
         # torch state dicts are in module order; safetensors headers are sorted by name
         natural = self.format in ("safetensors", "sharded")
-        groups = collapse(list(by_name), attribute=lambda n: (by_name[n].dtype, by_name[n].shape), natural=natural)
+        groups = collapse(
+            list(by_name), attribute=lambda n: (by_name[n].dtype, by_name[n].shape), natural=natural
+        )
         for group in groups:
             rec = by_name[group.members[0]]
             count = len(group.members)

@@ -275,8 +275,13 @@ class TensorRecord:
         shape = tuple(int(d) for d in tensor.shape)
         if tensor.device.type == "meta":
             return cls(name, dtype, shape)
-        return cls(name, dtype, shape, loader=lambda t=tensor: t.detach().to("cpu").contiguous().clone(),
-                   is_parameter=type(tensor).__name__ == "Parameter")
+        return cls(
+            name,
+            dtype,
+            shape,
+            loader=lambda t=tensor: t.detach().to("cpu").contiguous().clone(),
+            is_parameter=type(tensor).__name__ == "Parameter",
+        )
 
 
 def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -62,7 +62,9 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str
         return ""
     from tabulate import tabulate
 
-    return tabulate(rows, headers=list(headers), tablefmt=TABLE_STYLES.get(fmt, "simple"), disable_numparse=True)
+    return tabulate(
+        rows, headers=list(headers), tablefmt=TABLE_STYLES.get(fmt, "simple"), disable_numparse=True
+    )
 
 
 def render_fields(pairs: Sequence[tuple[str, str]], fmt: str = "table") -> str:

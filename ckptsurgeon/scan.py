@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import CkptError, FormatError, InputError, NotAStateDictError
+from .errors import CkptError, FormatError, InputError, NotAStateDictError, UnsafeCheckpointError
 from .formats import ReadOptions, check_input_path, classify_zip_names, detect, open_checkpoint
 from .pickles import PickleError, fix_name
 from .safety import UNSAFE, GlobalVerdict, classify, is_model_class
@@ -366,6 +366,11 @@ def _validated(result: FileScan, options: ReadOptions) -> FileScan:
         )
     except ModuleNotFoundError as exc:  # a reader that is not installed
         result.notes.append(f"structure not checked ({exc.name} is missing)")
+        return result
+    except UnsafeCheckpointError as exc:  # data-only classes the checkpoint readers do not rebuild
+        result.notes.append(
+            f"not opened by ckptsurgeon's readers (they do not rebuild {exc.blocked_globals[0]} ...)"
+        )
         return result
     result.notes.extend(n for n in checkpoint.notes if n not in result.notes)
     result.notes.append("structure checked" + (" (every CRC and byte span)" if options.check else ""))

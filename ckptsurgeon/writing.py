@@ -116,7 +116,7 @@ def _os_error_message(path: Path, exc: OSError) -> str:
     if exc.errno == errno.ENOSPC:
         return f"{path}: no space left on the device; nothing was written, free space and retry"
     if exc.errno == errno.EFBIG:
-        return f"{path}: file too large for this file system or the file-size limit (ulimit -f); nothing was written"
+        return f"{path}: file too large for the file system or the size limit (ulimit -f); nothing written"
     if exc.errno == errno.EDQUOT:
         return f"{path}: disk quota exceeded; nothing was written"
     if exc.errno in (errno.EACCES, errno.EPERM):

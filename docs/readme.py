@@ -70,7 +70,9 @@ def main() -> int:
         if fresh != current:
             import difflib
 
-            diff = difflib.unified_diff(current.splitlines(), fresh.splitlines(), "README.md", "fresh", lineterm="")
+            diff = difflib.unified_diff(
+                current.splitlines(), fresh.splitlines(), "README.md", "fresh", lineterm=""
+            )
             print("\n".join(list(diff)[:80]))
             print("README.md is stale: run `python docs/readme.py`", file=sys.stderr)
             return 1

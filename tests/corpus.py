@@ -320,9 +320,19 @@ def _hostile(b: _Builder) -> None:
     for name, (expr, fragment) in odd.items():
         pkl = state_dict_pickle(("a.weight", tensor_expr()), ("x", expr), proto=4)
         b.add(f"zip_{name}", torch_zip_bytes(pkl), "hostile", UNSAFE, fragment=fragment)
+    expr, fragment = payloads(b.marker("dcp"))["os_system_stack_global"]
+    b.add("dcp_metadata_os_system", lambda p: _dcp_folder(p, b"\x80\x04" + expr + b"."), "hostile", UNSAFE,
+          suffix="", fragment=fragment)
     user = state_dict_pickle(("a.weight", tensor_expr()), ("config", call(glob("mytrainer.config", "TrainConfig"))))
     b.add("zip_custom_user_class", torch_zip_bytes(user), "hostile", UNSAFE, fragment="mytrainer.config")
     b.add("zip_pickled_nn_module", _save_module, "hostile", UNSAFE, fragment="torch.nn")
+
+
+def _dcp_folder(path: Path, metadata: bytes) -> None:
+    """A torch.distributed.checkpoint folder whose ``.metadata`` pickle (torch reads it unrestricted) is hostile."""
+    path.mkdir()
+    (path / ".metadata").write_bytes(metadata)
+    (path / "__0_0.distcp").write_bytes(torch_zip_bytes(VALID_PKL))
 
 
 def _save_module(path: Path) -> None:

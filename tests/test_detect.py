@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REAL
 
 from ckptsurgeon.errors import CkptError, FormatError, InputError, NotAStateDictError
 from ckptsurgeon.formats import detect
-
-from conftest import REAL
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -49,18 +48,18 @@ def test_not_a_checkpoint_is_named(tmp_path: Path, content: bytes, fragment: str
 def test_torchscript_and_export_archives_are_named(tmp_path: Path) -> None:
     model = torch.nn.Linear(2, 2)
     torch.jit.script(model).save(str(tmp_path / "ts.pt"))
-    with pytest.raises(NotAStateDictError, match="TorchScript"):
+    with pytest.raises(NotAStateDictError, match=r"TorchScript"):
         detect(tmp_path / "ts.pt")
     exported = torch.export.export(model, (torch.randn(1, 2),))
     torch.export.save(exported, tmp_path / "ep.pt2")
-    with pytest.raises(NotAStateDictError, match="torch.export"):
+    with pytest.raises(NotAStateDictError, match=r"torch\.export"):
         detect(tmp_path / "ep.pt2")
 
 
 def test_other_zip_is_not_a_checkpoint(tmp_path: Path) -> None:
     with zipfile.ZipFile(tmp_path / "x.zip", "w") as zf:
         zf.writestr("hello.txt", "hi")
-    with pytest.raises(FormatError, match="without data.pkl"):
+    with pytest.raises(FormatError, match=r"without data\.pkl"):
         detect(tmp_path / "x.zip")
 
 

@@ -6,10 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from ckptsurgeon.cli import cli
-
-from conftest import REPO
 
 README = (REPO / "README.md").read_text()
 

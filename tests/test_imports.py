@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REAL, REPO
 
 PROBE = """
@@ -35,7 +34,8 @@ def test_help_imports_nothing_heavy() -> None:
 
 
 @pytest.mark.parametrize(
-    "path", [REAL / "hf_gpt2_tiny" / "model.safetensors", REAL / "hf_gpt2_tiny", REAL / "tinynet_compiled.pth"]
+    "path",
+    [REAL / "hf_gpt2_tiny" / "model.safetensors", REAL / "hf_gpt2_tiny", REAL / "tinynet_compiled.pth"],
 )
 def test_inspect_does_not_import_torch(path: Path) -> None:
     heavy = heavy_modules("inspect", str(path))

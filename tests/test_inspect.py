@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES, REAL, assert_one_line_error, run_cli
 from safetensors.torch import load_file
 
 from ckptsurgeon import inspect
 from ckptsurgeon.formats import ReadOptions
-
-from conftest import FIXTURES, REAL, assert_one_line_error, run_cli
 
 
 def torch_truth(path: Path, key: str | None = None) -> dict[str, torch.Tensor]:
@@ -82,7 +81,12 @@ def test_json_shape(cli) -> None:
     assert data["summary"]["tensor_count"] == 16
     assert data["summary"]["wrapper_prefix"] == "model."
     first = data["tensors"][0]
-    assert first == {"name": "model.features.0.weight", "dtype": "float32", "shape": [16, 3, 3, 3], "nbytes": 1728}
+    assert first == {
+        "name": "model.features.0.weight",
+        "dtype": "float32",
+        "shape": [16, 3, 3, 3],
+        "nbytes": 1728,
+    }
     assert len(data["sha256"]) == 64
     assert {e["key"] for e in data["entries"]} >= {"state_dict", "optimizer_states", "epoch"}
 
@@ -123,9 +127,13 @@ def test_sharded_folder_and_index(tmp_path: Path) -> None:
 
     save_file({"a.weight": torch.ones(2, 2)}, tmp_path / "model-00001-of-00002.safetensors")
     save_file({"b.weight": torch.ones(3)}, tmp_path / "model-00002-of-00002.safetensors")
-    index = {"metadata": {"total_size": 28},
-             "weight_map": {"a.weight": "model-00001-of-00002.safetensors",
-                            "b.weight": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {"total_size": 28},
+        "weight_map": {
+            "a.weight": "model-00001-of-00002.safetensors",
+            "b.weight": "model-00002-of-00002.safetensors",
+        },
+    }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     for target in (tmp_path, tmp_path / "model.safetensors.index.json"):
         report = inspect(target)

@@ -16,8 +16,14 @@ from ._options import make_read_options, output_format, read_options
 @click.option("--hash", "with_hash", is_flag=True, help="Add the file's SHA-256 (reads the whole file).")
 @click.option("--check", is_flag=True, help="Also verify every CRC and byte span (reads the whole file).")
 def COMMAND(
-    path: str, key: str | None, allow_globals: tuple[str, ...], unsafe: bool, output_format: str,
-    show_all: bool, with_hash: bool, check: bool,
+    path: str,
+    key: str | None,
+    allow_globals: tuple[str, ...],
+    unsafe: bool,
+    output_format: str,
+    show_all: bool,
+    with_hash: bool,
+    check: bool,
 ) -> None:
     """Show what a checkpoint holds: tensors, shapes, dtypes, sizes, where the weights are.
 

@@ -169,7 +169,9 @@ def _detect_zip(path: Path) -> str:
             "the download or save did not finish, fetch or save it again"
         ) from None
     except (OSError, ValueError, EOFError, NotImplementedError) as exc:
-        raise FormatError(f"{path}: a damaged zip archive ({exc.__class__.__name__}); fetch or save it again") from None
+        raise FormatError(
+            f"{path}: a damaged zip archive ({exc.__class__.__name__}); fetch or save it again"
+        ) from None
     return classify_zip_names(path, names)
 
 
@@ -182,7 +184,13 @@ def classify_zip_names(path: Path, names: list[str]) -> str:
             f"{path}: a TorchScript archive (torch.jit.save), not a state dict; load it with "
             "torch.jit.load and save model.state_dict() with torch.save"
         )
-    if any(n.endswith("archive_format") or "serialized_exported_program" in n or "/models/" in n and n.endswith(".json") for n in names):
+    if any(
+        n.endswith("archive_format")
+        or "serialized_exported_program" in n
+        or ("/models/" in n
+        and n.endswith(".json"))
+        for n in names
+    ):
         raise NotAStateDictError(
             f"{path}: a torch.export archive (.pt2), not a state dict; load it with torch.export.load "
             "and save exported.state_dict with torch.save"
@@ -190,8 +198,12 @@ def classify_zip_names(path: Path, names: list[str]) -> str:
     if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         return "torch-zip"
     if names and all(n.endswith(".npy") for n in names):
-        raise NotAStateDictError(f"{path}: a NumPy .npz archive, not a PyTorch checkpoint; load it with numpy.load")
-    raise FormatError(f"{path}: a zip archive without data.pkl: not a torch.save checkpoint (or a damaged one)")
+        raise NotAStateDictError(
+            f"{path}: a NumPy .npz archive, not a PyTorch checkpoint; load it with numpy.load"
+        )
+    raise FormatError(
+        f"{path}: a zip archive without data.pkl: not a torch.save checkpoint (or a damaged one)"
+    )
 
 
 def _detect_directory(path: Path) -> str:

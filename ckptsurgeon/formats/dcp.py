@@ -143,7 +143,7 @@ def pickle_globals(data: bytes, where: str) -> list[str]:
 
 
 def scan_metadata(meta_file: Path, options: ReadOptions) -> list[str]:
-    """Scan ``.metadata`` and refuse globals outside the DCP allowlist (unless ``options`` trust them).
+    """Scan ``.metadata`` and refuse globals outside the DCP allowlist (only ``options.unsafe`` overrides).
 
     Example:
         >>> scan_metadata(Path("ckpt/.metadata"), ReadOptions())  # doctest: +SKIP
@@ -152,12 +152,14 @@ def scan_metadata(meta_file: Path, options: ReadOptions) -> list[str]:
     used = pickle_globals(meta_file.read_bytes(), str(meta_file))
     if options.unsafe:
         return used
-    blocked = [g for g in used if g not in options.allow_globals and not is_allowed(g)]
+    # --allow-global is not honoured here: torch unpickles .metadata with full trust, so an
+    # allowed name would really be imported and called (the zip and legacy readers never do).
+    blocked = [g for g in used if not is_allowed(g)]
     if blocked:
         raise UnsafeCheckpointError(
             f"{meta_file}: the DCP metadata pickle would import {', '.join(blocked)}, which are not DCP "
-            "metadata classes; refusing to load it (it could run code). Pass --allow-global NAME for a "
-            "data-only class, or --unsafe-trust-pickle only for a checkpoint you made yourself",
+            "metadata classes; refusing to load it (torch reads this pickle with full trust, so it could "
+            "run code). Only --unsafe-trust-pickle opens it, for a checkpoint you made yourself",
             blocked,
         )
     return used

@@ -314,6 +314,10 @@ class StoragePlan:
             return False
         if not rec.has_data:
             raise OutputError(f"tensor {rec.name or '<unnamed>'}: has no data (built on the meta device)")
+        if rec.dtype not in DTYPES:
+            raise OutputError(
+                f"tensor {rec.name or '<unnamed>'}: dtype {rec.dtype} cannot be written to a .pth"
+            )
         if rec.is_parameter:
             em.save_global("torch._utils", "_rebuild_parameter")
         self._emit_tensor(em, rec)

@@ -1,0 +1,261 @@
+"""Benchmark ``ckpt`` against the plain torch/safetensors recipes, side by side, as whole processes.
+
+Generates transformer-shaped fp32 checkpoints (``.safetensors``, ``.pth``, a sharded folder,
+a file of many small tensors) in a temporary folder, runs each ckptsurgeon command, its plain
+recipe and ``cp`` of the same bytes alternately (``sync`` before each, outputs removed after),
+and prints medians of wall time and peak RSS, the ratios, whether the outputs are identical,
+and each target from issue 5 with PASS/FAIL.
+
+Example:
+    python benchmarks/bench.py                      # tiny: a smoke pass in seconds
+    python benchmarks/bench.py --size 2GiB --many 20000 --repeat 3 --markdown benchmarks/table.md
+    python benchmarks/bench.py --size 10GiB --no-baseline --ops convert-pth,convert-st,rename --repeat 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import recipes  # noqa: E402
+import synth  # noqa: E402
+from table import Row, render_markdown, render_text  # noqa: E402
+
+TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
+PY = sys.executable
+HEAVY = ("torch", "numpy", "tabulate")
+
+
+@dataclass
+class Op:
+    """One row: our command, the plain recipe, and what to compare and check."""
+
+    name: str
+    ours: list[str]
+    baseline: list[str] | None
+    target: str  # "help" | "instant" | "listing" | "stream" | "meta" | "many"
+    cp_src: Path | None = None
+    outputs: tuple[Path, Path] | None = None  # (ours, baseline) to compare
+    startup: list[str] | None = None  # "many": the same command on a one-tensor file
+
+
+@dataclass
+class Sample:
+    walls: list[float] = field(default_factory=list)
+    rss: list[float] = field(default_factory=list)
+
+    def add(self, wall: float, rss: float) -> None:
+        self.walls.append(wall)
+        self.rss.append(rss)
+
+    @property
+    def wall(self) -> float | None:
+        return statistics.median(self.walls) if self.walls else None
+
+    @property
+    def mib(self) -> float | None:
+        return statistics.median(self.rss) if self.rss else None
+
+
+# -- running ---------------------------------------------------------------------------------
+def measure(cmd: list[str], ok_codes: tuple[int, ...] = (0,)) -> tuple[float, float]:
+    """Run ``cmd`` as a child process; return (wall seconds, peak RSS MiB)."""
+    os.sync()  # every run starts with no dirty pages of earlier runs to write back
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
+        full = [TIME, "-v", "-o", report.name, *cmd] if TIME else [PY, "-c", _RUSAGE, *cmd]
+        start = time.perf_counter()
+        proc = subprocess.run(full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wall = time.perf_counter() - start
+        text = report.read() if TIME else proc.stderr
+    if proc.returncode not in ok_codes:
+        raise SystemExit(f"bench: {' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    for line in text.splitlines():
+        if "Maximum resident set size" in line or line.startswith("maxrss "):
+            return wall, int(line.split()[-1]) / 1024
+    raise SystemExit(f"bench: no peak RSS reported for {' '.join(cmd)}")
+
+
+_RUSAGE = """
+import resource, subprocess, sys
+rc = subprocess.run(sys.argv[1:]).returncode
+print("maxrss", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+def heavy_imports(cmd: list[str]) -> list[str]:
+    """Which of torch / numpy / tabulate ``python -X importtime`` sees ``cmd`` import."""
+    proc = subprocess.run([cmd[0], "-X", "importtime", *cmd[1:]], capture_output=True, text=True)
+    names = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
+    return [m for m in HEAVY if m in names]
+
+
+def compare(ours: Path, theirs: Path) -> str:
+    """Load both outputs and compare every tensor bit for bit (a separate process)."""
+    proc = subprocess.run([PY, "-c", recipes.COMPARE, str(ours), str(theirs)], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else f"DIFFERENT: {proc.stderr.strip()[-200:]}"
+
+
+def remove(*paths: Path) -> None:
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def run_op(op: Op, repeat: int, with_baseline: bool) -> Row:
+    """Measure one operation: ours, baseline and cp alternately, ``repeat`` times each."""
+    ours, base, cp, startup = Sample(), Sample(), Sample(), Sample()
+    same = "-"
+    ok = (0, 1) if op.target == "meta" else (0,)
+    ours_out, base_out = op.outputs if op.outputs else (None, None)
+    for i in range(repeat):
+        ours.add(*measure(op.ours, ok))
+        if with_baseline and op.baseline:
+            base.add(*measure(op.baseline))
+            if i == 0 and ours_out is not None and base_out is not None:
+                same = compare(ours_out, base_out)
+        remove(*(p for p in (ours_out, base_out) if p is not None))
+        if op.cp_src is not None:
+            copy = op.cp_src.with_name("cp-copy.bin")
+            cp.add(*measure(["cp", "--reflink=never", str(op.cp_src), str(copy)]))
+            remove(copy)
+        if op.startup is not None:
+            startup.add(*measure(op.startup))
+            remove(*(p for p in (ours_out,) if p is not None))
+    imports = heavy_imports(op.ours) if op.target in ("help", "instant", "listing") else None
+    return Row(op.name, op.target, ours, base if base.walls else None, cp if cp.walls else None,
+               startup if startup.walls else None, same, imports)
+
+
+# -- the workload ----------------------------------------------------------------------------
+@dataclass
+class Files:
+    work: Path
+    arch: synth.Arch
+    st: Path
+    pth: Path
+    shards: Path
+    many: Path
+    one: Path
+    models: Path
+
+
+def generate(work: Path, size: int, many: int, names: set[str]) -> Files:
+    """Write the inputs the selected operations need."""
+    arch = synth.transformer_arch(size)
+    shapes = synth.transformer_shapes(arch)
+    f = Files(work, arch, work / "model.safetensors", work / "model.pth", work / "shards",
+              work / "many.pth", work / "one.pth", work / "models.py")
+    f.models.write_text(synth.MODELS_PY)
+    synth.write_safetensors(f.st, shapes)
+    if names & {"inspect-pth-mmap", "inspect-pth-full", "convert-pth", "rename", "strip-head", "adapt", "diff"}:
+        synth.write_pth(f.st, f.pth)
+    if "inspect-sharded" in names:
+        synth.write_shards(f.shards, shapes, max(size // 4, 1))
+    for path, count in ((f.many, many), (f.one, 1)):
+        if names & {"many-convert", "many-rename"}:
+            tmp = path.with_suffix(".safetensors")
+            synth.write_safetensors(tmp, synth.many_shapes(count))
+            synth.write_pth(tmp, path)
+            remove(tmp)
+    return f
+
+
+def operations(f: Files) -> list[Op]:
+    """Every row of the table, ours vs the plain recipe."""
+    ckpt = [PY, "-m", "ckptsurgeon"]
+    w = f.work
+    o_st, b_st, o_pth, b_pth = w / "ours.safetensors", w / "base.safetensors", w / "ours.pth", w / "base.pth"
+    py = [PY, "-c"]
+    spec = f.arch.call(f.models, head=1000)
+    build = [str(w), str(f.arch.dim), str(f.arch.layers), str(f.arch.vocab), "1000"]
+    return [
+        Op("help", [*ckpt, "--help"], [*py, recipes.IMPORT_TORCH], "help"),
+        Op("inspect-st", [*ckpt, "inspect", str(f.st)], [*py, recipes.LIST_SAFETENSORS, str(f.st)], "instant"),
+        Op("inspect-sharded", [*ckpt, "inspect", str(f.shards)], [*py, recipes.LIST_SHARDED, str(f.shards)],
+           "instant"),
+        Op("inspect-pth-mmap", [*ckpt, "inspect", str(f.pth)], [*py, recipes.LIST_PTH, str(f.pth), "mmap"],
+           "listing"),
+        Op("inspect-pth-full", [*ckpt, "inspect", str(f.pth)], [*py, recipes.LIST_PTH, str(f.pth), "full"],
+           "listing"),
+        Op("convert-pth", [*ckpt, "convert", str(f.pth), "-o", str(o_st)],
+           [*py, recipes.PTH_TO_SAFETENSORS, str(f.pth), str(b_st)], "stream", f.pth, (o_st, b_st)),
+        Op("convert-st", [*ckpt, "convert", str(f.st), "-o", str(o_pth)],
+           [*py, recipes.SAFETENSORS_TO_PTH, str(f.st), str(b_pth)], "stream", f.st, (o_pth, b_pth)),
+        Op("rename", [*ckpt, "rename", str(f.pth), "-o", str(o_pth), "--strip-prefix", "module."],
+           [*py, recipes.RENAME, str(f.pth), str(b_pth)], "stream", f.pth, (o_pth, b_pth)),
+        Op("strip-head", [*ckpt, "strip-head", str(f.pth), "-o", str(o_pth)],
+           [*py, recipes.STRIP_HEAD, str(f.pth), str(b_pth)], "stream", f.pth, (o_pth, b_pth)),
+        Op("adapt", [*ckpt, "adapt", str(f.pth), spec, "-o", str(o_pth)],
+           [*py, recipes.ADAPT, str(f.pth), str(b_pth), *build], "stream", f.pth, (o_pth, b_pth)),
+        Op("diff", [*ckpt, "diff", str(f.pth), spec], [*py, recipes.DIFF, str(f.pth), "-", *build], "meta"),
+        Op("many-convert", [*ckpt, "convert", str(f.many), "-o", str(o_st)],
+           [*py, recipes.PTH_TO_SAFETENSORS, str(f.many), str(b_st)], "many", None, (o_st, b_st),
+           [*ckpt, "convert", str(f.one), "-o", str(o_st)]),
+        Op("many-rename", [*ckpt, "rename", str(f.many), "-o", str(o_pth), "--strip-prefix", "module."],
+           [*py, recipes.RENAME, str(f.many), str(b_pth)], "many", None, (o_pth, b_pth),
+           [*ckpt, "rename", str(f.one), "-o", str(o_pth), "--strip-prefix", "module."]),
+    ]
+
+
+OP_NAMES = ("help", "inspect-st", "inspect-sharded", "inspect-pth-mmap", "inspect-pth-full", "convert-pth",
+            "convert-st", "rename", "strip-head", "adapt", "diff", "many-convert", "many-rename")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="16MiB", help="bytes of fp32 parameters (e.g. 16MiB, 2GiB, 10GiB)")
+    p.add_argument("--many", type=int, default=2000, help="tensors in the many-small-tensors file")
+    p.add_argument("--repeat", type=int, default=3, help="runs per command; the median is shown")
+    p.add_argument("--ops", default=",".join(OP_NAMES), help="comma-separated subset of: " + ", ".join(OP_NAMES))
+    p.add_argument("--no-baseline", action="store_true", help="skip the plain recipes (e.g. at 10GiB)")
+    p.add_argument("--workdir", type=Path, default=None, help="where to generate (default: a temp folder)")
+    p.add_argument("--keep", action="store_true", help="keep the generated files")
+    p.add_argument("--markdown", type=Path, default=None, help="also write the table as markdown here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = {n.strip() for n in args.ops.split(",") if n.strip()}
+    unknown = names - set(OP_NAMES)
+    if unknown:
+        raise SystemExit(f"bench: unknown operation(s) {', '.join(sorted(unknown))}; choose from {OP_NAMES}")
+    size = synth.parse_size(args.size)
+    work = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.workdir))
+    try:
+        started = time.perf_counter()
+        files = generate(work, size, args.many, names)
+        print(f"generated {args.size} ({files.arch}) and {args.many} small tensors in {work} "
+              f"in {time.perf_counter() - started:.1f} s; load: {os.getloadavg()[0]:.2f}", file=sys.stderr)
+        rows = []
+        for op in operations(files):
+            if op.name in names:
+                print(f"running {op.name} ...", file=sys.stderr)
+                rows.append(run_op(op, args.repeat, not args.no_baseline))
+    finally:
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    title = f"{args.size} fp32 ({files.arch.layers} layers, dim {files.arch.dim}), {args.many} small tensors"
+    print(render_text(rows, title))
+    if args.markdown is not None:
+        args.markdown.write_text(render_markdown(rows, title) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The benchmark's table: one row per operation, with issue 5's target and PASS/FAIL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+HEADERS = ("operation", "ours s", "ours MiB", "recipe s", "recipe MiB", "speed-up", "÷ cp", "outputs",
+           "target", "result")
+
+
+@dataclass
+class Row:
+    """Medians for one operation (``Sample`` objects from bench.py) and what was checked."""
+
+    name: str
+    target: str
+    ours: Any
+    base: Any | None
+    cp: Any | None
+    startup: Any | None
+    same: str
+    imports: list[str] | None
+
+    @property
+    def speedup(self) -> float | None:
+        return self.base.wall / self.ours.wall if self.base is not None else None
+
+    @property
+    def vs_cp(self) -> float | None:
+        return self.ours.wall / self.cp.wall if self.cp is not None else None
+
+
+def check(row: Row) -> tuple[str, bool]:
+    """The target of issue 5 for this row, as text, and whether this run meets it."""
+    wall, mib, speed = row.ours.wall, row.ours.mib, row.speedup
+    heavy = row.imports or []
+    if row.target == "help":
+        return "<0.3 s, <64 MiB, no torch/tabulate", wall < 0.3 and mib < 64 and not heavy
+    if row.target == "instant":
+        ok = wall < 0.3 and mib < 64 and "torch" not in heavy and (speed is None or speed >= 20)
+        return "<0.3 s, <64 MiB, ≥20×, no torch", ok
+    if row.target == "listing":
+        return "≥10×, no torch", "torch" not in heavy and (speed is None or speed >= 10)
+    if row.target == "stream":
+        ok = mib <= 300 and (row.vs_cp is None or row.vs_cp <= 1.25)
+        return "≤1.25× cp, ≤300 MiB", ok
+    if row.target == "meta":
+        return "≤300 MiB (meta device)", mib <= 300
+    if row.target == "many":
+        limit = row.startup.wall + 1.0
+        return f"≤ start-up {row.startup.wall:.2f} s + 1 s", wall <= limit
+    raise ValueError(f"unknown target kind {row.target!r}")
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def cells(row: Row) -> list[str]:
+    target, ok = check(row)
+    outputs = row.same
+    if row.imports is not None:
+        outputs = "imports " + ("+".join(row.imports) if row.imports else "none of torch/numpy/tabulate")
+    return [
+        row.name,
+        _num(row.ours.wall),
+        _num(row.ours.mib, 0),
+        _num(row.base.wall if row.base else None),
+        _num(row.base.mib if row.base else None, 0),
+        "-" if row.speedup is None else f"{row.speedup:.1f}×",
+        "-" if row.vs_cp is None else f"{row.vs_cp:.2f} ({row.cp.wall:.2f} s)",
+        outputs,
+        target,
+        "PASS" if ok else "FAIL",
+    ]
+
+
+def render_text(rows: list[Row], title: str) -> str:
+    """An aligned plain-text table.
+
+    Example:
+        >>> print(render_text([], "empty"))   # doctest: +ELLIPSIS
+        empty
+        operation ...
+    """
+    body = [list(HEADERS)] + [cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in body) for i in range(len(HEADERS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in body]
+    return "\n".join([title, lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def render_markdown(rows: list[Row], title: str) -> str:
+    """The same table as markdown (for benchmarks/RESULTS.md)."""
+    lines = [f"**{title}**", "", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
