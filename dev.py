@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -50,7 +51,8 @@ def ensure_environment() -> None:
 
 
 def run(*args: str) -> int:
-    print("$ " + " ".join(args), flush=True)
+    shown = [Path(args[0]).name if Path(args[0]).parent == BIN else args[0], *args[1:]]
+    print("$ " + shlex.join(shown), flush=True)
     return subprocess.run(list(args), cwd=ROOT).returncode
 
 
