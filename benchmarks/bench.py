@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import recipes  # noqa: E402
-import synth  # noqa: E402
-from table import Row, render_markdown, render_text  # noqa: E402
+import recipes
+import synth
+from table import Row, render_markdown, render_text
 
 TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 PY = sys.executable
@@ -96,7 +96,9 @@ sys.exit(rc)
 def heavy_imports(cmd: list[str]) -> list[str]:
     """Which of torch / numpy / tabulate ``python -X importtime`` sees ``cmd`` import."""
     proc = subprocess.run([cmd[0], "-X", "importtime", *cmd[1:]], capture_output=True, text=True)
-    names = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
+    names = {
+        line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")
+    }
     return [m for m in HEAVY if m in names]
 
 
@@ -135,8 +137,16 @@ def run_op(op: Op, repeat: int, with_baseline: bool) -> Row:
             startup.add(*measure(op.startup))
             remove(*(p for p in (ours_out,) if p is not None))
     imports = heavy_imports(op.ours) if op.target in ("help", "instant", "listing") else None
-    return Row(op.name, op.target, ours, base if base.walls else None, cp if cp.walls else None,
-               startup if startup.walls else None, same, imports)
+    return Row(
+        op.name,
+        op.target,
+        ours,
+        base if base.walls else None,
+        cp if cp.walls else None,
+        startup if startup.walls else None,
+        same,
+        imports,
+    )
 
 
 # -- the workload ----------------------------------------------------------------------------
@@ -156,11 +166,19 @@ def generate(work: Path, size: int, many: int, names: set[str]) -> Files:
     """Write the inputs the selected operations need."""
     arch = synth.transformer_arch(size)
     shapes = synth.transformer_shapes(arch)
-    f = Files(work, arch, work / "model.safetensors", work / "model.pth", work / "shards",
-              work / "many.pth", work / "one.pth", work / "models.py")
+    f = Files(
+        work,
+        arch,
+        work / "model.safetensors",
+        work / "model.pth",
+        work / "shards",
+        work / "many.pth",
+        work / "one.pth",
+        work / "models.py",
+    )
     f.models.write_text(synth.MODELS_PY)
     synth.write_safetensors(f.st, shapes)
-    if names & {"inspect-pth-mmap", "inspect-pth-full", "convert-pth", "rename", "strip-head", "adapt", "diff"}:
+    if names & NEEDS_PTH:
         synth.write_pth(f.st, f.pth)
     if "inspect-sharded" in names:
         synth.write_shards(f.shards, shapes, max(size // 4, 1))
@@ -183,35 +201,105 @@ def operations(f: Files) -> list[Op]:
     build = [str(w), str(f.arch.dim), str(f.arch.layers), str(f.arch.vocab), "1000"]
     return [
         Op("help", [*ckpt, "--help"], [*py, recipes.IMPORT_TORCH], "help"),
-        Op("inspect-st", [*ckpt, "inspect", str(f.st)], [*py, recipes.LIST_SAFETENSORS, str(f.st)], "instant"),
-        Op("inspect-sharded", [*ckpt, "inspect", str(f.shards)], [*py, recipes.LIST_SHARDED, str(f.shards)],
-           "instant"),
-        Op("inspect-pth-mmap", [*ckpt, "inspect", str(f.pth)], [*py, recipes.LIST_PTH, str(f.pth), "mmap"],
-           "listing"),
-        Op("inspect-pth-full", [*ckpt, "inspect", str(f.pth)], [*py, recipes.LIST_PTH, str(f.pth), "full"],
-           "listing"),
-        Op("convert-pth", [*ckpt, "convert", str(f.pth), "-o", str(o_st)],
-           [*py, recipes.PTH_TO_SAFETENSORS, str(f.pth), str(b_st)], "stream", f.pth, (o_st, b_st)),
-        Op("convert-st", [*ckpt, "convert", str(f.st), "-o", str(o_pth)],
-           [*py, recipes.SAFETENSORS_TO_PTH, str(f.st), str(b_pth)], "stream", f.st, (o_pth, b_pth)),
-        Op("rename", [*ckpt, "rename", str(f.pth), "-o", str(o_pth), "--strip-prefix", "module."],
-           [*py, recipes.RENAME, str(f.pth), str(b_pth)], "stream", f.pth, (o_pth, b_pth)),
-        Op("strip-head", [*ckpt, "strip-head", str(f.pth), "-o", str(o_pth)],
-           [*py, recipes.STRIP_HEAD, str(f.pth), str(b_pth)], "stream", f.pth, (o_pth, b_pth)),
-        Op("adapt", [*ckpt, "adapt", str(f.pth), spec, "-o", str(o_pth)],
-           [*py, recipes.ADAPT, str(f.pth), str(b_pth), *build], "stream", f.pth, (o_pth, b_pth)),
+        Op(
+            "inspect-st", [*ckpt, "inspect", str(f.st)], [*py, recipes.LIST_SAFETENSORS, str(f.st)], "instant"
+        ),
+        Op(
+            "inspect-sharded",
+            [*ckpt, "inspect", str(f.shards)],
+            [*py, recipes.LIST_SHARDED, str(f.shards)],
+            "instant",
+        ),
+        Op(
+            "inspect-pth-mmap",
+            [*ckpt, "inspect", str(f.pth)],
+            [*py, recipes.LIST_PTH, str(f.pth), "mmap"],
+            "listing",
+        ),
+        Op(
+            "inspect-pth-full",
+            [*ckpt, "inspect", str(f.pth)],
+            [*py, recipes.LIST_PTH, str(f.pth), "full"],
+            "listing",
+        ),
+        Op(
+            "convert-pth",
+            [*ckpt, "convert", str(f.pth), "-o", str(o_st)],
+            [*py, recipes.PTH_TO_SAFETENSORS, str(f.pth), str(b_st)],
+            "stream",
+            f.pth,
+            (o_st, b_st),
+        ),
+        Op(
+            "convert-st",
+            [*ckpt, "convert", str(f.st), "-o", str(o_pth)],
+            [*py, recipes.SAFETENSORS_TO_PTH, str(f.st), str(b_pth)],
+            "stream",
+            f.st,
+            (o_pth, b_pth),
+        ),
+        Op(
+            "rename",
+            [*ckpt, "rename", str(f.pth), "-o", str(o_pth), "--strip-prefix", "module."],
+            [*py, recipes.RENAME, str(f.pth), str(b_pth)],
+            "stream",
+            f.pth,
+            (o_pth, b_pth),
+        ),
+        Op(
+            "strip-head",
+            [*ckpt, "strip-head", str(f.pth), "-o", str(o_pth)],
+            [*py, recipes.STRIP_HEAD, str(f.pth), str(b_pth)],
+            "stream",
+            f.pth,
+            (o_pth, b_pth),
+        ),
+        Op(
+            "adapt",
+            [*ckpt, "adapt", str(f.pth), spec, "-o", str(o_pth)],
+            [*py, recipes.ADAPT, str(f.pth), str(b_pth), *build],
+            "stream",
+            f.pth,
+            (o_pth, b_pth),
+        ),
         Op("diff", [*ckpt, "diff", str(f.pth), spec], [*py, recipes.DIFF, str(f.pth), "-", *build], "meta"),
-        Op("many-convert", [*ckpt, "convert", str(f.many), "-o", str(o_st)],
-           [*py, recipes.PTH_TO_SAFETENSORS, str(f.many), str(b_st)], "many", None, (o_st, b_st),
-           [*ckpt, "convert", str(f.one), "-o", str(o_st)]),
-        Op("many-rename", [*ckpt, "rename", str(f.many), "-o", str(o_pth), "--strip-prefix", "module."],
-           [*py, recipes.RENAME, str(f.many), str(b_pth)], "many", None, (o_pth, b_pth),
-           [*ckpt, "rename", str(f.one), "-o", str(o_pth), "--strip-prefix", "module."]),
+        Op(
+            "many-convert",
+            [*ckpt, "convert", str(f.many), "-o", str(o_st)],
+            [*py, recipes.PTH_TO_SAFETENSORS, str(f.many), str(b_st)],
+            "many",
+            None,
+            (o_st, b_st),
+            [*ckpt, "convert", str(f.one), "-o", str(o_st)],
+        ),
+        Op(
+            "many-rename",
+            [*ckpt, "rename", str(f.many), "-o", str(o_pth), "--strip-prefix", "module."],
+            [*py, recipes.RENAME, str(f.many), str(b_pth)],
+            "many",
+            None,
+            (o_pth, b_pth),
+            [*ckpt, "rename", str(f.one), "-o", str(o_pth), "--strip-prefix", "module."],
+        ),
     ]
 
 
-OP_NAMES = ("help", "inspect-st", "inspect-sharded", "inspect-pth-mmap", "inspect-pth-full", "convert-pth",
-            "convert-st", "rename", "strip-head", "adapt", "diff", "many-convert", "many-rename")
+NEEDS_PTH = {"inspect-pth-mmap", "inspect-pth-full", "convert-pth", "rename", "strip-head", "adapt", "diff"}
+OP_NAMES = (
+    "help",
+    "inspect-st",
+    "inspect-sharded",
+    "inspect-pth-mmap",
+    "inspect-pth-full",
+    "convert-pth",
+    "convert-st",
+    "rename",
+    "strip-head",
+    "adapt",
+    "diff",
+    "many-convert",
+    "many-rename",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -219,7 +307,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", default="16MiB", help="bytes of fp32 parameters (e.g. 16MiB, 2GiB, 10GiB)")
     p.add_argument("--many", type=int, default=2000, help="tensors in the many-small-tensors file")
     p.add_argument("--repeat", type=int, default=3, help="runs per command; the median is shown")
-    p.add_argument("--ops", default=",".join(OP_NAMES), help="comma-separated subset of: " + ", ".join(OP_NAMES))
+    p.add_argument(
+        "--ops", default=",".join(OP_NAMES), help="comma-separated subset of: " + ", ".join(OP_NAMES)
+    )
     p.add_argument("--no-baseline", action="store_true", help="skip the plain recipes (e.g. at 10GiB)")
     p.add_argument("--workdir", type=Path, default=None, help="where to generate (default: a temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the generated files")
@@ -238,8 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         started = time.perf_counter()
         files = generate(work, size, args.many, names)
-        print(f"generated {args.size} ({files.arch}) and {args.many} small tensors in {work} "
-              f"in {time.perf_counter() - started:.1f} s; load: {os.getloadavg()[0]:.2f}", file=sys.stderr)
+        print(
+            f"generated {args.size} ({files.arch}) and {args.many} small tensors in {work} "
+            f"in {time.perf_counter() - started:.1f} s; load: {os.getloadavg()[0]:.2f}",
+            file=sys.stderr,
+        )
         rows = []
         for op in operations(files):
             if op.name in names:

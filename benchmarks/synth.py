@@ -14,10 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BLOCK_BYTES = 16 * 2**20
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "kib": 2**10,
+    "m": 10**6,
+    "mb": 10**6,
+    "mib": 2**20,
+    "g": 10**9,
+    "gb": 10**9,
+    "gib": 2**30,
+}
 
-MODELS_PY = '''"""The benchmark's architecture: state_dict names match the synthetic checkpoint (minus module.)."""
+MODELS_PY = '''"""The benchmark's architecture: state_dict names are the synthetic file's, minus module."""
 from torch import nn
 
 

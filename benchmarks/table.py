@@ -5,8 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-HEADERS = ("operation", "ours s", "ours MiB", "recipe s", "recipe MiB", "speed-up", "÷ cp", "outputs",
-           "target", "result")
+HEADERS = (
+    "operation",
+    "ours s",
+    "ours MiB",
+    "recipe s",
+    "recipe MiB",
+    "speed-up",
+    "÷ cp",
+    "outputs",
+    "target",
+    "result",
+)
 
 
 @dataclass

@@ -73,7 +73,7 @@ def build_architecture(spec: str) -> Target:
 
     guard = _NetworkGuard()
     try:
-        with guard, torch.device("meta"):
+        with guard, torch.device("meta"), _skip_meta_init():
             model = _Builder(spec, files).call(tree.body)
     except CkptError:
         raise
@@ -88,6 +88,49 @@ def build_architecture(spec: str) -> Target:
     if not isinstance(model, torch.nn.Module):
         raise TargetError(f"{spec}: the call returned a {type(model).__name__}, not a torch.nn.Module")
     return target_from_module(model, spec, "architecture")
+
+
+# In-place ops that only change values (and every torch.nn.init function): on a meta tensor they
+# compute nothing, but torch runs some through Python references that import torch._dynamo on
+# first use (about 1 s).
+_VALUE_ONLY_INIT_OPS = (
+    "normal_",
+    "erfinv_",
+    "clamp_",
+    "clamp_min_",
+    "clamp_max_",
+    "exponential_",
+    "log_normal_",
+    "cauchy_",
+    "geometric_",
+    "random_",
+)
+
+
+def _skip_meta_init() -> Any:
+    """A torch function mode in which weight-init ops on meta tensors return at once.
+
+    Example:
+        >>> with torch.device("meta"), _skip_meta_init():          # doctest: +SKIP
+        ...     torch.nn.Embedding(10, 4).weight.shape
+        torch.Size([10, 4])
+    """
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    init = torch.nn.init
+    skipped = {getattr(torch.Tensor, name) for name in _VALUE_ONLY_INIT_OPS}
+    skipped |= {getattr(init, n) for n in dir(init) if n.endswith("_") and not n.startswith("_")}
+
+    class SkipMetaInit(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            first = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes keywords
+            if func in skipped and getattr(first, "is_meta", False):
+                return first
+            return func(*args, **kwargs)
+
+    return SkipMetaInit()
 
 
 def _replace_file_callees(spec: str) -> tuple[str, dict[str, Path]]:

@@ -82,9 +82,67 @@ def cli() -> None:
     """
 
 
-for _name in COMMAND_MODULES:
-    _module = importlib.import_module(f"ckptsurgeon.commands.{_name}")
-    cli.add_command(_module.COMMAND)
+class _LazyCommands(dict):  # type: ignore[type-arg]
+    """``cli.commands``, importing a command's module only when that command is looked up.
+
+    ``ckpt inspect`` then imports nothing the other commands need; listing or iterating
+    (``--help``, tests) imports every module first.
+
+    Example:
+        >>> "inspect" in _LazyCommands(("inspect",))
+        True
+    """
+
+    def __init__(self, modules: tuple[str, ...]) -> None:
+        super().__init__()
+        self._pending = {m.replace("_", "-"): m for m in modules}
+
+    def _load(self, module: str) -> None:
+        command = importlib.import_module(f"ckptsurgeon.commands.{module}").COMMAND
+        dict.__setitem__(self, command.name, command)
+
+    def _load_all(self) -> None:
+        while self._pending:
+            self._load(self._pending.popitem()[1])
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        module = self._pending.pop(name, None)
+        if module is not None:
+            self._load(module)
+        if not dict.__contains__(self, name):
+            self._load_all()  # a command not named like its module
+        return dict.get(self, name, default)
+
+    def __getitem__(self, name: str) -> Any:
+        self._load_all()
+        return dict.__getitem__(self, name)
+
+    def __contains__(self, name: object) -> bool:
+        self._load_all()
+        return dict.__contains__(self, name)
+
+    def __iter__(self) -> Any:
+        self._load_all()
+        return dict.__iter__(self)
+
+    def __len__(self) -> int:
+        self._load_all()
+        return dict.__len__(self)
+
+    def keys(self) -> Any:
+        self._load_all()
+        return dict.keys(self)
+
+    def values(self) -> Any:
+        self._load_all()
+        return dict.values(self)
+
+    def items(self) -> Any:
+        self._load_all()
+        return dict.items(self)
+
+
+cli.commands = _LazyCommands(COMMAND_MODULES)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,6 +24,9 @@ def check_output_path(path: Path, *, force: bool) -> None:
         raise OutputError(f"{path}: is a folder; name an output file")
     if os.path.lexists(path) and not force:
         raise OutputError(f"{path}: already exists; pass --force to overwrite it")
+    if os.path.lexists(path) and not os.path.islink(path) and not path.is_file():
+        # --force must never rename a file over a device or a pipe (think -o /dev/null as root)
+        raise OutputError(f"{path}: exists and is not a regular file (a device or a pipe); name a file")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"{path}: the folder {parent} does not exist")

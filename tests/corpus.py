@@ -57,7 +57,15 @@ def glob(module: str, name: str) -> bytes:
 
 def stack_glob(module: str, name: str) -> bytes:
     """STACK_GLOBAL (protocol 4+): module and name come from the stack."""
-    return b"\x8c" + bytes([len(module)]) + module.encode() + b"\x8c" + bytes([len(name)]) + name.encode() + b"\x93"
+    return (
+        b"\x8c"
+        + bytes([len(module)])
+        + module.encode()
+        + b"\x8c"
+        + bytes([len(name)])
+        + name.encode()
+        + b"\x93"
+    )
 
 
 def call(func: bytes, *args: bytes) -> bytes:
@@ -75,13 +83,26 @@ def state_dict_pickle(*entries: tuple[str, bytes], proto: int = 2) -> bytes:
     return b"\x80" + bytes([proto]) + b"}" + body + b"."
 
 
-def tensor_expr(key: str = "0", numel: int = 4, offset: int = 0, shape: tuple[int, ...] = (2, 2),
-                stride: tuple[int, ...] = (2, 1), storage: str = "FloatStorage") -> bytes:
+def tensor_expr(
+    key: str = "0",
+    numel: int = 4,
+    offset: int = 0,
+    shape: tuple[int, ...] = (2, 2),
+    stride: tuple[int, ...] = (2, 1),
+    storage: str = "FloatStorage",
+) -> bytes:
     """``torch._utils._rebuild_tensor_v2`` with a persistent-id storage, as torch.save writes it."""
     persid = tup(s("storage"), glob("torch", storage), s(key), s("cpu"), n(numel)) + b"Q"
     hooks = call(glob("collections", "OrderedDict"))
-    return call(glob("torch._utils", "_rebuild_tensor_v2"), persid, n(offset),
-                tup(*map(n, shape)), tup(*map(n, stride)), b"\x89", hooks)
+    return call(
+        glob("torch._utils", "_rebuild_tensor_v2"),
+        persid,
+        n(offset),
+        tup(*map(n, shape)),
+        tup(*map(n, stride)),
+        b"\x89",
+        hooks,
+    )
 
 
 def payloads(marker: Path) -> dict[str, tuple[bytes, str]]:
@@ -96,15 +117,25 @@ def payloads(marker: Path) -> dict[str, tuple[bytes, str]]:
         "os_system_stack_global": (call(stack_glob("os", "system"), s(sh)), "system"),
         "exec_global": (call(glob("builtins", "exec"), s(f"open({m!r}, 'w').close()")), "exec"),
         "exec_stack_global": (call(stack_glob("builtins", "exec"), s(f"open({m!r}, 'w').close()")), "exec"),
-        "eval_py2_builtin": (call(glob("__builtin__", "eval"), s(f"__import__('os').system({sh!r})")), "eval"),
-        "subprocess_list": (call(glob("subprocess", "check_call"), b"](" + s("touch") + s(m) + b"e"), "subprocess"),
+        "eval_py2_builtin": (
+            call(glob("__builtin__", "eval"), s(f"__import__('os').system({sh!r})")),
+            "eval",
+        ),
+        "subprocess_list": (
+            call(glob("subprocess", "check_call"), b"](" + s("touch") + s(m) + b"e"),
+            "subprocess",
+        ),
         "getattr_import": (call(call(glob("builtins", "getattr"), imp, s("system")), s(sh)), "getattr"),
         "inst_opcode": (b"(" + s(sh) + b"ios\nsystem\n", "system"),
         # STACK_GLOBAL whose last two pushed strings are a harmless name, popped before it runs
-        "stack_global_pop_trick": (call(os_sys + stack_glob("collections", "OrderedDict")[:-1] + b"00\x93", s(sh)),
-                                   "system"),
-        "stack_global_mark_trick": (call(os_sys + b"(" + s("collections") + s("OrderedDict") + b"1\x93", s(sh)),
-                                    "system"),
+        "stack_global_pop_trick": (
+            call(os_sys + stack_glob("collections", "OrderedDict")[:-1] + b"00\x93", s(sh)),
+            "system",
+        ),
+        "stack_global_mark_trick": (
+            call(os_sys + b"(" + s("collections") + s("OrderedDict") + b"1\x93", s(sh)),
+            "system",
+        ),
         "obj_opcode": (b"(" + glob("os", "system") + s(sh) + b"o", "system"),
     }
 
@@ -128,16 +159,21 @@ def st_bytes(header: dict | bytes, data: bytes = b"", length: int | None = None)
 
 
 def st_valid_header(**extra: object) -> dict:
-    header: dict = {"a.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
-                    "a.bias": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]},
-                    "__metadata__": {"format": "pt"}}
+    header: dict = {
+        "a.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+        "a.bias": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]},
+        "__metadata__": {"format": "pt"},
+    }
     header.update(extra)
     return header
 
 
 def _entry(dtype: object = "F32", shape: object = (2,), offsets: object = (16, 24)) -> dict:
-    return {"dtype": dtype, "shape": list(shape) if isinstance(shape, tuple) else shape,
-            "data_offsets": list(offsets) if isinstance(offsets, tuple) else offsets}
+    return {
+        "dtype": dtype,
+        "shape": list(shape) if isinstance(shape, tuple) else shape,
+        "data_offsets": list(offsets) if isinstance(offsets, tuple) else offsets,
+    }
 
 
 # -- the corpus -------------------------------------------------------------------------------
@@ -152,8 +188,15 @@ class _Builder:
             self.markers.mkdir(exist_ok=True)
         self.cases: list[Case] = []
 
-    def add(self, name: str, data: bytes | Callable[[Path], object] | None, category: str,
-            kind: str = MALFORMED, suffix: str = ".pth", **kw: object) -> Path:
+    def add(
+        self,
+        name: str,
+        data: bytes | Callable[[Path], object] | None,
+        category: str,
+        kind: str = MALFORMED,
+        suffix: str = ".pth",
+        **kw: object,
+    ) -> Path:
         path = self.inputs / f"{name}{suffix}"
         if self.dry:
             pass
@@ -189,10 +232,18 @@ def _misc(b: _Builder) -> None:
         b.add(f"random_{size}", bytes(rng.getrandbits(8) for _ in range(size)), "misc", suffix=".bin")
     b.add("pickle_header_then_garbage", b"\x80\x02" + bytes(rng.getrandbits(8) for _ in range(300)), "misc")
     b.add("zip_magic_then_garbage", b"PK\x03\x04" + bytes(rng.getrandbits(8) for _ in range(300)), "misc")
-    b.add("git_lfs_pointer", b"version https://git-lfs.github.com/spec/v1\noid sha256:"
-          + b"ab" * 32 + b"\nsize 4404\n", "misc", fragment="git-lfs")
-    b.add("html_page", b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>403</body></html>\n",
-          "misc", fragment="HTML")
+    b.add(
+        "git_lfs_pointer",
+        b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"ab" * 32 + b"\nsize 4404\n",
+        "misc",
+        fragment="git-lfs",
+    )
+    b.add(
+        "html_page",
+        b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>403</body></html>\n",
+        "misc",
+        fragment="HTML",
+    )
 
 
 def _filesystem(b: _Builder) -> None:
@@ -230,8 +281,12 @@ def _torch_zip(b: _Builder) -> None:
     good = _valid_zip_bytes()
     start, size = _member_span(good, "data/0")
     cd = good.find(b"PK\x01\x02")
-    for name, cut in (("header_only", 40), ("mid_data", start + size // 2),
-                      ("before_central_dir", cd), ("last_10_missing", len(good) - 10)):
+    for name, cut in (
+        ("header_only", 40),
+        ("mid_data", start + size // 2),
+        ("before_central_dir", cd),
+        ("last_10_missing", len(good) - 10),
+    ):
         b.add(f"zip_truncated_{name}", good[:cut], "torch-zip")
     flipped = bytearray(good)
     flipped[start + 100] ^= 0xFF
@@ -239,21 +294,34 @@ def _torch_zip(b: _Builder) -> None:
     zips = {
         "zip_pkl_bad_opcode": torch_zip_bytes(b"\x80\x02}\xff\xfe."),
         "zip_pkl_truncated": torch_zip_bytes(VALID_PKL[: len(VALID_PKL) // 2]),
-        "zip_pkl_bad_utf8": torch_zip_bytes(b"\x80\x02}X\x04\x00\x00\x00\xff\xfe\xfd\xfc" + tensor_expr() + b"s."),
+        "zip_pkl_bad_utf8": torch_zip_bytes(
+            b"\x80\x02}X\x04\x00\x00\x00\xff\xfe\xfd\xfc" + tensor_expr() + b"s."
+        ),
         "zip_pkl_empty": torch_zip_bytes(b""),
         "zip_without_data_pkl": torch_zip_bytes(None),
         "zip_storage_smaller_than_tensor": torch_zip_bytes(VALID_PKL, {"0": bytes(8)}),
         "zip_storage_member_missing": torch_zip_bytes(state_dict_pickle(("a.weight", tensor_expr("7")))),
-        "zip_storage_key_escapes": torch_zip_bytes(state_dict_pickle(("a.weight", tensor_expr("../../version")))),
-        "zip_tensor_offset_past_storage": torch_zip_bytes(state_dict_pickle(("a.weight", tensor_expr(offset=3)))),
-        "zip_tensor_negative_shape": torch_zip_bytes(state_dict_pickle(("a.weight", tensor_expr(shape=(-2, 2))))),
+        "zip_storage_key_escapes": torch_zip_bytes(
+            state_dict_pickle(("a.weight", tensor_expr("../../version")))
+        ),
+        "zip_tensor_offset_past_storage": torch_zip_bytes(
+            state_dict_pickle(("a.weight", tensor_expr(offset=3)))
+        ),
+        "zip_tensor_negative_shape": torch_zip_bytes(
+            state_dict_pickle(("a.weight", tensor_expr(shape=(-2, 2))))
+        ),
         "zip_tensor_huge_shape": torch_zip_bytes(
-            state_dict_pickle(("a.weight", tensor_expr(shape=(2**31 - 1, 2**31 - 1), stride=(2**31 - 1, 1))))),
+            state_dict_pickle(("a.weight", tensor_expr(shape=(2**31 - 1, 2**31 - 1), stride=(2**31 - 1, 1))))
+        ),
         "zip_persid_not_tuple": torch_zip_bytes(state_dict_pickle(("a.weight", s("storage") + b"Q"))),
     }
     for name, data in zips.items():
         b.add(name, data, "torch-zip")
-    for name, field, value in (("version_needed_99", 6, 99), ("encrypted_flag", 8, 1), ("unknown_compression", 10, 99)):
+    for name, field, value in (
+        ("version_needed_99", 6, 99),
+        ("encrypted_flag", 8, 1),
+        ("unknown_compression", 10, 99),
+    ):
         b.add(f"zip_data_pkl_{name}", _patch_headers(good, "data.pkl", field, value), "torch-zip")
     b.add("zip_data_pkl_deflate_corrupt", _deflated_corrupt(), "torch-zip")
 
@@ -294,7 +362,9 @@ def torch_zip_bytes(pickle_bytes: bytes | None, storages: dict[str, bytes] | Non
     members = {"byteorder": b"little", "version": b"3\n"}
     if pickle_bytes is not None:
         members["data.pkl"] = pickle_bytes
-    members.update({f"data/{k}": v for k, v in (storages if storages is not None else {"0": bytes(16)}).items()})
+    members.update(
+        {f"data/{k}": v for k, v in (storages if storages is not None else {"0": bytes(16)}).items()}
+    )
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
         for name, data in members.items():
             zf.writestr(f"archive/{name}", data)
@@ -308,10 +378,30 @@ def _hostile(b: _Builder) -> None:
         pkl = state_dict_pickle(("a.weight", tensor_expr()), ("evil", expr), proto=proto)
         # a static scan cannot name a global whose strings were shuffled on the stack: it says so
         scan_fragment = "<computed>" if "trick" in name else None
-        b.add(f"zip_{name}", torch_zip_bytes(pkl), "hostile", UNSAFE, fragment=fragment, scan_fragment=scan_fragment)
-    for name in ("os_system_global", "os_system_stack_global", "exec_global", "subprocess_list", "inst_opcode"):
+        b.add(
+            f"zip_{name}",
+            torch_zip_bytes(pkl),
+            "hostile",
+            UNSAFE,
+            fragment=fragment,
+            scan_fragment=scan_fragment,
+        )
+    for name in (
+        "os_system_global",
+        "os_system_stack_global",
+        "exec_global",
+        "subprocess_list",
+        "inst_opcode",
+    ):
         expr, fragment = payloads(b.marker("bare"))[name]
-        b.add(f"bare_pickle_{name}", b"\x80\x04" + expr + b".", "hostile", UNSAFE, suffix=".pkl", fragment=fragment)
+        b.add(
+            f"bare_pickle_{name}",
+            b"\x80\x04" + expr + b".",
+            "hostile",
+            UNSAFE,
+            suffix=".pkl",
+            fragment=fragment,
+        )
     # globals a scanner could misread: an EXT code, an unknown storage class
     odd = {
         "ext_opcode": (b"\x82\x07", "extension"),
@@ -321,15 +411,23 @@ def _hostile(b: _Builder) -> None:
         pkl = state_dict_pickle(("a.weight", tensor_expr()), ("x", expr), proto=4)
         b.add(f"zip_{name}", torch_zip_bytes(pkl), "hostile", UNSAFE, fragment=fragment)
     expr, fragment = payloads(b.marker("dcp"))["os_system_stack_global"]
-    b.add("dcp_metadata_os_system", lambda p: _dcp_folder(p, b"\x80\x04" + expr + b"."), "hostile", UNSAFE,
-          suffix="", fragment=fragment)
-    user = state_dict_pickle(("a.weight", tensor_expr()), ("config", call(glob("mytrainer.config", "TrainConfig"))))
+    b.add(
+        "dcp_metadata_os_system",
+        lambda p: _dcp_folder(p, b"\x80\x04" + expr + b"."),
+        "hostile",
+        UNSAFE,
+        suffix="",
+        fragment=fragment,
+    )
+    user = state_dict_pickle(
+        ("a.weight", tensor_expr()), ("config", call(glob("mytrainer.config", "TrainConfig")))
+    )
     b.add("zip_custom_user_class", torch_zip_bytes(user), "hostile", UNSAFE, fragment="mytrainer.config")
     b.add("zip_pickled_nn_module", _save_module, "hostile", UNSAFE, fragment="torch.nn")
 
 
 def _dcp_folder(path: Path, metadata: bytes) -> None:
-    """A torch.distributed.checkpoint folder whose ``.metadata`` pickle (torch reads it unrestricted) is hostile."""
+    """A DCP folder with a hostile ``.metadata`` (torch unpickles it with full trust)."""
     path.mkdir()
     (path / ".metadata").write_bytes(metadata)
     (path / "__0_0.distcp").write_bytes(torch_zip_bytes(VALID_PKL))
@@ -350,11 +448,23 @@ def _legacy(b: _Builder) -> None:
     b.add("legacy_bad_magic", b"\x80\x02\x8a\x02\x39\x05." + data[14:], "legacy")
     expr, fragment = payloads(b.marker("legacy"))["os_system_global"]
     keys = b"\x80\x02]."  # the (empty) storage key list: the file is well formed, only hostile
-    b.add("legacy_os_system", legacy_prefix() + state_dict_pickle(("evil", expr)) + keys, "hostile", UNSAFE,
-          suffix=".pt", fragment=fragment)
+    b.add(
+        "legacy_os_system",
+        legacy_prefix() + state_dict_pickle(("evil", expr)) + keys,
+        "hostile",
+        UNSAFE,
+        suffix=".pt",
+        fragment=fragment,
+    )
     expr, fragment = payloads(b.marker("legacy_magic"))["exec_stack_global"]
-    b.add("legacy_exec_in_magic_pickle", b"\x80\x04" + expr + b"." + legacy_prefix(magic=False), "hostile", UNSAFE,
-          suffix=".pt", fragment=fragment)
+    b.add(
+        "legacy_exec_in_magic_pickle",
+        b"\x80\x04" + expr + b"." + legacy_prefix(magic=False),
+        "hostile",
+        UNSAFE,
+        suffix=".pt",
+        fragment=fragment,
+    )
 
 
 def _safetensors(b: _Builder) -> None:
@@ -362,29 +472,44 @@ def _safetensors(b: _Builder) -> None:
     bad = {
         "st_length_past_eof": st_bytes(st_valid_header(), data, length=10_000),
         "st_length_over_cap": st_bytes(st_valid_header(), data, length=200 * 1024 * 1024),
-        "st_header_not_utf8": st_bytes(b'{"a.w\xff\xfeight": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}}',
-                                       bytes(4)),
+        "st_header_not_utf8": st_bytes(
+            b'{"a.w\xff\xfeight": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}}', bytes(4)
+        ),
         "st_header_not_json": st_bytes(b'{"a.weight": {"dtype": "F32", "shape": [2, 2], ', data),
         "st_header_json_list": st_bytes(b"[1, 2, 3]", data),
         "st_entry_not_object": st_bytes({"a.weight": 5}, data),
-        "st_duplicate_key": st_bytes(b'{"a.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}, '
-                                     b'"a.bias": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}, '
-                                     b'"a.weight": {"dtype": "I32", "shape": [4], "data_offsets": [0, 16]}}', data),
+        "st_duplicate_key": st_bytes(
+            b'{"a.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}, '
+            b'"a.bias": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}, '
+            b'"a.weight": {"dtype": "I32", "shape": [4], "data_offsets": [0, 16]}}',
+            data,
+        ),
         "st_unknown_dtype": st_bytes(st_valid_header(**{"a.bias": _entry(dtype="F33")}), data),
         "st_shape_offsets_mismatch": st_bytes(st_valid_header(**{"a.bias": _entry(shape=(3,))}), data),
-        "st_offsets_out_of_bounds": st_bytes(st_valid_header(**{"a.bias": _entry(shape=(12,), offsets=(16, 64))}),
-                                             data),
-        "st_offsets_overlap": st_bytes(st_valid_header(**{"a.bias": _entry(shape=(4,), offsets=(8, 24))}), data),
+        "st_offsets_out_of_bounds": st_bytes(
+            st_valid_header(**{"a.bias": _entry(shape=(12,), offsets=(16, 64))}), data
+        ),
+        "st_offsets_overlap": st_bytes(
+            st_valid_header(**{"a.bias": _entry(shape=(4,), offsets=(8, 24))}), data
+        ),
         "st_offsets_gap": st_bytes(st_valid_header(**{"a.bias": _entry(offsets=(20, 28))}), bytes(28)),
         "st_data_not_covered": st_bytes(st_valid_header(), bytes(32)),
-        "st_offsets_reversed": st_bytes(st_valid_header(**{"a.bias": _entry(shape=(0,), offsets=(24, 16))}), data),
+        "st_offsets_reversed": st_bytes(
+            st_valid_header(**{"a.bias": _entry(shape=(0,), offsets=(24, 16))}), data
+        ),
         "st_negative_shape": st_bytes(st_valid_header(**{"a.bias": _entry(shape=(-2,))}), data),
         "st_negative_offset": st_bytes(st_valid_header(**{"a.bias": _entry(offsets=(-8, 0))}), data),
-        "st_shape_overflow": st_bytes(st_valid_header(**{"a.bias": _entry(shape=(2**62, 2**62, 2**62))}), data),
+        "st_shape_overflow": st_bytes(
+            st_valid_header(**{"a.bias": _entry(shape=(2**62, 2**62, 2**62))}), data
+        ),
         "st_shape_not_ints": st_bytes(st_valid_header(**{"a.bias": _entry(shape=["2"])}), data),
         "st_metadata_not_str": st_bytes(st_valid_header(__metadata__={"format": "pt", "epoch": 3}), data),
-        "st_missing_data_offsets": st_bytes(st_valid_header(**{"a.bias": {"dtype": "F32", "shape": [2]}}), data),
-        "st_missing_dtype": st_bytes(st_valid_header(**{"a.bias": {"shape": [2], "data_offsets": [16, 24]}}), data),
+        "st_missing_data_offsets": st_bytes(
+            st_valid_header(**{"a.bias": {"dtype": "F32", "shape": [2]}}), data
+        ),
+        "st_missing_dtype": st_bytes(
+            st_valid_header(**{"a.bias": {"shape": [2], "data_offsets": [16, 24]}}), data
+        ),
         "st_truncated_data": st_bytes(st_valid_header(), bytes(20)),
     }
     for name, raw in bad.items():
@@ -396,26 +521,41 @@ def _sharded(b: _Builder) -> None:
     if not b.dry:  # a valid file outside every folder, that an escaping index would reach
         (b.root / "outside.safetensors").write_bytes(shard)
 
-    def folder(name: str, weight_map: object, index: bytes | None = None,
-               index_name: str = "model.safetensors.index.json") -> None:
+    def folder(
+        name: str,
+        weight_map: object,
+        index: bytes | None = None,
+        index_name: str = "model.safetensors.index.json",
+    ) -> None:
         def make(path: Path) -> None:
             path.mkdir()
             (path / "model-00001-of-00002.safetensors").write_bytes(shard)
-            raw = index if index is not None else json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
+            raw = (
+                index
+                if index is not None
+                else json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
+            )
             (path / index_name).write_bytes(raw)
 
         b.add(name, make, "sharded", suffix="")
 
     first = "model-00001-of-00002.safetensors"
     folder("shard_missing", {"a.weight": first, "a.bias": "model-00002-of-00002.safetensors"})
-    folder("shard_escapes_folder", {"a.weight": first, "a.bias": "../../outside.safetensors"}, )
+    folder(
+        "shard_escapes_folder",
+        {"a.weight": first, "a.bias": "../../outside.safetensors"},
+    )
     folder("shard_absolute_path", {"a.weight": first, "a.bias": str(b.root / "outside.safetensors")})
     folder("shard_index_not_json", {}, index=b'{"weight_map": {"a.weight": ')
     folder("shard_index_not_object", {}, index=b'["model-00001-of-00002.safetensors"]')
     folder("shard_weight_map_not_dict", ["a.weight"])
     folder("shard_name_not_in_shard", {"a.weight": first, "a.bias": first})
-    folder("shard_bin_missing", {"a.weight": "pytorch_model-00001-of-00002.bin"},
-           index_name="pytorch_model.bin.index.json")
+    folder("shard_name_too_long", {"a.weight": "x" * 5000 + ".safetensors"})
+    folder(
+        "shard_bin_missing",
+        {"a.weight": "pytorch_model-00001-of-00002.bin"},
+        index_name="pytorch_model.bin.index.json",
+    )
 
 
 def _archives(b: _Builder) -> None:
@@ -459,8 +599,12 @@ def write_valid(path: Path, prefix: str = "a.", classes: int = 10) -> Path:
     import torch
 
     g = torch.Generator().manual_seed(0)
-    sd = {"features.0.weight": torch.randn(4, 3, 3, 3, generator=g), "features.0.bias": torch.randn(4, generator=g),
-          "fc.weight": torch.randn(classes, 4, generator=g), "fc.bias": torch.randn(classes, generator=g)}
+    sd = {
+        "features.0.weight": torch.randn(4, 3, 3, 3, generator=g),
+        "features.0.bias": torch.randn(4, generator=g),
+        "fc.weight": torch.randn(classes, 4, generator=g),
+        "fc.bias": torch.randn(classes, generator=g),
+    }
     torch.save({prefix + k: v for k, v in sd.items()}, path)
     return path
 

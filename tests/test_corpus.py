@@ -63,15 +63,22 @@ def run_guarded(args: list[str], may_hang: bool) -> CliResult:
     if not may_hang:
         return run_cli(*args)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "ckptsurgeon", *map(str, args)], capture_output=True,
-                          text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckptsurgeon", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
     return CliResult(proc.returncode, proc.stdout, proc.stderr, None)
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 @pytest.mark.parametrize("name", [c.name for c in CASES])
-def test_corpus_case(corpus: tuple[Path, dict[str, Case]], target: Path, tmp_path: Path, name: str,
-                     command: str) -> None:
+def test_corpus_case(
+    corpus: tuple[Path, dict[str, Case]], target: Path, tmp_path: Path, name: str, command: str
+) -> None:
     click_command = command_or_skip(command)
     root, cases = corpus
     case = cases[name]
@@ -93,21 +100,30 @@ def test_corpus_case(corpus: tuple[Path, dict[str, Case]], target: Path, tmp_pat
     if expected == 2:
         assert len(lines) == 1 and lines[0].startswith("ckpt: error: "), result.stderr
     fragment = case.scan_fragment if command == "scan" and case.scan_fragment is not None else case.fragment
-    assert fragment.lower() in (result.stderr + result.stdout).lower(), (fragment, result.stdout, result.stderr)
+    assert fragment.lower() in (result.stderr + result.stdout).lower(), (
+        fragment,
+        result.stdout,
+        result.stderr,
+    )
     assert fingerprint(case.path) == before, "the input was modified"
     assert list(tmp_path.iterdir()) == [], "an output or temporary file was left behind"
     assert list((root / "markers").iterdir()) == [], "a payload ran"
 
 
 @pytest.mark.parametrize("name", [c.name for c in CASES if c.kind == UNSAFE])
-def test_allow_global_never_runs_code(corpus: tuple[Path, dict[str, Case]], tmp_path: Path, name: str) -> None:
+def test_allow_global_never_runs_code(
+    corpus: tuple[Path, dict[str, Case]], tmp_path: Path, name: str
+) -> None:
     """Allowing every global a hostile file names still imports and calls nothing (placeholders only)."""
     command_or_skip("scan")
     root, cases = corpus
     report = json.loads(run_cli("scan", cases[name].path, "--format", "json").stdout)
     names = {g["name"] for f in report["files"] for g in f["globals"] if g["kind"] == "unsafe"}
     allow = [arg for n in sorted(names) for arg in ("--allow-global", n)]
-    for args in (["inspect", cases[name].path], ["convert", cases[name].path, "-o", tmp_path / "o.safetensors"]):
+    for args in (
+        ["inspect", cases[name].path],
+        ["convert", cases[name].path, "-o", tmp_path / "o.safetensors"],
+    ):
         result = run_cli(*args, *allow)
         assert result.exception is None, repr(result.exception)
         assert "internal error" not in result.stderr, result.stderr
@@ -115,11 +131,43 @@ def test_allow_global_never_runs_code(corpus: tuple[Path, dict[str, Case]], tmp_
         assert list((root / "markers").iterdir()) == [], "a payload ran"
 
 
+@pytest.mark.parametrize("command", ["diff", "adapt"])
+@pytest.mark.parametrize("name", [c.name for c in CASES if c.kind == UNSAFE])
+def test_hostile_targets_are_refused(
+    corpus: tuple[Path, dict[str, Case]], tmp_path: Path, name: str, command: str
+) -> None:
+    """A hostile file given as the diff/adapt TARGET is refused the same way, and runs nothing."""
+    command_or_skip(command)
+    root, cases = corpus
+    src = write_valid(tmp_path / "src.pth")
+    out = tmp_path / "out"
+    out.mkdir()
+    args = (
+        ["diff", src, cases[name].path]
+        if command == "diff"
+        else ["adapt", src, cases[name].path, "-o", out / "o.pth"]
+    )
+    result = run_cli(*args)
+    assert result.exception is None, repr(result.exception)
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert len(result.stderr.splitlines()) == 1 and "internal error" not in result.stderr, result.stderr
+    assert list(out.iterdir()) == []
+    assert list((root / "markers").iterdir()) == [], "a payload ran"
+
+
 def test_corpus_covers_every_category() -> None:
     names = [c.name for c in CASES]
     assert len(names) == len(set(names)) >= 40
-    assert {c.category for c in CASES} >= {"misc", "filesystem", "torch-zip", "hostile", "legacy", "safetensors",
-                                          "sharded", "archive"}
+    assert {c.category for c in CASES} >= {
+        "misc",
+        "filesystem",
+        "torch-zip",
+        "hostile",
+        "legacy",
+        "safetensors",
+        "sharded",
+        "archive",
+    }
     assert sum(c.kind == UNSAFE for c in CASES) >= 10
     assert all(c.kind in (UNSAFE, MALFORMED) for c in CASES)
 
@@ -133,7 +181,7 @@ def test_corpus_files_exist(corpus: tuple[Path, dict[str, Case]]) -> None:
 
 @pytest.mark.parametrize("payload", list(payloads(Path("/m"))))
 def test_payloads_really_run_under_plain_pickle(tmp_path: Path, payload: str) -> None:
-    """The hostile expressions are live: plain ``pickle.loads`` creates the marker (so the corpus can fail)."""
+    """The payloads are live: plain ``pickle.loads`` creates the marker (so the corpus tests can fail)."""
     marker = tmp_path / "MARKER"
     expr, _ = payloads(marker)[payload]
     proto = b"\x04" if "stack" in payload else b"\x02"
@@ -153,7 +201,7 @@ def test_reference_safetensors_accepts_only_the_duplicate_key(corpus: tuple[Path
         try:
             with safetensors.safe_open(str(case.path), "np") as fh:
                 [fh.get_tensor(k) for k in fh.keys()]  # noqa: SIM118 (safe_open is not a dict)
-        except Exception:  # noqa: BLE001 (any refusal will do)
+        except Exception:  # any refusal will do
             continue
         accepted.append(case.name)
     assert accepted == ["st_duplicate_key"]
@@ -207,7 +255,7 @@ def test_scan_calls_a_dcp_folder_safe(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_commands_accept_a_valid_input(tmp_path: Path, target: Path, command: str) -> None:
-    """The control: the same arguments on a valid file succeed, so the corpus failures are the inputs' fault."""
+    """The control: the same arguments succeed on a valid file, so corpus failures are the inputs' fault."""
     command_or_skip(command)
     src = write_valid(tmp_path / "src.pth")
     out = tmp_path / "out"

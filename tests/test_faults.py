@@ -83,7 +83,9 @@ def test_full_disk_tmpfs_sharded(tmp_path: Path, small_disk: Path) -> None:
     extra, name = SHARDED
     out = small_disk / name
     result = run_cli("convert", src, "-o", out, "--to", "safetensors", *extra)
-    assert_clean_failure(result.exit_code, result.stderr, out if out.exists() else small_disk, "no space left")
+    assert_clean_failure(
+        result.exit_code, result.stderr, out if out.exists() else small_disk, "no space left"
+    )
 
 
 def run_limited(args: list[str], limit: int, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -96,7 +98,9 @@ def run_limited(args: list[str], limit: int, cwd: Path) -> subprocess.CompletedP
         f"main({[str(a) for a in args]!r})\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=cwd, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=cwd, env=env
+    )
 
 
 @pytest.mark.parametrize("command", list(WRITES))
@@ -122,7 +126,7 @@ def load_any(path: Path) -> dict[str, object]:
 
 @pytest.mark.parametrize("command", list(WRITES))
 def test_concurrent_writers_leave_one_complete_output(tmp_path: Path, command: str) -> None:
-    """Two processes write different data to the same output with --force: the result is one of them, whole."""
+    """Two processes write different data to one output with --force: the result is one of them, whole."""
     require(command)
     extra, name = WRITES[command]
     sources = [make_source(tmp_path / f"src{i}.pth", seed=i, mib=4) for i in range(2)]
@@ -131,8 +135,13 @@ def test_concurrent_writers_leave_one_complete_output(tmp_path: Path, command: s
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for _round in range(3):
         procs = [
-            subprocess.Popen([sys.executable, "-m", "ckptsurgeon", command, str(src), "-o", str(out), "--force", *extra],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            subprocess.Popen(
+                [sys.executable, "-m", "ckptsurgeon", command, str(src), "-o", str(out), "--force", *extra],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
             for src in sources
         ]
         results = [(p.wait(timeout=180), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
@@ -155,3 +164,18 @@ def _equal(a: dict[str, object], b: dict[str, object]) -> bool:
     with contextlib.suppress(Exception):
         return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)  # type: ignore[arg-type]
     return False
+
+
+@pytest.mark.parametrize("command", list(WRITES))
+def test_force_never_replaces_a_pipe(tmp_path: Path, command: str) -> None:
+    """``-o`` naming a FIFO (or a device, such as /dev/null) is refused even with --force."""
+    require(command)
+    src = make_source(tmp_path / "src.pth", mib=1)
+    extra, name = WRITES[command]
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    result = run_cli(command, src, "-o", fifo, "--force", *extra)
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "not a regular file" in result.stderr
+    assert fifo.is_fifo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "src.pth"])

@@ -56,8 +56,12 @@ def state_dicts(draw: st.DrawFn) -> dict[str, Any]:
         if bases and draw(st.booleans()):
             base = draw(st.sampled_from(bases))
             view = draw(st.sampled_from(("slice", "same", "transpose", "flat")))
-            sd[name] = {"slice": lambda b: b[1:], "same": lambda b: b, "flat": lambda b: b.reshape(-1),
-                        "transpose": lambda b: b.transpose(0, -1)}[view](base)
+            sd[name] = {
+                "slice": lambda b: b[1:],
+                "same": lambda b: b,
+                "flat": lambda b: b.reshape(-1),
+                "transpose": lambda b: b.transpose(0, -1),
+            }[view](base)
         else:
             sd[name] = draw(tensors())
     return sd
@@ -239,3 +243,71 @@ def test_mutated_files_never_crash(seed: str, command: str, mutation: tuple[Any,
         assert result.exit_code in (0, 1, 2) and "internal error" not in result.stderr, result.stderr
         if result.exit_code == 2:
             assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+# -- our safetensors reader is at least as strict as the reference ------------------------------
+ODD = st.sampled_from([None, "2", 2.5, -1, [], {}])
+ENTRY = st.fixed_dictionaries(
+    {
+        "dtype": st.one_of(st.sampled_from(["F32", "F16", "BF16", "I64", "I8", "U8", "BOOL", "F33"]), ODD),
+        "shape": st.one_of(st.lists(st.integers(-1, 4), max_size=3), ODD),
+        "data_offsets": st.one_of(st.lists(st.integers(-1, 40), min_size=2, max_size=2), ODD),
+    }
+)
+RANDOM_HEADER = st.dictionaries(
+    st.sampled_from(["a", "b", "c.d", "__metadata__"]), ENTRY, min_size=1, max_size=3
+)
+ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@st.composite
+def near_valid(draw: st.DrawFn) -> tuple[dict[str, Any], int]:
+    """A valid header and data length, then (usually) one small fault: the edge the checks must hold."""
+    names = draw(st.lists(st.sampled_from(["a", "b", "c.d", "e"]), min_size=1, max_size=4, unique=True))
+    header: dict[str, Any] = {}
+    pos = 0
+    for name in names:
+        dtype = draw(st.sampled_from(sorted(ITEMSIZE)))
+        shape = draw(st.lists(st.integers(0, 3), max_size=2))
+        size = ITEMSIZE[dtype] * int(torch.Size(shape).numel())
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [pos, pos + size]}
+        pos += size
+    fault = draw(st.sampled_from(["none", "start", "end", "dtype", "shape", "data", "meta"]))
+    entry = header[draw(st.sampled_from(names))]
+    delta = draw(st.sampled_from([-2, -1, 1, 2]))
+    if fault in ("start", "end"):
+        entry["data_offsets"][0 if fault == "start" else 1] += delta
+    elif fault == "dtype":
+        entry["dtype"] = draw(st.sampled_from(sorted(ITEMSIZE)))
+    elif fault == "shape":
+        entry["shape"] = [*entry["shape"], 2]
+    elif fault == "meta":
+        header["__metadata__"] = draw(st.sampled_from([{"format": "pt"}, {"format": 1}, {"n": None}, []]))
+    return header, max(0, pos + (delta if fault == "data" else 0))
+
+
+HEADER = st.one_of(st.tuples(RANDOM_HEADER, st.integers(0, 48)), near_valid())
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=HEADER)
+def test_safetensors_reader_is_at_least_as_strict_as_the_reference(case: tuple[dict[str, Any], int]) -> None:
+    """Whatever our header reader accepts, safetensors accepts too; what it refuses is one CkptError."""
+    import json
+    import struct
+
+    header, data_len = case
+
+    safetensors = pytest.importorskip("safetensors")
+    from ckptsurgeon.errors import CkptError
+
+    raw = json.dumps(header).encode()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "x.safetensors"
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(data_len))
+        try:
+            open_checkpoint(path).candidates()
+        except CkptError:
+            return
+        with safetensors.safe_open(str(path), "pt") as fh:  # must not raise: we accepted the file
+            [fh.get_tensor(k) for k in fh.keys()]  # noqa: SIM118 (safe_open is not a dict)

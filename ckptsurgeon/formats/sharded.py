@@ -204,12 +204,13 @@ def _outside(index: Path, shard: str, why: str) -> FormatError:
 
 
 def _check_shards_exist(index: Path, paths: Mapping[str, Path], groups: Mapping[str, list[str]]) -> None:
-    missing = [shard for shard, path in paths.items() if not path.is_file()]
+    # os.path.isfile, not Path.is_file: it is False (not an OSError) for a name that is too long
+    missing = [shard for shard, path in paths.items() if not os.path.isfile(path)]
     if not missing:
         return
     shard = missing[0]
     more = f" (and {len(missing) - 1} more shard(s) are missing)" if len(missing) > 1 else ""
-    what = "is not a file" if paths[shard].exists() else "is missing"
+    what = "is not a file" if os.path.exists(paths[shard]) else "is missing"
     raise FormatError(
         f"{index}: shard {shard} {what}; it holds {len(groups[shard])} of the "
         f"{sum(map(len, groups.values()))} tensors{more}; download the missing shard(s) into {index.parent}"
