@@ -117,12 +117,14 @@ class Checkpoint:
     # -- everything else --------------------------------------------------------------------
     def top_level(self, weights_key: str | None = None) -> list[TopLevelEntry]:
         """Each top-level entry with its tensor count and bytes (empty when the root is the state dict)."""
-        if not isinstance(self.tree, Mapping) or weights_key == "":
+        if not isinstance(self.tree, Mapping) or (weights_key == "" and _is_state_dict(self.tree)):
             return []
         chosen_root = (weights_key or "").split(".", 1)[0]
         entries = []
         for raw_key, value in self.tree.items():
             key = str(raw_key)
+            if weights_key == "" and isinstance(value, TensorRecord):
+                continue  # one of the weights themselves, listed in the tensor table
             records = [r for _, r in _flatten(value, "")]
             if key == chosen_root:
                 kind = "weights"
@@ -139,13 +141,12 @@ class Checkpoint:
 def choose_weights(candidates: list[StateDictCandidate]) -> StateDictCandidate:
     """Pick the weights the way a user expects: the root if it is a state dict, then a known
     key (``state_dict``, ``model`` ...), then the largest dict that is not optimizer state."""
-    for cand in candidates:
-        if cand.key == "":
-            return cand
-    for name in WEIGHT_KEYS:
-        for cand in candidates:
-            if cand.key == name:
-                return cand
+    root = next((c for c in candidates if c.key == ""), None)
+    known = next((c for name in WEIGHT_KEYS for c in candidates if c.key == name), None)
+    if root is not None and (known is None or root.count > known.count):
+        return root
+    if known is not None:
+        return known
     for name in WEIGHT_KEYS:
         for cand in candidates:
             if cand.key.rsplit(".", 1)[-1] == name and not cand.is_training_state:
@@ -225,7 +226,11 @@ def _find_candidates(node: Any, path: str) -> Iterator[StateDictCandidate]:
         yield StateDictCandidate(path, dict(_flatten(node, "")))
         return
     if isinstance(node, Mapping):
-        children = ((str(k), v) for k, v in node.items())
+        # a state dict saved beside plain values ({"fc.weight": t, "epoch": 3}): its tensors count
+        direct = {k: v.renamed(k) for k, v in node.items() if isinstance(k, str) and isinstance(v, TensorRecord)}
+        if direct:
+            yield StateDictCandidate(path, direct)
+        children = ((str(k), v) for k, v in node.items() if not isinstance(v, TensorRecord))
     elif isinstance(node, list | tuple):
         children = ((str(i), v) for i, v in enumerate(node))
     else:

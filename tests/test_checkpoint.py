@@ -113,3 +113,10 @@ def test_grouping_and_natural_order() -> None:
     assert [g.label for g in collapse(resnet)] == ["layer{1..4}.{0,1}.bn1.weight"]
     leaves = collapse(["conv1.weight", "conv1.bias", "fc.weight"], merge_leaves=True)
     assert [g.label for g in leaves] == ["conv1.{bias,weight}", "fc.weight"]
+
+
+def test_state_dict_saved_beside_plain_values() -> None:
+    ckpt = make({"fc.weight": rec(2, 3), "fc.bias": rec(2), "epoch": 3, "optimizer": {"state": {0: {"m": rec(8)}}}})
+    weights = ckpt.weights()
+    assert weights.key == "" and list(weights.tensors) == ["fc.weight", "fc.bias"]
+    assert [(e.key, e.kind) for e in ckpt.top_level("")] == [("epoch", "value"), ("optimizer", "optimizer")]
