@@ -231,6 +231,14 @@ def operations(f: Files) -> list[Op]:
             (o_st, b_st),
         ),
         Op(
+            "convert-pth-noverify",
+            [*ckpt, "convert", str(f.pth), "-o", str(o_st), "--no-verify"],
+            [*py, recipes.PTH_TO_SAFETENSORS, str(f.pth), str(b_st)],
+            "stream",
+            f.pth,
+            (o_st, b_st),
+        ),
+        Op(
             "convert-st",
             [*ckpt, "convert", str(f.st), "-o", str(o_pth)],
             [*py, recipes.SAFETENSORS_TO_PTH, str(f.st), str(b_pth)],
@@ -284,7 +292,16 @@ def operations(f: Files) -> list[Op]:
     ]
 
 
-NEEDS_PTH = {"inspect-pth-mmap", "inspect-pth-full", "convert-pth", "rename", "strip-head", "adapt", "diff"}
+NEEDS_PTH = {
+    "inspect-pth-mmap",
+    "inspect-pth-full",
+    "convert-pth",
+    "convert-pth-noverify",
+    "rename",
+    "strip-head",
+    "adapt",
+    "diff",
+}
 OP_NAMES = (
     "help",
     "inspect-st",
@@ -292,6 +309,7 @@ OP_NAMES = (
     "inspect-pth-mmap",
     "inspect-pth-full",
     "convert-pth",
+    "convert-pth-noverify",
     "convert-st",
     "rename",
     "strip-head",

@@ -47,11 +47,12 @@ def check(row: Row) -> tuple[str, bool]:
     heavy = row.imports or []
     if row.target == "help":
         return "<0.3 s, <64 MiB, no torch/tabulate", wall < 0.3 and mib < 64 and not heavy
+    unchecked = " (no recipe run: × unchecked)" if speed is None else ""
     if row.target == "instant":
         ok = wall < 0.3 and mib < 64 and "torch" not in heavy and (speed is None or speed >= 20)
-        return "<0.3 s, <64 MiB, ≥20×, no torch", ok
+        return "<0.3 s, <64 MiB, ≥20×, no torch" + unchecked, ok
     if row.target == "listing":
-        return "≥10×, no torch", "torch" not in heavy and (speed is None or speed >= 10)
+        return "≥10×, no torch" + unchecked, "torch" not in heavy and (speed is None or speed >= 10)
     if row.target == "stream":
         ok = mib <= 300 and (row.vs_cp is None or row.vs_cp <= 1.25)
         return "≤1.25× cp, ≤300 MiB", ok

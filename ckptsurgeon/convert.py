@@ -365,10 +365,40 @@ def _write_single(payload: Any, options: WriteOptions, kind: str) -> Path:
 
             write_torchzip(payload, sink, archive_name=_archive_name(out))
         fh.flush()
-        if options.verify:
-            _verify_open_file(fh, payload, out)
+        with _syncing(fh):
+            if options.verify:
+                _verify_open_file(fh, payload, out)
     FD_CACHE.forget(out)  # the path now names the new file; cached descriptors see the old one
     return out
+
+
+@contextlib.contextmanager
+def _syncing(fh: BinaryIO) -> Iterator[None]:
+    """fsync ``fh`` in a background thread while the body runs (verification reads the page cache
+    meanwhile), so atomic_output's own fsync finds nothing left to write. An error is re-raised.
+
+    Example:
+        >>> with _syncing(fh):                                        # doctest: +SKIP
+        ...     verify(...)
+    """
+    import threading
+
+    errors: list[OSError] = []
+
+    def run() -> None:
+        try:
+            os.fsync(fh.fileno())
+        except OSError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="ckpt-fsync", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 def _write_sharded(tensors: dict[str, TensorRecord], options: WriteOptions, fmt: str) -> list[Path]:

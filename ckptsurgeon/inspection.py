@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -259,6 +258,8 @@ def inspect(
 
 def _sha256_files(files: Sequence[Path]) -> str:
     """SHA-256 of a file (or of the concatenation of shard files, in name order)."""
+    import hashlib  # only for --hash: its OpenSSL module costs ~5 ms of start-up
+
     digest = hashlib.sha256()
     for file in natural_sorted(os.fspath(f) for f in files):
         with open(file, "rb") as fh:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from ..dtypes import DTYPES
 from ..errors import FormatError, OutputError
 from ..pickles import Emitter, PickleError
-from ..record import CHUNK_SIZE, Storage, TensorRecord, contiguous_stride
+from ..record import CHUNK_SIZE, FileSpan, Storage, TensorRecord, contiguous_stride
 from ..safety import GlobalRef
 from .legacy import (
     StorageSlot,
@@ -260,7 +260,7 @@ def _write_member(
     zf: zipfile.ZipFile,
     fh: BinaryIO,
     name: str,
-    chunks: Iterable[bytes],
+    chunks: Iterable[bytes | memoryview],
     *,
     nbytes: int | None = None,
     align: bool = True,
@@ -283,12 +283,23 @@ def _write_member(
     info.extra = b""  # the padding is only needed in the local header
     if written != size:
         raise OutputError(f"{name}: wrote {written} bytes, expected {size}")
+    if isinstance(chunks, FileSpan):
+        chunks.remember_crc(info.CRC)  # zip computed it: verification need not read the span again
 
 
-def iter_storage(storage: Storage, nbytes: int) -> Iterator[bytes]:
-    """Stream a whole storage's bytes in chunks."""
-    for pos in range(0, nbytes, CHUNK_SIZE):
-        yield storage.read(pos, min(CHUNK_SIZE, nbytes - pos))
+def iter_storage(storage: Storage, nbytes: int) -> Iterable[bytes | memoryview]:
+    """Stream a whole storage's bytes in chunks (a file span through the reused aligned buffer)."""
+    if storage.path is not None:
+        return FileSpan(storage.path, storage.offset, nbytes)
+    return (storage.read(pos, min(CHUNK_SIZE, nbytes - pos)) for pos in range(0, nbytes, CHUNK_SIZE))
+
+
+def _record_chunks(rec: TensorRecord) -> Iterable[bytes | memoryview]:
+    """A record's bytes: views of the reused aligned buffer when raw, else ``iter_bytes``."""
+    if rec.is_raw and rec.numel:
+        start, length = rec.byte_span
+        return FileSpan(rec.storage.path, rec.storage.offset + start, length)  # type: ignore[union-attr,arg-type]
+    return rec.iter_bytes()
 
 
 class StoragePlan:
@@ -302,9 +313,9 @@ class StoragePlan:
         self.groups: dict[int, list[TensorRecord]] = {}
         _collect_records(tree, self.groups, set())
         self.shared: dict[int, str] = {}
-        self._jobs: list[tuple[str, int, Callable[[], Iterator[bytes]]]] = []
+        self._jobs: list[tuple[str, int, Callable[[], Iterable[bytes | memoryview]]]] = []
 
-    def jobs(self) -> Iterator[tuple[str, int, Iterator[bytes]]]:
+    def jobs(self) -> Iterator[tuple[str, int, Iterable[bytes | memoryview]]]:
         for key, nbytes, chunks in self._jobs:
             yield key, nbytes, chunks()
 
@@ -360,7 +371,7 @@ class StoragePlan:
                     storage.nbytes, lambda s=storage: iter_storage(s, s.nbytes)
                 )
             return key, storage.nbytes, rec.storage_offset, rec.stride or contiguous_stride(rec.shape)
-        key = self._add_job(rec.nbytes, rec.iter_bytes)
+        key = self._add_job(rec.nbytes, lambda r=rec: _record_chunks(r))
         return key, rec.nbytes, 0, contiguous_stride(rec.shape)
 
     def _share_whole(self, storage: Storage) -> bool:
@@ -377,7 +388,7 @@ class StoragePlan:
             and storage.nbytes % group[0].itemsize == 0
         )
 
-    def _add_job(self, nbytes: int, chunks: Callable[[], Iterator[bytes]]) -> str:
+    def _add_job(self, nbytes: int, chunks: Callable[[], Iterable[bytes | memoryview]]) -> str:
         key = str(len(self._jobs))
         self._jobs.append((key, nbytes, chunks))
         return key
