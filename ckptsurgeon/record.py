@@ -154,6 +154,14 @@ def _read_span(fd: int, path: Path, offset: int, length: int) -> Iterator[memory
 
 # CRC-32 of whole file spans already streamed, keyed by (device, inode, size, mtime, offset, length).
 _SPAN_CRCS: dict[tuple[int, ...], int] = {}
+# CRC-32 a span must have (a zip member's recorded CRC), and what to call it when it does not.
+_EXPECTED_CRCS: dict[tuple[int, ...], tuple[int, str]] = {}
+
+
+def file_identity(path: Path) -> tuple[int, ...]:
+    """(device, inode, size, mtime) of ``path``: the first half of a span's key."""
+    st = os.fstat(FD_CACHE.get(path))
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _span_key(fd: int, offset: int, length: int) -> tuple[int, ...]:
@@ -161,7 +169,24 @@ def _span_key(fd: int, offset: int, length: int) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, offset, length)
 
 
+def expect_crc(identity: tuple[int, ...], offset: int, length: int, crc: int, what: str) -> None:
+    """Declare the CRC-32 a file span must have (a zip member's): whenever the span is streamed
+    whole (converting, verifying), a different CRC raises a one-line FormatError naming ``what``.
+    Checking costs nothing extra: the CRC is computed while the bytes are copied anyway."""
+    if len(_EXPECTED_CRCS) >= 1_000_000:
+        _EXPECTED_CRCS.clear()
+    _EXPECTED_CRCS[(*identity, offset, length)] = (crc, what)
+
+
 def _remember_crc(key: tuple[int, ...], crc: int) -> None:
+    expected = _EXPECTED_CRCS.get(key)
+    if expected is not None and expected[0] != crc:
+        from .errors import FormatError
+
+        raise FormatError(
+            f"{expected[1]}: its bytes do not match the CRC-32 recorded in the archive; "
+            "the file is damaged (flipped bytes), fetch it again"
+        )
     if len(_SPAN_CRCS) >= 1_000_000:
         _SPAN_CRCS.clear()
     _SPAN_CRCS[key] = crc

@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from ..dtypes import DTYPES
 from ..errors import FormatError, OutputError
 from ..pickles import Emitter, PickleError
-from ..record import CHUNK_SIZE, FileSpan, Storage, TensorRecord, contiguous_stride
+from ..record import (
+    CHUNK_SIZE,
+    FileSpan,
+    Storage,
+    TensorRecord,
+    contiguous_stride,
+    expect_crc,
+    file_identity,
+)
 from ..safety import GlobalRef
 from .legacy import (
     StorageSlot,
@@ -168,6 +176,7 @@ class _ZipStorages:
         self.byteorder, self.file_size = byteorder, file_size
         self.slots: dict[str, StorageSlot] = {}
         self.problems: dict[int, str] = {}
+        self.identity: tuple[int, ...] | None = None
         # Local headers are read through a map of the file: no syscall per storage, no data read.
         with open(path, "rb") as fh:
             self.headers = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if file_size else b""
@@ -201,6 +210,8 @@ class _ZipStorages:
             offset = self._data_offset(info)
             if offset + info.file_size > self.file_size:
                 problem = f"its storage {name} runs past the end of the file; the file is truncated"
+            else:  # streamed whole (convert, verify), its CRC is checked for free
+                expect_crc(self._identity(), offset, info.file_size, info.CRC, f"{self.path}: member {name}")
         if info is not None and info.file_size < slot.nbytes:
             size = info.file_size
             problem = f"its storage {name} holds {size} bytes but declares {slot.nbytes}; the file is damaged"
@@ -210,6 +221,11 @@ class _ZipStorages:
         if problem:
             self.problems[id(storage)] = problem
         return storage
+
+    def _identity(self) -> tuple[int, ...]:
+        if self.identity is None:
+            self.identity = file_identity(self.path)
+        return self.identity
 
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
         header = self.headers[info.header_offset : info.header_offset + 30]
