@@ -161,7 +161,7 @@ class _Builder:
             if keyword.arg is None:
                 raise TargetError(f"{self.spec}: `**` arguments are not supported; write keyword=value")
             kwargs[keyword.arg] = self.value(keyword.value)
-        _refuse_weights(self.spec, name, kwargs)
+        _refuse_weights(self.spec, self.display(name), kwargs)
         return self.resolve(name)(*args, **kwargs)
 
     def value(self, node: ast.expr) -> Any:
@@ -179,8 +179,13 @@ class _Builder:
     def resolve(self, dotted: str) -> Any:
         first, *rest = dotted.split(".")
         if first in self.files:
-            return _getattr_chain(self._load_file(first), rest, dotted, self.spec)
+            return _getattr_chain(self._load_file(first), rest, self.display(dotted), self.spec)
         return import_dotted(dotted, self.spec)
+
+    def display(self, dotted: str) -> str:
+        """A callee as the user wrote it: ``__ckpt_file0__.build`` -> ``models.py:build``."""
+        first, _, rest = dotted.partition(".")
+        return f"{self.files[first]}:{rest}" if first in self.files else dotted
 
     def _load_file(self, alias: str) -> Any:
         if alias not in self.loaded:
