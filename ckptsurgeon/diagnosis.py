@@ -19,7 +19,9 @@ from .record import TensorRecord
 
 Shapes = Mapping[str, tuple[int, ...]]
 
-# Last name components of layers that are classification/output heads.
+# Last name components of layers that are classification/output heads. Broader than
+# heads.HEAD_NAMES on purpose: here a name only supports what shapes already show (a mismatched
+# output layer); heads.py drops tensors on a name alone, so it keeps to unambiguous names.
 HEAD_NAMES = frozenset(
     {
         "fc",

@@ -7,6 +7,8 @@ returns renamed records that still point at the source's bytes.
 Steps (applied to each name in order; the first step that drops a name ends it):
 :func:`strip_prefix`, :func:`add_prefix`, :func:`replace`, :func:`drop`, :func:`keep`,
 :func:`drop_names`. ``ckpt`` renders plans (ckptsurgeon.commands.convert.render_plan).
+:func:`head_plan` drops the classifier head that :mod:`ckptsurgeon.heads` finds
+(:func:`find_head` and ``HEAD_NAMES`` stay importable from here).
 
 Inverses: a plan that drops nothing is a bijection from its input names onto its
 output names (two names that would collide are refused when the plan is made), so
@@ -24,10 +26,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import SurgeryError
+from .heads import HEAD_NAMES as HEAD_NAMES
+from .heads import find_head
 from .record import TensorRecord
-
-# Module names that usually hold the classifier / output head.
-HEAD_NAMES = ("fc", "classifier", "head", "heads", "last_linear", "lm_head", "logits", "classif")
 
 
 # -- steps ------------------------------------------------------------------------------------
@@ -311,7 +312,7 @@ def make_plan(tensors: Mapping[str, TensorRecord] | Iterable[str], steps: Sequen
                 current = None
                 break
             if not result:
-                raise SurgeryError(f"{name!r}: {step.describe()} leaves an empty name")
+                raise SurgeryError(f"{name!r}: {step.description} leaves an empty name")
             current = result
         entries.append(_entry(name, current, reason, rec))
     _refuse_idle_steps(steps, touched, records)
@@ -359,79 +360,7 @@ def plan_from_mapping(
     return Plan(tuple(entries), tuple(steps))
 
 
-# -- the classifier head ----------------------------------------------------------------------
-def find_head(tensors: Mapping[str, TensorRecord], head: str | None = None) -> tuple[list[str], str]:
-    """Names of the classifier head's tensors and how they were found.
-
-    With ``head`` (a module name such as ``fc`` or ``classifier.6``, or a glob), the tensors of
-    that module. Without it, the last module (in file order) that has a weight of two or more
-    dimensions and is named like a head (``fc``, ``classifier``, ``head``, ``last_linear``,
-    ``lm_head`` ...); failing that, the last module of the file if it is a linear layer whose
-    bias matches its output size. Refuses (SurgeryError) rather than guess further.
-
-    Example:
-        >>> shapes = {"classifier.0.weight": (8, 4), "classifier.6.weight": (10, 8),
-        ...           "classifier.6.bias": (10,)}
-        >>> recs = {n: TensorRecord(n, "float32", s) for n, s in shapes.items()}
-        >>> find_head(recs)
-        (['classifier.6.weight', 'classifier.6.bias'], "the last layer named like a head: 'classifier.6'")
-    """
-    if head is not None:
-        return _named_head(tensors, head), f"named with --head {head}"
-    modules = _modules(tensors)
-    named = [m for m in modules if _is_layer(tensors, modules[m]) and _head_named(m)]
-    if named:
-        return modules[named[-1]], f"the last layer named like a head: {named[-1]!r}"
-    if modules:
-        last = list(modules)[-1]
-        if _is_linear(tensors, modules[last]):
-            return modules[last], f"the last layer of the file: {last!r}"
-    raise SurgeryError(
-        "no classifier head found (no fc/classifier/head/last_linear/lm_head layer, and the last layer "
-        "is not linear); name it with --head NAME or give --target"
-    )
-
-
-def _named_head(tensors: Mapping[str, TensorRecord], head: str) -> list[str]:
-    module = head.removesuffix(".")
-    hits = [n for n in tensors if n.rpartition(".")[0] == module or n == module]
-    if not hits and any(c in head for c in "*?["):
-        hits = [n for n in tensors if fnmatch.fnmatchcase(n, head)]
-    if not hits:
-        layers = [m for m, names in _modules(tensors).items() if _is_layer(tensors, names)]
-        tail = ", ".join(repr(m) for m in layers[-3:]) or "none"
-        raise SurgeryError(f"--head {head}: no such layer; the last layers are {tail}")
-    return hits
-
-
-def _modules(tensors: Mapping[str, TensorRecord]) -> dict[str, list[str]]:
-    modules: dict[str, list[str]] = {}
-    for name in tensors:
-        modules.setdefault(name.rpartition(".")[0], []).append(name)
-    return modules
-
-
-def _head_named(module: str) -> bool:
-    return any(part in HEAD_NAMES for part in module.split("."))
-
-
-def _weight(tensors: Mapping[str, TensorRecord], names: list[str]) -> TensorRecord | None:
-    return next((tensors[n] for n in names if n.rpartition(".")[2] == "weight"), None)
-
-
-def _is_layer(tensors: Mapping[str, TensorRecord], names: list[str]) -> bool:
-    weight = _weight(tensors, names)
-    return weight is not None and len(weight.shape) >= 2
-
-
-def _is_linear(tensors: Mapping[str, TensorRecord], names: list[str]) -> bool:
-    weight = _weight(tensors, names)
-    if weight is None or len(weight.shape) != 2:
-        return False
-    bias = next((tensors[n] for n in names if n.rpartition(".")[2] == "bias"), None)
-    return bias is None or tuple(bias.shape) == (weight.shape[0],)
-
-
+# -- the classifier head (found by ckptsurgeon.heads) ----------------------------------------
 def head_plan(tensors: Mapping[str, TensorRecord], head: str | None = None) -> Plan:
     """A plan that drops the classifier head (see :func:`find_head`), each drop with its reason.
 

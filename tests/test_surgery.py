@@ -290,3 +290,11 @@ def test_plan_json_lists_everything() -> None:
 def test_plan_is_a_value() -> None:
     plan = make_plan(["a"], [])
     assert isinstance(plan, Plan) and plan.is_identity and plan.steps == ()
+
+
+def test_a_rename_that_empties_a_name_is_a_clear_error() -> None:
+    from ckptsurgeon.errors import SurgeryError
+    from ckptsurgeon.surgery import make_plan, replace
+
+    with pytest.raises(SurgeryError, match="leaves an empty name"):
+        make_plan(["a.b"], [replace(r".*", "")])

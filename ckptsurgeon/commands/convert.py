@@ -192,10 +192,18 @@ def _rename_rows(plan: Plan, verbose: bool) -> list[list[str]]:
 
 def _change(old: str, new: str) -> tuple[str, str]:
     """What a rename changes, without the tail both names share: ``("module.", "")``."""
-    n = 0
-    while n < min(len(old), len(new)) and old[-1 - n] == new[-1 - n]:
-        n += 1
-    return re.sub(r"\d+", "#", old[: len(old) - n]), re.sub(r"\d+", "#", new[: len(new) - n])
+    if old.endswith(new):  # a stripped prefix: the common case, decided without a loop
+        n = len(new)
+    elif new.endswith(old):
+        n = len(old)
+    else:
+        n = 0
+        while n < min(len(old), len(new)) and old[-1 - n] == new[-1 - n]:
+            n += 1
+    return _NUMBERS.sub("#", old[: len(old) - n]), _NUMBERS.sub("#", new[: len(new) - n])
+
+
+_NUMBERS = re.compile(r"\d+")
 
 
 def _drop_rows(plan: Plan, verbose: bool) -> list[list[str]]:

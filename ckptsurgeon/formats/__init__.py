@@ -160,6 +160,11 @@ def _not_a_checkpoint(path: Path, head: bytes) -> FormatError:
 
 
 def _detect_zip(path: Path) -> str:
+    from .zipio import read_directory
+
+    plain = read_directory(path)  # a plain archive: its names without zipfile's per-member cost
+    if plain is not None:
+        return classify_zip_names(path, list(plain))
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()

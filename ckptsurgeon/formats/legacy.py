@@ -1,4 +1,4 @@
-"""Legacy (non-zip) torch.save files and bare pickles; the torch pickle semantics both readers share.
+"""Legacy (non-zip) torch.save files and bare pickles.
 
 A legacy file (``torch.save(..., _use_new_zipfile_serialization=False)``, and every file
 from PyTorch before 1.6) is a run of pickles -- the magic number, the protocol version,
@@ -7,337 +7,45 @@ location, numel, view)``), the list of storage keys -- followed by each storage 
 8-byte element count and its raw bytes. A file that is one pickle and nothing else is a
 *bare pickle* (format ``"pickle"``).
 
-:class:`TorchResolver` gives the restricted unpickler the meaning of what
-``torch.load(weights_only=True)`` accepts, building :class:`TensorRecord`s instead of
-tensors; the zip reader (:mod:`ckptsurgeon.formats.torchzip`) uses it too.
+The torch pickle semantics this reader shares with the zip reader
+(:class:`TorchResolver`, :func:`unpickle`, :func:`check_tree` ...) live in
+:mod:`ckptsurgeon.formats._torchpickle`, full trust in :mod:`ckptsurgeon.formats._fulltrust`;
+they are importable from here too.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..dtypes import BY_STORAGE_CLASS, DTYPES
+from ..dtypes import DTYPES
 from ..errors import FormatError
-from ..pickles import BlockedGlobal, PickleError, PickleTruncated, PickleUnsupported, Unpickler
-from ..record import Storage, TensorRecord, contiguous_stride, pread_exact
-from ..safety import (
-    DTYPE_GLOBALS,
-    QSCHEME_GLOBALS,
-    REBUILD_FUNCTIONS,
-    STORAGE_GLOBALS,
-    TENSOR_CLASS_GLOBALS,
-    DataResolver,
-    GlobalRef,
-    is_model_class,
-    refusal,
+from ..pickles import PickleError, PickleTruncated
+from ..record import Storage, pread_exact
+from ..safety import DataResolver, GlobalRef
+from . import LEGACY_MAGIC_NUMBER
+from ._fulltrust import read_unsafe
+from ._torchpickle import (
+    StorageSlot,
+    TorchResolver,
+    check_tree,
+    locations_note,
+    storage_dtype,
+    unpickle,
 )
+from ._torchpickle import blocked_error as blocked_error
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..checkpoint import Checkpoint
     from . import ReadOptions
 
-MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+MAGIC_NUMBER = LEGACY_MAGIC_NUMBER
 PROTOCOL_VERSION = 1001
 FIRST_READ = 1 << 20
-
-
-@dataclass(eq=False)
-class StorageSlot:
-    """A storage named by a persistent id; ``open(dtype)`` gives the :class:`Storage` (cached)."""
-
-    key: str
-    dtype: str  # from the storage class ("uint8" for UntypedStorage)
-    numel: int
-    location: str
-    opener: Callable[[StorageSlot, str], Storage]
-    storage: Storage | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPES[self.dtype].itemsize
-
-    def open(self, dtype: str) -> Storage:
-        if self.storage is None:
-            self.storage = self.opener(self, dtype)
-        return self.storage
-
-
-class TorchResolver(DataResolver):
-    """The data-only globals plus what ``weights_only`` accepts to rebuild tensors, as records."""
-
-    def __init__(self, allow_globals: Iterable[str], storage_slot: Callable[[tuple], StorageSlot]) -> None:
-        super().__init__(allow_globals)
-        self.storage_slot = storage_slot
-        for full in (
-            REBUILD_FUNCTIONS | DTYPE_GLOBALS | STORAGE_GLOBALS | TENSOR_CLASS_GLOBALS | QSCHEME_GLOBALS
-        ):
-            module, name = full.rsplit(".", 1)
-            ref = self.table[full] = GlobalRef(module, name)
-            if full in REBUILD_FUNCTIONS:
-                ref.call = self._rebuilder(name)
-            elif full in DTYPE_GLOBALS:
-                ref.extra = name
-            elif full in STORAGE_GLOBALS:  # the dtype it holds (UntypedStorage: bytes)
-                dtype = BY_STORAGE_CLASS.get(name)
-                ref.extra = dtype.name if dtype else "uint8" if name == "UntypedStorage" else name
-        self.table["torch.Tensor"] = GlobalRef("torch", "Tensor")
-        self.table["torch.nn.parameter.Parameter"] = GlobalRef(
-            "torch.nn.parameter",
-            "Parameter",
-            new=lambda a, kw: _parameter(a[0], a[1] if len(a) > 1 else True),
-        )
-
-    def persistent_load(self, pid: Any) -> Any:
-        if type(pid) is not tuple or not pid or pid[0] not in ("storage", b"storage"):
-            raise PickleError(f"malformed pickle (a persistent id {str(pid)[:40]!r} that is not a storage)")
-        return self.storage_slot(pid)
-
-    def _rebuilder(self, name: str) -> Callable[[tuple], Any]:
-        table = {
-            "_rebuild_tensor": lambda a: _tensor(*a[:4]),
-            "_rebuild_tensor_v2": lambda a: _tensor(*a[:5]),
-            "_rebuild_tensor_v3": lambda a: _tensor(*a[:5], dtype=_dtype_of(a[6]) if len(a) > 6 else None),
-            "_rebuild_parameter": lambda a: _parameter(*a[:2]),
-            "_rebuild_parameter_with_state": lambda a: _parameter(*a[:2]),
-            "_rebuild_meta_tensor_no_storage": lambda a: TensorRecord(
-                "", _dtype_of(a[0]), _ints(a[1]), None, 0, _ints(a[2]), bool(a[3]) if len(a) > 3 else False
-            ),
-            "_rebuild_from_type_v2": _from_type_v2,
-        }
-        if name in table:
-            return table[name]
-
-        def unsupported(args: tuple) -> Any:
-            raise PickleUnsupported(
-                f"the checkpoint holds a tensor of a kind ckptsurgeon cannot read ({name}: "
-                "quantized, sparse, nested or subclass); open it with torch.load"
-            )
-
-        return unsupported
-
-
-def storage_dtype(ref: GlobalRef) -> str:
-    """The dtype a storage class holds, or a one-line refusal for one ckptsurgeon cannot read."""
-    if ref.extra not in DTYPES:
-        raise PickleUnsupported(
-            f"the checkpoint holds a {ref.name}, which ckptsurgeon cannot read; open it with torch.load"
-        )
-    return ref.extra
-
-
-def _ints(value: Any) -> tuple[int, ...]:
-    if type(value) is not tuple or not all(type(v) is int for v in value):
-        raise PickleError(
-            f"malformed pickle (a tensor size or stride {str(value)[:40]} is not a tuple of ints)"
-        )
-    return value
-
-
-def _dtype_of(ref: Any) -> str:
-    if not isinstance(ref, GlobalRef) or ref.extra is None:
-        raise PickleError(f"malformed pickle (expected a torch dtype, got {str(ref)[:40]})")
-    if ref.extra not in DTYPES:
-        raise PickleUnsupported(
-            f"the checkpoint holds tensors of dtype torch.{ref.extra}, which ckptsurgeon cannot read"
-        )
-    return ref.extra
-
-
-def _tensor(
-    slot: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, *, dtype: str | None = None
-) -> TensorRecord:
-    if not isinstance(slot, StorageSlot) or type(offset) is not int or offset < 0:
-        raise PickleError("malformed pickle (a tensor without a storage and a storage offset)")
-    dtype = dtype or slot.dtype
-    if dtype not in DTYPES:
-        raise PickleUnsupported(
-            f"the checkpoint holds tensors of dtype {dtype}, which ckptsurgeon cannot read"
-        )
-    shape, strides = _ints(size), _ints(stride)
-    if len(shape) != len(strides) or any(d < 0 for d in shape):
-        raise PickleError(f"malformed pickle (a tensor of shape {shape} with stride {strides})")
-    return TensorRecord("", dtype, shape, slot.open(dtype), offset, strides, bool(requires_grad))
-
-
-def _parameter(data: Any, requires_grad: Any = True) -> TensorRecord:
-    if not isinstance(data, TensorRecord):
-        raise PickleError("malformed pickle (a Parameter that does not wrap a tensor)")
-    return replace(data, requires_grad=bool(requires_grad), is_parameter=True)
-
-
-def _from_type_v2(args: tuple) -> Any:
-    func, new_type, func_args = args[0], args[1], args[2]
-    if not isinstance(func, GlobalRef) or func.call is None or type(func_args) is not tuple:
-        raise PickleError("malformed pickle (_rebuild_from_type_v2 without a rebuild function)")
-    result = func.call(func_args)
-    if isinstance(new_type, GlobalRef) and new_type.full == "torch.nn.parameter.Parameter":
-        return _parameter(result, result.requires_grad)
-    if isinstance(new_type, GlobalRef) and new_type.full == "torch.Tensor":
-        return result
-    raise PickleUnsupported(f"the checkpoint holds a tensor subclass ({new_type!r}); open it with torch.load")
-
-
-# -- unpickling with one-line errors --------------------------------------------------------
-def unpickle(
-    data: bytes, path: Path, resolver: DataResolver, start: int = 0, *, more: bool = False
-) -> tuple[Any, int]:
-    """Run the restricted unpickler; return (object, end offset). Errors are one-line CkptErrors.
-
-    ``more=True``: the data is a prefix of the file, so a truncated pickle raises
-    :class:`PickleTruncated` for the caller to retry with more bytes.
-
-    Example:
-        >>> unpickle(b"\\x80\\x02K\\x07.", Path("x"), DataResolver())
-        (7, 5)
-    """
-    unpickler = Unpickler(data, resolver, start=start)
-    try:
-        return unpickler.load(), unpickler.pos
-    except BlockedGlobal as exc:
-        raise blocked_error(data, path, resolver, start, exc.name) from None
-    except PickleTruncated as exc:
-        if more:
-            raise
-        raise FormatError(f"{path}: truncated: {exc}; the download or save did not finish") from None
-    except PickleUnsupported as exc:
-        raise FormatError(f"{path}: {exc}") from None
-    except PickleError as exc:
-        raise FormatError(f"{path}: {exc}; the file is damaged or not a checkpoint") from None
-
-
-def blocked_error(data: bytes, path: Path, resolver: DataResolver, start: int, first: str) -> Exception:
-    """List every global the resolver refuses (a scan that executes nothing); build the refusal.
-
-    Example:
-        >>> evil = b"\\x80\\x02cos\\nsystem\\n."
-        >>> blocked_error(evil, Path("x.pth"), DataResolver(), 0, "os.system").blocked_globals
-        ('os.system',)
-    """
-    from ..scan import scan_globals
-
-    try:
-        found = scan_globals(data, start)
-    except PickleError:
-        names, strings, kinds = [first], set(), []
-    else:
-        names, strings, kinds = found.globals, found.strings, found.persistent_kinds
-    # ``first`` is what the unpickler really met; a static scan may only see a computed name
-    blocked = list(dict.fromkeys([first, *(n for n in names if not resolver.accepts(n))]))
-    model = (
-        any(is_model_class(n) for n in blocked) or "module" in kinds or {"_modules", "_parameters"} <= strings
-    )
-    return refusal(path, blocked, model=model)
-
-
-def check_tree(tree: Any, path: Path, problems: dict[int, str]) -> None:
-    """Check every record's span fits its storage; ``problems`` maps id(storage) -> what is wrong."""
-    done: set[int] = set()
-    try:
-        _check(tree, "", path, problems, set(), done)
-    except RecursionError:
-        raise FormatError(f"{path}: the pickled object is nested too deeply to be a checkpoint") from None
-
-
-def _check(
-    node: Any, name: str, path: Path, problems: dict[int, str], active: set[int], done: set[int]
-) -> None:
-    if isinstance(node, TensorRecord):
-        _check_record(node, name or "<root>", path, problems)
-        return
-    if isinstance(node, dict):
-        children: Iterable[tuple[str, Any]] = ((str(k), v) for k, v in node.items())
-    elif isinstance(node, list | tuple):
-        children = ((str(i), v) for i, v in enumerate(node))
-    else:
-        return
-    if id(node) in active:
-        raise FormatError(
-            f"{path}: the pickled object contains itself (at {name or 'the root'}); not a checkpoint"
-        )
-    if id(node) in done:
-        return
-    active.add(id(node))
-    for key, value in children:
-        _check(value, f"{name}.{key}" if name else key, path, problems, active, done)
-    active.discard(id(node))
-    done.add(id(node))
-
-
-def _check_record(rec: TensorRecord, name: str, path: Path, problems: dict[int, str]) -> None:
-    storage = rec.storage
-    if storage is None:
-        return
-    problem = problems.get(id(storage))
-    if problem:
-        raise FormatError(f"{path}: tensor {name!r}: {problem}")
-    if rec.numel == 0:
-        return
-    stride = rec.stride or contiguous_stride(rec.shape)
-    last = rec.storage_offset + sum((d - 1) * s for d, s in zip(rec.shape, stride, strict=True))
-    if any(s < 0 for s in stride) or (last + 1) * rec.itemsize > storage.nbytes:
-        raise FormatError(
-            f"{path}: tensor {name!r} ({rec.dtype}{list(rec.shape)}) needs {(last + 1) * rec.itemsize} bytes "
-            f"of storage {storage.key}, which holds {storage.nbytes}; the file is damaged"
-        )
-
-
-def locations_note(slots: Iterable[StorageSlot]) -> list[str]:
-    """A note when tensors were saved on another device (they still open here, on the CPU)."""
-    devices = sorted({s.location for s in slots if s.location != "cpu"})
-    return [f"tensors were saved on {', '.join(devices)}; they open on the CPU here"] if devices else []
-
-
-# -- full trust -----------------------------------------------------------------------------
-def read_unsafe(path: Path, fmt: str) -> Checkpoint:
-    """``torch.load(weights_only=False)``: runs the file's code. Only behind --unsafe-trust-pickle."""
-    import torch
-
-    from ..checkpoint import Checkpoint
-
-    try:
-        if fmt == "pickle":
-            import pickle
-
-            with open(path, "rb") as fh:
-                obj = pickle.load(fh)
-        else:
-            obj = torch.load(path, weights_only=False, map_location="cpu", mmap=fmt == "torch-zip")
-    except Exception as exc:  # whatever the file's own code raises
-        detail = " ".join(str(exc).split())[:160]
-        raise FormatError(f"{path}: torch.load failed ({exc.__class__.__name__}: {detail})") from None
-    notes = ["opened with --unsafe-trust-pickle (full pickle trust)"]
-    if isinstance(obj, torch.nn.Module):
-        notes.append(f"a whole pickled {type(obj).__name__} model; showing its state_dict()")
-        obj = obj.state_dict()
-    return Checkpoint(
-        path=path,
-        format=fmt,
-        tree=_live_to_records(obj, ""),
-        files=(path,),
-        file_size=os.path.getsize(path),
-        notes=notes,
-    )
-
-
-def _live_to_records(node: Any, name: str) -> Any:
-    import torch
-
-    if isinstance(node, torch.Tensor):
-        return TensorRecord.from_torch(name, node)
-    if isinstance(node, dict):
-        out = type(node)() if type(node) in (dict, OrderedDict) else {}
-        for k, v in node.items():
-            out[k] = _live_to_records(v, f"{name}.{k}" if name else str(k))
-        return out
-    if isinstance(node, list | tuple) and type(node) in (list, tuple):
-        return type(node)(_live_to_records(v, f"{name}.{i}" if name else str(i)) for i, v in enumerate(node))
-    return node
 
 
 # -- the legacy reader ----------------------------------------------------------------------

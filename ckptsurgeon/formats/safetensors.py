@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 from ..checkpoint import Checkpoint
 from ..dtypes import BY_SAFETENSORS, DTYPES, DType
 from ..errors import FormatError, OutputError
-from ..record import Storage, TensorRecord, contiguous_stride, copy_span
+from ..record import FileSpan, Storage, TensorRecord, contiguous_stride
 from . import ReadOptions, check_input_path
 
 FORMAT = "safetensors"
@@ -383,10 +383,10 @@ def _encode_header(
 
 
 def _write_tensor(fh: BinaryIO, name: str, rec: TensorRecord) -> None:
-    if rec.is_raw and rec.numel:  # a file span: through one reused, page-aligned buffer
+    if rec.is_raw and rec.numel:  # a file span: by the kernel, or through one reused aligned buffer
         start, length = rec.byte_span
         try:
-            copy_span(rec.storage.path, rec.storage.offset + start, length, fh)  # type: ignore[union-attr]
+            FileSpan(rec.storage.path, rec.storage.offset + start, length).copy_to(fh)  # type: ignore[union-attr,arg-type]
         except EOFError:
             raise OutputError(f"{name}: the source file ends inside the tensor; it is truncated") from None
         return

@@ -1,50 +1,36 @@
-"""Sharded checkpoints: ``*.index.json`` + shards, model folders, and the sharded writer.
+"""Sharded checkpoints: ``*.index.json`` + shards, and model folders.
 
 The index is Hugging Face's: ``{"metadata": {"total_size": ...}, "weight_map": {name: shard}}``.
 Reading validates it (shards stay inside the folder, every shard exists, index and shards
 agree) and opens each shard with its own reader; the result is one flat state dict of
 records pointing into the shards. Nothing is merged in memory.
+
+The sharded writer (:func:`write`, :func:`plan_shards`, :func:`parse_size`) is
+:mod:`ckptsurgeon.formats.shardwriter`; its names stay importable from here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
 from collections.abc import Mapping
-from decimal import Decimal, InvalidOperation
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from ..checkpoint import Checkpoint
-from ..errors import CkptError, FormatError, InputError, KeySelectionError, OutputError
+from ..errors import FormatError, InputError, KeySelectionError
 from ..record import TensorRecord
-from ..writing import atomic_output, check_output_path
 from . import ReadOptions, open_checkpoint
-from .safetensors import ALIASES_KEY, DuplicateKeyError, find_aliases, no_duplicate_keys, parse_aliases
+from .safetensors import DuplicateKeyError, no_duplicate_keys, parse_aliases
+from .shardwriter import LAYOUT as LAYOUT
+from .shardwriter import SizeError as SizeError
+from .shardwriter import parse_size as parse_size
+from .shardwriter import plan_shards as plan_shards
+from .shardwriter import write as write
 
 FORMAT = "sharded"
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
-LAYOUT = {  # fmt -> (single file, shard pattern, index file)
-    "safetensors": (
-        "model.safetensors",
-        "model-{i:05d}-of-{n:05d}.safetensors",
-        "model.safetensors.index.json",
-    ),
-    "pth": ("pytorch_model.bin", "pytorch_model-{i:05d}-of-{n:05d}.bin", "pytorch_model.bin.index.json"),
-}
-_UNITS = {"": 1, "b": 1} | {
-    unit: base**power
-    for power, prefix in enumerate("kmgt", start=1)
-    for unit, base in ((f"{prefix}b", 1000), (f"{prefix}ib", 1024))
-}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
-
-
-class SizeError(CkptError):
-    """A size such as ``--max-shard-size`` could not be understood."""
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -258,180 +244,3 @@ def _notes(index: Path, files: tuple[Path, ...], tied: Mapping[str, Any], ignore
             f"{len(ignored)} tensor(s) in the shards are not in the index's weight_map (ignored): {shown}"
         )
     return notes
-
-
-# -- writing ---------------------------------------------------------------------------------
-def parse_size(text: str | int) -> int:
-    """A byte count from ``"5GB"`` (10^9, like Hugging Face), ``"2GiB"`` (2^30), ``"500MB"`` or ``"1024"``.
-
-    Example:
-        >>> parse_size("5GB"), parse_size("1.5 GiB"), parse_size("1024")
-        (5000000000, 1610612736, 1024)
-    """
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = Decimal(text)
-    else:
-        match = _SIZE_RE.match(str(text))
-        unit = match.group(2).lower() if match else None
-        if match is None or unit not in _UNITS:
-            raise SizeError(f"invalid size {text!r}; use bytes or a size such as 500MB, 5GB or 2GiB")
-        try:
-            value = Decimal(match.group(1)) * _UNITS[unit]
-        except InvalidOperation:
-            raise SizeError(
-                f"invalid size {text!r}; use bytes or a size such as 500MB, 5GB or 2GiB"
-            ) from None
-    if value < 1:
-        raise SizeError(f"invalid size {text!r}: must be at least one byte")
-    return int(value)
-
-
-def plan_shards(tensors: Mapping[str, TensorRecord], max_shard_bytes: int) -> list[list[str]]:
-    """Greedy packing in the given (name) order: a new shard starts when the next tensor would
-    overflow the limit; a tensor bigger than the limit gets a shard of its own. Tied names
-    (see :func:`~ckptsurgeon.formats.safetensors.find_aliases`) go with the tensor they share.
-
-    Example:
-        >>> recs = {n: TensorRecord(n, "float32", (10,)) for n in "abc"}
-        >>> plan_shards(recs, 80)
-        [['a', 'b'], ['c']]
-    """
-    aliases = find_aliases(tensors)
-    shards: list[list[str]] = [[]]
-    size = 0
-    where: dict[str, int] = {}
-    for name, rec in tensors.items():
-        if name in aliases:
-            continue
-        if shards[-1] and size + rec.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += rec.nbytes
-        where[name] = len(shards) - 1
-    for dropped, kept in aliases.items():
-        shards[where[kept]].append(dropped)
-    return shards
-
-
-def write(
-    tensors: Mapping[str, TensorRecord],
-    out_dir: Path,
-    *,
-    max_shard_bytes: int,
-    fmt: str = "safetensors",
-    force: bool = False,
-    metadata: Mapping[str, str] | None = None,
-) -> list[Path]:
-    """Write ``tensors`` into ``out_dir`` in Hugging Face's sharded layout; return the paths written.
-
-    Shards are ``model-00001-of-0000N.safetensors`` (``pytorch_model-...bin`` for ``fmt="pth"``)
-    plus ``model.safetensors.index.json``; one shard is written as plain ``model.safetensors``
-    with no index, as ``save_pretrained`` does. Each file is written atomically, the index
-    last, so an interrupted write leaves no index. Tied names are stored once (safetensors:
-    recorded in the shard's metadata and left out of the weight_map).
-
-    Example:
-        >>> write(ckpt.weights().tensors, Path("out"), max_shard_bytes=parse_size("5GB"))  # doctest: +SKIP
-        [PosixPath('out/model-00001-of-00002.safetensors'), ...,
-         PosixPath('out/model.safetensors.index.json')]
-    """
-    if fmt not in LAYOUT:
-        raise OutputError(f"{out_dir}: unknown shard format {fmt!r}; use one of {', '.join(LAYOUT)}")
-    if max_shard_bytes < 1:
-        raise SizeError(f"max shard size must be at least one byte, got {max_shard_bytes}")
-    created = not os.path.lexists(out_dir)
-    out_dir = _prepare_folder(Path(out_dir))
-    shards = plan_shards(tensors, max_shard_bytes)
-    names = _shard_names(fmt, len(shards))
-    index_path = out_dir / LAYOUT[fmt][2] if len(shards) > 1 else None
-    for target in [out_dir / n for n in names] + ([index_path] if index_path else []):
-        check_output_path(target, force=force)
-    _remove_stale_index(out_dir / LAYOUT[fmt][2], force)
-    written: list[Path] = []
-    weight_map: dict[str, str] = {}
-    try:
-        for file_name, shard in zip(names, shards, strict=True):
-            part = {name: tensors[name] for name in shard}
-            written.append(_write_shard(out_dir / file_name, part, fmt, force, metadata))
-            stored = part if fmt == "pth" else {n: r for n, r in part.items() if n not in find_aliases(part)}
-            weight_map.update(dict.fromkeys(stored, file_name))
-        if index_path is not None:
-            written.append(_write_index(index_path, tensors, weight_map, force, metadata))
-    except BaseException:
-        _discard(written, out_dir if created else None)
-        raise
-    return written
-
-
-def _discard(written: list[Path], created_dir: Path | None) -> None:
-    """After a failed write (a full disk, Ctrl-C), remove the shards already written: no partial set."""
-    for path in written:
-        with contextlib.suppress(OSError):
-            path.unlink()
-    if created_dir is not None:
-        with contextlib.suppress(OSError):
-            created_dir.rmdir()
-
-
-def _prepare_folder(out_dir: Path) -> Path:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"{out_dir}: exists and is not a folder; sharded output needs a folder")
-    if not out_dir.exists():
-        if not out_dir.parent.is_dir():
-            raise OutputError(f"{out_dir}: the folder {out_dir.parent} does not exist")
-        try:
-            out_dir.mkdir()
-        except OSError as exc:
-            raise OutputError(f"{out_dir}: cannot create the folder ({exc.strerror or exc})") from None
-    return out_dir
-
-
-def _remove_stale_index(index: Path, force: bool) -> None:
-    """An old index must go before any shard is replaced: an interrupted write then leaves no index."""
-    if not os.path.lexists(index):
-        return
-    if not force:
-        raise OutputError(f"{index}: already exists; pass --force to overwrite the sharded checkpoint")
-    try:
-        index.unlink()
-    except OSError as exc:
-        raise OutputError(f"{index}: cannot remove the old index ({exc.strerror or exc})") from None
-
-
-def _shard_names(fmt: str, count: int) -> list[str]:
-    single, pattern, _ = LAYOUT[fmt]
-    if count == 1:
-        return [single]
-    return [pattern.format(i=i, n=count) for i in range(1, count + 1)]
-
-
-def _write_shard(
-    path: Path, part: Mapping[str, TensorRecord], fmt: str, force: bool, metadata: Mapping[str, str] | None
-) -> Path:
-    with atomic_output(path, force=force) as fh:
-        if fmt == "safetensors":
-            from .safetensors import write as write_safetensors
-
-            write_safetensors(part, fh, metadata)
-        else:
-            from .torchzip import write as write_torchzip
-
-            write_torchzip(dict(part), fh)
-    return path
-
-
-def _write_index(
-    path: Path,
-    tensors: Mapping[str, TensorRecord],
-    weight_map: Mapping[str, str],
-    force: bool,
-    metadata: Mapping[str, str] | None,
-) -> Path:
-    aliases = find_aliases(tensors)
-    total = sum(rec.nbytes for name, rec in tensors.items() if name not in aliases)
-    extra = {str(k): str(v) for k, v in (metadata or {}).items() if k not in ("total_size", ALIASES_KEY)}
-    index = {"metadata": {"total_size": total, **extra}, "weight_map": dict(weight_map)}
-    with atomic_output(path, force=force) as fh:
-        fh.write((json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-    return path

@@ -25,6 +25,7 @@ from ..errors import FormatError, OutputError
 from ..pickles import Emitter, PickleError
 from ..record import (
     CHUNK_SIZE,
+    COPY_CHUNK,
     FileSpan,
     Storage,
     TensorRecord,
@@ -42,12 +43,14 @@ from .legacy import (
     storage_dtype,
     unpickle,
 )
+from .zipio import ZipWriter, read_directory, read_stored
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..checkpoint import Checkpoint
     from . import ReadOptions
 
 ALIGNMENT = 64
+SMALL_MEMBER = COPY_CHUNK  # storages up to this size are read in one call, CRC'd and written at once
 
 
 # -- the zip reader -------------------------------------------------------------------------
@@ -64,17 +67,21 @@ def read(path: Path, options: ReadOptions) -> Checkpoint:
     if options.unsafe:
         return read_unsafe(path, "torch-zip")
     file_size = os.path.getsize(path)
-    with _open_zip(path) as zf:
-        infos = {info.filename: info for info in zf.infolist()}
-        prefix = _archive_prefix(path, infos)
-        data = _member(zf, path, prefix + "data.pkl")
-        byteorder = (
-            _member(zf, path, prefix + "byteorder").decode("ascii", "replace").strip()
-            if prefix + "byteorder" in infos
-            else "little"
-        )
-        if options.check:
-            verify_crcs(zf, path)
+    fast = None if options.check else _read_plain(path, file_size)
+    if fast is not None:
+        infos, prefix, data, byteorder = fast
+    else:
+        with _open_zip(path) as zf:
+            infos = {info.filename: info for info in zf.infolist()}
+            prefix = _archive_prefix(path, infos)
+            data = _member(zf, path, prefix + "data.pkl")
+            byteorder = (
+                _member(zf, path, prefix + "byteorder").decode("ascii", "replace").strip()
+                if prefix + "byteorder" in infos
+                else "little"
+            )
+            if options.check:
+                verify_crcs(zf, path)
     if byteorder not in ("little", "big"):
         raise FormatError(f"{path}: unknown byte order {byteorder!r} in the archive; the file is damaged")
     storages = _ZipStorages(path, prefix, infos, byteorder, file_size)
@@ -100,6 +107,23 @@ def read(path: Path, options: ReadOptions) -> Checkpoint:
     )
 
 
+def _read_plain(path: Path, file_size: int) -> tuple[dict[str, Any], str, bytes, str] | None:
+    """The fast way in for a plain archive whose data.pkl and byteorder pass their CRC:
+    (members, archive prefix, data.pkl, byte order). None sends the caller to zipfile,
+    which reads anything else and names what is wrong."""
+    infos = read_directory(path, file_size)
+    if infos is None or not file_size:
+        return None
+    prefix = _archive_prefix(path, infos)
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as headers:
+        data = read_stored(path, headers, infos[prefix + "data.pkl"])
+        order = infos.get(prefix + "byteorder")
+        raw = read_stored(path, headers, order) if order is not None else b"little"
+    if data is None or raw is None:
+        return None
+    return infos, prefix, data, raw.decode("ascii", "replace").strip()
+
+
 def _open_zip(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
@@ -114,7 +138,7 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
         ) from None
 
 
-def _archive_prefix(path: Path, infos: dict[str, zipfile.ZipInfo]) -> str:
+def _archive_prefix(path: Path, infos: dict[str, Any]) -> str:
     found = [n for n in infos if n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1)]
     if not found:
         raise FormatError(
@@ -170,7 +194,7 @@ class _ZipStorages:
     """Maps persistent ids to storages: the member's data span in the file (or a zip loader)."""
 
     def __init__(
-        self, path: Path, prefix: str, infos: dict[str, zipfile.ZipInfo], byteorder: str, file_size: int
+        self, path: Path, prefix: str, infos: dict[str, Any], byteorder: str, file_size: int
     ) -> None:
         self.path, self.prefix, self.infos = path, prefix, infos
         self.byteorder, self.file_size = byteorder, file_size
@@ -227,7 +251,7 @@ class _ZipStorages:
             self.identity = file_identity(self.path)
         return self.identity
 
-    def _data_offset(self, info: zipfile.ZipInfo) -> int:
+    def _data_offset(self, info: Any) -> int:
         header = self.headers[info.header_offset : info.header_offset + 30]
         if len(header) < 30:
             raise FormatError(f"{self.path}: member {info.filename} lies past the end of the file; truncated")
@@ -262,45 +286,36 @@ def write(tree: Any, fh: BinaryIO, archive_name: str = "archive") -> None:
     except (TypeError, RecursionError) as exc:
         raise OutputError(f"cannot write this object as a checkpoint: {exc}") from None
     prefix = archive_name.strip("/") + "/"
-    with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        _write_member(zf, fh, prefix + "data.pkl", [emitter.getvalue()], align=False)
-        _write_member(zf, fh, prefix + ".format_version", [b"1"], align=False)
-        _write_member(zf, fh, prefix + ".storage_alignment", [str(ALIGNMENT).encode()], align=False)
-        _write_member(zf, fh, prefix + "byteorder", [b"little"], align=False)
-        for key, nbytes, chunks in plan.jobs():
-            _write_member(zf, fh, f"{prefix}data/{key}", chunks, nbytes=nbytes)
-        _write_member(zf, fh, prefix + "version", [b"3\n"], align=False)
+    zw = ZipWriter(fh, ALIGNMENT)
+    zw.add(prefix + "data.pkl", emitter.out)
+    zw.add(prefix + ".format_version", b"1")
+    zw.add(prefix + ".storage_alignment", str(ALIGNMENT).encode())
+    zw.add(prefix + "byteorder", b"little")
+    for key, nbytes, chunks in plan.jobs():
+        name = f"{prefix}data/{key}"
+        try:
+            _write_storage(zw, name, nbytes, chunks)
+        except EOFError:
+            raise OutputError(f"{name}: the source file ends inside this storage; it is truncated") from None
+    zw.add(prefix + "version", b"3\n")
+    zw.close()
 
 
-def _write_member(
-    zf: zipfile.ZipFile,
-    fh: BinaryIO,
-    name: str,
-    chunks: Iterable[bytes | memoryview],
-    *,
-    nbytes: int | None = None,
-    align: bool = True,
-) -> None:
-    chunks = list(chunks) if nbytes is None else chunks
-    size = sum(len(c) for c in chunks) if nbytes is None else nbytes  # type: ignore[arg-type]
-    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-    info.compress_type = zipfile.ZIP_STORED
-    info.file_size = size
-    zip64 = size * 1.05 > zipfile.ZIP64_LIMIT
-    if align:
-        used = fh.tell() + 30 + len(name.encode("utf-8")) + (20 if zip64 else 0) + 4
-        pad = (-used) % ALIGNMENT
-        info.extra = struct.pack("<HH", 0x6B63, pad) + b"\0" * pad  # "ck": padding only
-    written = 0
-    with zf.open(info, "w", force_zip64=zip64) as out:
-        for chunk in chunks:
-            out.write(chunk)
-            written += len(chunk)
-    info.extra = b""  # the padding is only needed in the local header
-    if written != size:
-        raise OutputError(f"{name}: wrote {written} bytes, expected {size}")
-    if isinstance(chunks, FileSpan):
-        chunks.remember_crc(info.CRC)  # zip computed it: verification need not read the span again
+def _write_storage(zw: ZipWriter, name: str, nbytes: int, chunks: Iterable[bytes | memoryview]) -> None:
+    """One storage member: a small file span read at once, a big one copied by the kernel when
+    its CRC is known (see :func:`~ckptsurgeon.record.kernel_copies`), anything else streamed."""
+    if not isinstance(chunks, FileSpan):
+        zw.add_stream(name, nbytes, chunks)
+        return
+    if nbytes <= SMALL_MEMBER:
+        data, crc = chunks.read()
+        zw.add(name, data, align=True, crc=crc)
+        return
+    crc = chunks.kernel_crc()
+    if crc is not None:
+        zw.add_copied(name, nbytes, crc, chunks.copy_to)
+        return
+    chunks.remember_crc(zw.add_stream(name, nbytes, chunks))  # verification need not read it again
 
 
 def iter_storage(storage: Storage, nbytes: int) -> Iterable[bytes | memoryview]:

@@ -1,0 +1,304 @@
+"""Plain stored zip archives, read and written without :mod:`zipfile`'s per-member cost.
+
+torch.save archives hold one member per storage, so a checkpoint of 20,000 small tensors
+is a zip of 20,000 members; :mod:`zipfile` spends tens of microseconds on each (a
+``ZipInfo`` per member, a seek and a header rewrite per written member). Here the central
+directory is parsed with one ``struct`` call per entry, and members are written with
+their headers computed up front (the CRC-32 is known before the data, or patched in for
+big members).
+
+:func:`read_directory` handles only the plain case -- one disk, no zip64 records, stored
+or deflated members, no encryption, no data before the archive -- and returns None for
+anything else, so the caller falls back to :mod:`zipfile` (which names the fault).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+_EOCD = struct.Struct("<4sHHHHIIH")  # end of central directory, 22 bytes
+_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")  # central directory entry, 46 bytes
+_LOCAL = struct.Struct("<4sHHHHHIIIHH")  # local file header, 30 bytes
+_ZIP64_EXTRA = struct.Struct("<HHQQ")
+_END64 = struct.Struct("<4sQHHIIQQQQ")  # zip64 end of central directory, 56 bytes
+_LIMIT = 0xFFFFFFFF
+_ZIP64_MEMBER = (1 << 31) - 1  # zipfile's ZIP64_LIMIT: larger members get zip64 fields
+_DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01, 00:00:00
+_UTF8_FLAG = 0x800
+_ENCRYPTED_FLAG = 0x1
+_ATTRIBUTES = 0o600 << 16
+
+
+class Member(NamedTuple):
+    """One central directory entry (the fields of ``zipfile.ZipInfo`` the readers use)."""
+
+    filename: str
+    header_offset: int
+    file_size: int
+    compress_size: int
+    compress_type: int
+    CRC: int
+    flag_bits: int
+
+
+def read_directory(path: Path, size: int | None = None) -> dict[str, Member] | None:
+    """The members of a plain zip archive by name, or None when it is not plain (or damaged).
+
+    Example:
+        >>> sorted(read_directory(Path("model.pth")))[:2]          # doctest: +SKIP
+        ['model/.format_version', 'model/.storage_alignment']
+    """
+    size = os.path.getsize(path) if size is None else size
+    if size < _EOCD.size:
+        return None
+    with open(path, "rb") as fh:
+        tail_len = min(size, _EOCD.size + 0xFFFF)
+        fh.seek(size - tail_len)
+        tail = fh.read(tail_len)
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < _EOCD.size:
+            return None
+        _sig, disk, cd_disk, _n_here, count, cd_size, cd_offset, comment = _EOCD.unpack_from(tail, at)
+        cd_end = size - tail_len + at
+        if disk or cd_disk or at + _EOCD.size + comment != len(tail):
+            return None  # several disks, or bytes after the archive
+        if at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":  # zip64 end records (torch writes them)
+            found = _zip64_end(fh, tail, at)
+            if found is None:
+                return None
+            count, cd_size, cd_offset, cd_end = found
+        if cd_offset + cd_size != cd_end:
+            return None  # data before the archive, or a damaged directory
+        fh.seek(cd_offset)
+        directory = fh.read(cd_size)
+    return _parse_central(directory, count, cd_offset)
+
+
+def _zip64_end(fh: BinaryIO, tail: bytes, at: int) -> tuple[int, int, int, int] | None:
+    """(count, directory size, directory offset, where the directory must end) from the zip64
+    end record the locator before the end record points to; None unless plain."""
+    _sig, disk, record_at, disks = struct.unpack_from("<4sIQI", tail, at - 20)
+    if disk or disks != 1:
+        return None
+    fh.seek(record_at)
+    record = fh.read(56)
+    if len(record) != 56:
+        return None
+    sig, _size, _made, _need, disk, cd_disk, _here, count, cd_size, cd_offset = _END64.unpack(record)
+    if sig != b"PK\x06\x06" or disk or cd_disk:
+        return None
+    return count, cd_size, cd_offset, record_at
+
+
+def _parse_central(data: bytes, count: int, limit: int) -> dict[str, Member] | None:
+    members: dict[str, Member] = {}
+    pos = 0
+    unpack = _CENTRAL.unpack_from
+    for _ in range(count):
+        if pos + 46 > len(data):
+            return None
+        (
+            sig,
+            _cv,
+            _ev,
+            flags,
+            method,
+            _t,
+            _d,
+            crc,
+            csize,
+            usize,
+            nlen,
+            elen,
+            clen,
+            disk,
+            _ia,
+            _ea,
+            offset,
+        ) = unpack(data, pos)
+        if sig != b"PK\x01\x02" or disk or flags & _ENCRYPTED_FLAG or method not in (0, 8):
+            return None
+        if _LIMIT in (csize, usize, offset) or offset + 30 > limit:
+            return None  # zip64 fields: zipfile reads those
+        raw = data[pos + 46 : pos + 46 + nlen]
+        try:
+            name = raw.decode("utf-8" if flags & _UTF8_FLAG else "ascii")
+        except UnicodeDecodeError:
+            return None
+        if name in members:
+            return None
+        members[name] = Member(name, offset, usize, csize, method, crc, flags)
+        pos += 46 + nlen + elen + clen
+    return members if pos == len(data) else None
+
+
+def data_offset(headers: Any, member: Member) -> int | None:
+    """Where ``member``'s data starts (past its local header), or None without a valid header."""
+    header = headers[member.header_offset : member.header_offset + 30]
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        return None
+    name_len, extra_len = struct.unpack_from("<HH", header, 26)
+    return member.header_offset + 30 + name_len + extra_len
+
+
+def read_stored(path: Path, headers: Any, member: Member) -> bytes | None:
+    """A stored member's bytes when its CRC-32 matches, else None (zipfile then names the fault)."""
+    start = data_offset(headers, member)
+    if start is None or member.compress_type != 0 or member.compress_size != member.file_size:
+        return None
+    name = member.filename.encode("utf-8" if member.flag_bits & _UTF8_FLAG else "ascii")
+    if headers[member.header_offset + 30 : member.header_offset + 30 + len(name)] != name:
+        return None  # the local header names another file
+    data = bytes(headers[start : start + member.file_size])
+    if len(data) != member.file_size or zlib.crc32(data) != member.CRC:
+        return None
+    return data
+
+
+class ZipWriter:
+    """Write stored members to ``fh`` (positioned at the archive start), then the directory.
+
+    ``add`` writes a member whose bytes are in memory; ``add_stream`` writes ``nbytes`` from
+    an iterable of chunks, with the CRC-32 computed on the way and patched into the header
+    (or taken from ``crc`` when the caller knows it, then written up front). Aligned members
+    pad their local header so the data starts at a multiple of ``alignment``.
+
+    Example:
+        >>> zw = ZipWriter(fh)                                     # doctest: +SKIP
+        >>> zw.add("archive/version", b"3\\n"); zw.close()          # doctest: +SKIP
+    """
+
+    def __init__(self, fh: BinaryIO, alignment: int = 64) -> None:
+        self.fh = fh
+        self.alignment = alignment
+        self.pos = fh.tell()
+        self.start = self.pos
+        self.entries: list[tuple[bytes, int, int, int, int]] = []  # name, flags, crc, size, offset
+
+    def add(
+        self, name: str, data: bytes | bytearray | memoryview, *, align: bool = False, crc: int | None = None
+    ) -> None:
+        """A member whose bytes are all in memory (``crc``: their CRC-32, if already computed)."""
+        header = self._header(name, len(data), zlib.crc32(data) if crc is None else crc, align)
+        if len(data) < 1 << 16:
+            self.fh.write(header + data)  # one buffered write per small member
+        else:
+            self.fh.write(header)
+            self.fh.write(data)
+        self.pos += len(header) + len(data)
+
+    def add_stream(self, name: str, nbytes: int, chunks: Iterable[Any], *, align: bool = True) -> int:
+        """A member of ``nbytes`` from ``chunks``, its CRC-32 computed on the way and patched into
+        the header written before it; returns the CRC."""
+        header_at = self.pos
+        header = self._header(name, nbytes, 0, align)
+        self.fh.write(header)
+        crc, written = 0, 0
+        for chunk in chunks:
+            self.fh.write(chunk)
+            written += len(chunk)
+            crc = zlib.crc32(chunk, crc)
+        self._check_size(name, written, nbytes)
+        self.pos += len(header) + nbytes
+        self.fh.seek(header_at + 14)
+        self.fh.write(struct.pack("<I", crc))
+        self.fh.seek(self.pos)
+        raw, flags, _zero, size, offset = self.entries[-1]
+        self.entries[-1] = (raw, flags, crc, size, offset)
+        return crc
+
+    def add_copied(
+        self, name: str, nbytes: int, crc: int, copy: Callable[[BinaryIO], Any], *, align: bool = True
+    ) -> None:
+        """A member whose CRC-32 is known before its bytes: the header, then ``copy(fh)`` writes
+        exactly ``nbytes`` (a kernel copy, say)."""
+        header = self._header(name, nbytes, crc, align)
+        self.fh.write(header)
+        copy(self.fh)
+        self.pos += len(header) + nbytes
+        self._check_size(name, self.fh.tell() - self.pos + nbytes, nbytes)
+
+    def _check_size(self, name: str, written: int, nbytes: int) -> None:
+        if written != nbytes:
+            from ..errors import OutputError
+
+            raise OutputError(f"{name}: wrote {written} bytes, expected {nbytes}")
+
+    def _header(self, name: str, nbytes: int, crc: int, align: bool) -> bytes:
+        raw, flags = _encode_name(name)
+        zip64 = nbytes * 1.05 > _ZIP64_MEMBER  # as zipfile decides it
+        extra = _ZIP64_EXTRA.pack(1, 16, nbytes, nbytes) if zip64 else b""
+        if align:
+            used = self.pos + 30 + len(raw) + len(extra) + 4
+            pad = (-used) % self.alignment
+            extra = struct.pack("<HH", 0x6B63, pad) + b"\0" * pad + extra  # "ck": padding only
+        size = _LIMIT if zip64 else nbytes
+        version = 45 if zip64 else 20
+        header = _LOCAL.pack(
+            b"PK\x03\x04", version, flags, 0, 0, _DOS_DATE, crc, size, size, len(raw), len(extra)
+        )
+        self.entries.append((raw, flags, crc, nbytes, self.pos - self.start))
+        return header + raw + extra
+
+    def close(self) -> None:
+        """Write the central directory and the end records (zip64 ones when needed)."""
+        parts: list[bytes] = []
+        for raw, flags, crc, size, offset in self.entries:
+            extra_values = ([size, size] if size > _ZIP64_MEMBER else []) + (
+                [offset] if offset > _ZIP64_MEMBER else []
+            )
+            extra = (
+                struct.pack("<HH" + "Q" * len(extra_values), 1, 8 * len(extra_values), *extra_values)
+                if extra_values
+                else b""
+            )
+            csize = _LIMIT if size > _ZIP64_MEMBER else size
+            version = 45 if extra else 20
+            parts.append(
+                _CENTRAL.pack(
+                    b"PK\x01\x02",
+                    (3 << 8) | version,
+                    version,
+                    flags,
+                    0,
+                    0,
+                    _DOS_DATE,
+                    crc,
+                    csize,
+                    csize,
+                    len(raw),
+                    len(extra),
+                    0,
+                    0,
+                    0,
+                    _ATTRIBUTES,
+                    min(offset, _LIMIT),
+                )
+                + raw
+                + extra
+            )
+        directory = b"".join(parts)
+        cd_offset, cd_size, count = self.pos - self.start, len(directory), len(self.entries)
+        end = b""
+        if count > 0xFFFF or cd_offset > _ZIP64_MEMBER or cd_size > _ZIP64_MEMBER:
+            end_at = cd_offset + cd_size
+            end += struct.pack(
+                "<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, cd_size, cd_offset
+            )
+            end += struct.pack("<4sIQI", b"PK\x06\x07", 0, end_at, 1)
+            count, cd_size, cd_offset = min(count, 0xFFFF), min(cd_size, _LIMIT), min(cd_offset, _LIMIT)
+        end += _EOCD.pack(b"PK\x05\x06", 0, 0, count, count, cd_size, cd_offset, 0)
+        self.fh.write(directory + end)
+        self.pos += len(directory) + len(end)
+
+
+def _encode_name(name: str) -> tuple[bytes, int]:
+    try:
+        return name.encode("ascii"), 0
+    except UnicodeEncodeError:
+        return name.encode("utf-8"), _UTF8_FLAG

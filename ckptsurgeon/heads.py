@@ -1,0 +1,90 @@
+"""Finding the classifier head of a state dict: the tensors ``strip-head`` drops.
+
+:func:`find_head` works on names and shapes alone (no tensor data): a module named with
+``--head``, else the last layer named like a head (:data:`HEAD_NAMES`), else the last
+layer of the file if it is linear. :func:`ckptsurgeon.surgery.head_plan` turns its answer
+into a plan.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+
+from .errors import SurgeryError
+from .record import TensorRecord
+
+# Module names that usually hold the classifier / output head.
+HEAD_NAMES = ("fc", "classifier", "head", "heads", "last_linear", "lm_head", "logits", "classif")
+
+
+def find_head(tensors: Mapping[str, TensorRecord], head: str | None = None) -> tuple[list[str], str]:
+    """Names of the classifier head's tensors and how they were found.
+
+    With ``head`` (a module name such as ``fc`` or ``classifier.6``, or a glob), the tensors of
+    that module. Without it, the last module (in file order) that has a weight of two or more
+    dimensions and is named like a head (``fc``, ``classifier``, ``head``, ``last_linear``,
+    ``lm_head`` ...); failing that, the last module of the file if it is a linear layer whose
+    bias matches its output size. Refuses (SurgeryError) rather than guess further.
+
+    Example:
+        >>> shapes = {"classifier.0.weight": (8, 4), "classifier.6.weight": (10, 8),
+        ...           "classifier.6.bias": (10,)}
+        >>> recs = {n: TensorRecord(n, "float32", s) for n, s in shapes.items()}
+        >>> find_head(recs)
+        (['classifier.6.weight', 'classifier.6.bias'], "the last layer named like a head: 'classifier.6'")
+    """
+    if head is not None:
+        return _named_head(tensors, head), f"named with --head {head}"
+    modules = _modules(tensors)
+    named = [m for m in modules if _is_layer(tensors, modules[m]) and _head_named(m)]
+    if named:
+        return modules[named[-1]], f"the last layer named like a head: {named[-1]!r}"
+    if modules:
+        last = list(modules)[-1]
+        if _is_linear(tensors, modules[last]):
+            return modules[last], f"the last layer of the file: {last!r}"
+    raise SurgeryError(
+        "no classifier head found (no fc/classifier/head/last_linear/lm_head layer, and the last layer "
+        "is not linear); name it with --head NAME or give --target"
+    )
+
+
+def _named_head(tensors: Mapping[str, TensorRecord], head: str) -> list[str]:
+    module = head.removesuffix(".")
+    hits = [n for n in tensors if n.rpartition(".")[0] == module or n == module]
+    if not hits and any(c in head for c in "*?["):
+        hits = [n for n in tensors if fnmatch.fnmatchcase(n, head)]
+    if not hits:
+        layers = [m for m, names in _modules(tensors).items() if _is_layer(tensors, names)]
+        tail = ", ".join(repr(m) for m in layers[-3:]) or "none"
+        raise SurgeryError(f"--head {head}: no such layer; the last layers are {tail}")
+    return hits
+
+
+def _modules(tensors: Mapping[str, TensorRecord]) -> dict[str, list[str]]:
+    modules: dict[str, list[str]] = {}
+    for name in tensors:
+        modules.setdefault(name.rpartition(".")[0], []).append(name)
+    return modules
+
+
+def _head_named(module: str) -> bool:
+    return any(part in HEAD_NAMES for part in module.split("."))
+
+
+def _weight(tensors: Mapping[str, TensorRecord], names: list[str]) -> TensorRecord | None:
+    return next((tensors[n] for n in names if n.rpartition(".")[2] == "weight"), None)
+
+
+def _is_layer(tensors: Mapping[str, TensorRecord], names: list[str]) -> bool:
+    weight = _weight(tensors, names)
+    return weight is not None and len(weight.shape) >= 2
+
+
+def _is_linear(tensors: Mapping[str, TensorRecord], names: list[str]) -> bool:
+    weight = _weight(tensors, names)
+    if weight is None or len(weight.shape) != 2:
+        return False
+    bias = next((tensors[n] for n in names if n.rpartition(".")[2] == "bias"), None)
+    return bias is None or tuple(bias.shape) == (weight.shape[0],)
