@@ -27,7 +27,14 @@ _EXPORTS = {
     "diff": "ckptsurgeon.match",
     "DiffResult": "ckptsurgeon.match",
     "load_into": "ckptsurgeon.loading",
-    "scan": "ckptsurgeon.scan",
+    "scan": "ckptsurgeon.scanning",
+    "ScanResult": "ckptsurgeon.scanning",
+    "LoadError": "ckptsurgeon.errors",
+    "FormatError": "ckptsurgeon.errors",
+    "UnsafeCheckpointError": "ckptsurgeon.errors",
+    "TargetError": "ckptsurgeon.errors",
+    "OutputError": "ckptsurgeon.errors",
+    "resolve_target": "ckptsurgeon.target",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -243,6 +243,12 @@ def import_dotted(dotted: str, spec: str) -> Any:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             if exc.name == parts[0]:
+                local = Path(f"{parts[0]}.py")
+                if local.is_file():
+                    raise TargetError(
+                        f"{spec}: {parts[0]} is not importable; for the file {local} write "
+                        f"{local}:{'.'.join(parts[1:])}(...)"
+                    ) from None
                 package = OPTIONAL_PACKAGES.get(parts[0], parts[0])
                 raise TargetError(
                     f"{spec}: install {package} to use this target (`pip install {package}`)"

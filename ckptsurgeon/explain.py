@@ -114,9 +114,8 @@ def _remainder(d: Diagnosis, final: Comparison) -> list[str]:
     if final.missing:
         out.append(f"Missing from the file: {len(final.missing)} ({_labels(final.missing)}).")
     if final.unexpected:
-        out.append(
-            f"In the file but not in the target: {len(final.unexpected)} ({_labels(final.unexpected)})."
-        )
+        in_file = d.extra or final.unexpected  # the file's own names, not the transformed ones
+        out.append(f"In the file but not in the target: {len(in_file)} ({_labels(in_file)}).")
     return out
 
 
@@ -175,6 +174,10 @@ def _alarm(c: Comparison) -> str | None:
     )
 
 
+# Keys with no place in the target that the step-by-step rename drops by name; beyond this, adapt only.
+MAX_DROP_FLAGS = 4
+
+
 def fix_commands(
     d: Diagnosis, source: str, target_spec: str | None, key: str | None = None
 ) -> tuple[str, ...]:
@@ -194,9 +197,12 @@ def fix_commands(
         return ()  # only keys the file does not have are missing: no command can add them
     commands = [f"ckpt adapt {src} {tgt}{key_opt} -o {_output(source, 'adapted')}"]
     if d.improves:
+        if len(d.extra) > MAX_DROP_FLAGS:
+            return tuple(commands)  # too many to list by hand: adapt drops them
         flags = (f" --strip-prefix {shlex.quote(d.transform.strip)}" if d.transform.strip else "") + (
             f" --add-prefix {shlex.quote(d.transform.add)}" if d.transform.add else ""
         )
+        flags = "".join(f" --drop {shlex.quote(name)}" for name in d.extra) + flags
         renamed = _output(source, "renamed")
         commands.append(f"ckpt rename {src}{key_opt}{flags} -o {renamed}")
         if d.after.shape_mismatched:

@@ -4,7 +4,7 @@
 imported or called. ``STACK_GLOBAL`` names are recovered from the strings pushed (or
 fetched from the memo) just before it; persistent ids are counted by kind, and a few
 telling strings (``_modules``, ``_parameters``) are kept to recognise a pickled model.
-``ckpt scan`` (:mod:`ckptsurgeon.scan`) classifies what it finds; the restricted readers use
+``ckpt scan`` (:mod:`ckptsurgeon.scanning`) classifies what it finds; the restricted readers use
 it to list every blocked global in one refusal.
 """
 

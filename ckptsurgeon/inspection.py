@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint, StateDictCandidate, TopLevelEntry
+from .checkpoint import Checkpoint, StateDictCandidate, TopLevelEntry, unique_nbytes
 from .formats import ReadOptions, open_checkpoint
 from .grouping import collapse, natural_sorted
 from .prefixes import wrapper_prefix
@@ -64,12 +64,13 @@ class InspectReport:
 
     @property
     def element_count(self) -> int:
-        return sum(r.numel for r in self.tensors)
+        """Elements of every distinct tensor (a tied alias of another tensor counts once)."""
+        return sum(r.numel for r in _distinct(self.tensors))
 
     @property
     def parameter_count(self) -> int:
-        """Elements of every tensor except BatchNorm running statistics."""
-        return sum(r.numel for r in self.tensors if not r.name.endswith(BUFFER_SUFFIXES))
+        """Elements of every distinct tensor except BatchNorm running statistics."""
+        return sum(r.numel for r in _distinct(self.tensors) if not r.name.endswith(BUFFER_SUFFIXES))
 
     @property
     def tensor_bytes(self) -> int:
@@ -77,14 +78,13 @@ class InspectReport:
 
     @property
     def dtypes(self) -> dict[str, tuple[int, int]]:
-        """dtype -> (tensor count, bytes), largest first."""
-        totals: dict[str, list[int]] = {}
+        """dtype -> (tensor count, bytes of data), largest first; shared storage counted once,
+        so the bytes add up to ``tensor_bytes``."""
+        by_dtype: dict[str, list[TensorRecord]] = {}
         for rec in self.tensors:
-            entry = totals.setdefault(rec.dtype, [0, 0])
-            entry[0] += 1
-            entry[1] += rec.nbytes
-        ordered = sorted(totals.items(), key=lambda kv: (-kv[1][1], kv[0]))
-        return {k: (v[0], v[1]) for k, v in ordered}
+            by_dtype.setdefault(rec.dtype, []).append(rec)
+        totals = {k: (len(v), unique_nbytes(v)) for k, v in by_dtype.items()}
+        return dict(sorted(totals.items(), key=lambda kv: (-kv[1][1], kv[0])))
 
     @property
     def wrapper_prefix(self) -> str:
@@ -254,6 +254,20 @@ def inspect(
         notes=list(ckpt.notes),
         sha256=_sha256_files(ckpt.files or (ckpt.path,)) if with_hash else None,
     )
+
+
+def _distinct(records: Sequence[TensorRecord]) -> list[TensorRecord]:
+    """The records minus tied aliases (the same storage, offset, shape and stride as one before)."""
+    seen: set[tuple[object, ...]] = set()
+    out = []
+    for rec in records:
+        if rec.storage is not None:
+            key = (id(rec.storage), rec.storage_offset, rec.shape, rec.stride)
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(rec)
+    return out
 
 
 def _sha256_files(files: Sequence[Path]) -> str:

@@ -105,6 +105,18 @@ class DiffResult:
             return self.ok
         return self.coverage >= min_coverage
 
+    def render(self, fmt: str = "table", verbose: bool = False) -> str:
+        """The report as ``ckpt diff`` prints it: ``table``, ``markdown`` or ``json``."""
+        from .diffreport import render
+
+        return render(self, fmt, verbose)
+
+    def to_json(self) -> dict[str, Any]:
+        """The documented JSON object (README, "The JSON shape of ckpt diff")."""
+        from .diffreport import to_json
+
+        return to_json(self)
+
     def summary(self) -> dict[str, Any]:
         """Counts, as in the JSON ``summary``."""
         return {

@@ -141,8 +141,12 @@ def is_numpy_dtype_class(name: str) -> bool:
 
 
 def is_model_class(name: str) -> bool:
-    """A global that means the file is a whole pickled ``nn.Module``."""
-    return name.startswith(("torch.nn.modules.", "torch.nn.parallel.", "torch.jit.", "__main__."))
+    """A global that means the file is a whole pickled ``nn.Module``.
+
+    A class from ``__main__`` alone does not: it is as often a config dataclass saved beside
+    a state dict; a user model is recognised by the ``_modules``/``_parameters`` it pickles.
+    """
+    return name.startswith(("torch.nn.modules.", "torch.nn.parallel.", "torch.jit."))
 
 
 def is_pickled_model(names: Iterable[str], persistent_kinds: Iterable[str], strings: Iterable[str]) -> bool:

@@ -9,7 +9,7 @@ import click
 
 from ..errors import CkptError
 from ..formats import ReadOptions
-from ..scan import UNREADABLE, render_table, scan
+from ..scanning import UNREADABLE, render_table, scan
 
 EXIT_UNSAFE = 1
 

@@ -35,7 +35,10 @@ def read_unsafe(path: Path, fmt: str) -> Checkpoint:
             obj = torch.load(path, weights_only=False, map_location="cpu", mmap=fmt == "torch-zip")
     except Exception as exc:  # whatever the file's own code raises
         detail = " ".join(str(exc).split())[:160]
-        raise FormatError(f"{path}: torch.load failed ({exc.__class__.__name__}: {detail})") from None
+        hint = ""
+        if isinstance(exc, ModuleNotFoundError | AttributeError):
+            hint = "; the classes it pickles must be importable: run from their project or set PYTHONPATH"
+        raise FormatError(f"{path}: torch.load failed ({exc.__class__.__name__}: {detail}){hint}") from None
     notes = ["opened with --unsafe-trust-pickle (full pickle trust)"]
     if isinstance(obj, torch.nn.Module):
         notes.append(f"a whole pickled {type(obj).__name__} model; showing its state_dict()")

@@ -125,7 +125,8 @@ def _walk_storages(
         nbytes = count * DTYPES[slot.dtype].itemsize
         if count < 0 or offset + 8 + nbytes > file_size:
             raise FormatError(
-                f"{path}: truncated: storage {key} needs {nbytes} bytes past the end of the file"
+                f"{path}: truncated: the file ends inside its tensor data ({nbytes} bytes of one storage "
+                "are missing); the download or save did not finish, fetch or save it again"
             )
         found[key] = (offset + 8, nbytes)
         offset += 8 + nbytes

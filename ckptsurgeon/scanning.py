@@ -174,8 +174,12 @@ def _scan_zip(path: Path, options: ReadOptions) -> FileScan:
         raise
     except PickleError as exc:
         raise FormatError(f"{path}: {exc}; the file is damaged") from None
+    except zipfile.BadZipFile:
+        raise FormatError(
+            f"{path}: a truncated or damaged zip archive (no readable central directory); "
+            "the download or save did not finish, fetch or save it again"
+        ) from None
     except (
-        zipfile.BadZipFile,
         OSError,
         EOFError,
         ValueError,
@@ -264,7 +268,8 @@ def _validated(result: FileScan, options: ReadOptions) -> FileScan:
         )
         return result
     result.notes.extend(n for n in checkpoint.notes if n not in result.notes)
-    result.notes.append("structure checked" + (" (every CRC and byte span)" if options.check else ""))
+    checked = {"torch-zip": " (every CRC-32)", "safetensors": " (every byte span)"}.get(checkpoint.format, "")
+    result.notes.append("structure checked" + (checked if options.check else ""))
     return result
 
 
