@@ -130,6 +130,11 @@ def _notes(c: Comparison) -> list[str]:
         )
     for alias, held in c.tied.items():
         out.append(f"{alias} is tied to {held}, which the file holds: not missing.")
+    if c.tied:
+        out.append(
+            "Loading the held tensor fills its tied aliases too, but load_state_dict(strict=True) "
+            "still lists them as missing keys: load with strict=False (or ckptsurgeon.load_into)."
+        )
     if c.dtype_differences:
         pairs = sorted({(x.source_dtype, x.target_dtype) for x in c.dtype_differences})
         kinds = ", ".join(f"{a} in the file, {b} in the target" for a, b in pairs)

@@ -67,7 +67,8 @@ Target: fixtures/models.py:gpt2_like() (architecture, 29 tensors)
 28 of 28 target tensors would load (100%) (28 matched, 0 missing, 0 unexpected, 0 shape-mismatched, 1 tied)
 
 Diagnosis: All 28 target tensors load as is. lm_head.weight is tied to transformer.wte.weight, which the file \
-holds: not missing.
+holds: not missing. Loading the held tensor fills its tied aliases too, but load_state_dict(strict=True) still \
+lists them as missing keys: load with strict=False (or ckptsurgeon.load_into).
 """
 
 

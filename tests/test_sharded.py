@@ -369,3 +369,22 @@ def test_reading_a_sharded_safetensors_folder_does_not_import_torch(tmp_path: Pa
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_force_rewrite_removes_the_earlier_set(tmp_path: Path) -> None:
+    """Rewriting a sharded folder with --force leaves no stale shard of the earlier set behind."""
+    from ckptsurgeon.formats.shardwriter import write
+
+    source = open_checkpoint(REAL / "hf_gpt2_tiny").weights().tensors
+    out = tmp_path / "out"
+    write(source, out, max_shard_bytes=100_000)
+    assert len(list(out.iterdir())) > 3
+    write(source, out, max_shard_bytes=400_000, force=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
+    (out / "notes.txt").write_text("mine")
+    write(source, out, max_shard_bytes=10_000_000, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "notes.txt"]

@@ -139,6 +139,8 @@ def write(
     except BaseException:
         _discard(written, out_dir if created else None)
         raise
+    if force:
+        _discard(_stale_files(out_dir, fmt, written), None)
     return written
 
 
@@ -150,6 +152,19 @@ def _discard(written: list[Path], created_dir: Path | None) -> None:
     if created_dir is not None:
         with contextlib.suppress(OSError):
             created_dir.rmdir()
+
+
+def _stale_files(out_dir: Path, fmt: str, written: list[Path]) -> list[Path]:
+    """Files of an earlier set in our own layout that the new set does not reuse (after ``--force``)."""
+    single, pattern, index = LAYOUT[fmt]
+    stem, suffix = re.escape(pattern.split("{")[0]), re.escape(Path(single).suffix)
+    shard_name = re.compile(stem + r"\d{5}-of-\d{5}" + suffix)
+    keep = {p.name for p in written}
+    return [
+        out_dir / name
+        for name in os.listdir(out_dir)
+        if name not in keep and (name in (single, index) or shard_name.fullmatch(name))
+    ]
 
 
 def _prepare_folder(out_dir: Path) -> Path:
