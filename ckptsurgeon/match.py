@@ -149,13 +149,15 @@ def diff(
     key: str | None = None,
     read_options: ReadOptions | None = None,
     source_label: str | None = None,
+    target_key: str | None = None,
 ) -> DiffResult:
     """Compare ``source`` with ``target`` by name and shape, and diagnose the difference.
 
     ``source``: a path (any checkpoint ``open_checkpoint`` reads; ``key`` picks a nested entry),
     a :class:`Checkpoint`, a state dict (records or tensors), or an ``nn.Module``.
     ``target``: a spec string (a path, inspect JSON, or an architecture call expression),
-    a :class:`Target`, an ``nn.Module``, or a mapping.
+    a :class:`Target`, an ``nn.Module``, or a mapping; ``target_key`` picks the entry of a
+    nested target checkpoint.
 
     Example:
         >>> r = diff("fixtures/resnet_dp_6.pth", "fixtures/models.py:resnet_like(2)")  # doctest: +SKIP
@@ -163,7 +165,7 @@ def diff(
         ('module.', 120)
     """
     label, chosen_key, records = _source_records(source, key, read_options)
-    resolved = _target(target, read_options)
+    resolved = _target(target, read_options, target_key)
     comparison = compare(records, resolved.tensors, resolved.tied)
     diagnosis = diagnose(records, resolved.tensors, resolved.tied, comparison)
     source_label = source_label or label
@@ -201,11 +203,11 @@ def _source_records(
     raise TypeError(f"diff: cannot read a source of type {type(source).__name__}")
 
 
-def _target(target: Any, read_options: ReadOptions | None) -> Target:
+def _target(target: Any, read_options: ReadOptions | None, key: str | None = None) -> Target:
     if isinstance(target, Target):
         return target
     if isinstance(target, str | Path):
-        return resolve_target(str(target), read_options)
+        return resolve_target(str(target), read_options, key)
     if _is_module(target):
         return target_from_module(target, type(target).__name__, "module")
     if isinstance(target, Mapping):

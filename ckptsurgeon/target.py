@@ -46,11 +46,12 @@ class Target:
         return {name: rec.shape for name, rec in self.tensors.items()}
 
 
-def resolve_target(spec: str, read_options: ReadOptions | None = None) -> Target:
+def resolve_target(spec: str, read_options: ReadOptions | None = None, key: str | None = None) -> Target:
     """Turn a TARGET argument into a :class:`Target`.
 
     A spec is an existing path (any checkpoint, or JSON printed by ``ckpt inspect --format json``)
-    or an architecture call expression.
+    or an architecture call expression. ``key`` picks the entry of a nested target checkpoint
+    (by default chosen as ``inspect`` chooses it).
 
     Example:
         >>> t = resolve_target("fixtures/models.py:vgg_like(num_classes=2)")   # doctest: +SKIP
@@ -64,7 +65,9 @@ def resolve_target(spec: str, read_options: ReadOptions | None = None) -> Target
         )
     path = Path(spec)
     if "(" not in spec or path.exists():
-        return _from_path(path, read_options)
+        return _from_path(path, read_options, key)
+    if key is not None:
+        raise TargetError(f"{spec}: --target-key applies to a target checkpoint, not to an architecture")
     from .architecture import build_architecture
 
     return build_architecture(spec)
@@ -114,11 +117,15 @@ def target_from_records(tensors: Mapping[str, TensorRecord], description: str, k
 
 
 # -- checkpoints and inspect JSON -----------------------------------------------------------------
-def _from_path(path: Path, read_options: ReadOptions | None) -> Target:
+def _from_path(path: Path, read_options: ReadOptions | None, key: str | None = None) -> Target:
     if path.suffix == ".json" and not path.name.endswith(".index.json") and path.is_file():
         document = _read_json(path)
         if isinstance(document, dict) and "tensors" in document:
             return _from_inspect_json(path, document)
+        raise TargetError(
+            f"{path}: a JSON target must be what `ckpt inspect --format json` prints "
+            "(an object with a 'tensors' list); this file is not"
+        )
     from .formats import open_checkpoint
 
     if not path.exists():
@@ -126,8 +133,9 @@ def _from_path(path: Path, read_options: ReadOptions | None) -> Target:
             f"{path}: no such file or folder, and not a call expression such as "
             "'torchvision.models.resnet50(num_classes=2)' or 'models.py:build(num_classes=2)'"
         )
-    candidate = open_checkpoint(path, read_options).weights()
-    return target_from_records(candidate.tensors, str(path), "checkpoint")
+    candidate = open_checkpoint(path, read_options).weights(key)
+    where = f" [{candidate.key}]" if candidate.key else ""
+    return target_from_records(candidate.tensors, f"{path}{where}", "checkpoint")
 
 
 def _read_json(path: Path) -> Any:

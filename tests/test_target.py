@@ -169,3 +169,20 @@ def test_torchvision_target_when_installed() -> None:
     target = resolve_target("torch.nn.DataParallel(torchvision.models.vgg19(num_classes=2))")
     assert len(target.tensors) == 38
     assert target.tensors["module.classifier.6.weight"].shape == (2, 4096)
+
+
+def test_target_key_picks_the_entry_of_a_nested_target() -> None:
+    from ckptsurgeon.target import resolve_target
+
+    target = resolve_target("fixtures/real/lightning_tinynet.ckpt", key="optimizer_states.0.state.0")
+    assert set(target.tensors) == {"step", "exp_avg", "exp_avg_sq"}
+    assert target.description.endswith("[optimizer_states.0.state.0]")
+
+
+def test_a_json_target_must_be_inspect_output(tmp_path: Path) -> None:
+    from ckptsurgeon.errors import TargetError
+    from ckptsurgeon.target import resolve_target
+
+    (tmp_path / "t.json").write_text('{"a": 1}')
+    with pytest.raises(TargetError, match="ckpt inspect --format json"):
+        resolve_target(str(tmp_path / "t.json"))

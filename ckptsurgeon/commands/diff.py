@@ -12,6 +12,12 @@ from ._options import make_read_options, output_format, read_options
 @click.argument("target")
 @read_options
 @output_format
+@click.option(
+    "--target-key",
+    default=None,
+    metavar="A.B",
+    help="The entry that holds the weights in a TARGET checkpoint.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="List every key (matched ones too), one per row.")
 @click.option(
     "--min-coverage",
@@ -27,15 +33,17 @@ def COMMAND(
     allow_globals: tuple[str, ...],
     unsafe: bool,
     output_format: str,
+    target_key: str | None,
     verbose: bool,
     min_coverage: float | None,
 ) -> None:
     """Diff a checkpoint against a model: what would load, what not, why, and the fix.
 
     SOURCE is any checkpoint `ckpt inspect` opens (--key picks a nested entry). TARGET is
-    another checkpoint, JSON from `ckpt inspect --format json`, or an architecture call
-    built on the meta device (no memory, no download): `pkg.module.factory(args)` or
-    `path/to/models.py:factory(args)`; arguments are literals or further calls.
+    another checkpoint (--target-key picks its entry), JSON from `ckpt inspect --format json`,
+    or an architecture call built on the meta device (no memory, no download):
+    `pkg.module.factory(args)` or `path/to/models.py:factory(args)`; arguments are
+    literals or further calls.
 
     Exit status: 0 when SOURCE loads into TARGET with strict loading as is (or, with
     --min-coverage P, when at least P% of the target's tensors load), 1 when it does not,
@@ -52,6 +60,6 @@ def COMMAND(
     from ..match import diff
 
     options = make_read_options(allow_globals, unsafe)
-    result = diff(source, target, key=key, read_options=options)
+    result = diff(source, target, key=key, read_options=options, target_key=target_key)
     click.echo(render(result, output_format, verbose=verbose), nl=False)
     raise click.exceptions.Exit(0 if result.passes(min_coverage) else 1)
