@@ -89,6 +89,14 @@ class ScanResult:
         statuses = {f.status for f in self.files}
         return UNSAFE if UNSAFE in statuses else UNREADABLE if UNREADABLE in statuses else SAFE
 
+    def render(self, fmt: str = "table") -> str:
+        """The report as ``ckpt scan`` prints it (``table`` or ``json``)."""
+        if fmt == "json":
+            from .report import dump_json
+
+            return dump_json(self.to_json())
+        return render_table(self)
+
     def to_json(self) -> dict[str, Any]:
         counts = {s: sum(f.status == s for f in self.files) for s in (SAFE, UNSAFE, UNREADABLE)}
         return {

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
 from ..errors import CkptError
 from ..formats import ReadOptions
-from ..scanning import UNREADABLE, render_table, scan
+from ..scanning import UNREADABLE, scan
 
 EXIT_UNSAFE = 1
 
@@ -46,10 +45,7 @@ def COMMAND(path: str, output_format: str, check: bool, allow_globals: tuple[str
       ckpt scan last.ckpt --check
     """
     result = scan(path, ReadOptions(allow_globals=frozenset(allow_globals), check=check))
-    if output_format == "json":
-        click.echo(json.dumps(result.to_json(), indent=2))
-    else:
-        click.echo(render_table(result), nl=False)
+    click.echo(result.render(output_format), nl=output_format == "json")
     if result.status == UNREADABLE:
         bad = [f for f in result.files if f.status == UNREADABLE]
         raise CkptError(
