@@ -51,5 +51,7 @@ def test_readme_python_examples_run(index: int, tmp_path) -> None:
     assert "print(" not in "\n".join(lines), "a print() without its expected value in a comment"
     script = tmp_path / "example.py"
     script.write_text("\n".join(lines) + "\n")
-    result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
