@@ -227,7 +227,9 @@ def _find_candidates(node: Any, path: str) -> Iterator[StateDictCandidate]:
         return
     if isinstance(node, Mapping):
         # a state dict saved beside plain values ({"fc.weight": t, "epoch": 3}): its tensors count
-        direct = {k: v.renamed(k) for k, v in node.items() if isinstance(k, str) and isinstance(v, TensorRecord)}
+        direct = {
+            k: v.renamed(k) for k, v in node.items() if isinstance(k, str) and isinstance(v, TensorRecord)
+        }
         if direct:
             yield StateDictCandidate(path, direct)
         children = ((str(k), v) for k, v in node.items() if not isinstance(v, TensorRecord))

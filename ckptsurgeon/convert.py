@@ -22,7 +22,7 @@ from .checkpoint import Checkpoint, StateDictCandidate, resolve_key
 from .dtypes import DTYPES, get_dtype
 from .errors import CkptError, OutputError
 from .formats import ReadOptions, open_checkpoint
-from .record import FD_CACHE, Storage, TensorRecord, kernel_copies, recorded_crc, tensor_to_bytes
+from .record import FD_CACHE, Storage, TensorRecord, kernel_copies, span_crcs, tensor_to_bytes
 from .report import human_bytes
 from .surgery import Plan
 from .writing import atomic_output
@@ -467,13 +467,15 @@ def verify(output: str | os.PathLike[str], expected: Any, *, label: str | None =
             if path not in got or path not in want:
                 where = "missing from" if path not in got else "unexpected in"
                 raise OutputError(f"{label}: verification failed: {'.'.join(path)!r} is {where} the output")
-    for path, value in want.items():
-        try:
-            same = _known_fingerprint(value) == _fingerprint(got[path])
-        except CkptError:
+    want_fp = _fingerprints(want, recorded=True)
+    try:
+        got_fp = _fingerprints(got)
+    except CkptError:
+        for value in want.values():
             _check_source(value)  # a damaged source explains it better than the output's fault
-            raise
-        if not same:
+        raise
+    for path, value in want.items():
+        if want_fp[path] != got_fp[path]:
             _check_source(value)
             raise OutputError(
                 f"{label}: verification failed: {'.'.join(path)!r} differs from what was written "
@@ -481,15 +483,24 @@ def verify(output: str | os.PathLike[str], expected: Any, *, label: str | None =
             )
 
 
-def _known_fingerprint(value: Any) -> Any:
-    """:func:`_fingerprint` of what was written, without reading a span whose CRC is known."""
-    if isinstance(value, TensorRecord) and value.is_raw and value.numel:
-        start, length = value.byte_span
-        storage = value.storage
-        crc = recorded_crc(storage.path, storage.offset + start, length)  # type: ignore[union-attr,arg-type]
-        if crc is not None:
-            return ("tensor", value.dtype, tuple(value.shape), value.nbytes, crc)
-    return _fingerprint(value)
+def _fingerprints(leaves: dict[Any, Any], *, recorded: bool = False) -> dict[Any, Any]:
+    """:func:`_fingerprint` of every leaf, the file spans of each file CRC-ed in one ordered pass
+    (``recorded``: a span's known CRC is taken without reading it)."""
+    result: dict[Any, Any] = {}
+    by_file: dict[Path, list[tuple[Any, TensorRecord, tuple[int, int]]]] = {}
+    for path, value in leaves.items():
+        if isinstance(value, TensorRecord) and value.numel and value.is_raw:
+            start, length = value.byte_span
+            storage = value.storage
+            span = (storage.offset + start, length)  # type: ignore[union-attr]
+            by_file.setdefault(storage.path, []).append((path, value, span))  # type: ignore[union-attr,arg-type]
+        else:
+            result[path] = _fingerprint(value)
+    for file, items in by_file.items():
+        crcs = span_crcs(file, [span for _p, _v, span in items], recorded=recorded)
+        for (path, value, _span), crc in zip(items, crcs, strict=True):
+            result[path] = ("tensor", value.dtype, tuple(value.shape), value.nbytes, crc)
+    return result
 
 
 def _check_source(value: Any) -> None:
@@ -532,7 +543,10 @@ def _leaves(node: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...],
         return
     items = node.items() if isinstance(node, dict) else enumerate(node)
     for k, v in items:
-        yield from _leaves(v, (*path, str(k)))
+        if isinstance(v, TensorRecord):  # most leaves: no generator of their own
+            yield (*path, str(k)), v
+        else:
+            yield from _leaves(v, (*path, str(k)))
 
 
 def _fingerprint(value: Any) -> Any:

@@ -7,8 +7,10 @@ with ``--dry-run``, or writes through :func:`ckptsurgeon.convert.write_checkpoin
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -82,6 +84,67 @@ def run_write(
     """
     if output is None and not dry_run:
         raise OutputError("no output: name it with -o OUT (or pass --dry-run to see the plan)")
+    with gc_paused():
+        return _run_write(
+            src,
+            make,
+            output,
+            key,
+            allow_globals,
+            unsafe,
+            output_format,
+            force,
+            dry_run,
+            no_verify,
+            to,
+            dtype,
+            max_shard_size,
+            weights_only,
+            verbose,
+            after,
+        )
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Hold off Python's cyclic garbage collector while a command builds its records.
+
+    A checkpoint of 20,000 tensors makes a few hundred thousand long-lived objects (records,
+    dicts, tuples); the collector would traverse them again and again as they are made, which
+    cost ~20 % of the command. The objects are freed by reference counting as usual; cycles
+    wait until the block ends.
+
+    Example:
+        >>> with gc_paused():
+        ...     pass
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _run_write(
+    src: str,
+    make: Callable[[Source], Plan],
+    output: str | None,
+    key: str | None,
+    allow_globals: tuple[str, ...],
+    unsafe: bool,
+    output_format: str,
+    force: bool,
+    dry_run: bool,
+    no_verify: bool,
+    to: str | None,
+    dtype: str | None,
+    max_shard_size: str | None,
+    weights_only: bool,
+    verbose: bool,
+    after: Callable[[Source, Plan], Any] | None,
+) -> WriteResult | None:
     shard_bytes = _shard_bytes(max_shard_size)
     source = open_source(src, key, make_read_options(allow_globals, unsafe))
     plan = make(source)
@@ -182,12 +245,30 @@ def _rename_rows(plan: Plan, verbose: bool) -> list[list[str]]:
         return [[old, new] for old, new in new_of.items()]
     rows = []
     for group in collapse(list(new_of), attribute=lambda o: _change(o, new_of[o]), merge_leaves=True):
+        target = _moved_label(group.label, _change(group.members[0], new_of[group.members[0]]))
+        if target is not None:
+            rows.append([group.label, target])
+            continue
         targets = collapse([new_of[m] for m in group.members], merge_leaves=True)
         if len(targets) == 1:
             rows.append([group.label, targets[0].label])
         else:
             rows.extend([m, new_of[m]] for m in group.members)
     return rows
+
+
+def _moved_label(label: str, change: tuple[str, str]) -> str | None:
+    """The target label of a group whose members all change ``old`` into ``new`` in front of the
+    same kind of tail, when the old label is ``old + tail label``: ``new + tail label``, which is
+    what collapsing the new names gives (no numbers in the changed part, the last dot in the tail).
+    None when that cannot be told this way (then the new names are collapsed)."""
+    old, new = change
+    if "#" in old or "#" in new or not label.startswith(old):
+        return None
+    tail = label[len(old) :]
+    if not tail.rpartition(".")[0] or "{" in old or "{" in new:
+        return None
+    return new + tail
 
 
 def _change(old: str, new: str) -> tuple[str, str]:

@@ -371,24 +371,26 @@ class StoragePlan:
         return True
 
     def _emit_tensor(self, em: Emitter, rec: TensorRecord) -> None:
+        """``_rebuild_tensor_v2((storage id), offset, shape, stride, requires_grad, OrderedDict())``,
+        with the constant parts as ready-made bytes (20,000 tensors are 20,000 of these)."""
         key, nbytes, offset, stride = self._place(rec)
         storage_class = DTYPES[rec.dtype].storage_class
         em.save_global("torch._utils", "_rebuild_tensor_v2" if storage_class else "_rebuild_tensor_v3")
-        em.out += b"(("
-        em.save_str("storage")
+        em.out += b"((" + _STORAGE_STR
         if storage_class:
             em.save_global("torch", storage_class)
         else:
             em.save_global("torch.storage", "UntypedStorage")
         em.save_str(key)
-        em.save_str("cpu")
+        em.out += _CPU_STR
         em.save_int(nbytes // rec.itemsize if storage_class else nbytes)
         em.out += b"tQ"
         em.save_int(offset)
-        em.save_tuple(tuple(rec.shape))
-        em.save_tuple(tuple(stride))
-        em.save(bool(rec.requires_grad and not rec.is_parameter))
-        em.save_reduce("collections", "OrderedDict", (), None)
+        _save_ints(em, rec.shape)
+        _save_ints(em, stride)
+        em.out += b"\x88" if rec.requires_grad and not rec.is_parameter else b"\x89"
+        em.save_global("collections", "OrderedDict")
+        em.out += b")R"  # OrderedDict(): the backward hooks
         if not storage_class:
             em.save_global("torch", rec.dtype)
         em.out += b"tR"
@@ -423,6 +425,24 @@ class StoragePlan:
         key = str(len(self._jobs))
         self._jobs.append((key, nbytes, chunks))
         return key
+
+
+_STORAGE_STR = b"X\x07\x00\x00\x00storage"
+_CPU_STR = b"X\x03\x00\x00\x00cpu"
+_TUPLE_OPS = (b")", b"\x85", b"\x86", b"\x87")
+
+
+def _save_ints(em: Emitter, values: tuple[int, ...]) -> None:
+    """A tuple of ints (a shape or a stride), not memoised: nothing refers to it again."""
+    out = em.out
+    if len(values) > 3:
+        out += b"("
+    for value in values:
+        if 0 <= value < 256:
+            out += b"K" + bytes((value,))
+        else:
+            em.save_int(value)
+    out += _TUPLE_OPS[len(values)] if len(values) <= 3 else b"t"
 
 
 def _collect_records(node: Any, groups: dict[int, list[TensorRecord]], seen: set[int]) -> None:

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
+from ..spans import start_writeback
+
 _EOCD = struct.Struct("<4sHHHHIIH")  # end of central directory, 22 bytes
 _CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")  # central directory entry, 46 bytes
 _LOCAL = struct.Struct("<4sHHHHHIIIHH")  # local file header, 30 bytes
@@ -30,7 +32,7 @@ _LIMIT = 0xFFFFFFFF
 _ZIP64_MEMBER = (1 << 31) - 1  # zipfile's ZIP64_LIMIT: larger members get zip64 fields
 _DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01, 00:00:00
 _UTF8_FLAG = 0x800
-_ENCRYPTED_FLAG = 0x1
+_PLAIN_FLAGS = 0x2 | 0x4 | 0x8 | _UTF8_FLAG  # deflate options, data descriptor, UTF-8 names
 _ATTRIBUTES = 0o600 << 16
 
 
@@ -121,8 +123,8 @@ def _parse_central(data: bytes, count: int, limit: int) -> dict[str, Member] | N
             _ea,
             offset,
         ) = unpack(data, pos)
-        if sig != b"PK\x01\x02" or disk or flags & _ENCRYPTED_FLAG or method not in (0, 8):
-            return None
+        if sig != b"PK\x01\x02" or disk or flags & ~_PLAIN_FLAGS or method not in (0, 8) or _ev & 0xFF > 63:
+            return None  # encrypted, patched, a newer zip version ...: zipfile says which
         if _LIMIT in (csize, usize, offset) or offset + 30 > limit:
             return None  # zip64 fields: zipfile reads those
         raw = data[pos + 46 : pos + 46 + nlen]
@@ -208,6 +210,7 @@ class ZipWriter:
         self.fh.seek(header_at + 14)
         self.fh.write(struct.pack("<I", crc))
         self.fh.seek(self.pos)
+        start_writeback(self.fh, header_at, self.pos - header_at)
         raw, flags, _zero, size, offset = self.entries[-1]
         self.entries[-1] = (raw, flags, crc, size, offset)
         return crc
