@@ -116,7 +116,9 @@ def test_grouping_and_natural_order() -> None:
 
 
 def test_state_dict_saved_beside_plain_values() -> None:
-    ckpt = make({"fc.weight": rec(2, 3), "fc.bias": rec(2), "epoch": 3, "optimizer": {"state": {0: {"m": rec(8)}}}})
+    ckpt = make(
+        {"fc.weight": rec(2, 3), "fc.bias": rec(2), "epoch": 3, "optimizer": {"state": {0: {"m": rec(8)}}}}
+    )
     weights = ckpt.weights()
     assert weights.key == "" and list(weights.tensors) == ["fc.weight", "fc.bias"]
     assert [(e.key, e.kind) for e in ckpt.top_level("")] == [("epoch", "value"), ("optimizer", "optimizer")]

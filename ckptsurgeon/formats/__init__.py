@@ -192,8 +192,7 @@ def classify_zip_names(path: Path, names: list[str]) -> str:
     if any(
         n.endswith("archive_format")
         or "serialized_exported_program" in n
-        or ("/models/" in n
-        and n.endswith(".json"))
+        or ("/models/" in n and n.endswith(".json"))
         for n in names
     ):
         raise NotAStateDictError(
