@@ -23,6 +23,7 @@ from .spans import (  # re-exported: the record layer's byte access
     KERNEL_COPY_MIN,
     FileSpan,
     aligned_buffer,
+    check_span,
     copy_span,
     expect_crc,
     file_identity,
@@ -92,7 +93,9 @@ class Storage:
         if start < 0 or length < 0 or start + length > self.nbytes:
             raise ValueError(f"storage {self.key}: read {start}+{length} outside {self.nbytes} bytes")
         if self.path is not None:
-            return pread_exact(self.path, self.offset + start, length)
+            data = pread_exact(self.path, self.offset + start, length)
+            check_span(self.path, self.offset + start, length, data)  # a zip member read whole
+            return data
         if self.loader is not None:
             return bytes(memoryview(self.loader())[start : start + length])
         raise ValueError(f"storage {self.key}: no data (built on the meta device)")

@@ -387,6 +387,19 @@ def expect_crc(identity: tuple[int, ...], offset: int, length: int, crc: int, wh
     _EXPECTED_CRCS[(*identity, offset, length)] = (crc, what)
 
 
+def check_span(path: Path, offset: int, length: int, data: bytes | memoryview) -> None:
+    """Check bytes just read from a span whose CRC-32 the archive recorded (raise if they differ).
+
+    Materialising a tensor (``to_torch``, ``load_into``) goes through here, so a flipped byte in
+    a zip member is caught there too, not only when streaming.
+    """
+    if not _EXPECTED_CRCS:
+        return
+    key = _span_key(FD_CACHE.get(path), offset, length)
+    if key in _EXPECTED_CRCS:
+        _remember_crc(key, zlib.crc32(data))
+
+
 def _remember_crc(key: tuple[int, ...], crc: int) -> None:
     expected = _EXPECTED_CRCS.get(key)
     if expected is not None and expected[0] != crc:
