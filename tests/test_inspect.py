@@ -160,3 +160,14 @@ def test_inspect_reads_no_tensor_data(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(record, "pread_exact", refuse)
     report = inspect(tmp_path / "m.pth", options=ReadOptions())
     assert report.tensor_bytes == 4_000_000
+
+
+@pytest.mark.parametrize(
+    ("path", "said"),
+    [(FIXTURES / "vgg_1000.pth", "CRC-32 of all"), (REAL / "hf_gpt2_tiny" / "model.safetensors", "byte spans")],
+)
+def test_check_says_what_it_checked(path: Path, said: str) -> None:
+    result = run_cli("inspect", path, "--check")
+    assert result.exit_code == 0, result.stderr
+    assert said in result.stdout.splitlines()[-1]
+    assert said not in run_cli("inspect", path).stdout

@@ -61,6 +61,11 @@ def read(path: Path, options: ReadOptions | None = None) -> Checkpoint:
         )
         tree[name] = TensorRecord(name, dtype.name, shape, storage)
     notes: list[str] = []
+    if options is not None and options.check:
+        notes.append(
+            f"checked: the header's {len(entries)} byte spans are in bounds, contiguous, "
+            "non-overlapping and cover the data exactly (safetensors holds no checksums)"
+        )
     aliases = parse_aliases(path, metadata, tree)
     if aliases:
         tree = restore_aliases(tree, aliases)

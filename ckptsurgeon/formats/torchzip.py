@@ -95,6 +95,8 @@ def read(path: Path, options: ReadOptions) -> Checkpoint:
     notes = locations_note(storages.slots.values())
     if extra_pickles:
         notes.append(f"the archive also holds {', '.join(extra_pickles)} (not read)")
+    if options.check:
+        notes.append(f"checked: the CRC-32 of all {len(infos)} archive members matches")
     return Checkpoint(
         path=path,
         format="torch-zip",
