@@ -92,7 +92,10 @@ def demo() -> int:
 
 def test() -> int:
     """Lint, then the whole test suite."""
-    code = run(str(PYTHON), "-m", "ruff", "check", "ckptsurgeon", "tests", "fixtures", "benchmarks", "dev.py")
+    sources = ("ckptsurgeon", "tests", "fixtures", "benchmarks", "docs", "dev.py")
+    code = run(str(PYTHON), "-m", "ruff", "check", *sources) or run(
+        str(PYTHON), "-m", "ruff", "format", "--check", *sources
+    )
     if code:
         return code
     return run(str(PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", *sys.argv[2:])
