@@ -35,6 +35,15 @@ _EXPORTS = {
     "TargetError": "ckptsurgeon.errors",
     "OutputError": "ckptsurgeon.errors",
     "resolve_target": "ckptsurgeon.target",
+    "convert": "ckptsurgeon.api",
+    "rename": "ckptsurgeon.api",
+    "strip_head": "ckptsurgeon.api",
+    "adapt": "ckptsurgeon.api",
+    "SurgeryResult": "ckptsurgeon.results",
+    "AdaptResult": "ckptsurgeon.results",
+    "WriteResult": "ckptsurgeon.pipeline",
+    "LoadReport": "ckptsurgeon.loading",
+    "SurgeryError": "ckptsurgeon.errors",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -71,7 +71,8 @@ class LoadReport:
         from .match import percent
 
         loaded = len(self.loaded)
-        return f"{loaded} of {self.total} target tensors load ({percent(loaded, self.total)})"
+        noun = "target tensor loads" if self.total == 1 else "target tensors load"
+        return f"{loaded} of {self.total} {noun} ({percent(loaded, self.total)})"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -195,6 +196,42 @@ def fit_report(
         renamed=len(plan.renamed),
         tied=comparison.tied,
     )
+
+
+def coverage_alarm(
+    report: LoadReport, min_coverage: float = 0.0, hint: str = "", dry_run: bool = False
+) -> str | None:
+    """The one-line refusal when nothing, or less than ``min_coverage`` percent, of the target loads.
+
+    ``hint`` (why nothing loads: the diff's explanation) ends the line when nothing loads.
+
+    Example:
+        >>> r = LoadReport("a.pth", "model", (), ("fc.weight",), (), ("x",), "none")
+        >>> coverage_alarm(r)
+        'a.pth: nothing would load into model after adaptation (0 of 1 target tensor); nothing was written.'
+    """
+    loaded = len(report.loaded)
+    if report.total == 0 or (loaded and report.coverage >= min_coverage):
+        return None
+    if loaded:
+        from .match import percent
+
+        what = (
+            f"only {loaded} of {_counted(report.total, 'target tensor')} would load into {report.target} "
+            f"after adaptation ({percent(loaded, report.total)}), below --min-coverage {min_coverage:g}%"
+        )
+        hint = "--dry-run lists what is missing; a lower --min-coverage accepts it"
+    else:
+        what = (
+            f"nothing would load into {report.target} after adaptation "
+            f"(0 of {_counted(report.total, 'target tensor')})"
+        )
+    outcome = "writing it would be refused" if dry_run else "nothing was written"
+    return f"{report.source}: {what}; {outcome}. {hint}".strip()
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # -- load_into ----------------------------------------------------------------------------------

@@ -153,3 +153,75 @@ def test_strip_head_named_and_refusals(tmp_path: Path) -> None:
         "strip-head", FIXTURES / "vgg_1000.pth", "--head", "fc", "--target", RESNET_TARGET, "--dry-run"
     )
     assert_one_line_error(both, "not both")
+
+
+def test_adapt_refuses_to_write_when_nothing_loads(tmp_path: Path) -> None:
+    out = tmp_path / "a.pth"
+    result = run_cli("adapt", FIXTURES / "vgg_1000.pth", RESNET_TARGET, "-o", out)
+    assert_one_line_error(result, "nothing would load into", "(0 of 122 target tensors); nothing was written")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_adapt_dry_run_alarms_and_exits_1_when_nothing_loads(tmp_path: Path) -> None:
+    result = run_cli("adapt", FIXTURES / "vgg_1000.pth", RESNET_TARGET, "--dry-run")
+    assert result.exit_code == 1, result.stderr
+    assert "0 of 122 target tensors load (0%)" in result.stdout
+    assert result.stdout.endswith("Dry run: nothing was written.\n")
+    warning = [line for line in result.stderr.splitlines() if line.startswith("ckpt: warning:")]
+    assert len(warning) == 1 and "writing it would be refused" in warning[0]
+    doc = json.loads(
+        run_cli("adapt", FIXTURES / "vgg_1000.pth", RESNET_TARGET, "--dry-run", "--format", "json").stdout
+    )
+    assert doc["status"] == "refused"
+
+
+def test_adapt_min_coverage(tmp_path: Path) -> None:
+    out = tmp_path / "a.pth"
+    src = FIXTURES / "resnet_dp_6.pth"
+    result = run_cli("adapt", src, RESNET_TARGET, "-o", out, "--min-coverage", "99")
+    assert_one_line_error(result, "only 120 of 122 target tensors would load", "below --min-coverage 99%")
+    assert not out.exists()
+    assert run_cli("adapt", src, RESNET_TARGET, "-o", out, "--min-coverage", "98").exit_code == 0
+    assert out.exists()
+
+
+def test_adapt_target_key(tmp_path: Path) -> None:
+    target = tmp_path / "last.ckpt"
+    model = _models().resnet_like(num_classes=2)
+    torch.save({"state_dict": model.state_dict(), "ema": {"x": torch.ones(1)}, "epoch": 3}, target)
+    out = tmp_path / "a.safetensors"
+    args = ("adapt", FIXTURES / "resnet_dp_6.pth", target, "-o", out, "--format", "json")
+    result = run_cli(*args, "--target-key", "state_dict")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["report"]["summary"]["loaded"] == 120
+    assert_one_line_error(run_cli(*args, "--target-key", "nope", "--force"), "no entry 'nope'")
+
+
+OPTIMIZER_NOTE = (
+    "ckpt: note: the output keeps 'optimizer_states': optimizer state that describes the old parameters "
+    "(2 tensors dropped), so resuming training from it would fail; --weights-only leaves it out\n"
+)
+
+
+def test_strip_head_notes_stale_optimizer_state(tmp_path: Path) -> None:
+    src = FIXTURES / "real" / "lightning_tinynet.ckpt"
+    result = run_cli("strip-head", src, "-o", tmp_path / "o.ckpt")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == "ckpt: weights from entry 'state_dict'\n" + OPTIMIZER_NOTE
+    lean = run_cli("strip-head", src, "-o", tmp_path / "w.ckpt", "--weights-only")
+    assert lean.exit_code == 0 and "optimizer state" not in lean.stderr
+
+
+def test_adapt_notes_stale_optimizer_state(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 6))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    src = tmp_path / "ref.pth"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3}, src)
+    target = tmp_path / "target.pth"
+    torch.save(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).state_dict(), target)
+    result = run_cli("adapt", src, target, "-o", tmp_path / "out.pth")
+    assert result.exit_code == 0, result.stderr
+    assert "ckpt: note: the output keeps 'optimizer': optimizer state" in result.stderr
+    assert "(2 tensors dropped)" in result.stderr

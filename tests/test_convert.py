@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import REAL, assert_one_line_error, run_cli, sha256
 
-from ckptsurgeon.convert import WriteOptions, open_source, output_kind, write_checkpoint
 from ckptsurgeon.errors import OutputError
 from ckptsurgeon.formats import open_checkpoint
+from ckptsurgeon.pipeline import WriteOptions, open_source, output_kind, write_checkpoint
 from ckptsurgeon.surgery import make_plan, strip_prefix
 
 
@@ -335,7 +335,7 @@ def test_library_rename_plan_written(tmp_path: Path) -> None:
     result = write_checkpoint(
         source, make_plan(source.tensors, [strip_prefix("module.")]), WriteOptions(tmp_path / "o.pth")
     )
-    assert result.summary().startswith(f"wrote {tmp_path / 'o.pth'} (pth, 1 tensors")
+    assert result.summary().startswith(f"wrote {tmp_path / 'o.pth'} (pth, 1 tensor, ")
     assert list(torch.load(tmp_path / "o.pth", weights_only=True)) == ["a"]
     assert sha256(src) == before
 
@@ -384,3 +384,56 @@ def test_sharded_output_into_the_input_folder_is_refused(tmp_path: Path) -> None
     result = run_cli("convert", shards, "-o", shards, "--max-shard-size", "128", "--force")
     assert_one_line_error(result, "holds the input's shards")
     assert {p.name: sha256(p) for p in shards.iterdir()} == before
+
+
+def test_safetensors_output_notes_tied_tensors(tmp_path: Path) -> None:
+    src = save(tmp_path, zoo())
+    result = run_cli("convert", src, "-o", tmp_path / "z.safetensors")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == (
+        "ckpt: note: 1 tied tensor written once, its alias recorded in the metadata "
+        "('ckptsurgeon.aliases', as safetensors' save_model does): lm_head.weight -> wte.weight; "
+        "ckpt reads aliases back, plain safetensors.load_file returns only the kept name\n"
+    )
+    from safetensors.torch import load_file
+
+    assert "lm_head.weight" not in load_file(str(tmp_path / "z.safetensors"))
+    assert run_cli("convert", src, "-o", tmp_path / "z.pth").stderr == ""
+
+
+def test_oversized_tensor_gets_its_own_shard_and_a_note(tmp_path: Path) -> None:
+    src = save(tmp_path, {"big": torch.zeros(64), "a": torch.zeros(2), "b": torch.zeros(2)})
+    result = run_cli("convert", src, "-o", tmp_path / "shards", "--max-shard-size", "100")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == (
+        "ckpt: note: 1 tensor is bigger than the shard size limit (100 B), "
+        "so it got a shard of its own: big (256 B)\n"
+    )
+    index = json.loads((tmp_path / "shards" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {
+        "big": "model-00001-of-00002.safetensors",
+        "a": "model-00002-of-00002.safetensors",
+        "b": "model-00002-of-00002.safetensors",
+    }
+
+
+def test_one_tensor_is_singular(tmp_path: Path) -> None:
+    src = save(tmp_path, {"w": torch.ones(2)})
+    out = tmp_path / "one.safetensors"
+    result = run_cli("convert", src, "-o", out)
+    assert result.stdout == (
+        "Plan: 1 tensor: 0 renamed, 1 unchanged, 0 dropped\n"
+        "\n"
+        f"wrote {out} (safetensors, 1 tensor, {out.stat().st_size} B), verified bit for bit\n"
+    )
+
+
+def test_dcp_placeholder_shows_as_a_plain_description(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"model": {"w": torch.ones(2)}, "step": 5}, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    result = run_cli("inspect", tmp_path / "dcp")
+    assert result.exit_code == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("step"))
+    assert row.split(None, 4)[4] == "<non-tensor value (DCP bytes entry, not loaded)>"
+    assert "'<non-tensor" not in result.stdout

@@ -164,7 +164,10 @@ def test_inspect_reads_no_tensor_data(tmp_path: Path, monkeypatch: pytest.Monkey
 
 @pytest.mark.parametrize(
     ("path", "said"),
-    [(FIXTURES / "vgg_1000.pth", "CRC-32 of all"), (REAL / "hf_gpt2_tiny" / "model.safetensors", "byte spans")],
+    [
+        (FIXTURES / "vgg_1000.pth", "CRC-32 of all"),
+        (REAL / "hf_gpt2_tiny" / "model.safetensors", "byte spans"),
+    ],
 )
 def test_check_says_what_it_checked(path: Path, said: str) -> None:
     result = run_cli("inspect", path, "--check")

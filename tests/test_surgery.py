@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckptsurgeon.commands.convert import plan_json, render_plan
-from ckptsurgeon.commands.rename import rename_steps
+from ckptsurgeon.api import rename_steps
 from ckptsurgeon.errors import SurgeryError
+from ckptsurgeon.planreport import plan_json, render_plan
 from ckptsurgeon.record import TensorRecord
 from ckptsurgeon.surgery import (
     Plan,

@@ -6,47 +6,46 @@ from typing import Any
 
 import click
 
-from ..convert import Source
-from ..loading import LoadReport, adapt_plan, fit_report
-from ..surgery import Plan
-from ._options import make_read_options, output_format, read_options, write_options
-from .convert import conversion_options, run_write
+from ._options import output_format, read_options, write_options
+from .convert import conversion_options, run
 
 
 @click.command("adapt")
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("target")
+@click.option(
+    "--target-key",
+    default=None,
+    metavar="A.B",
+    help="The entry that holds the weights in a TARGET checkpoint.",
+)
+@click.option(
+    "--min-coverage",
+    type=click.FloatRange(0, 100),
+    default=0.0,
+    metavar="P",
+    help="Refuse to write unless at least P% of the target's tensors load (default: refuse when none do).",
+)
 @read_options
 @write_options
 @conversion_options
 @output_format
-def COMMAND(src: str, target: str, **flags: Any) -> None:
+def COMMAND(src: str, target: str, output: str | None, **flags: Any) -> None:
     """Make SRC load into TARGET: align key prefixes, drop the head and what has no place.
 
-    TARGET is what `ckpt diff` accepts: a checkpoint, an inspect JSON, or an architecture
-    such as 'torchvision.models.resnet50(num_classes=2)' or 'models.py:build(num_classes=2)'.
-    The report says what the output loads with load_state_dict(strict=False): exactly the
-    missing keys listed (the target keeps its own values there), nothing unexpected.
+    TARGET is what `ckpt diff` accepts: a checkpoint (--target-key picks its entry), an
+    inspect JSON, or an architecture such as 'torchvision.models.resnet50(num_classes=2)' or
+    'models.py:build(num_classes=2)'. The report says what the output loads with
+    load_state_dict(strict=False): exactly the missing keys listed (the target keeps its own
+    values there), nothing unexpected. When nothing (or less than --min-coverage P percent)
+    of the target would load, nothing is written (exit 2; a --dry-run warns and exits 1).
 
     \b
     Example:
       ckpt adapt resnet_dp.pth 'fixtures/models.py:resnet_like(num_classes=2)' -o resnet2.pth
       ckpt adapt vgg.pth 'torch.nn.DataParallel(fixtures/models.py:vgg_like(num_classes=2))' -o v.pth
-      ckpt adapt last.ckpt model.safetensors -o fixed.safetensors --dry-run
+      ckpt adapt last.ckpt model.safetensors -o fixed.safetensors --dry-run --min-coverage 90
     """
-    from ..match import diff
-    from ..target import resolve_target
+    from ..api import adapt
 
-    options = make_read_options(flags.get("allow_globals", ()), False)
-    resolved = resolve_target(target, options)
-    state: dict[str, Any] = {}
-
-    def make(source: Source) -> Plan:
-        result = diff(source.tensors, resolved, source_label=src)
-        state["diagnosis"] = result.diagnosis
-        return adapt_plan(source.tensors, result.diagnosis)
-
-    def report(source: Source, plan: Plan) -> LoadReport:
-        return fit_report(plan.apply(source.tensors), resolved, plan, src, state["diagnosis"])
-
-    run_write(src, make, after=report, **flags)
+    run(adapt, src, target, output, **flags)

@@ -1,26 +1,21 @@
-"""``ckpt convert``, and the flow every writing command shares: plan, show it, write, verify.
+"""``ckpt convert``, and what every writing command shares: the options, the call, the printing.
 
-``rename``, ``strip-head`` and ``adapt`` build a :class:`~ckptsurgeon.surgery.Plan` and
-hand it to :func:`run_write`, which prints the plan (table, markdown or JSON), stops there
-with ``--dry-run``, or writes through :func:`ckptsurgeon.convert.write_checkpoint`.
+``rename``, ``strip-head`` and ``adapt`` are the same few lines over their library function
+(:mod:`ckptsurgeon.api`): :func:`run` calls it with the parsed flags and prints the result
+(the plan as table, markdown or JSON; notes on stderr).
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import re
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
-from ..convert import Source, WriteOptions, WriteResult, open_source, write_checkpoint
-from ..errors import OutputError
-from ..grouping import collapse
-from ..report import dump_json, format_shape, render_table
-from ..surgery import Plan, make_plan
+from ..planreport import _rename_rows as _rename_rows  # re-exported: tests render rows directly
+from ..planreport import plan_json as plan_json
+from ..planreport import render_plan as render_plan
+from ..results import SurgeryResult
 from ._options import make_read_options, output_format, read_options, write_options
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -58,249 +53,45 @@ def conversion_options(func: F) -> F:
     return func
 
 
-def run_write(
-    src: str,
-    make: Callable[[Source], Plan],
-    *,
-    output: str | None,
-    key: str | None,
+def run(
+    func: Callable[..., SurgeryResult],
+    *args: Any,
+    output_format: str = "table",
+    verbose: bool = False,
     allow_globals: tuple[str, ...] = (),
     unsafe: bool = False,
-    output_format: str = "table",
-    force: bool = False,
-    dry_run: bool = False,
     no_verify: bool = False,
-    to: str | None = None,
-    dtype: str | None = None,
-    max_shard_size: str | None = None,
-    weights_only: bool = False,
-    verbose: bool = False,
-    after: Callable[[Source, Plan], Any] | None = None,
-) -> WriteResult | None:
-    """Open SRC, make the plan, print it, and write it unless ``dry_run``; return what was written.
-
-    ``after(source, plan)`` may return a report (``render(fmt, verbose)``, ``to_json()``) shown
-    after the plan, such as what the output will load into a target.
-    """
-    if output is None and not dry_run:
-        raise OutputError("no output: name it with -o OUT (or pass --dry-run to see the plan)")
-    with gc_paused():
-        return _run_write(
-            src,
-            make,
-            output,
-            key,
-            allow_globals,
-            unsafe,
-            output_format,
-            force,
-            dry_run,
-            no_verify,
-            to,
-            dtype,
-            max_shard_size,
-            weights_only,
-            verbose,
-            after,
-        )
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Hold off Python's cyclic garbage collector while a command builds its records.
-
-    A checkpoint of 20,000 tensors makes a few hundred thousand long-lived objects (records,
-    dicts, tuples); the collector would traverse them again and again as they are made, which
-    cost ~20 % of the command. The objects are freed by reference counting as usual; cycles
-    wait until the block ends.
+    **kwargs: Any,
+) -> SurgeryResult:
+    """Call a library write function (``ckptsurgeon.convert`` ...) with the CLI's flags; print the result.
 
     Example:
-        >>> with gc_paused():
-        ...     pass
+        >>> run(api.convert, "model.pth", "model.safetensors", dry_run=True)   # doctest: +SKIP
     """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def _run_write(
-    src: str,
-    make: Callable[[Source], Plan],
-    output: str | None,
-    key: str | None,
-    allow_globals: tuple[str, ...],
-    unsafe: bool,
-    output_format: str,
-    force: bool,
-    dry_run: bool,
-    no_verify: bool,
-    to: str | None,
-    dtype: str | None,
-    max_shard_size: str | None,
-    weights_only: bool,
-    verbose: bool,
-    after: Callable[[Source, Plan], Any] | None,
-) -> WriteResult | None:
-    shard_bytes = _shard_bytes(max_shard_size)
-    source = open_source(src, key, make_read_options(allow_globals, unsafe))
-    plan = make(source)
-    if source.weights.key:
-        click.echo(f"ckpt: weights from entry {source.weights.key!r}", err=True)
-    report = after(source, plan) if after is not None else None
-    result = None
-    if not dry_run:
-        options = WriteOptions(Path(output or ""), to, dtype, shard_bytes, weights_only, force, not no_verify)
-        result = write_checkpoint(source, plan, options)
-        for note in result.notes:
-            click.echo(f"ckpt: note: {note}", err=True)
-    if output_format == "json":
-        click.echo(dump_json(_json_document(src, source, plan, result, report, dry_run)))
-        return result
-    parts = [render_plan(plan, output_format, verbose)]
-    if report is not None:
-        parts.append(report.render(output_format, verbose))
-    parts.append("Dry run: nothing was written." if dry_run else result.summary())  # type: ignore[union-attr]
-    click.echo("\n\n".join(parts))
+    options = make_read_options(allow_globals, unsafe)
+    result = func(*args, read_options=options, verify=not no_verify, **kwargs)
+    emit(result, output_format, verbose)
     return result
 
 
-def _shard_bytes(text: str | None) -> int | None:
-    if text is None:
-        return None
-    from ..formats.sharded import parse_size
-
-    return parse_size(text)
-
-
-def _json_document(
-    src: str, source: Source, plan: Plan, result: WriteResult | None, report: Any, dry_run: bool
-) -> dict[str, Any]:
-    return {
-        "status": "dry-run" if dry_run else "ok",
-        "source": src,
-        "weights_key": source.weights.key,
-        "plan": plan_json(plan),
-        "report": report.to_json() if report is not None else None,
-        "output": result.to_json() if result is not None else None,
-    }
-
-
-# -- plan rendering ---------------------------------------------------------------------------
-def plan_json(plan: Plan) -> dict[str, Any]:
-    """The plan as a JSON-ready dict: summary, steps, renamed, dropped (every one) and unchanged."""
-    return {
-        "summary": {
-            "tensors": len(plan.entries),
-            "renamed": len(plan.renamed),
-            "unchanged": len(plan.unchanged),
-            "dropped": len(plan.dropped),
-        },
-        "steps": list(plan.steps),
-        "renamed": [{"from": e.old, "to": e.new} for e in plan.renamed],
-        "dropped": [
-            {
-                "name": e.old,
-                "dtype": e.dtype,
-                "shape": None if e.shape is None else list(e.shape),
-                "reason": e.reason,
-            }
-            for e in plan.dropped
-        ],
-        "unchanged": [e.old for e in plan.unchanged],
-    }
-
-
-def render_plan(plan: Plan, fmt: str = "table", verbose: bool = False) -> str:
-    """A headline, the renames (grouped unless ``verbose``), and every dropped tensor with its shape.
+def emit(result: SurgeryResult, fmt: str = "table", verbose: bool = False) -> None:
+    """Print ``result``: the chosen entry and notes on stderr, the rendering on stdout; an adapt
+    dry run that would be refused ends with a warning and exit status 1.
 
     Example:
-        >>> print(render_plan(make_plan(["module.fc.w"], [])))
-        Plan: 1 tensor: 0 renamed, 1 unchanged, 0 dropped
+        >>> emit(ckptsurgeon.rename("m.pth", add_prefix="m.", dry_run=True))   # doctest: +SKIP
     """
-    if fmt == "json":
-        return dump_json(plan_json(plan))
-    parts = [plan_headline(plan)]
-    renamed = render_table(["renamed", "to"], _rename_rows(plan, verbose), fmt)
-    dropped = render_table(["dropped", "dtype", "shape", "reason"], _drop_rows(plan, verbose), fmt)
-    return "\n\n".join(p for p in (*parts, renamed, dropped) if p)
+    if result.weights_key:
+        click.echo(f"ckpt: weights from entry {result.weights_key!r}", err=True)
+    for note in result.all_notes:
+        click.echo(f"ckpt: note: {note}", err=True)
+    click.echo(result.render(fmt, verbose))
+    alarm = getattr(result, "alarm", None)
+    if alarm is not None:
+        click.echo(f"ckpt: warning: {alarm}", err=True)
+        raise click.exceptions.Exit(1)
 
 
-def plan_headline(plan: Plan) -> str:
-    """``Plan: 38 tensors: 36 renamed, 0 unchanged, 2 dropped (steps)``."""
-    n = len(plan.entries)
-    steps = f" ({'; '.join(plan.steps)})" if plan.steps else ""
-    return (
-        f"Plan: {n} tensor{'s' if n != 1 else ''}: {len(plan.renamed)} renamed, "
-        f"{len(plan.unchanged)} unchanged, {len(plan.dropped)} dropped{steps}"
-    )
-
-
-def _rename_rows(plan: Plan, verbose: bool) -> list[list[str]]:
-    new_of = {e.old: e.new or "" for e in plan.renamed}
-    if verbose:
-        return [[old, new] for old, new in new_of.items()]
-    rows = []
-    for group in collapse(list(new_of), attribute=lambda o: _change(o, new_of[o]), merge_leaves=True):
-        target = _moved_label(group.label, _change(group.members[0], new_of[group.members[0]]))
-        if target is not None:
-            rows.append([group.label, target])
-            continue
-        targets = collapse([new_of[m] for m in group.members], merge_leaves=True)
-        if len(targets) == 1:
-            rows.append([group.label, targets[0].label])
-        else:
-            rows.extend([m, new_of[m]] for m in group.members)
-    return rows
-
-
-def _moved_label(label: str, change: tuple[str, str]) -> str | None:
-    """The target label of a group whose members all change ``old`` into ``new`` in front of the
-    same kind of tail, when the old label is ``old + tail label``: ``new + tail label``, which is
-    what collapsing the new names gives (no numbers in the changed part, the last dot in the tail).
-    None when that cannot be told this way (then the new names are collapsed)."""
-    old, new = change
-    if "#" in old or "#" in new or not label.startswith(old):
-        return None
-    tail = label[len(old) :]
-    if not tail.rpartition(".")[0] or "{" in old or "{" in new:
-        return None
-    return new + tail
-
-
-def _change(old: str, new: str) -> tuple[str, str]:
-    """What a rename changes, without the tail both names share: ``("module.", "")``."""
-    if old.endswith(new):  # a stripped prefix: the common case, decided without a loop
-        n = len(new)
-    elif new.endswith(old):
-        n = len(old)
-    else:
-        n = 0
-        while n < min(len(old), len(new)) and old[-1 - n] == new[-1 - n]:
-            n += 1
-    return _NUMBERS.sub("#", old[: len(old) - n]), _NUMBERS.sub("#", new[: len(new) - n])
-
-
-_NUMBERS = re.compile(r"\d+")
-
-
-def _drop_rows(plan: Plan, verbose: bool) -> list[list[str]]:
-    by_name = {e.old: e for e in plan.dropped}
-    if verbose:
-        return [[e.old, e.dtype, format_shape(e.shape), e.reason] for e in by_name.values()]
-    rows = []
-    for group in collapse(
-        list(by_name), attribute=lambda n: (by_name[n].dtype, by_name[n].shape, by_name[n].reason)
-    ):
-        e = by_name[group.members[0]]
-        rows.append([group.label, e.dtype, format_shape(e.shape), e.reason])
-    return rows
-
-
-# -- the command ------------------------------------------------------------------------------
 @click.command("convert")
 @click.argument("src", type=click.Path(path_type=str))
 @read_options
@@ -323,4 +114,6 @@ def COMMAND(src: str, output: str | None, **flags: Any) -> None:
       ckpt convert last.ckpt -o weights.pth --weights-only
       ckpt convert big.pth -o big-hf/ --max-shard-size 5GB
     """
-    run_write(src, lambda source: make_plan(source.tensors, []), output=output, **flags)
+    from ..api import convert
+
+    run(convert, src, output, **flags)

@@ -6,35 +6,9 @@ from typing import Any
 
 import click
 
-from ..errors import SurgeryError
-from ..surgery import Step, add_prefix, drop, keep, make_plan, replace, strip_prefix
+from ..api import rename_steps as rename_steps  # re-exported: the order is documented here too
 from ._options import output_format, read_options, write_options
-from .convert import conversion_options, run_write
-
-
-def rename_steps(
-    strip: tuple[str, ...] = (),
-    add: tuple[str, ...] = (),
-    replacements: tuple[tuple[str, str], ...] = (),
-    drops: tuple[str, ...] = (),
-    keeps: tuple[str, ...] = (),
-) -> list[Step]:
-    """The steps in the order ``ckpt rename`` applies them: drop, keep (on the file's names),
-    then strip prefixes, replacements (in order), add prefixes.
-
-    Example:
-        >>> [s.description for s in rename_steps(strip=("module.",), drops=("fc.*",))]
-        ["drop 'fc.*'", "strip prefix 'module.'"]
-    """
-    steps: list[Step] = []
-    if drops:
-        steps.append(drop(*drops))
-    if keeps:
-        steps.append(keep(*keeps))
-    steps += [strip_prefix(p) for p in strip]
-    steps += [replace(pattern, repl) for pattern, repl in replacements]
-    steps += [add_prefix(p) for p in add]
-    return steps
+from .convert import conversion_options, run
 
 
 @click.command("rename")
@@ -59,6 +33,7 @@ def rename_steps(
 @output_format
 def COMMAND(
     src: str,
+    output: str | None,
     strip: tuple[str, ...],
     add: tuple[str, ...],
     replacements: tuple[tuple[str, str], ...],
@@ -78,7 +53,7 @@ def COMMAND(
       ckpt rename last.ckpt -o bb.pth --keep 'model.backbone.*' --strip-prefix model.backbone.
       ckpt rename model.pth -o out.pth --replace '^encoder\\.' 'backbone.' --dry-run
     """
-    steps = rename_steps(strip, add, replacements, drops, keeps)
-    if not steps:
-        raise SurgeryError("nothing to do: give --strip-prefix, --add-prefix, --replace, --drop or --keep")
-    run_write(src, lambda source: make_plan(source.tensors, steps), **flags)
+    from ..api import rename
+
+    steps = {"strip_prefix": strip, "add_prefix": add, "replace": replacements, "drop": drops, "keep": keeps}
+    run(rename, src, output, **steps, **flags)

@@ -29,7 +29,26 @@ from . import ReadOptions
 
 FORMAT = "dcp"
 METADATA_FILE = ".metadata"
-BYTES_PLACEHOLDER = "<non-tensor value (DCP bytes entry, not loaded)>"
+
+
+class NotLoaded:
+    """A value the reader leaves unread, shown as a plain description (not as a quoted string).
+
+    Example:
+        >>> BYTES_PLACEHOLDER
+        <non-tensor value (DCP bytes entry, not loaded)>
+    """
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __repr__(self) -> str:
+        return f"<non-tensor value ({self.what}, not loaded)>"
+
+
+BYTES_PLACEHOLDER = NotLoaded("DCP bytes entry")
 DCP_PACKAGE = "torch.distributed.checkpoint."
 # Globals a DCP .metadata pickle may import besides DCP's own dataclasses and enums.
 PLAIN_GLOBALS = frozenset(
