@@ -149,21 +149,25 @@ def _archive_prefix(path: Path, infos: dict[str, Any]) -> str:
     return min(found, key=len)[: -len("data.pkl")]
 
 
+# What zipfile raises for a damaged member: bad headers, truncation, encryption, bad deflate data.
+MEMBER_ERRORS = (
+    zipfile.BadZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    struct.error,
+    NotImplementedError,
+    RuntimeError,  # zipfile: an encrypted member
+    zlib.error,
+)
+
+
 def _member(zf: zipfile.ZipFile, path: Path, name: str) -> bytes:
     try:
         return zf.read(name)
     except KeyError:
         raise FormatError(f"{path}: the archive has no {name}; the file is damaged") from None
-    except (
-        zipfile.BadZipFile,
-        OSError,
-        EOFError,
-        ValueError,
-        struct.error,
-        NotImplementedError,
-        RuntimeError,  # zipfile: an encrypted member
-        zlib.error,
-    ) as exc:
+    except MEMBER_ERRORS as exc:
         detail = " ".join(str(exc).split())[:100]
         raise FormatError(f"{path}: member {name} cannot be read ({detail}); the file is damaged") from None
 
@@ -175,16 +179,7 @@ def verify_crcs(zf: zipfile.ZipFile, path: Path) -> None:
             with zf.open(info) as fh:
                 while fh.read(CHUNK_SIZE):
                     pass
-        except (
-            zipfile.BadZipFile,
-            OSError,
-            EOFError,
-            ValueError,
-            struct.error,
-            NotImplementedError,
-            RuntimeError,  # zipfile: an encrypted member
-            zlib.error,
-        ) as exc:
+        except MEMBER_ERRORS as exc:
             detail = " ".join(str(exc).split())[:100]
             raise FormatError(
                 f"{path}: member {info.filename} fails its check ({detail}); "
