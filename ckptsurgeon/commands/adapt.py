@@ -41,7 +41,7 @@ def COMMAND(src: str, target: str, output: str | None, **flags: Any) -> None:
     of the target would load, nothing is written (exit 2; a --dry-run warns and exits 1).
 
     \b
-    Example:
+    Examples:
       ckpt adapt resnet_dp.pth 'fixtures/models.py:resnet_like(num_classes=2)' -o resnet2.pth
       ckpt adapt vgg.pth 'torch.nn.DataParallel(fixtures/models.py:vgg_like(num_classes=2))' -o v.pth
       ckpt adapt last.ckpt model.safetensors -o fixed.safetensors --dry-run --min-coverage 90

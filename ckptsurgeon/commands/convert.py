@@ -108,7 +108,7 @@ def COMMAND(src: str, output: str | None, **flags: Any) -> None:
     The output is written atomically, then reopened and compared bit for bit.
 
     \b
-    Example:
+    Examples:
       ckpt convert model.pth -o model.safetensors
       ckpt convert model.safetensors -o model.pth --dtype bf16
       ckpt convert last.ckpt -o weights.pth --weights-only

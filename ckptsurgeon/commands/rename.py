@@ -48,7 +48,7 @@ def COMMAND(
     would get one name, is an error. Every other entry of a training checkpoint is kept.
 
     \b
-    Example:
+    Examples:
       ckpt rename model.pth -o fixed.pth --strip-prefix module.
       ckpt rename last.ckpt -o bb.pth --keep 'model.backbone.*' --strip-prefix model.backbone.
       ckpt rename model.pth -o out.pth --replace '^encoder\\.' 'backbone.' --dry-run

@@ -48,7 +48,7 @@ def COMMAND(src: str, output: str | None, **flags: Any) -> None:
     leaves it out).
 
     \b
-    Example:
+    Examples:
       ckpt strip-head resnet.pth -o backbone.pth
       ckpt strip-head vgg.pth -o vgg2.pth --target 'fixtures/models.py:vgg_like(num_classes=2)'
       ckpt strip-head model.pth -o out.pth --head classifier.6 --dry-run
