@@ -119,7 +119,9 @@ class Unpickler:
             raise PickleError("malformed pickle (nested too deeply)") from None
 
     # The loop is one long if-chain on ints, most frequent opcodes first: a 20,000-tensor
-    # state dict is about half a million opcodes (torch.save's: 160,000 LONG_BINPUTs).
+    # state dict is about 620,000 opcodes (torch.save's: 160,000 LONG_BINPUTs, 100,000 each of
+    # BININT1 and BINGET). ``here`` is the offset just past the current opcode; it becomes
+    # ``self.pos`` (what error messages name) only when something raises, not once per opcode.
     def _run(self) -> Any:
         data = self.data
         end = len(data)
@@ -128,146 +130,154 @@ class Unpickler:
         stack: list[Any] = []
         metastack: list[list[Any]] = []
         append = stack.append
-        pos = self.pos
-        while True:
-            if pos >= end:
-                self.pos = pos
-                raise PickleTruncated(_TRUNCATED)
-            op = data[pos]
-            pos += 1
-            self.pos = pos
-            if op == 0x71:  # BINPUT
-                memo[data[pos]] = stack[-1]
+        pos = here = self.pos
+        try:
+            while True:
+                if pos >= end:
+                    self.pos = here = pos
+                    raise PickleTruncated(_TRUNCATED)
+                op = data[pos]
                 pos += 1
-            elif op == 0x72:  # LONG_BINPUT: torch's most frequent opcode
-                memo[_unpack_from("<I", data, pos)[0]] = stack[-1]
-                pos += 4
-            elif op == 0x68:  # BINGET
-                append(memo[data[pos]])
-                pos += 1
-            elif op == 0x4B:  # BININT1
-                append(data[pos])
-                pos += 1
-            elif op == 0x58 or op == 0x8C or op == 0x8D:  # BINUNICODE, SHORT_BINUNICODE, BINUNICODE8
-                n, pos = _length(data, pos, op)
-                append(str(_take(data, pos, n), "utf-8", "surrogatepass"))
-                pos += n
-            elif op == 0x28:  # MARK
-                metastack.append(stack)
-                stack = []
-                append = stack.append
-            elif op == 0x74 or op == 0x29:  # TUPLE, EMPTY_TUPLE
-                if op == 0x74:
+                here = pos
+                if op == 0x72:  # LONG_BINPUT: torch's most frequent opcode
+                    memo[_unpack_from("<I", data, pos)[0]] = stack[-1]
+                    pos += 4
+                elif op == 0x4B:  # BININT1
+                    append(data[pos])
+                    pos += 1
+                elif op == 0x68:  # BINGET
+                    append(memo[data[pos]])
+                    pos += 1
+                elif op == 0x28:  # MARK
+                    metastack.append(stack)
+                    stack = []
+                    append = stack.append
+                elif op == 0x58:  # BINUNICODE
+                    n = _unpack_from("<I", data, pos)[0]
+                    pos += 4
+                    append(str(_take(data, pos, n), "utf-8", "surrogatepass"))
+                    pos += n
+                elif op == 0x74:  # TUPLE
                     items = stack
                     stack = metastack.pop()
                     append = stack.append
                     append(tuple(items))
-                else:
+                elif op == 0x52:  # REDUCE
+                    args = stack.pop()
+                    stack[-1] = res.call(stack[-1], args if type(args) is tuple else _as_tuple(args))
+                elif op == 0x51:  # BINPERSID
+                    stack[-1] = res.persistent_load(stack[-1])
+                elif op == 0x86:  # TUPLE2
+                    stack[-2:] = [(stack[-2], stack[-1])]
+                elif op == 0x89:
+                    append(False)
+                elif op == 0x29:  # EMPTY_TUPLE
                     append(())
-            elif op == 0x85:  # TUPLE1
-                stack[-1] = (stack[-1],)
-            elif op == 0x86:  # TUPLE2
-                stack[-2:] = [(stack[-2], stack[-1])]
-            elif op == 0x87:  # TUPLE3
-                stack[-3:] = [(stack[-3], stack[-2], stack[-1])]
-            elif op == 0x52:  # REDUCE
-                args = stack.pop()
-                stack[-1] = res.call(stack[-1], _as_tuple(args))
-            elif op == 0x51:  # BINPERSID
-                stack[-1] = res.persistent_load(stack[-1])
-            elif op == 0x89:
-                append(False)
-            elif op == 0x88:
-                append(True)
-            elif op == 0x4E:
-                append(None)
-            elif op == 0x6A:  # LONG_BINGET
-                append(memo[_unpack_from("<I", data, pos)[0]])
-                pos += 4
-            elif op == 0x94:  # MEMOIZE
-                memo[len(memo)] = stack[-1]
-            elif op == 0x4D:  # BININT2
-                append(_unpack_from("<H", data, pos)[0])
-                pos += 2
-            elif op == 0x4A:  # BININT
-                append(_unpack_from("<i", data, pos)[0])
-                pos += 4
-            elif op == 0x47:  # BINFLOAT
-                append(_unpack_from(">d", data, pos)[0])
-                pos += 8
-            elif op == 0x7D:
-                append({})
-            elif op == 0x5D:
-                append([])
-            elif op == 0x75 or op == 0x73:  # SETITEMS, SETITEM
-                if op == 0x75:
+                elif op == 0x85:  # TUPLE1
+                    stack[-1] = (stack[-1],)
+                elif op == 0x71:  # BINPUT
+                    memo[data[pos]] = stack[-1]
+                    pos += 1
+                elif op == 0x8C or op == 0x8D:  # SHORT_BINUNICODE, BINUNICODE8
+                    n, pos = _length(data, pos, op)
+                    append(str(_take(data, pos, n), "utf-8", "surrogatepass"))
+                    pos += n
+                elif op == 0x87:  # TUPLE3
+                    stack[-3:] = [(stack[-3], stack[-2], stack[-1])]
+                elif op == 0x88:
+                    append(True)
+                elif op == 0x4E:
+                    append(None)
+                elif op == 0x6A:  # LONG_BINGET
+                    append(memo[_unpack_from("<I", data, pos)[0]])
+                    pos += 4
+                elif op == 0x94:  # MEMOIZE
+                    memo[len(memo)] = stack[-1]
+                elif op == 0x4D:  # BININT2
+                    append(_unpack_from("<H", data, pos)[0])
+                    pos += 2
+                elif op == 0x4A:  # BININT
+                    append(_unpack_from("<i", data, pos)[0])
+                    pos += 4
+                elif op == 0x47:  # BINFLOAT
+                    append(_unpack_from(">d", data, pos)[0])
+                    pos += 8
+                elif op == 0x7D:
+                    append({})
+                elif op == 0x5D:
+                    append([])
+                elif op == 0x75 or op == 0x73:  # SETITEMS, SETITEM
+                    if op == 0x75:
+                        items = stack
+                        stack = metastack.pop()
+                        append = stack.append
+                        if len(items) % 2:
+                            raise ValueError("odd number of items for SETITEMS")
+                    else:
+                        items = stack[-2:]
+                        if len(items) != 2:
+                            raise IndexError("SETITEM")
+                        del stack[-2:]
+                    _setitems(stack[-1], items, res)
+                elif op == 0x65 or op == 0x61:  # APPENDS, APPEND
+                    if op == 0x65:
+                        items = stack
+                        stack = metastack.pop()
+                        append = stack.append
+                    else:
+                        items = [stack.pop()]
+                    _extend(stack[-1], items, res)
+                elif op == 0x63 or op == 0x93 or op == 0x69:  # GLOBAL, STACK_GLOBAL, INST
+                    if op == 0x93:
+                        name = stack.pop()
+                        module = stack.pop()
+                        if type(module) is not str or type(name) is not str:
+                            raise PickleError("malformed pickle (STACK_GLOBAL needs two strings)")
+                    else:
+                        module, pos = _line(data, pos)
+                        name, pos = _line(data, pos)
+                    here = pos
+                    found = res.find_global(*fix_name(module, name))
+                    if op == 0x69:  # INST: instantiate with the marked items
+                        items = stack
+                        stack = metastack.pop()
+                        append = stack.append
+                        append(res.new(found, tuple(items), {}))
+                    else:
+                        append(found)
+                elif op == 0x81:  # NEWOBJ
+                    args = stack.pop()
+                    stack[-1] = res.new(stack[-1], _as_tuple(args), {})
+                elif op == 0x92:  # NEWOBJ_EX
+                    kwargs = stack.pop()
+                    args = stack.pop()
+                    stack[-1] = res.new(stack[-1], _as_tuple(args), dict(kwargs))
+                elif op == 0x6F:  # OBJ
                     items = stack
                     stack = metastack.pop()
                     append = stack.append
-                    if len(items) % 2:
-                        raise ValueError("odd number of items for SETITEMS")
+                    append(res.new(items[0], tuple(items[1:]), {}))
+                elif op == 0x62:  # BUILD
+                    state = stack.pop()
+                    res.build(stack[-1], state)
+                elif op == 0x2E:  # STOP
+                    self.pos = pos
+                    if len(stack) != 1 or metastack:
+                        raise PickleError("malformed pickle (STOP with a stack that is not one object)")
+                    return stack[0]
+                elif op == 0x80:  # PROTO
+                    if data[pos] > 5:
+                        raise PickleError(f"unsupported pickle protocol {data[pos]}")
+                    pos += 1
+                elif op == 0x95:  # FRAME: a length hint only
+                    pos += 8
                 else:
-                    items = stack[-2:]
-                    if len(items) != 2:
-                        raise IndexError("SETITEM")
-                    del stack[-2:]
-                _setitems(stack[-1], items, res)
-            elif op == 0x65 or op == 0x61:  # APPENDS, APPEND
-                if op == 0x65:
-                    items = stack
-                    stack = metastack.pop()
+                    pos = self._rare(op, pos, stack, metastack)
+                    stack = self._stack
                     append = stack.append
-                else:
-                    items = [stack.pop()]
-                _extend(stack[-1], items, res)
-            elif op == 0x63 or op == 0x93 or op == 0x69:  # GLOBAL, STACK_GLOBAL, INST
-                if op == 0x93:
-                    name = stack.pop()
-                    module = stack.pop()
-                    if type(module) is not str or type(name) is not str:
-                        raise PickleError("malformed pickle (STACK_GLOBAL needs two strings)")
-                else:
-                    module, pos = _line(data, pos)
-                    name, pos = _line(data, pos)
-                self.pos = pos
-                found = res.find_global(*fix_name(module, name))
-                if op == 0x69:  # INST: instantiate with the marked items
-                    items = stack
-                    stack = metastack.pop()
-                    append = stack.append
-                    append(res.new(found, tuple(items), {}))
-                else:
-                    append(found)
-            elif op == 0x81:  # NEWOBJ
-                args = stack.pop()
-                stack[-1] = res.new(stack[-1], _as_tuple(args), {})
-            elif op == 0x92:  # NEWOBJ_EX
-                kwargs = stack.pop()
-                args = stack.pop()
-                stack[-1] = res.new(stack[-1], _as_tuple(args), dict(kwargs))
-            elif op == 0x6F:  # OBJ
-                items = stack
-                stack = metastack.pop()
-                append = stack.append
-                append(res.new(items[0], tuple(items[1:]), {}))
-            elif op == 0x62:  # BUILD
-                state = stack.pop()
-                res.build(stack[-1], state)
-            elif op == 0x2E:  # STOP
-                self.pos = pos
-                if len(stack) != 1 or metastack:
-                    raise PickleError("malformed pickle (STOP with a stack that is not one object)")
-                return stack[0]
-            elif op == 0x80:  # PROTO
-                if data[pos] > 5:
-                    raise PickleError(f"unsupported pickle protocol {data[pos]}")
-                pos += 1
-            elif op == 0x95:  # FRAME: a length hint only
-                pos += 8
-            else:
-                pos = self._rare(op, pos, stack, metastack)
-                stack = self._stack
-                append = stack.append
+        except BaseException:
+            self.pos = here
+            raise
 
     def _rare(self, op: int, pos: int, stack: list[Any], metastack: list[list[Any]]) -> int:
         """Opcodes torch never writes: protocol 0/1 text forms, bytes, sets, stack tricks."""

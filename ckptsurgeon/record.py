@@ -132,11 +132,12 @@ class TensorRecord:
 
     @property
     def itemsize(self) -> int:
-        return DTYPES[self.dtype].itemsize if self.dtype in DTYPES else get_dtype(self.dtype).itemsize
+        known = DTYPES.get(self.dtype)
+        return known.itemsize if known is not None else get_dtype(self.dtype).itemsize
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.itemsize
+        return math.prod(self.shape) * self.itemsize
 
     @property
     def has_data(self) -> bool:
@@ -144,7 +145,8 @@ class TensorRecord:
 
     @property
     def is_contiguous(self) -> bool:
-        return self.stride is None or self.stride == contiguous_stride(self.shape) or self.numel <= 1
+        stride = self.stride
+        return stride is None or stride == contiguous_stride(self.shape) or math.prod(self.shape) <= 1
 
     @property
     def byte_span(self) -> tuple[int, int]:
@@ -240,7 +242,25 @@ class TensorRecord:
 
 
 def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Row-major strides (in elements) for ``shape``."""
+    """Row-major strides (in elements) for ``shape`` (remembered for the shapes seen most).
+
+    Example:
+        >>> contiguous_stride((2, 3, 4))
+        (12, 4, 1)
+    """
+    known = _STRIDES.get(shape) if type(shape) is tuple else None
+    if known is not None:
+        return known
+    strides = _contiguous_stride(shape)
+    if type(shape) is tuple and len(_STRIDES) < 4096:
+        _STRIDES[shape] = strides
+    return strides
+
+
+_STRIDES: dict[tuple[int, ...], tuple[int, ...]] = {}
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides: list[int] = []
     acc = 1
     for dim in reversed(shape):

@@ -10,7 +10,9 @@ global), and :func:`check_tree` checks that every record's span fits its storage
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, replace
+from dataclasses import fields as dataclass_fields
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +117,11 @@ def storage_dtype(ref: GlobalRef) -> str:
     return ref.extra
 
 
+_INT_ONLY = frozenset({int})  # bool is not int here: ``type(v) is int``, as torch checks
+
+
 def _ints(value: Any) -> tuple[int, ...]:
-    if type(value) is not tuple or not all(type(v) is int for v in value):
+    if type(value) is not tuple or not _INT_ONLY.issuperset(map(type, value)):
         raise PickleError(
             f"malformed pickle (a tensor size or stride {str(value)[:40]} is not a tuple of ints)"
         )
@@ -144,9 +149,29 @@ def _tensor(
             f"the checkpoint holds tensors of dtype {dtype}, which ckptsurgeon cannot read"
         )
     shape, strides = _ints(size), _ints(stride)
-    if len(shape) != len(strides) or any(d < 0 for d in shape):
+    if len(shape) != len(strides) or (shape and min(shape) < 0):
         raise PickleError(f"malformed pickle (a tensor of shape {shape} with stride {strides})")
-    return TensorRecord("", dtype, shape, slot.open(dtype), offset, strides, bool(requires_grad))
+    return _record(dtype, shape, slot.open(dtype), offset, strides, bool(requires_grad))
+
+
+def _record(
+    dtype: str, shape: tuple[int, ...], storage: Storage, offset: int, stride: tuple[int, ...], grad: bool
+) -> TensorRecord:
+    """``TensorRecord("", dtype, shape, storage, offset, stride, grad)`` without the frozen
+    dataclass's per-field ``object.__setattr__`` (one per tensor, 20,000 times in a big state dict)."""
+    rec = object.__new__(TensorRecord)
+    fields = rec.__dict__
+    fields.update(_RECORD_DEFAULTS)
+    fields["dtype"], fields["shape"], fields["storage"] = dtype, shape, storage
+    fields["storage_offset"], fields["stride"], fields["requires_grad"] = offset, stride, grad
+    return rec
+
+
+# in field order (as the generated __init__ fills __dict__); _record sets the two without a default
+_RECORD_DEFAULTS = {f.name: f.default for f in dataclass_fields(TensorRecord)}
+_RECORD_DEFAULTS["name"] = ""
+if [k for k, v in _RECORD_DEFAULTS.items() if v is MISSING] != ["dtype", "shape"]:  # pragma: no cover
+    raise ImportError("TensorRecord gained a field without a default; _record must set it")
 
 
 def _parameter(data: Any, requires_grad: Any = True) -> TensorRecord:
@@ -232,9 +257,9 @@ def _check(
         _check_record(node, name or "<root>", path, problems)
         return
     if isinstance(node, dict):
-        children: Iterable[tuple[str, Any]] = ((str(k), v) for k, v in node.items())
+        children: Iterable[tuple[Any, Any]] = node.items()
     elif isinstance(node, list | tuple):
-        children = ((str(i), v) for i, v in enumerate(node))
+        children = enumerate(node)
     else:
         return
     if id(node) in active:
@@ -245,9 +270,36 @@ def _check(
         return
     active.add(id(node))
     for key, value in children:
-        _check(value, f"{name}.{key}" if name else key, path, problems, active, done)
+        if type(value) is TensorRecord:  # the common leaf: its name is spelled out only on error
+            if value.storage is not None and not _record_fits(value, problems):
+                _check_record(value, _child(name, key), path, problems)
+        elif isinstance(value, TensorRecord | dict | list | tuple):
+            _check(value, _child(name, key), path, problems, active, done)
     active.discard(id(node))
     done.add(id(node))
+
+
+def _child(name: str, key: Any) -> str:
+    key = str(key)
+    return f"{name}.{key}" if name else key
+
+
+def _record_fits(rec: TensorRecord, problems: dict[int, str]) -> bool:
+    """The quiet form of :func:`_check_record`: True when there is nothing to report."""
+    storage = rec.storage
+    if problems and id(storage) in problems:
+        return False
+    shape = rec.shape
+    numel = prod(shape)
+    if numel == 0:
+        return True
+    stride = rec.stride or contiguous_stride(shape)
+    last = rec.storage_offset
+    for d, s in zip(shape, stride, strict=True):
+        if s < 0:
+            return False
+        last += (d - 1) * s
+    return (last + 1) * rec.itemsize <= storage.nbytes  # type: ignore[union-attr]
 
 
 def _check_record(rec: TensorRecord, name: str, path: Path, problems: dict[int, str]) -> None:
