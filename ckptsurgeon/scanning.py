@@ -13,13 +13,11 @@ safetensors reader.
 from __future__ import annotations
 
 import os
-import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CkptError, FormatError, InputError, NotAStateDictError, UnsafeCheckpointError
+from .errors import CkptError, FormatError, InputError, UnsafeCheckpointError
 from .formats import (
     LEGACY_MAGIC_NUMBER,
     ReadOptions,
@@ -28,6 +26,7 @@ from .formats import (
     detect,
     open_checkpoint,
 )
+from .formats.torchzip import MEMBER_ERRORS, open_zip
 from .globalscan import PickleGlobals, scan_globals
 from .pickles import PickleError
 from .safety import UNSAFE, GlobalVerdict, classify, is_pickled_model
@@ -170,33 +169,20 @@ def scan_file(path: Path, options: ReadOptions, size: int, *, in_folder: bool = 
 
 
 def _scan_zip(path: Path, options: ReadOptions) -> FileScan:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            fmt = classify_zip_names(path, names)
-            pickles = sorted(
-                (n for n in names if n.endswith(".pkl")), key=lambda n: (not n.endswith("data.pkl"), n)
-            )
+    with open_zip(path) as zf:
+        names = zf.namelist()
+        fmt = classify_zip_names(path, names)
+        pickles = sorted(
+            (n for n in names if n.endswith(".pkl")), key=lambda n: (not n.endswith("data.pkl"), n)
+        )
+        try:
             found = {name: scan_globals(zf.read(name)) for name in pickles}
-    except NotAStateDictError:
-        raise
-    except PickleError as exc:
-        raise FormatError(f"{path}: {exc}; the file is damaged") from None
-    except zipfile.BadZipFile:
-        raise FormatError(
-            f"{path}: a truncated or damaged zip archive (no readable central directory); "
-            "the download or save did not finish, fetch or save it again"
-        ) from None
-    except (
-        OSError,
-        EOFError,
-        ValueError,
-        KeyError,
-        NotImplementedError,
-        RuntimeError,  # zipfile: an encrypted member
-        zlib.error,
-    ) as exc:
-        raise FormatError(f"{path}: a truncated or damaged zip archive ({exc.__class__.__name__})") from None
+        except PickleError as exc:
+            raise FormatError(f"{path}: {exc}; the file is damaged") from None
+        except MEMBER_ERRORS as exc:
+            raise FormatError(
+                f"{path}: a truncated or damaged zip archive ({exc.__class__.__name__})"
+            ) from None
     main = found.pop(pickles[0])
     result = _classified(path, fmt, [main], options)
     for name, other in found.items():

@@ -71,7 +71,7 @@ def read(path: Path, options: ReadOptions) -> Checkpoint:
     if fast is not None:
         infos, prefix, data, byteorder = fast
     else:
-        with _open_zip(path) as zf:
+        with open_zip(path) as zf:
             infos = {info.filename: info for info in zf.infolist()}
             prefix = _archive_prefix(path, infos)
             data = _member(zf, path, prefix + "data.pkl")
@@ -126,7 +126,8 @@ def _read_plain(path: Path, file_size: int) -> tuple[dict[str, Any], str, bytes,
     return infos, prefix, data, raw.decode("ascii", "replace").strip()
 
 
-def _open_zip(path: Path) -> zipfile.ZipFile:
+def open_zip(path: Path) -> zipfile.ZipFile:
+    """Open a zip archive; a damaged or truncated one is a one-line FormatError."""
     try:
         return zipfile.ZipFile(path)
     except zipfile.BadZipFile:
