@@ -2,7 +2,8 @@
 
 Generates transformer-shaped fp32 checkpoints (``.safetensors``, ``.pth``, a sharded folder,
 a file of many small tensors) in a temporary folder, runs each ckptsurgeon command, its plain
-recipe and ``cp`` of the same bytes alternately (``sync`` before each, outputs removed after),
+recipe, ``cp`` of the same bytes and ``cp`` + ``sync`` of the copy alternately (``sync`` before
+each, the input read through into the page cache before each, outputs removed after),
 and prints medians of wall time and peak RSS, the ratios, whether the outputs are identical,
 and each target from issue 5 with PASS/FAIL.
 
@@ -34,6 +35,8 @@ from table import Row, render_markdown, render_text
 TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 PY = sys.executable
 HEAVY = ("torch", "numpy", "tabulate")
+# a durable copy, as our writers make (they fsync): cp, then fsync the copy (coreutils sync FILE)
+CP_SYNC = 'cp --reflink=never "$1" "$2" && sync "$2"'
 
 
 @dataclass
@@ -68,9 +71,18 @@ class Sample:
 
 
 # -- running ---------------------------------------------------------------------------------
-def measure(cmd: list[str], ok_codes: tuple[int, ...] = (0,)) -> tuple[float, float]:
-    """Run ``cmd`` as a child process; return (wall seconds, peak RSS MiB)."""
+def measure(
+    cmd: list[str], ok_codes: tuple[int, ...] = (0,), warm: Path | None = None
+) -> tuple[float, float]:
+    """Run ``cmd`` as a child process; return (wall seconds, peak RSS MiB).
+
+    ``warm``: read this input through first (not timed), so every command starts with it in the
+    page cache; this VM's memory reclaimer drops idle page cache within seconds, and a cold
+    2 GiB read costs 1-3 s more, whoever runs first.
+    """
     os.sync()  # every run starts with no dirty pages of earlier runs to write back
+    if warm is not None:
+        warm_up(warm)
     with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
         full = [TIME, "-v", "-o", report.name, *cmd] if TIME else [PY, "-c", _RUSAGE, *cmd]
         start = time.perf_counter()
@@ -83,6 +95,14 @@ def measure(cmd: list[str], ok_codes: tuple[int, ...] = (0,)) -> tuple[float, fl
         if "Maximum resident set size" in line or line.startswith("maxrss "):
             return wall, int(line.split()[-1]) / 1024
     raise SystemExit(f"bench: no peak RSS reported for {' '.join(cmd)}")
+
+
+def warm_up(path: Path) -> None:
+    """Read ``path`` through once (into the page cache), a block at a time."""
+    buf = bytearray(8 << 20)
+    with open(path, "rb", buffering=0) as fh:
+        while fh.readinto(buf):
+            pass
 
 
 _RUSAGE = """
@@ -118,20 +138,23 @@ def remove(*paths: Path) -> None:
 
 def run_op(op: Op, repeat: int, with_baseline: bool) -> Row:
     """Measure one operation: ours, baseline and cp alternately, ``repeat`` times each."""
-    ours, base, cp, startup = Sample(), Sample(), Sample(), Sample()
+    ours, base, cp, cp_sync, startup = Sample(), Sample(), Sample(), Sample(), Sample()
     same = "-"
     ok = (0, 1) if op.target == "meta" else (0,)
     ours_out, base_out = op.outputs if op.outputs else (None, None)
+    warm = op.cp_src
     for i in range(repeat):
-        ours.add(*measure(op.ours, ok))
+        ours.add(*measure(op.ours, ok, warm))
         if with_baseline and op.baseline:
-            base.add(*measure(op.baseline))
+            base.add(*measure(op.baseline, warm=warm))
             if i == 0 and ours_out is not None and base_out is not None:
                 same = compare(ours_out, base_out)
         remove(*(p for p in (ours_out, base_out) if p is not None))
         if op.cp_src is not None:
             copy = op.cp_src.with_name("cp-copy.bin")
-            cp.add(*measure(["cp", "--reflink=never", str(op.cp_src), str(copy)]))
+            cp.add(*measure(["cp", "--reflink=never", str(op.cp_src), str(copy)], warm=warm))
+            remove(copy)
+            cp_sync.add(*measure(["sh", "-c", CP_SYNC, "cp", str(op.cp_src), str(copy)], warm=warm))
             remove(copy)
         if op.startup is not None:
             startup.add(*measure(op.startup))
@@ -143,6 +166,7 @@ def run_op(op: Op, repeat: int, with_baseline: bool) -> Row:
         ours,
         base if base.walls else None,
         cp if cp.walls else None,
+        cp_sync if cp_sync.walls else None,
         startup if startup.walls else None,
         same,
         imports,

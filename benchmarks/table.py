@@ -13,6 +13,7 @@ HEADERS = (
     "recipe MiB",
     "speed-up",
     "÷ cp",
+    "÷ cp+sync",
     "outputs",
     "target",
     "result",
@@ -28,6 +29,7 @@ class Row:
     ours: Any
     base: Any | None
     cp: Any | None
+    cp_sync: Any | None
     startup: Any | None
     same: str
     imports: list[str] | None
@@ -39,6 +41,11 @@ class Row:
     @property
     def vs_cp(self) -> float | None:
         return self.ours.wall / self.cp.wall if self.cp is not None else None
+
+    @property
+    def vs_cp_sync(self) -> float | None:
+        """Against a durable copy (cp, then fsync): what our fsynced writes compare with."""
+        return self.ours.wall / self.cp_sync.wall if self.cp_sync is not None else None
 
 
 def check(row: Row) -> tuple[str, bool]:
@@ -81,6 +88,7 @@ def cells(row: Row) -> list[str]:
         _num(row.base.mib if row.base else None, 0),
         "-" if row.speedup is None else f"{row.speedup:.1f}×",
         "-" if row.vs_cp is None else f"{row.vs_cp:.2f} ({row.cp.wall:.2f} s)",
+        "-" if row.vs_cp_sync is None else f"{row.vs_cp_sync:.2f} ({row.cp_sync.wall:.2f} s)",
         outputs,
         target,
         "PASS" if ok else "FAIL",

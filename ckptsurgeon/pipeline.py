@@ -259,6 +259,7 @@ def _storages_shared(tensors: Mapping[str, TensorRecord]) -> bool:
 
 
 def _write_single(payload: Any, options: WriteOptions, kind: str) -> Path:
+    from .readback import reading_back
     from .verify import verify_open_file
 
     out = options.output
@@ -268,8 +269,12 @@ def _write_single(payload: Any, options: WriteOptions, kind: str) -> Path:
         _progress(total, options.progress, f"writing {out.name}") as bar,
     ):
         sink: BinaryIO = _CountingFile(fh, bar) if bar is not None else fh
-        # verified outputs may take big archive members by kernel copy: verification checks them
-        with kernel_copies() if options.verify else contextlib.nullcontext():
+        # verified outputs may take big archive members by kernel copy: verification checks them;
+        # a helper thread reads big spans back for their CRC and starts their writeback meanwhile
+        with (
+            kernel_copies() if options.verify else contextlib.nullcontext(),
+            reading_back(fh, checksum=options.verify),
+        ):
             if kind == "safetensors":
                 from .formats.safetensors import write as write_safetensors
 

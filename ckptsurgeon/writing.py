@@ -75,7 +75,7 @@ def _open_temp(parent: Path, name: str) -> tuple[BinaryIO, str | None]:
     flag = getattr(os, "O_TMPFILE", 0)
     if flag and os.path.isdir("/proc/self/fd"):
         try:
-            fd = os.open(parent, flag | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fd = os.open(parent, flag | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o644)
             return os.fdopen(fd, "w+b"), None
         except OSError:
             pass  # the filesystem does not support O_TMPFILE

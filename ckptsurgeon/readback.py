@@ -1,0 +1,116 @@
+"""Read back an output while it is written: CRC-32 and disk writeback in a second thread.
+
+A verified write used to run three passes one after the other: copy the tensors, read the
+whole output back to checksum it, then wait for the fsync. A :class:`ReadBack` does the last
+two as the copy goes: each big span the writer finishes (see
+:func:`ckptsurgeon.spans.start_writeback`) is read back from the output file by a helper
+thread, its CRC-32 kept, and its writeback to disk started (Linux ``sync_file_range``). When
+the writer is done, :meth:`ReadBack.finish` hands the CRCs to the span cache, so verification
+finds every big span already checksummed, from the output's own bytes, and the fsync finds
+almost nothing left to write.
+
+The CRCs are of bytes read from the output file after they were written; the temporary file is
+anonymous (or hidden) and open only here, and the writers never write a data span twice, so a
+CRC taken early equals one taken at the end. Small spans are left to verification, which reads
+them in a few batched reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+from . import spans
+
+
+class ReadBack:
+    """Checksums and flushes spans of an output file in a helper thread, as they are written.
+
+    Example:
+        >>> with reading_back(fh, checksum=True) as rb:               # doctest: +SKIP
+        ...     write_safetensors(tensors, fh)
+        >>> rb.crcs[(80, 4096)]                                      # doctest: +SKIP
+        2846725331
+    """
+
+    def __init__(self, fd: int, *, checksum: bool) -> None:
+        self.fd = fd
+        self.checksum = checksum
+        self.crcs: dict[tuple[int, int], int] = {}
+        self._queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._run, name="ckpt-readback", daemon=True)
+        self._thread.start()
+
+    def submit(self, offset: int, length: int) -> None:
+        """Queue ``length`` bytes at ``offset``, already written (flushed) to the output."""
+        self._queue.put((offset, length))
+
+    def finish(self) -> dict[tuple[int, int], int]:
+        """Wait for the queued spans; return their CRC-32s by ``(offset, length)``; re-raise an error."""
+        self._stop()
+        if self._error is not None:
+            raise self._error
+        return self.crcs
+
+    def cancel(self) -> None:
+        """Drop the spans still queued (the write failed or was interrupted) and wait for the helper."""
+        self._cancelled = True
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is not None or self._cancelled:
+                continue  # drain: the writer learns of an error at finish()
+            try:
+                self._one(*job)
+            except BaseException as exc:  # re-raised in the writer's thread by finish()
+                self._error = exc
+
+    def _one(self, offset: int, length: int) -> None:
+        if self.checksum:
+            crc = 0
+            for chunk in spans.read_fd_span(self.fd, offset, length):
+                crc = zlib.crc32(chunk, crc)
+            self.crcs[(offset, length)] = crc
+        spans.sync_range(self.fd, offset, length)
+
+
+@contextlib.contextmanager
+def reading_back(fh: Any, *, checksum: bool) -> Iterator[ReadBack]:
+    """Follow the writes to ``fh`` (big spans only) while the body runs; on a clean exit, wait
+    for the helper and record the CRCs in the span cache under the output's final identity.
+
+    Example:
+        >>> with reading_back(fh, checksum=True):                     # doctest: +SKIP
+        ...     write_torchzip(payload, fh)
+    """
+    fd = fh.fileno()
+    follower = ReadBack(fd, checksum=checksum)
+    spans.FOLLOWERS[fd] = follower
+    try:
+        yield follower
+        fh.flush()
+        crcs = follower.finish()
+    finally:
+        spans.FOLLOWERS.pop(fd, None)
+        follower.cancel()  # after finish(), nothing is left to drop
+    if crcs:
+        st = os.fstat(fd)
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        for (offset, length), crc in crcs.items():
+            spans.remember_span_crc((*identity, offset, length), crc)

@@ -1,0 +1,158 @@
+"""The read-back helper (issue 5, round 4): a verified write checksums its big spans from the output
+file in a second thread while it writes, and starts their writeback, so verification and the fsync
+find nothing big left to do. These tests pin that it is a real check of the output's bytes."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+
+from ckptsurgeon import readback, spans, verify
+
+BIG = (512, 1024)  # 2 MiB of float32: above KERNEL_COPY_MIN, so the helper follows it
+
+
+def big_source(tmp_path: Path, suffix: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    tensors = {
+        "module.a.weight": torch.randn(BIG, generator=gen),
+        "module.a.bias": torch.randn(16, generator=gen),
+        "module.b.weight": torch.randn(BIG, generator=gen),
+    }
+    path = tmp_path / f"src{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, path)
+    else:
+        torch.save(tensors, path)
+    return path, tensors
+
+
+def load(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture
+def followed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, bool]]:
+    """Every span the helper handled: (offset, length, checksummed)."""
+    seen: list[tuple[int, int, bool]] = []
+    real = readback.ReadBack._one
+
+    def spy(self: readback.ReadBack, offset: int, length: int) -> None:
+        seen.append((offset, length, self.checksum))
+        real(self, offset, length)
+
+    monkeypatch.setattr(readback.ReadBack, "_one", spy)
+    return seen
+
+
+@pytest.mark.parametrize("src_suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("out_suffix", [".pth", ".safetensors"])
+def test_big_spans_are_read_back_once_and_not_again_by_verification(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    followed: list[tuple[int, int, bool]],
+    src_suffix: str,
+    out_suffix: str,
+) -> None:
+    src, tensors = big_source(tmp_path, src_suffix)
+    out = tmp_path / f"out{out_suffix}"
+    read_in_verify: list[int] = []
+    real_copy_span = spans.copy_span
+    in_verify = []
+
+    def spy_copy_span(path: Path, offset: int, length: int, fh: object, *args: object) -> int:
+        if in_verify and fh is None:
+            read_in_verify.append(length)
+        return real_copy_span(path, offset, length, fh, *args)  # type: ignore[arg-type]
+
+    real_verify = verify.verify
+
+    def spy_verify(*args: object, **kwargs: object) -> None:
+        in_verify.append(True)
+        try:
+            real_verify(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            in_verify.clear()
+
+    monkeypatch.setattr(spans, "copy_span", spy_copy_span)
+    monkeypatch.setattr(verify, "copy_span", spy_copy_span, raising=False)
+    monkeypatch.setattr(verify, "verify", spy_verify)
+    result = run_cli("rename", src, "-o", out, "--strip-prefix", "module.")
+    assert result.exit_code == 0, result.stderr
+    big = 4 * BIG[0] * BIG[1]
+    assert sorted(length for _o, length, checked in followed if checked) == [big, big]
+    assert read_in_verify == []  # verification found both big CRCs already known
+    loaded = load(out)
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name.removeprefix("module.")], tensor)
+
+
+def test_no_verify_only_starts_writeback(tmp_path: Path, followed: list[tuple[int, int, bool]]) -> None:
+    src, _ = big_source(tmp_path, ".pth")
+    out = tmp_path / "out.safetensors"
+    assert run_cli("convert", src, "-o", out, "--no-verify").exit_code == 0
+    assert len(followed) == 2
+    assert not any(checked for _o, _n, checked in followed)
+
+
+def test_bytes_changed_after_the_copy_fail_verification(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The helper's CRC is of the output's own bytes: a byte the writer got wrong is caught."""
+    src, _ = big_source(tmp_path, ".pth")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    real = os.copy_file_range
+
+    def corrupting(src_fd: int, dst_fd: int, count: int, offset_src: int, offset_dst: int) -> int:
+        n = real(src_fd, dst_fd, count, offset_src, offset_dst)
+        byte = os.pread(dst_fd, 1, offset_dst + 100)
+        os.pwrite(dst_fd, bytes([byte[0] ^ 0xFF]), offset_dst + 100)
+        return n
+
+    monkeypatch.setattr(os, "copy_file_range", corrupting)
+    result = run_cli("convert", src, "-o", out_dir / "o.safetensors")
+    assert_one_line_error(result, "verification failed", "differs from what was written")
+    assert list(out_dir.iterdir()) == []
+
+
+def test_a_read_error_in_the_helper_is_one_line_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, _ = big_source(tmp_path, ".pth")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    def failing(fd: int, offset: int, length: int) -> object:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spans, "read_fd_span", failing)
+    result = run_cli("convert", src, "-o", out_dir / "o.pth")
+    assert_one_line_error(result, "could not be written", "Input/output error", "nothing was written")
+    assert list(out_dir.iterdir()) == []
+    assert spans.FOLLOWERS == {}  # the helper is gone, whatever happened
+
+
+def test_library_writes_outside_a_follower_are_unchanged(tmp_path: Path) -> None:
+    """Writers used directly (no pipeline) still work: nothing follows their file."""
+    from ckptsurgeon.formats.torchzip import write as write_torchzip
+    from ckptsurgeon.record import TensorRecord
+
+    recs = {"w": TensorRecord.from_torch("w", torch.arange(600_000, dtype=torch.float32))}
+    path = tmp_path / "w.pth"
+    with open(path, "wb") as fh:
+        write_torchzip(recs, fh)
+    with zipfile.ZipFile(path) as zf:
+        assert zf.testzip() is None
+    assert torch.equal(torch.load(path, weights_only=True)["w"], recs["w"].to_torch())
