@@ -40,6 +40,7 @@ def ensure_environment() -> None:
         sys.exit(f"ckptsurgeon needs Python 3.10 or newer; this is {sys.version.split()[0]}")
     wanted = _requirements_digest()
     if STAMP.exists() and STAMP.read_text() == wanted and PYTHON.exists():
+        _compile_bytecode()
         return
     if not PYTHON.exists():
         print(f"dev.py: creating {VENV}", flush=True)
@@ -48,6 +49,13 @@ def ensure_environment() -> None:
     pip = [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}[dev]"], check=True)
     STAMP.write_text(wanted)
+    _compile_bytecode()
+
+
+def _compile_bytecode() -> None:
+    """Byte-compile the package, as pip does for a normal install: an editable install under
+    PYTHONDONTWRITEBYTECODE=1 would otherwise compile every module on every run (~14 ms a command)."""
+    subprocess.run([str(PYTHON), "-m", "compileall", "-q", str(ROOT / "ckptsurgeon")], check=True)
 
 
 def run(*args: str) -> int:

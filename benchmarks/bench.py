@@ -366,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"bench: unknown operation(s) {', '.join(sorted(unknown))}; choose from {OP_NAMES}")
     size = synth.parse_size(args.size)
+    # byte-compiled, as a pip install leaves it (PYTHONDONTWRITEBYTECODE=1 would recompile every run)
+    package = Path(__file__).resolve().parent.parent / "ckptsurgeon"
+    subprocess.run([PY, "-m", "compileall", "-q", str(package)], check=False)
     work = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.workdir))
     try:
         started = time.perf_counter()

@@ -16,19 +16,23 @@ _DIGITS = re.compile(r"(\d+)")
 
 
 def natural_key(name: str) -> tuple[object, ...]:
-    """Sort key that puts ``layer.2`` before ``layer.10``.
+    """Sort key that puts ``layer.2`` before ``layer.10``: a flat tuple of (kind, part) pairs,
+    digit runs ``0, int`` before text runs ``1, text`` at the same place.
 
     Example:
         >>> sorted(["l.10", "l.2", "l.1"], key=natural_key)
         ['l.1', 'l.2', 'l.10']
+        >>> natural_key("l.10")
+        (1, 'l.', 0, 10)
     """
-    parts = _DIGITS.split(name)  # text, digits, text, digits, ..., text
     key: list[object] = []
-    for i, part in enumerate(parts):
-        if i % 2:
-            key.append((0, int(part), ""))
+    text = True
+    for part in _DIGITS.split(name):  # text, digits, text, digits, ..., text
+        if not text:
+            key += (0, int(part))
         elif part:
-            key.append((1, 0, part))
+            key += (1, part)
+        text = not text
     return tuple(key)
 
 

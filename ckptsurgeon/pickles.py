@@ -20,6 +20,7 @@ from collections import OrderedDict
 from typing import Any, Protocol
 
 _unpack_from = struct.unpack_from
+_u32 = struct.Struct("<I").unpack_from  # compiled once: the loop's most frequent argument
 
 
 class PickleError(Exception):
@@ -140,7 +141,7 @@ class Unpickler:
                 pos += 1
                 here = pos
                 if op == 0x72:  # LONG_BINPUT: torch's most frequent opcode
-                    memo[_unpack_from("<I", data, pos)[0]] = stack[-1]
+                    memo[_u32(data, pos)[0]] = stack[-1]
                     pos += 4
                 elif op == 0x4B:  # BININT1
                     append(data[pos])
@@ -153,9 +154,12 @@ class Unpickler:
                     stack = []
                     append = stack.append
                 elif op == 0x58:  # BINUNICODE
-                    n = _unpack_from("<I", data, pos)[0]
+                    n = _u32(data, pos)[0]
                     pos += 4
-                    append(str(_take(data, pos, n), "utf-8", "surrogatepass"))
+                    chunk = data[pos : pos + n]
+                    if len(chunk) != n:
+                        raise PickleTruncated(_STRING_TRUNCATED)
+                    append(str(chunk, "utf-8", "surrogatepass"))
                     pos += n
                 elif op == 0x74:  # TUPLE
                     items = stack
@@ -189,7 +193,7 @@ class Unpickler:
                 elif op == 0x4E:
                     append(None)
                 elif op == 0x6A:  # LONG_BINGET
-                    append(memo[_unpack_from("<I", data, pos)[0]])
+                    append(memo[_u32(data, pos)[0]])
                     pos += 4
                 elif op == 0x94:  # MEMOIZE
                     memo[len(memo)] = stack[-1]
@@ -374,8 +378,11 @@ def _length(data: Any, pos: int, op: int) -> tuple[int, int]:
 def _take(data: Any, pos: int, n: int) -> Any:
     chunk = data[pos : pos + n]
     if len(chunk) != n:
-        raise PickleTruncated("the pickle is truncated (a string runs past its end)")
+        raise PickleTruncated(_STRING_TRUNCATED)
     return chunk
+
+
+_STRING_TRUNCATED = "the pickle is truncated (a string runs past its end)"
 
 
 def _line(data: Any, pos: int, raw: bool = False) -> tuple[str, int]:
@@ -537,6 +544,21 @@ class Emitter:
             return
         self.out += b"c" + module.encode("utf-8") + b"\n" + name.encode("utf-8") + b"\n"
         self.put(key, by_value=True)
+
+    def global_ref(self, module: str, name: str) -> bytes | None:
+        """The bytes that refer back to the global ``module.name`` (a memo get), once it is
+        written; None before. Callers keep them to emit a global again without a lookup.
+
+        Example:
+            >>> e = Emitter(); e.save_global("collections", "OrderedDict")
+            >>> e.global_ref("collections", "OrderedDict"), e.global_ref("torch", "float32")
+            (b'h\\x00', None)
+        """
+        entry = self.memo.get(("global", module, name))
+        if entry is None:
+            return None
+        index = entry[0]
+        return b"h" + bytes((index,)) if index < 256 else b"j" + struct.pack("<I", index)
 
     def save_reduce(
         self,

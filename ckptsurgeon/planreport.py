@@ -119,9 +119,17 @@ def _change(old: str, new: str) -> tuple[str, str]:
         n = 0
         while n < min(len(old), len(new)) and old[-1 - n] == new[-1 - n]:
             n += 1
-    return _NUMBERS.sub("#", old[: len(old) - n]), _NUMBERS.sub("#", new[: len(new) - n])
+    parts = (old[: len(old) - n], new[: len(new) - n])
+    found = _CHANGES.get(parts)
+    if found is None:
+        if len(_CHANGES) >= 4096:
+            _CHANGES.clear()
+        found = _CHANGES[parts] = (_NUMBERS.sub("#", parts[0]), _NUMBERS.sub("#", parts[1]))
+    return found
 
 
+# changed parts -> with their numbers as "#": 20,000 renames usually change the same few parts
+_CHANGES: dict[tuple[str, str], tuple[str, str]] = {}
 _NUMBERS = re.compile(r"\d+")
 
 

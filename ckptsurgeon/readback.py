@@ -42,15 +42,17 @@ class ReadBack:
         self.fd = fd
         self.checksum = checksum
         self.crcs: dict[tuple[int, int], int] = {}
-        self._queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[int, int, int] | None] = queue.SimpleQueue()
+        self._partial: dict[tuple[int, int], tuple[int, int]] = {}  # span -> (read up to, running CRC)
         self._error: BaseException | None = None
         self._cancelled = False
         self._thread = threading.Thread(target=self._run, name="ckpt-readback", daemon=True)
         self._thread.start()
 
-    def submit(self, offset: int, length: int) -> None:
-        """Queue ``length`` bytes at ``offset``, already written (flushed) to the output."""
-        self._queue.put((offset, length))
+    def submit(self, offset: int, length: int, upto: int | None = None) -> None:
+        """Queue the span of ``length`` bytes at ``offset`` of the output, written (and flushed)
+        up to file offset ``upto`` (the whole span by default); pieces of a span come in order."""
+        self._queue.put((offset, length, offset + length if upto is None else upto))
 
     def finish(self) -> dict[tuple[int, int], int]:
         """Wait for the queued spans; return their CRC-32s by ``(offset, length)``; re-raise an error."""
@@ -81,13 +83,19 @@ class ReadBack:
             except BaseException as exc:  # re-raised in the writer's thread by finish()
                 self._error = exc
 
-    def _one(self, offset: int, length: int) -> None:
+    def _one(self, offset: int, length: int, upto: int) -> None:
+        span = (offset, length)
+        start, crc = self._partial.pop(span, (offset, 0))
+        if upto <= start:
+            return
         if self.checksum:
-            crc = 0
-            for chunk in spans.read_fd_span(self.fd, offset, length):
+            for chunk in spans.read_fd_span(self.fd, start, upto - start):
                 crc = zlib.crc32(chunk, crc)
-            self.crcs[(offset, length)] = crc
-        spans.sync_range(self.fd, offset, length)
+        spans.sync_range(self.fd, start, upto - start)
+        if upto < offset + length:
+            self._partial[span] = (upto, crc)
+        elif self.checksum:
+            self.crcs[span] = crc
 
 
 @contextlib.contextmanager

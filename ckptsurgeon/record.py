@@ -158,6 +158,32 @@ class TensorRecord:
         """True when this tensor's bytes are one contiguous little-endian span of a file."""
         return self.storage is not None and self.storage.is_raw and self.is_contiguous and self.loader is None
 
+    def file_span(self) -> tuple[Path, int, int] | None:
+        """``(path, offset, length)`` of the bytes in their file when the record is raw and not
+        empty (``is_raw and numel``, then ``byte_span``), else None: one call instead of four
+        properties, for the loops over 20,000 records.
+
+        Example:
+            >>> s = Storage("data/0", "float32", 64, Path("m.pth"), 4096)
+            >>> TensorRecord("w", "float32", (2, 4), s, storage_offset=4).file_span()
+            (PosixPath('m.pth'), 4112, 32)
+        """
+        storage = self.storage
+        if storage is None or storage.path is None or self.loader is not None:
+            return None
+        if storage.byteorder != "little":
+            return None
+        shape = self.shape
+        numel = math.prod(shape)
+        if not numel:
+            return None
+        stride = self.stride
+        if stride is not None and numel > 1 and stride != contiguous_stride(shape):
+            return None
+        known = DTYPES.get(self.dtype)
+        itemsize = known.itemsize if known is not None else get_dtype(self.dtype).itemsize
+        return storage.path, storage.offset + self.storage_offset * itemsize, numel * itemsize
+
     def renamed(self, name: str) -> TensorRecord:
         """A copy of this record under another name (the data stays where it is)."""
         copy = object.__new__(type(self))  # what dataclasses.replace does, at a fifth of the cost

@@ -29,6 +29,9 @@ COPY_CHUNK = 256 * 1024
 # Spans at least this big whose CRC-32 the source archive records may be copied by the kernel
 # (copy_file_range) inside a `kernel_copies()` block; smaller ones go through Python.
 KERNEL_COPY_MIN = 1 << 20
+# A big span being written is handed to the read-back helper (and its writeback started) in
+# pieces this big, so the helper trails the writer by one piece, not by a whole 256 MiB tensor.
+WRITEBACK_PIECE = 32 << 20
 
 
 class _FdCache:
@@ -106,9 +109,14 @@ def copy_span(path: Path, offset: int, length: int, fh: Any, crc: int | None = 0
     if fh is None and hasher is None and key in _SPAN_CRCS:
         return _SPAN_CRCS[key]
     start = _tell(fh) if fh is not None and length >= KERNEL_COPY_MIN else None
+    written, next_piece = 0, WRITEBACK_PIECE
     for chunk in _read_span(fd, path, offset, length):
         if fh is not None:
             fh.write(chunk)
+            written += len(chunk)
+            if start is not None and written >= next_piece and written < length:
+                start_writeback(fh, start, length, upto=start + written)
+                next_piece = written + WRITEBACK_PIECE
         if crc is not None:
             crc = zlib.crc32(chunk, crc)
         if hasher is not None:
@@ -290,7 +298,7 @@ def _copy_file_range(src: int, offset: int, length: int, fh: Any) -> bool:
     done = 0
     while done < length:
         try:
-            n = os.copy_file_range(src, dst, length - done, offset + done, pos + done)
+            n = os.copy_file_range(src, dst, min(length - done, WRITEBACK_PIECE), offset + done, pos + done)
         except (AttributeError, OSError) as exc:
             unsupported = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF)
             if done == 0 and getattr(exc, "errno", errno.ENOSYS) in unsupported:
@@ -299,6 +307,8 @@ def _copy_file_range(src: int, offset: int, length: int, fh: Any) -> bool:
         if n == 0:
             raise EOFError(f"file ends at byte {offset + done}, expected {offset + length}")
         done += n
+        if done < length:
+            start_writeback(fh, pos, length, upto=pos + done)
     fh.seek(pos + length)
     advance = getattr(fh, "advance", None)  # a progress counter around the file
     if advance is not None:
@@ -310,13 +320,15 @@ def _copy_file_range(src: int, offset: int, length: int, fh: Any) -> bool:
 _SYNC_FILE_RANGE: list[Any] = []  # libc's sync_file_range, looked up once (None: not available)
 
 
-def start_writeback(fh: Any, offset: int, length: int) -> None:
+def start_writeback(fh: Any, offset: int, length: int, *, upto: int | None = None) -> None:
     """A writer has just written ``length`` bytes at ``offset`` of ``fh``: hand them to the
     :class:`~ckptsurgeon.readback.ReadBack` following ``fh`` (it reads them back for their CRC
     and starts their writeback), or else ask the kernel to start writing them to disk now
     (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which does not wait), so the final fsync
     finds most of a big output already written. Spans under ``KERNEL_COPY_MIN`` are left to
     verification and the fsync, and so are unfollowed writes inside :func:`kernel_copies`.
+    ``upto``: only the span's bytes before this file offset are written yet (a piece of a big
+    span; the pieces of one span come in order, the last one without ``upto``).
 
     Example:
         >>> start_writeback(fh, 0, 64 << 20)                       # doctest: +SKIP
@@ -328,11 +340,13 @@ def start_writeback(fh: Any, offset: int, length: int) -> None:
         fd = fh.fileno()
     except (AttributeError, OSError, ValueError):
         return
+    end = offset + length if upto is None else upto
     follower = FOLLOWERS.get(fd)
     if follower is not None:
-        follower.submit(offset, length)
+        follower.submit(offset, length, end)
     elif not getattr(_LOCAL, "kernel", False):
-        sync_range(fd, offset, length)
+        piece = WRITEBACK_PIECE if upto is not None else length
+        sync_range(fd, max(offset, end - piece), end - max(offset, end - piece))
 
 
 # Output file descriptor -> the helper reading it back while it is written (ckptsurgeon.readback).

@@ -83,17 +83,18 @@ def _fingerprints(items: dict[Any, Any], *, recorded: bool = False) -> dict[Any,
     result: dict[Any, Any] = {}
     by_file: dict[Path, list[tuple[Any, TensorRecord, tuple[int, int]]]] = {}
     for path, value in items.items():
-        if isinstance(value, TensorRecord) and value.numel and value.is_raw:
-            start, length = value.byte_span
-            storage = value.storage
-            span = (storage.offset + start, length)  # type: ignore[union-attr]
-            by_file.setdefault(storage.path, []).append((path, value, span))  # type: ignore[union-attr,arg-type]
-        else:
+        span = value.file_span() if isinstance(value, TensorRecord) else None
+        if span is None:
             result[path] = _fingerprint(value)
+            continue
+        group = by_file.get(span[0])
+        if group is None:
+            group = by_file[span[0]] = []
+        group.append((path, value, (span[1], span[2])))
     for file, group in by_file.items():
         crcs = span_crcs(file, [span for _p, _v, span in group], recorded=recorded)
-        for (path, value, _span), crc in zip(group, crcs, strict=True):
-            result[path] = ("tensor", value.dtype, tuple(value.shape), value.nbytes, crc)
+        for (path, value, span), crc in zip(group, crcs, strict=True):
+            result[path] = ("tensor", value.dtype, tuple(value.shape), span[1], crc)
     return result
 
 

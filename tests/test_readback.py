@@ -48,9 +48,10 @@ def followed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, bool]]:
     seen: list[tuple[int, int, bool]] = []
     real = readback.ReadBack._one
 
-    def spy(self: readback.ReadBack, offset: int, length: int) -> None:
-        seen.append((offset, length, self.checksum))
-        real(self, offset, length)
+    def spy(self: readback.ReadBack, offset: int, length: int, upto: int) -> None:
+        if upto == offset + length:
+            seen.append((offset, length, self.checksum))
+        real(self, offset, length, upto)
 
     monkeypatch.setattr(readback.ReadBack, "_one", spy)
     return seen
@@ -156,3 +157,31 @@ def test_library_writes_outside_a_follower_are_unchanged(tmp_path: Path) -> None
     with zipfile.ZipFile(path) as zf:
         assert zf.testzip() is None
     assert torch.equal(torch.load(path, weights_only=True)["w"], recs["w"].to_torch())
+
+
+@pytest.mark.parametrize("src_suffix", [".pth", ".safetensors"])  # kernel copy, streamed copy
+@pytest.mark.parametrize("out_suffix", [".pth", ".safetensors"])
+def test_big_spans_go_in_pieces_and_their_crc_is_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, src_suffix: str, out_suffix: str
+) -> None:
+    monkeypatch.setattr(spans, "WRITEBACK_PIECE", 300_000)  # a 2 MiB tensor: 4-7 pieces
+    pieces: list[tuple[int, int, int]] = []
+    real = readback.ReadBack._one
+
+    def spy(self: readback.ReadBack, offset: int, length: int, upto: int) -> None:
+        pieces.append((offset, length, upto))
+        real(self, offset, length, upto)
+
+    monkeypatch.setattr(readback.ReadBack, "_one", spy)
+    src, tensors = big_source(tmp_path, src_suffix)
+    out = tmp_path / f"out{out_suffix}"
+    result = run_cli("convert", src, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    spans_seen = sorted({(o, n) for o, n, _u in pieces})
+    assert len(spans_seen) == 2
+    for offset, length in spans_seen:
+        ends = [u for o, n, u in pieces if (o, n) == (offset, length)]
+        assert ends == sorted(ends) and ends[-1] == offset + length and len(ends) >= 4
+    loaded = load(out)
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import os
 import stat
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -160,6 +159,8 @@ def _not_a_checkpoint(path: Path, head: bytes) -> FormatError:
 
 
 def _detect_zip(path: Path) -> str:
+    import zipfile  # only for zips: it pulls in shutil, bz2 and lzma (~2 ms of start-up)
+
     from .zipio import read_directory
 
     plain = read_directory(path)  # a plain archive: its names without zipfile's per-member cost

@@ -293,12 +293,15 @@ def _record_fits(rec: TensorRecord, problems: dict[int, str]) -> bool:
     numel = prod(shape)
     if numel == 0:
         return True
-    stride = rec.stride or contiguous_stride(shape)
-    last = rec.storage_offset
-    for d, s in zip(shape, stride, strict=True):
-        if s < 0:
-            return False
-        last += (d - 1) * s
+    stride = rec.stride
+    if stride is None or stride == contiguous_stride(shape):  # the common case: no loop
+        last = rec.storage_offset + numel - 1
+    else:
+        last = rec.storage_offset
+        for d, s in zip(shape, stride, strict=True):
+            if s < 0:
+                return False
+            last += (d - 1) * s
     return (last + 1) * rec.itemsize <= storage.nbytes  # type: ignore[union-attr]
 
 

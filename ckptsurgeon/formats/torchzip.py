@@ -6,7 +6,8 @@ calls whose storages are persistent ids ``('storage', FloatStorage, key, locatio
 numel)`` -- and one member ``<archive>/data/<key>`` per storage, aligned to 64 bytes.
 The reader runs data.pkl through the restricted unpickler (:mod:`ckptsurgeon.pickles`)
 with :class:`TorchResolver`, which turns each tensor into a :class:`TensorRecord`
-pointing at its member's bytes in the file.
+pointing at its member's bytes in the file. The writer is :mod:`._torchwriter`'s
+(:func:`write`, re-exported here).
 """
 
 from __future__ import annotations
@@ -16,24 +17,19 @@ import os
 import struct
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
-from ..dtypes import DTYPES
-from ..errors import FormatError, OutputError
-from ..pickles import Emitter, PickleError
+from ..errors import FormatError
+from ..pickles import PickleError
 from ..record import (
     CHUNK_SIZE,
-    COPY_CHUNK,
-    FileSpan,
     Storage,
-    TensorRecord,
-    contiguous_stride,
     expect_crc,
     file_identity,
 )
 from ..safety import GlobalRef
+from ._torchwriter import ALIGNMENT, StoragePlan, iter_storage, write
 from .legacy import (
     StorageSlot,
     TorchResolver,
@@ -43,14 +39,11 @@ from .legacy import (
     storage_dtype,
     unpickle,
 )
-from .zipio import ZipWriter, read_directory, read_stored
+from .zipio import read_directory, read_stored
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..checkpoint import Checkpoint
     from . import ReadOptions
-
-ALIGNMENT = 64
-SMALL_MEMBER = COPY_CHUNK  # storages up to this size are read in one call, CRC'd and written at once
 
 
 # -- the zip reader -------------------------------------------------------------------------
@@ -199,6 +192,7 @@ class _ZipStorages:
         self.slots: dict[str, StorageSlot] = {}
         self.problems: dict[int, str] = {}
         self.identity: tuple[int, ...] | None = None
+        self.member_of = f"{path}: member "  # how an expected CRC names its member
         # Local headers are read through a map of the file: no syscall per storage, no data read.
         with open(path, "rb") as fh:
             self.headers = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if file_size else b""
@@ -220,8 +214,10 @@ class _ZipStorages:
         return found
 
     def _open(self, slot: StorageSlot, dtype: str) -> Storage:
-        name = f"{self.prefix}data/{slot.key}"
+        key = "data/" + slot.key
+        name = self.prefix + key
         info = self.infos.get(name)
+        nbytes = slot.nbytes
         path: Path | None = self.path
         offset, loader, problem = 0, None, None
         if info is None:
@@ -229,17 +225,15 @@ class _ZipStorages:
         elif info.compress_type != zipfile.ZIP_STORED:
             path, loader = None, lambda p=self.path, n=name: _read_member(p, n)
         else:
-            offset = self._data_offset(info)
-            if offset + info.file_size > self.file_size:
+            offset, size = self._data_offset(info), info.file_size
+            if offset + size > self.file_size:
                 problem = f"its storage {name} runs past the end of the file; the file is truncated"
             else:  # streamed whole (convert, verify), its CRC is checked for free
-                expect_crc(self._identity(), offset, info.file_size, info.CRC, f"{self.path}: member {name}")
-        if info is not None and info.file_size < slot.nbytes:
+                expect_crc(self.identity or self._identity(), offset, size, info.CRC, self.member_of + name)
+        if info is not None and info.file_size < nbytes:
             size = info.file_size
-            problem = f"its storage {name} holds {size} bytes but declares {slot.nbytes}; the file is damaged"
-        storage = Storage(
-            f"data/{slot.key}", dtype, slot.nbytes, path, offset, slot.location, self.byteorder, loader
-        )
+            problem = f"its storage {name} holds {size} bytes but declares {nbytes}; the file is damaged"
+        storage = Storage(key, dtype, nbytes, path, offset, slot.location, self.byteorder, loader)
         if problem:
             self.problems[id(storage)] = problem
         return storage
@@ -250,15 +244,22 @@ class _ZipStorages:
         return self.identity
 
     def _data_offset(self, info: Any) -> int:
-        header = self.headers[info.header_offset : info.header_offset + 30]
-        if len(header) < 30:
-            raise FormatError(f"{self.path}: member {info.filename} lies past the end of the file; truncated")
-        if header[:4] != b"PK\x03\x04":
+        at = info.header_offset
+        try:
+            magic, name_len, extra_len = _LOCAL_START.unpack_from(self.headers, at)
+        except struct.error:
+            raise FormatError(
+                f"{self.path}: member {info.filename} lies past the end of the file; truncated"
+            ) from None
+        if magic != b"PK\x03\x04":
             raise FormatError(
                 f"{self.path}: member {info.filename} has no valid local header; the file is damaged"
             )
-        name_len, extra_len = struct.unpack_from("<HH", header, 26)
-        return info.header_offset + 30 + name_len + extra_len
+        return at + 30 + name_len + extra_len
+
+
+# A local file header's signature and the two lengths before its data (name, extra field).
+_LOCAL_START = struct.Struct("<4s22xHH")
 
 
 def _read_member(path: Path, name: str) -> bytes:
@@ -266,205 +267,13 @@ def _read_member(path: Path, name: str) -> bytes:
         return zf.read(name)
 
 
-# -- the zip writer -------------------------------------------------------------------------
-def write(tree: Any, fh: BinaryIO, archive_name: str = "archive") -> None:
-    """Write ``tree`` (records in place of tensors) as a torch.save zip, streaming tensor bytes.
-
-    ``torch.load(weights_only=True)`` loads the result. Records sharing a storage share it in
-    the file; every other tensor is written as its own contiguous bytes.
-
-    Example:
-        >>> with atomic_output("out.pth") as fh:          # doctest: +SKIP
-        ...     write({"w": record}, fh)
-    """
-    plan = StoragePlan(tree)
-    emitter = Emitter(hook=plan.emit)
-    try:
-        emitter.dump(tree)
-    except (TypeError, RecursionError) as exc:
-        raise OutputError(f"cannot write this object as a checkpoint: {exc}") from None
-    prefix = archive_name.strip("/") + "/"
-    zw = ZipWriter(fh, ALIGNMENT)
-    zw.add(prefix + "data.pkl", emitter.out)
-    zw.add(prefix + ".format_version", b"1")
-    zw.add(prefix + ".storage_alignment", str(ALIGNMENT).encode())
-    zw.add(prefix + "byteorder", b"little")
-    for key, nbytes, chunks in plan.jobs():
-        name = f"{prefix}data/{key}"
-        try:
-            _write_storage(zw, name, nbytes, chunks)
-        except EOFError:
-            raise OutputError(f"{name}: the source file ends inside this storage; it is truncated") from None
-    zw.add(prefix + "version", b"3\n")
-    zw.close()
-
-
-def _write_storage(zw: ZipWriter, name: str, nbytes: int, chunks: Iterable[bytes | memoryview]) -> None:
-    """One storage member: a small file span read at once, a big one copied by the kernel when
-    its CRC is known (see :func:`~ckptsurgeon.record.kernel_copies`), anything else streamed."""
-    if not isinstance(chunks, FileSpan):
-        zw.add_stream(name, nbytes, chunks)
-        return
-    if nbytes <= SMALL_MEMBER:
-        data, crc = chunks.read()
-        zw.add(name, data, align=True, crc=crc)
-        return
-    crc = chunks.kernel_crc()
-    if crc is not None:
-        zw.add_copied(name, nbytes, crc, chunks.copy_to)
-        return
-    chunks.remember_crc(zw.add_stream(name, nbytes, chunks))  # verification need not read it again
-
-
-def iter_storage(storage: Storage, nbytes: int) -> Iterable[bytes | memoryview]:
-    """Stream a whole storage's bytes in chunks (a file span through the reused aligned buffer)."""
-    if storage.path is not None:
-        return FileSpan(storage.path, storage.offset, nbytes)
-    return (storage.read(pos, min(CHUNK_SIZE, nbytes - pos)) for pos in range(0, nbytes, CHUNK_SIZE))
-
-
-def _record_chunks(rec: TensorRecord) -> Iterable[bytes | memoryview]:
-    """A record's bytes: views of the reused aligned buffer when raw, else ``iter_bytes``."""
-    if rec.is_raw and rec.numel:
-        start, length = rec.byte_span
-        return FileSpan(rec.storage.path, rec.storage.offset + start, length)  # type: ignore[union-attr,arg-type]
-    return rec.iter_bytes()
-
-
-class StoragePlan:
-    """Decides each record's storage entry while data.pkl is emitted, then streams the bytes.
-
-    A storage viewed by several records is written whole, once (views keep their offsets
-    and strides); any other record is written as its own contiguous bytes.
-    """
-
-    def __init__(self, tree: Any) -> None:
-        self.groups: dict[int, list[TensorRecord]] = {}
-        _collect_records(tree, self.groups, set())
-        self.shared: dict[int, str] = {}
-        self._jobs: list[tuple[str, int, Callable[[], Iterable[bytes | memoryview]]]] = []
-
-    def jobs(self) -> Iterator[tuple[str, int, Iterable[bytes | memoryview]]]:
-        for key, nbytes, chunks in self._jobs:
-            yield key, nbytes, chunks()
-
-    def emit(self, em: Emitter, rec: Any) -> bool:
-        """The Emitter hook: write a record as torch does (``_rebuild_tensor_v2`` / ``_v3``)."""
-        if not isinstance(rec, TensorRecord):
-            return False
-        if not rec.has_data:
-            raise OutputError(f"tensor {rec.name or '<unnamed>'}: has no data (built on the meta device)")
-        if rec.dtype not in DTYPES:
-            raise OutputError(
-                f"tensor {rec.name or '<unnamed>'}: dtype {rec.dtype} cannot be written to a .pth"
-            )
-        if rec.is_parameter:
-            em.save_global("torch._utils", "_rebuild_parameter")
-        self._emit_tensor(em, rec)
-        if rec.is_parameter:
-            em.save(rec.requires_grad)
-            em.save_reduce("collections", "OrderedDict", (), None)
-            em.out += b"\x87R"
-        em.put(rec)
-        return True
-
-    def _emit_tensor(self, em: Emitter, rec: TensorRecord) -> None:
-        """``_rebuild_tensor_v2((storage id), offset, shape, stride, requires_grad, OrderedDict())``,
-        with the constant parts as ready-made bytes (20,000 tensors are 20,000 of these)."""
-        key, nbytes, offset, stride = self._place(rec)
-        storage_class = DTYPES[rec.dtype].storage_class
-        em.save_global("torch._utils", "_rebuild_tensor_v2" if storage_class else "_rebuild_tensor_v3")
-        em.out += b"((" + _STORAGE_STR
-        if storage_class:
-            em.save_global("torch", storage_class)
-        else:
-            em.save_global("torch.storage", "UntypedStorage")
-        em.save_str(key)
-        em.out += _CPU_STR
-        em.save_int(nbytes // rec.itemsize if storage_class else nbytes)
-        em.out += b"tQ"
-        em.save_int(offset)
-        _save_ints(em, rec.shape)
-        _save_ints(em, stride)
-        em.out += b"\x88" if rec.requires_grad and not rec.is_parameter else b"\x89"
-        em.save_global("collections", "OrderedDict")
-        em.out += b")R"  # OrderedDict(): the backward hooks
-        if not storage_class:
-            em.save_global("torch", rec.dtype)
-        em.out += b"tR"
-
-    def _place(self, rec: TensorRecord) -> tuple[str, int, int, tuple[int, ...]]:
-        storage = rec.storage
-        if storage is not None and self._share_whole(storage):
-            key = self.shared.get(id(storage))
-            if key is None:
-                key = self.shared[id(storage)] = self._add_job(
-                    storage.nbytes, lambda s=storage: iter_storage(s, s.nbytes)
-                )
-            return key, storage.nbytes, rec.storage_offset, rec.stride or contiguous_stride(rec.shape)
-        key = self._add_job(rec.nbytes, lambda r=rec: _record_chunks(r))
-        return key, rec.nbytes, 0, contiguous_stride(rec.shape)
-
-    def _share_whole(self, storage: Storage) -> bool:
-        group = self.groups.get(id(storage), [])
-        if (
-            len(group) < 2
-            or storage.byteorder != "little"
-            or (storage.path is None and storage.loader is None)
-        ):
-            return False
-        dtype = group[0].dtype
-        return (
-            all(r.dtype == dtype and r.loader is None for r in group)
-            and storage.nbytes % group[0].itemsize == 0
-        )
-
-    def _add_job(self, nbytes: int, chunks: Callable[[], Iterable[bytes | memoryview]]) -> str:
-        key = str(len(self._jobs))
-        self._jobs.append((key, nbytes, chunks))
-        return key
-
-
-_STORAGE_STR = b"X\x07\x00\x00\x00storage"
-_CPU_STR = b"X\x03\x00\x00\x00cpu"
-_TUPLE_OPS = (b")", b"\x85", b"\x86", b"\x87")
-
-
-def _save_ints(em: Emitter, values: tuple[int, ...]) -> None:
-    """A tuple of ints (a shape or a stride), not memoised: nothing refers to it again."""
-    out = em.out
-    if len(values) > 3:
-        out += b"("
-    for value in values:
-        if 0 <= value < 256:
-            out += b"K" + bytes((value,))
-        else:
-            em.save_int(value)
-    out += _TUPLE_OPS[len(values)] if len(values) <= 3 else b"t"
-
-
-def _collect_records(node: Any, groups: dict[int, list[TensorRecord]], seen: set[int]) -> None:
-    if id(node) in seen:
-        return
-    if isinstance(node, TensorRecord):
-        seen.add(id(node))
-        if node.storage is not None:
-            groups.setdefault(id(node.storage), []).append(node)
-        return
-    if isinstance(node, dict):
-        children: Iterable[Any] = [*node.keys(), *node.values()]
-    elif isinstance(node, list | tuple | set | frozenset):
-        children = node
-    elif hasattr(node, "__ckpt_reduce__") or hasattr(node, "__dict__"):
-        children = [
-            getattr(node, "args", ()),
-            getattr(node, "state", None),
-            getattr(node, "listitems", ()),
-            getattr(node, "dictitems", ()),
-            *(vars(node).values() if type(node).__name__ == "Namespace" else ()),
-        ]
-    else:
-        return
-    seen.add(id(node))
-    for child in children:
-        _collect_records(child, groups, seen)
+__all__ = [
+    "ALIGNMENT",
+    "MEMBER_ERRORS",
+    "StoragePlan",
+    "iter_storage",
+    "open_zip",
+    "read",
+    "verify_crcs",
+    "write",
+]

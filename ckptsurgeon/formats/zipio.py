@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
-from ..spans import start_writeback
+from .. import spans
+from ..spans import KERNEL_COPY_MIN, start_writeback
 
 _EOCD = struct.Struct("<4sHHHHIIH")  # end of central directory, 22 bytes
 _CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")  # central directory entry, 46 bytes
@@ -98,45 +99,52 @@ def _zip64_end(fh: BinaryIO, tail: bytes, at: int) -> tuple[int, int, int, int] 
 
 
 def _parse_central(data: bytes, count: int, limit: int) -> dict[str, Member] | None:
+    """The members a central directory lists, by name (None unless plain). The directory
+    parsed last is kept by its bytes until it is read again, so the format detection and
+    the reader right after it parse a 20,000-member directory once, not twice."""
+    key = (count, limit)
+    last = _PARSED[0] if _PARSED else None
+    if last is not None and last[0] == key and last[1] == data:
+        _PARSED.clear()  # the second reader takes it: nothing is kept any longer
+        return last[2]
+    members = _parse_entries(data, count, limit)
+    _PARSED.clear()
+    if members is None:
+        return None
+    _PARSED.append((key, data, members))
+    return dict(members)
+
+
+# The directory parsed last: (count, limit), its bytes, its members.
+_PARSED: list[tuple[tuple[int, int], bytes, dict[str, Member]]] = []
+# A central directory entry, only the fields read: signature, version needed (low byte),
+# flags, method, CRC-32, sizes, name/extra/comment lengths, disk, local header offset.
+_CENTRAL_READ = struct.Struct("<4s2xBxHH4xIIIHHHH6xI")
+_new_tuple = tuple.__new__
+
+
+def _parse_entries(data: bytes, count: int, limit: int) -> dict[str, Member] | None:
     members: dict[str, Member] = {}
-    pos = 0
-    unpack = _CENTRAL.unpack_from
+    pos, end = 0, len(data)
+    unpack = _CENTRAL_READ.unpack_from
     for _ in range(count):
-        if pos + 46 > len(data):
+        if pos + 46 > end:
             return None
-        (
-            sig,
-            _cv,
-            _ev,
-            flags,
-            method,
-            _t,
-            _d,
-            crc,
-            csize,
-            usize,
-            nlen,
-            elen,
-            clen,
-            disk,
-            _ia,
-            _ea,
-            offset,
-        ) = unpack(data, pos)
-        if sig != b"PK\x01\x02" or disk or flags & ~_PLAIN_FLAGS or method not in (0, 8) or _ev & 0xFF > 63:
+        sig, need, flags, method, crc, csize, usize, nlen, elen, clen, disk, offset = unpack(data, pos)
+        if sig != b"PK\x01\x02" or disk or flags & ~_PLAIN_FLAGS or method not in (0, 8) or need > 63:
             return None  # encrypted, patched, a newer zip version ...: zipfile says which
         if _LIMIT in (csize, usize, offset) or offset + 30 > limit:
             return None  # zip64 fields: zipfile reads those
-        raw = data[pos + 46 : pos + 46 + nlen]
+        start = pos + 46
         try:
-            name = raw.decode("utf-8" if flags & _UTF8_FLAG else "ascii")
+            name = str(data[start : start + nlen], "utf-8" if flags & _UTF8_FLAG else "ascii")
         except UnicodeDecodeError:
             return None
         if name in members:
             return None
-        members[name] = Member(name, offset, usize, csize, method, crc, flags)
-        pos += 46 + nlen + elen + clen
-    return members if pos == len(data) else None
+        members[name] = _new_tuple(Member, (name, offset, usize, csize, method, crc, flags))
+        pos = start + nlen + elen + clen
+    return members if pos == end else None
 
 
 def data_offset(headers: Any, member: Member) -> int | None:
@@ -200,17 +208,22 @@ class ZipWriter:
         header_at = self.pos
         header = self._header(name, nbytes, 0, align)
         self.fh.write(header)
-        crc, written = 0, 0
+        data_at = header_at + len(header)
+        piece = spans.WRITEBACK_PIECE
+        crc, written, next_piece = 0, 0, piece
         for chunk in chunks:
             self.fh.write(chunk)
             written += len(chunk)
             crc = zlib.crc32(chunk, crc)
+            if written >= next_piece and nbytes >= KERNEL_COPY_MIN:  # hand big members on in pieces
+                start_writeback(self.fh, data_at, nbytes, upto=data_at + min(written, nbytes))
+                next_piece = written + piece
         self._check_size(name, written, nbytes)
         self.pos += len(header) + nbytes
         self.fh.seek(header_at + 14)
         self.fh.write(struct.pack("<I", crc))
         self.fh.seek(self.pos)
-        start_writeback(self.fh, header_at, self.pos - header_at)
+        start_writeback(self.fh, data_at, nbytes)  # the data span, as written
         raw, flags, _zero, size, offset = self.entries[-1]
         self.entries[-1] = (raw, flags, crc, size, offset)
         return crc
