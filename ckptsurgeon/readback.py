@@ -46,6 +46,7 @@ class ReadBack:
         self._partial: dict[tuple[int, int], tuple[int, int]] = {}  # span -> (read up to, running CRC)
         self._error: BaseException | None = None
         self._cancelled = False
+        self._done: set[tuple[int, int]] = set()
         self._thread = threading.Thread(target=self._run, name="ckpt-readback", daemon=True)
         self._thread.start()
 
@@ -85,16 +86,18 @@ class ReadBack:
 
     def _one(self, offset: int, length: int, upto: int) -> None:
         span = (offset, length)
+        if span in self._done:
+            return  # handed on again after its last piece: already read and flushed
         start, crc = self._partial.pop(span, (offset, 0))
-        if upto <= start:
-            return
         if self.checksum:
             for chunk in spans.read_fd_span(self.fd, start, upto - start):
                 crc = zlib.crc32(chunk, crc)
         spans.sync_range(self.fd, start, upto - start)
         if upto < offset + length:
             self._partial[span] = (upto, crc)
-        elif self.checksum:
+            return
+        self._done.add(span)
+        if self.checksum:
             self.crcs[span] = crc
 
 

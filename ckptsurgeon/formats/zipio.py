@@ -215,8 +215,8 @@ class ZipWriter:
             self.fh.write(chunk)
             written += len(chunk)
             crc = zlib.crc32(chunk, crc)
-            if written >= next_piece and nbytes >= KERNEL_COPY_MIN:  # hand big members on in pieces
-                start_writeback(self.fh, data_at, nbytes, upto=data_at + min(written, nbytes))
+            if next_piece <= written < nbytes and nbytes >= KERNEL_COPY_MIN:  # big members in pieces
+                start_writeback(self.fh, data_at, nbytes, upto=data_at + written)
                 next_piece = written + piece
         self._check_size(name, written, nbytes)
         self.pos += len(header) + nbytes
