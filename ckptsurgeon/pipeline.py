@@ -336,6 +336,7 @@ def _write_sharded(tensors: dict[str, TensorRecord], options: WriteOptions, fmt:
         fmt=fmt,
         force=options.force,
         metadata={"format": "pt"},
+        read_back=options.verify,
     )
     for f in files:
         FD_CACHE.forget(f)

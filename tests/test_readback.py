@@ -185,3 +185,40 @@ def test_big_spans_go_in_pieces_and_their_crc_is_whole(
     loaded = load(out)
     for name, tensor in tensors.items():
         assert torch.equal(loaded[name], tensor)
+
+
+def test_sharded_outputs_are_read_back_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, followed: list[tuple[int, int, bool]]
+) -> None:
+    src, tensors = big_source(tmp_path, ".pth")
+    out = tmp_path / "shards"
+    read_in_verify: list[int] = []
+    real_copy_span = spans.copy_span
+    real_verify = verify.verify
+    in_verify: list[bool] = []
+
+    def spy_copy_span(path: Path, offset: int, length: int, fh: object, *args: object) -> int:
+        if in_verify and fh is None:
+            read_in_verify.append(length)
+        return real_copy_span(path, offset, length, fh, *args)  # type: ignore[arg-type]
+
+    def spy_verify(*args: object, **kwargs: object) -> None:
+        in_verify.append(True)
+        try:
+            real_verify(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            in_verify.clear()
+
+    monkeypatch.setattr(spans, "copy_span", spy_copy_span)
+    monkeypatch.setattr(verify, "verify", spy_verify)
+    result = run_cli("convert", src, "-o", out, "--max-shard-size", "3MiB")
+    assert result.exit_code == 0, result.stderr
+    assert len(list(out.glob("model-*.safetensors"))) == 2
+    big = 4 * BIG[0] * BIG[1]
+    assert sorted(length for _o, length, checked in followed if checked) == [big, big]
+    assert read_in_verify == []
+    from ckptsurgeon import open_checkpoint
+
+    got = open_checkpoint(out).weights().tensors
+    for name, tensor in tensors.items():
+        assert torch.equal(got[name].to_torch(), tensor)

@@ -100,6 +100,7 @@ def write(
     fmt: str = "safetensors",
     force: bool = False,
     metadata: Mapping[str, str] | None = None,
+    read_back: bool = False,
 ) -> list[Path]:
     """Write ``tensors`` into ``out_dir`` in Hugging Face's sharded layout; return the paths written.
 
@@ -107,7 +108,9 @@ def write(
     plus ``model.safetensors.index.json``; one shard is written as plain ``model.safetensors``
     with no index, as ``save_pretrained`` does. Each file is written atomically, the index
     last, so an interrupted write leaves no index. Tied names are stored once (safetensors:
-    recorded in the shard's metadata and left out of the weight_map).
+    recorded in the shard's metadata and left out of the weight_map). ``read_back``: checksum each
+    big span from the shard as it is written (see :mod:`ckptsurgeon.readback`), for a verification
+    that follows; write-back starts early either way.
 
     Example:
         >>> write(ckpt.weights().tensors, Path("out"), max_shard_bytes=parse_size("5GB"))  # doctest: +SKIP
@@ -131,7 +134,7 @@ def write(
     try:
         for file_name, shard in zip(names, shards, strict=True):
             part = {name: tensors[name] for name in shard}
-            written.append(_write_shard(out_dir / file_name, part, fmt, force, metadata))
+            written.append(_write_shard(out_dir / file_name, part, fmt, force, metadata, read_back))
             stored = part if fmt == "pth" else {n: r for n, r in part.items() if n not in find_aliases(part)}
             weight_map.update(dict.fromkeys(stored, file_name))
         if index_path is not None:
@@ -200,9 +203,16 @@ def _shard_names(fmt: str, count: int) -> list[str]:
 
 
 def _write_shard(
-    path: Path, part: Mapping[str, TensorRecord], fmt: str, force: bool, metadata: Mapping[str, str] | None
+    path: Path,
+    part: Mapping[str, TensorRecord],
+    fmt: str,
+    force: bool,
+    metadata: Mapping[str, str] | None,
+    read_back: bool,
 ) -> Path:
-    with atomic_output(path, force=force) as fh:
+    from ..readback import reading_back
+
+    with atomic_output(path, force=force) as fh, reading_back(fh, checksum=read_back):
         if fmt == "safetensors":
             from .safetensors import write as write_safetensors
 
