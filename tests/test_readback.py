@@ -57,27 +57,18 @@ def followed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, bool]]:
     return seen
 
 
-@pytest.mark.parametrize("src_suffix", [".pth", ".safetensors"])
-@pytest.mark.parametrize("out_suffix", [".pth", ".safetensors"])
-def test_big_spans_are_read_back_once_and_not_again_by_verification(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    followed: list[tuple[int, int, bool]],
-    src_suffix: str,
-    out_suffix: str,
-) -> None:
-    src, tensors = big_source(tmp_path, src_suffix)
-    out = tmp_path / f"out{out_suffix}"
-    read_in_verify: list[int] = []
+@pytest.fixture
+def verify_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The lengths of the big spans verification had to read itself (streamed by copy_span)."""
+    lengths: list[int] = []
+    in_verify: list[bool] = []
     real_copy_span = spans.copy_span
-    in_verify = []
+    real_verify = verify.verify
 
     def spy_copy_span(path: Path, offset: int, length: int, fh: object, *args: object) -> int:
         if in_verify and fh is None:
-            read_in_verify.append(length)
+            lengths.append(length)
         return real_copy_span(path, offset, length, fh, *args)  # type: ignore[arg-type]
-
-    real_verify = verify.verify
 
     def spy_verify(*args: object, **kwargs: object) -> None:
         in_verify.append(True)
@@ -87,13 +78,26 @@ def test_big_spans_are_read_back_once_and_not_again_by_verification(
             in_verify.clear()
 
     monkeypatch.setattr(spans, "copy_span", spy_copy_span)
-    monkeypatch.setattr(verify, "copy_span", spy_copy_span, raising=False)
     monkeypatch.setattr(verify, "verify", spy_verify)
+    return lengths
+
+
+@pytest.mark.parametrize("src_suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("out_suffix", [".pth", ".safetensors"])
+def test_big_spans_are_read_back_once_and_not_again_by_verification(
+    tmp_path: Path,
+    followed: list[tuple[int, int, bool]],
+    verify_reads: list[int],
+    src_suffix: str,
+    out_suffix: str,
+) -> None:
+    src, tensors = big_source(tmp_path, src_suffix)
+    out = tmp_path / f"out{out_suffix}"
     result = run_cli("rename", src, "-o", out, "--strip-prefix", "module.")
     assert result.exit_code == 0, result.stderr
     big = 4 * BIG[0] * BIG[1]
     assert sorted(length for _o, length, checked in followed if checked) == [big, big]
-    assert read_in_verify == []  # verification found both big CRCs already known
+    assert verify_reads == []  # verification found both big CRCs already known
     loaded = load(out)
     for name, tensor in tensors.items():
         assert torch.equal(loaded[name.removeprefix("module.")], tensor)
@@ -188,35 +192,16 @@ def test_big_spans_go_in_pieces_and_their_crc_is_whole(
 
 
 def test_sharded_outputs_are_read_back_too(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, followed: list[tuple[int, int, bool]]
+    tmp_path: Path, followed: list[tuple[int, int, bool]], verify_reads: list[int]
 ) -> None:
     src, tensors = big_source(tmp_path, ".pth")
     out = tmp_path / "shards"
-    read_in_verify: list[int] = []
-    real_copy_span = spans.copy_span
-    real_verify = verify.verify
-    in_verify: list[bool] = []
-
-    def spy_copy_span(path: Path, offset: int, length: int, fh: object, *args: object) -> int:
-        if in_verify and fh is None:
-            read_in_verify.append(length)
-        return real_copy_span(path, offset, length, fh, *args)  # type: ignore[arg-type]
-
-    def spy_verify(*args: object, **kwargs: object) -> None:
-        in_verify.append(True)
-        try:
-            real_verify(*args, **kwargs)  # type: ignore[arg-type]
-        finally:
-            in_verify.clear()
-
-    monkeypatch.setattr(spans, "copy_span", spy_copy_span)
-    monkeypatch.setattr(verify, "verify", spy_verify)
     result = run_cli("convert", src, "-o", out, "--max-shard-size", "3MiB")
     assert result.exit_code == 0, result.stderr
     assert len(list(out.glob("model-*.safetensors"))) == 2
     big = 4 * BIG[0] * BIG[1]
     assert sorted(length for _o, length, checked in followed if checked) == [big, big]
-    assert read_in_verify == []
+    assert verify_reads == []
     from ckptsurgeon import open_checkpoint
 
     got = open_checkpoint(out).weights().tensors
