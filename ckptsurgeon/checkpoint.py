@@ -105,7 +105,15 @@ class Checkpoint:
     def _select(self, key: str) -> StateDictCandidate:
         node = resolve_key(self.tree, key)
         if node is _MISSING:
-            available = ", ".join(repr(c.key) for c in self.candidates()) or "none"
+            candidates = self.candidates()
+            if [c.key for c in candidates] == [""]:
+                raise KeySelectionError(
+                    f"{self.path}: no entry {key!r}; the file itself is the state dict, leave out --key"
+                )
+            shown = [repr(c.key) for c in candidates[:6]]
+            if len(candidates) > 6:
+                shown.append(f"and {len(candidates) - 6} more")
+            available = ", ".join(shown) or "none"
             raise KeySelectionError(f"{self.path}: no entry {key!r}; entries that hold tensors: {available}")
         if isinstance(node, TensorRecord):
             return StateDictCandidate(key, {key.rsplit(".", 1)[-1]: node.renamed(key.rsplit(".", 1)[-1])})

@@ -2,8 +2,8 @@
 
 :func:`find_head` works on names and shapes alone (no tensor data): a module named with
 ``--head``, else the last layer named like a head (:data:`HEAD_NAMES`), else the last
-layer of the file if it is linear. :func:`ckptsurgeon.surgery.head_plan` turns its answer
-into a plan.
+layer of the file if it is a linear layer with a bias (never an embedding).
+:func:`ckptsurgeon.surgery.head_plan` turns its answer into a plan.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from .record import TensorRecord
 
 # Module names that usually hold the classifier / output head.
 HEAD_NAMES = ("fc", "classifier", "head", "heads", "last_linear", "lm_head", "logits", "classif")
+# Module names of embedding tables (anything containing "embed" counts too): never a head by position.
+EMBEDDING_NAMES = ("wte", "wpe", "tok_embeddings", "shared", "emb", "word_emb", "pos_emb")
 
 
 def find_head(tensors: Mapping[str, TensorRecord], head: str | None = None) -> tuple[list[str], str]:
@@ -24,8 +26,10 @@ def find_head(tensors: Mapping[str, TensorRecord], head: str | None = None) -> t
     With ``head`` (a module name such as ``fc`` or ``classifier.6``, or a glob), the tensors of
     that module. Without it, the last module (in file order) that has a weight of two or more
     dimensions and is named like a head (``fc``, ``classifier``, ``head``, ``last_linear``,
-    ``lm_head`` ...); failing that, the last module of the file if it is a linear layer whose
-    bias matches its output size. Refuses (SurgeryError) rather than guess further.
+    ``lm_head`` ...); failing that, the last module of the file if it is a linear layer with a
+    bias that matches its output size and is not named like an embedding (``wte``, ``embed_tokens``
+    ...: a safetensors file sorts its names, so its last module may be a lookup table). Refuses
+    (SurgeryError) rather than guess further.
 
     Example:
         >>> shapes = {"classifier.0.weight": (8, 4), "classifier.6.weight": (10, 8),
@@ -40,13 +44,14 @@ def find_head(tensors: Mapping[str, TensorRecord], head: str | None = None) -> t
     named = [m for m in modules if _is_layer(tensors, modules[m]) and _head_named(m)]
     if named:
         return modules[named[-1]], f"the last layer named like a head: {named[-1]!r}"
-    if modules:
-        last = list(modules)[-1]
-        if _is_linear(tensors, modules[last]):
-            return modules[last], f"the last layer of the file: {last!r}"
+    last = list(modules)[-1] if modules else None
+    if last is not None and _is_linear(tensors, modules[last], need_bias=True) and not _embedding_named(last):
+        return modules[last], f"the last layer of the file: {last!r}"
+    what = "" if last is None else f" ({last!r})"
     raise SurgeryError(
-        "no classifier head found (no fc/classifier/head/last_linear/lm_head layer, and the last layer "
-        "is not linear); name it with --head NAME or give --target"
+        "no classifier head found: no fc/classifier/head/last_linear/lm_head layer, and the file's last "
+        f"layer{what} is not a linear layer with a bias (an embedding never counts); "
+        "name it with --head NAME or give --target"
     )
 
 
@@ -82,9 +87,17 @@ def _is_layer(tensors: Mapping[str, TensorRecord], names: list[str]) -> bool:
     return weight is not None and len(weight.shape) >= 2
 
 
-def _is_linear(tensors: Mapping[str, TensorRecord], names: list[str]) -> bool:
+def _is_linear(tensors: Mapping[str, TensorRecord], names: list[str], *, need_bias: bool = False) -> bool:
     weight = _weight(tensors, names)
     if weight is None or len(weight.shape) != 2:
         return False
     bias = next((tensors[n] for n in names if n.rpartition(".")[2] == "bias"), None)
-    return bias is None or tuple(bias.shape) == (weight.shape[0],)
+    if bias is None:
+        return not need_bias
+    return tuple(bias.shape) == (weight.shape[0],)
+
+
+def _embedding_named(module: str) -> bool:
+    """``wte``, ``embed_tokens``, ``word_embeddings`` ...: a 2-D weight that is a lookup table, not a
+    head (a safetensors file sorts its names, so the 'last' module may well be one)."""
+    return any(part in EMBEDDING_NAMES or "embed" in part for part in module.lower().split("."))

@@ -27,7 +27,7 @@ from .report import human_bytes
 from .spans import FD_CACHE, kernel_copies
 from .surgery import Plan
 from .trees import dropped_entries, has_unread_values, rebuilt_tree, records, weights_payload
-from .writing import atomic_output
+from .writing import atomic_output, refuse_special_file
 
 PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 PROGRESS_MIN_BYTES = 256 * 2**20  # show a progress bar (TTY only) from this much data on
@@ -140,6 +140,7 @@ def output_kind(options: WriteOptions) -> str:
     to = options.to
     if to not in (None, "pth", "safetensors"):
         raise OutputError(f"--to {to}: unknown format; use pth or safetensors")
+    refuse_special_file(options.output)
     suffix = options.output.suffix.lower()
     if options.max_shard_size is not None:
         if suffix in PTH_SUFFIXES or suffix == ".safetensors":
@@ -155,6 +156,12 @@ def output_kind(options: WriteOptions) -> str:
         raise OutputError(
             f"{options.output}: cannot tell the format from the suffix {suffix or '(none)'!r}; "
             "use .pth or .safetensors, or pass --to pth|safetensors"
+        )
+    named = {".safetensors": "safetensors", ".pth": "pth", ".pt": "pth"}.get(suffix, to)  # .bin: either
+    if named != to:  # a .safetensors file holding a torch zip (or the reverse) fools every other tool
+        raise OutputError(
+            f"{options.output}: --to {to} contradicts the suffix {suffix!r}; "
+            f"name the output with a {to} suffix, or leave out --to"
         )
     return to
 

@@ -22,16 +22,28 @@ def check_output_path(path: Path, *, force: bool) -> None:
     """Refuse an existing output without ``force``, a directory, or a missing parent folder."""
     if path.is_dir():
         raise OutputError(f"{path}: is a folder; name an output file")
+    refuse_special_file(path)
     if os.path.lexists(path) and not force:
         raise OutputError(f"{path}: already exists; pass --force to overwrite it")
-    if os.path.lexists(path) and not os.path.islink(path) and not path.is_file():
-        # --force must never rename a file over a device or a pipe (think -o /dev/null as root)
-        raise OutputError(f"{path}: exists and is not a regular file (a device or a pipe); name a file")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"{path}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{path}: the folder {parent} is not writable")
+
+
+def refuse_special_file(path: Path) -> None:
+    """Refuse an existing device, pipe or socket as an output, whatever else is asked: ``--force``
+    must never rename a file over one (think ``-o /dev/null`` as root), and no suffix makes it one.
+
+    Example:
+        >>> refuse_special_file(Path("/dev/null"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ckptsurgeon.errors.OutputError: /dev/null: exists and is not a regular file ...
+    """
+    if os.path.lexists(path) and not os.path.islink(path) and not path.is_file() and not path.is_dir():
+        raise OutputError(f"{path}: exists and is not a regular file (a device or a pipe); name a file")
 
 
 @contextlib.contextmanager

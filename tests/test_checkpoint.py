@@ -6,9 +6,11 @@ from collections import OrderedDict
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURES, REAL
 
 from ckptsurgeon.checkpoint import Checkpoint
 from ckptsurgeon.errors import KeySelectionError
+from ckptsurgeon.formats import open_checkpoint
 from ckptsurgeon.grouping import collapse, natural_sorted
 from ckptsurgeon.prefixes import shared_prefix, wrapper_prefix
 from ckptsurgeon.record import TensorRecord
@@ -122,3 +124,13 @@ def test_state_dict_saved_beside_plain_values() -> None:
     weights = ckpt.weights()
     assert weights.key == "" and list(weights.tensors) == ["fc.weight", "fc.bias"]
     assert [(e.key, e.kind) for e in ckpt.top_level("")] == [("epoch", "value"), ("optimizer", "optimizer")]
+
+
+def test_a_key_on_a_plain_state_dict_says_to_leave_it_out() -> None:
+    with pytest.raises(KeySelectionError, match="the file itself is the state dict, leave out --key"):
+        open_checkpoint(FIXTURES / "vgg_1000.pth").weights("state_dict")
+
+
+def test_a_missing_key_lists_a_few_entries_not_hundreds() -> None:
+    with pytest.raises(KeySelectionError, match=r"'state_dict', .*, and 5 more$"):
+        open_checkpoint(REAL / "lightning_tinynet.ckpt").weights("nope")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REAL, assert_one_line_error, run_cli, sha256
+from conftest import FIXTURES, REAL, assert_one_line_error, run_cli, sha256
 
 from ckptsurgeon.errors import OutputError
 from ckptsurgeon.formats import open_checkpoint
@@ -299,6 +299,21 @@ def test_to_overrides_the_suffix_and_output_kind() -> None:
     assert output_kind(WriteOptions(Path("dir"), to="pth", max_shard_size=10)) == "sharded-pth"
     with pytest.raises(OutputError):
         output_kind(WriteOptions(Path("x")))
+
+
+@pytest.mark.parametrize(
+    ("name", "to"), [("v.safetensors", "pth"), ("v.pth", "safetensors"), ("v.pt", "safetensors")]
+)
+def test_to_that_contradicts_the_suffix_is_refused(tmp_path: Path, name: str, to: str) -> None:
+    result = run_cli("convert", FIXTURES / "vgg_1000.pth", "-o", tmp_path / name, "--to", to)
+    assert_one_line_error(result, f"--to {to} contradicts the suffix", "leave out --to")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_a_device_as_output_is_refused_for_what_it_is(force: list[str]) -> None:
+    result = run_cli("convert", FIXTURES / "vgg_1000.pth", "-o", "/dev/null", *force)
+    assert_one_line_error(result, "/dev/null: exists and is not a regular file")
 
 
 def test_sharded_pth_output_and_json_report(tmp_path: Path) -> None:

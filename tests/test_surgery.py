@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from conftest import REAL, assert_one_line_error, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -187,6 +189,28 @@ def test_find_head_falls_back_to_the_last_linear_layer() -> None:
     names, how = find_head(plain)
     assert names == ["out_layer.weight", "out_layer.bias"]
     assert "last layer of the file" in how
+
+
+@pytest.mark.parametrize(
+    "last",
+    [
+        {"transformer.wte.weight": (1000, 64)},  # GPT-2 in a sorted safetensors file: the embedding is last
+        {"model.embed_tokens.weight": (1000, 64), "model.embed_tokens.bias": (1000,)},
+        {"out_layer.weight": (5, 8)},  # a linear layer without a bias: could be anything
+    ],
+)
+def test_find_head_never_takes_an_embedding_or_a_bias_free_layer_by_position(
+    last: dict[str, tuple[int, ...]],
+) -> None:
+    tensors = recs({"h.0.mlp.c_fc.weight": (64, 256), "h.0.mlp.c_fc.bias": (256,), **last})
+    module = next(iter(last)).rpartition(".")[0]
+    with pytest.raises(SurgeryError, match=f"last layer \\('{module}'\\) is not a linear layer with a bias"):
+        find_head(tensors)
+
+
+def test_strip_head_refuses_gpt2_instead_of_dropping_its_embedding(tmp_path: Path) -> None:
+    result = run_cli("strip-head", REAL / "hf_gpt2_tiny", "-o", tmp_path / "g.safetensors", "--dry-run")
+    assert_one_line_error(result, "no classifier head found", "'transformer.wte'", "--head NAME")
 
 
 def test_find_head_refuses_to_guess() -> None:
