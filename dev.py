@@ -5,8 +5,12 @@
     python3 dev.py test    # create .venv, install, run the whole test suite (what CI runs)
 
 The virtual environment lives in .venv next to this file and is reused while
-pyproject.toml and constraints.txt are unchanged. torch is pinned through
-constraints.txt to a CPU build, so set-up never pulls a multi-GB CUDA wheel.
+pyproject.toml and constraints.txt are unchanged. constraints.txt pins torch==2.13.0, which
+does not by itself choose the CPU build: from PyPI alone, that pin installs the multi-GB CUDA
+build on Linux. Set-up gets the CPU wheel on the project's machines only because pip finds
+torch 2.13.0+cpu in their local wheel folder (find-links); elsewhere, point pip at PyTorch's
+CPU index first, as README.md ("Two commands") says:
+    export PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def ensure_environment() -> None:
     if not PYTHON.exists():
         print(f"dev.py: creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    print("dev.py: installing ckptsurgeon and its test dependencies (torch CPU build)", flush=True)
+    print("dev.py: installing ckptsurgeon and its test dependencies (pinned torch)", flush=True)
     pip = [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}[dev]"], check=True)
     STAMP.write_text(wanted)

@@ -8,9 +8,10 @@ and prints medians of wall time and peak RSS, the ratios, whether the outputs ar
 and each target from issue 5 with PASS/FAIL.
 
 Example:
-    python benchmarks/bench.py                      # tiny: a smoke pass in seconds
-    python benchmarks/bench.py --size 2GiB --many 20000 --repeat 3 --markdown benchmarks/table.md
-    python benchmarks/bench.py --size 10GiB --no-baseline --ops convert-pth,convert-st,rename --repeat 1
+    .venv/bin/python benchmarks/bench.py          # defaults: 16 MiB, 2,000 small tensors, ~1 min
+    .venv/bin/python benchmarks/bench.py --size 2GiB --many 20000 --repeat 3 --markdown benchmarks/table.md
+    .venv/bin/python benchmarks/bench.py --size 10GiB --no-baseline --repeat 1 \
+        --ops convert-pth,convert-st,rename
 """
 
 from __future__ import annotations

@@ -68,9 +68,16 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str
 
 
 def render_fields(pairs: Sequence[tuple[str, str]], fmt: str = "table") -> str:
-    """``label  value`` lines (a two-column table without headers in markdown)."""
+    """``label  value`` lines; in markdown, a ``| field | value |`` table (``|`` in a cell escaped).
+
+    Example:
+        >>> print(render_fields([("file", "a.pth"), ("tensors", "2")]))
+        file     a.pth
+        tensors  2
+    """
     if fmt == "markdown":
-        return render_table(("", ""), [(f"**{k}**", v) for k, v in pairs], fmt)
+        rows = [(k, str(v).replace("|", "\\|")) for k, v in pairs]
+        return render_table(("field", "value"), rows, fmt)
     width = max((len(k) for k, _ in pairs), default=0)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in pairs)
 

@@ -73,6 +73,39 @@ def test_table_output(cli) -> None:
     assert result.stderr == ""
 
 
+MARKDOWN_SUMMARY = """\
+| field       | value                                            |
+|-------------|--------------------------------------------------|
+| file        | fixtures/real/tinynet_compiled.pth               |
+| format      | torch.save zip archive                           |
+| file size   | 27.7 KiB                                         |
+| tensors     | 16                                               |
+| parameters  | 5,382  (5,480 with BatchNorm running statistics) |
+| tensor data | 21.4 KiB                                         |
+| dtypes      | float32 21.4 KiB (14), int64 16 B (2)            |
+| prefix      | _orig_mod.  (every key starts with it)           |
+| saved on    | cuda:0  (opens on CPU)                           |
+
+| name                                     | dtype   | shape          | size     |
+|------------------------------------------|---------|----------------|----------|
+| _orig_mod.features.0.weight              | float32 | [16, 3, 3, 3]  | 1.7 KiB  |
+"""
+
+
+def test_markdown_summary_is_a_table_with_a_header(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(FIXTURES.parent)
+    result = run_cli("inspect", "fixtures/real/tinynet_compiled.pth", "--format", "markdown")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith(MARKDOWN_SUMMARY)
+
+
+def test_markdown_fields_escape_pipes() -> None:
+    from ckptsurgeon.report import render_fields
+
+    text = render_fields([("metadata", "note=a|b")], "markdown")
+    assert text == "| field    | value     |\n|----------|-----------|\n| metadata | note=a\\|b |"
+
+
 def test_json_shape(cli) -> None:
     result = run_cli("inspect", REAL / "lightning_tinynet.ckpt", "--format", "json", "--hash")
     data = json.loads(result.stdout)

@@ -42,8 +42,10 @@ def COMMAND(src: str, target: str, output: str | None, **flags: Any) -> None:
 
     \b
     Examples:
-      ckpt adapt resnet_dp.pth 'fixtures/models.py:resnet_like(num_classes=2)' -o resnet2.pth
-      ckpt adapt vgg.pth 'torch.nn.DataParallel(fixtures/models.py:vgg_like(num_classes=2))' -o v.pth
+      ckpt adapt fixtures/resnet_dp_6.pth 'fixtures/models.py:resnet_like(num_classes=2)' \\
+        -o /tmp/ckpt-readme/resnet_2.pth
+      ckpt adapt fixtures/vgg_1000.pth 'torch.nn.DataParallel(fixtures/models.py:vgg_like(num_classes=2))' \\
+        -o /tmp/ckpt-readme/vgg_2.pth
       ckpt adapt last.ckpt model.safetensors -o fixed.safetensors --dry-run --min-coverage 90
     """
     from ..api import adapt

@@ -109,7 +109,7 @@ def COMMAND(src: str, output: str | None, **flags: Any) -> None:
 
     \b
     Examples:
-      ckpt convert model.pth -o model.safetensors
+      ckpt convert fixtures/xception_dp_6.pth -o /tmp/ckpt-readme/xception.safetensors
       ckpt convert model.safetensors -o model.pth --dtype bf16
       ckpt convert last.ckpt -o weights.pth --weights-only
       ckpt convert big.pth -o big-hf/ --max-shard-size 5GB

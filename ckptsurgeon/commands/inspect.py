@@ -33,9 +33,9 @@ def COMMAND(
 
     \b
     Examples:
-      ckpt inspect model.pth
-      ckpt inspect last.ckpt --key state_dict --all
-      ckpt inspect model.safetensors --format json
+      ckpt inspect fixtures/vgg_1000.pth
+      ckpt inspect fixtures/real/lightning_tinynet.ckpt --key state_dict --all
+      ckpt inspect fixtures/real/hf_gpt2_tiny/model.safetensors --format json
     """
     options = make_read_options(allow_globals, unsafe, check)
     report = inspect(path, key=key, options=options, with_hash=with_hash)

@@ -49,7 +49,7 @@ def COMMAND(
 
     \b
     Examples:
-      ckpt rename model.pth -o fixed.pth --strip-prefix module.
+      ckpt rename fixtures/resnet_dp_6.pth -o /tmp/ckpt-readme/resnet_6.pth --strip-prefix module.
       ckpt rename last.ckpt -o bb.pth --keep 'model.backbone.*' --strip-prefix model.backbone.
       ckpt rename model.pth -o out.pth --replace '^encoder\\.' 'backbone.' --dry-run
     """

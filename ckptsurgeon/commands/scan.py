@@ -40,9 +40,9 @@ def COMMAND(path: str, output_format: str, check: bool, allow_globals: tuple[str
 
     \b
     Examples:
-      ckpt scan downloaded.pth
-      ckpt scan hf_model_folder/ --format json
-      ckpt scan last.ckpt --check
+      ckpt scan fixtures/real/tinynet_compiled.pth
+      ckpt scan fixtures/real/hf_gpt2_tiny --format json
+      ckpt scan fixtures/real/lightning_tinynet.ckpt --check
     """
     result = scan(path, ReadOptions(allow_globals=frozenset(allow_globals), check=check))
     click.echo(result.render(output_format), nl=output_format == "json")

@@ -49,9 +49,10 @@ def COMMAND(src: str, output: str | None, **flags: Any) -> None:
 
     \b
     Examples:
-      ckpt strip-head resnet.pth -o backbone.pth
-      ckpt strip-head vgg.pth -o vgg2.pth --target 'fixtures/models.py:vgg_like(num_classes=2)'
-      ckpt strip-head model.pth -o out.pth --head classifier.6 --dry-run
+      ckpt strip-head fixtures/xception_dp_6.pth -o /tmp/ckpt-readme/backbone.pth
+      ckpt strip-head fixtures/vgg_1000.pth --target 'fixtures/models.py:vgg_like(num_classes=2)' \\
+        -o /tmp/ckpt-readme/vgg_headless.pth
+      ckpt strip-head fixtures/vgg_1000.pth -o /tmp/ckpt-readme/vgg.pth --head classifier.6 --dry-run
     """
     from ..api import strip_head
 
