@@ -10,8 +10,7 @@ and each target from issue 5 with PASS/FAIL.
 Example:
     .venv/bin/python benchmarks/bench.py          # defaults: 16 MiB, 2,000 small tensors, ~1 min
     .venv/bin/python benchmarks/bench.py --size 2GiB --many 20000 --repeat 3 --markdown benchmarks/table.md
-    .venv/bin/python benchmarks/bench.py --size 10GiB --no-baseline --repeat 1 \
-        --ops convert-pth,convert-st,rename
+    .venv/bin/python benchmarks/bench.py --size 10GiB --no-baseline --repeat 1 --ops rename,convert-st
 """
 
 from __future__ import annotations
