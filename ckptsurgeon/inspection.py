@@ -252,7 +252,7 @@ def inspect(
         entries=ckpt.top_level(weights.key),
         metadata=dict(ckpt.metadata),
         notes=list(ckpt.notes),
-        sha256=_sha256_files(ckpt.files or (ckpt.path,)) if with_hash else None,
+        sha256=_sha256_files(ckpt.files or (ckpt.path,), options) if with_hash else None,
     )
 
 
@@ -270,13 +270,22 @@ def _distinct(records: Sequence[TensorRecord]) -> list[TensorRecord]:
     return out
 
 
-def _sha256_files(files: Sequence[Path]) -> str:
-    """SHA-256 of a file (or of the concatenation of shard files, in name order)."""
+def _sha256_files(files: Sequence[Path], options: ReadOptions | None = None) -> str:
+    """SHA-256 of a file (or of the concatenation of shard files, in name order), with a bar on
+    stderr as ``options.progress`` says (default: on a TTY, for big files)."""
     import hashlib  # only for --hash: its OpenSSL module costs ~5 ms of start-up
 
+    from .progress import progress_bar
+
+    names = natural_sorted(os.fspath(f) for f in files)
+    total = sum(os.path.getsize(name) for name in names)
     digest = hashlib.sha256()
-    for file in natural_sorted(os.fspath(f) for f in files):
-        with open(file, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
+    label = f"hashing {Path(names[0]).name if len(names) == 1 else Path(names[0]).parent.name}"
+    with progress_bar(total, options.progress if options else None, label) as bar:
+        for file in names:
+            with open(file, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
+                    if bar is not None:
+                        bar.update(len(chunk))
     return digest.hexdigest()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, BinaryIO
 from .checkpoint import Checkpoint, StateDictCandidate
 from .errors import OutputError, SurgeryError
 from .formats import ReadOptions, open_checkpoint
+from .progress import counting, progress_bar
 from .record import TensorRecord
 from .report import human_bytes
 from .spans import FD_CACHE, kernel_copies
@@ -30,7 +30,6 @@ from .trees import dropped_entries, has_unread_values, rebuilt_tree, records, we
 from .writing import atomic_output, refuse_special_file
 
 PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
-PROGRESS_MIN_BYTES = 256 * 2**20  # show a progress bar (TTY only) from this much data on
 LISTED = 5  # names listed in a note before "..."
 
 
@@ -273,9 +272,9 @@ def _write_single(payload: Any, options: WriteOptions, kind: str) -> Path:
     total = sum(r.nbytes for r in records(payload))
     with (
         atomic_output(out, force=options.force) as fh,
-        _progress(total, options.progress, f"writing {out.name}") as bar,
+        progress_bar(total, options.progress, f"writing {out.name}") as bar,
     ):
-        sink: BinaryIO = _CountingFile(fh, bar) if bar is not None else fh
+        sink = counting(fh, bar)
         # verified outputs may take big archive members by kernel copy: verification checks them;
         # a helper thread reads big spans back for their CRC and starts their writeback meanwhile
         with (
@@ -291,6 +290,8 @@ def _write_single(payload: Any, options: WriteOptions, kind: str) -> Path:
 
                 write_torchzip(payload, sink, archive_name=_archive_name(out))
         fh.flush()
+        if bar is not None:
+            bar.complete()  # the total is an estimate; verification follows
         with _syncing(fh):
             if options.verify:
                 verify_open_file(fh, payload, out)
@@ -344,6 +345,7 @@ def _write_sharded(tensors: dict[str, TensorRecord], options: WriteOptions, fmt:
         force=options.force,
         metadata={"format": "pt"},
         read_back=options.verify,
+        progress=options.progress,
     )
     for f in files:
         FD_CACHE.forget(f)
@@ -370,36 +372,3 @@ def _same_dir(a: Path, b: Path) -> bool:
 def _archive_name(out: Path) -> str:
     stem = out.name.split(".", 1)[0]
     return stem if stem.isidentifier() else "archive"
-
-
-# -- progress ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _progress(total: int, wanted: bool | None, label: str) -> Iterator[Any]:
-    show = wanted if wanted is not None else (sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES)
-    if not show:
-        yield None
-        return
-    import click
-
-    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
-        yield bar
-
-
-class _CountingFile:
-    """A file wrapper that advances a progress bar as bytes are written (everything else delegated)."""
-
-    def __init__(self, fh: BinaryIO, bar: Any) -> None:
-        self._fh = fh
-        self._bar = bar
-
-    def write(self, data: Any) -> int:
-        n = self._fh.write(data)
-        self._bar.update(len(data) if n is None else n)
-        return len(data) if n is None else n
-
-    def advance(self, n: int) -> None:
-        """Count ``n`` bytes written behind the wrapper's back (a kernel copy)."""
-        self._bar.update(n)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._fh, name)

@@ -13,7 +13,7 @@ safetensors reader.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -250,9 +250,8 @@ def _validated(result: FileScan, options: ReadOptions) -> FileScan:
     if result.status != SAFE:
         return result
     try:
-        checkpoint = open_checkpoint(
-            result.path, ReadOptions(allow_globals=options.allow_globals, check=options.check)
-        )
+        # the same options (--check, --allow-global, progress), never full trust
+        checkpoint = open_checkpoint(result.path, replace(options, unsafe=False))
     except ModuleNotFoundError as exc:  # a reader that is not installed
         result.notes.append(f"structure not checked ({exc.name} is missing)")
         return result

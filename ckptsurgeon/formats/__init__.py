@@ -26,11 +26,13 @@ class ReadOptions:
     ``allow_globals``: extra pickle globals the user declared data-only (``--allow-global``).
     ``unsafe``: full pickle trust (``--unsafe-trust-pickle``), which can run code.
     ``check``: verify every CRC and every byte span, not only the structure.
+    ``progress``: a bar on stderr while ``check`` reads a whole file (None: on a TTY, for big files).
     """
 
     allow_globals: frozenset[str] = frozenset()
     unsafe: bool = False
     check: bool = False
+    progress: bool | None = None
 
 
 # format name -> "module:function"

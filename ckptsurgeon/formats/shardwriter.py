@@ -17,6 +17,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from ..errors import CkptError, OutputError
+from ..progress import Bar, counting, progress_bar
 from ..record import TensorRecord
 from ..writing import atomic_output, check_output_path
 from .safetensors import ALIASES_KEY, find_aliases
@@ -101,6 +102,7 @@ def write(
     force: bool = False,
     metadata: Mapping[str, str] | None = None,
     read_back: bool = False,
+    progress: bool | None = None,
 ) -> list[Path]:
     """Write ``tensors`` into ``out_dir`` in Hugging Face's sharded layout; return the paths written.
 
@@ -110,7 +112,8 @@ def write(
     last, so an interrupted write leaves no index. Tied names are stored once (safetensors:
     recorded in the shard's metadata and left out of the weight_map). ``read_back``: checksum each
     big span from the shard as it is written (see :mod:`ckptsurgeon.readback`), for a verification
-    that follows; write-back starts early either way.
+    that follows; write-back starts early either way. ``progress``: one bar on stderr over all
+    shards (default: on a TTY, for big writes; see :mod:`ckptsurgeon.progress`).
 
     Example:
         >>> write(ckpt.weights().tensors, Path("out"), max_shard_bytes=parse_size("5GB"))  # doctest: +SKIP
@@ -132,19 +135,33 @@ def write(
     written: list[Path] = []
     weight_map: dict[str, str] = {}
     try:
-        for file_name, shard in zip(names, shards, strict=True):
-            part = {name: tensors[name] for name in shard}
-            written.append(_write_shard(out_dir / file_name, part, fmt, force, metadata, read_back))
-            stored = part if fmt == "pth" else {n: r for n, r in part.items() if n not in find_aliases(part)}
-            weight_map.update(dict.fromkeys(stored, file_name))
-        if index_path is not None:
-            written.append(_write_index(index_path, tensors, weight_map, force, metadata))
+        with progress_bar(_data_bytes(tensors), progress, f"writing {out_dir.name}") as bar:
+            for file_name, shard in zip(names, shards, strict=True):
+                part = {name: tensors[name] for name in shard}
+                written.append(_write_shard(out_dir / file_name, part, fmt, force, metadata, read_back, bar))
+                weight_map.update(dict.fromkeys(_stored_names(part, fmt), file_name))
+            if index_path is not None:
+                written.append(_write_index(index_path, tensors, weight_map, force, metadata))
     except BaseException:
         _discard(written, out_dir if created else None)
         raise
     if force:
         _discard(_stale_files(out_dir, fmt, written), None)
     return written
+
+
+def _stored_names(part: Mapping[str, TensorRecord], fmt: str) -> list[str]:
+    """The names a shard's weight_map entry lists: all of them, but a safetensors shard's tied ones."""
+    if fmt == "pth":
+        return list(part)
+    aliases = find_aliases(part)
+    return [name for name in part if name not in aliases]
+
+
+def _data_bytes(tensors: Mapping[str, TensorRecord]) -> int:
+    """The tensor bytes a sharded write copies: each tied tensor once (the progress bar's length)."""
+    aliases = find_aliases(tensors)
+    return sum(rec.nbytes for name, rec in tensors.items() if name not in aliases)
 
 
 def _discard(written: list[Path], created_dir: Path | None) -> None:
@@ -209,18 +226,21 @@ def _write_shard(
     force: bool,
     metadata: Mapping[str, str] | None,
     read_back: bool,
+    bar: Bar | None = None,
 ) -> Path:
     from ..readback import reading_back
 
+    # the read-back helper follows the file itself; the writers write through the bar's counter
     with atomic_output(path, force=force) as fh, reading_back(fh, checksum=read_back):
+        sink = counting(fh, bar)
         if fmt == "safetensors":
             from .safetensors import write as write_safetensors
 
-            write_safetensors(part, fh, metadata)
+            write_safetensors(part, sink, metadata)
         else:
             from .torchzip import write as write_torchzip
 
-            write_torchzip(dict(part), fh)
+            write_torchzip(dict(part), sink)
     return path
 
 
@@ -231,8 +251,7 @@ def _write_index(
     force: bool,
     metadata: Mapping[str, str] | None,
 ) -> Path:
-    aliases = find_aliases(tensors)
-    total = sum(rec.nbytes for name, rec in tensors.items() if name not in aliases)
+    total = _data_bytes(tensors)
     extra = {str(k): str(v) for k, v in (metadata or {}).items() if k not in ("total_size", ALIASES_KEY)}
     index = {"metadata": {"total_size": total, **extra}, "weight_map": dict(weight_map)}
     with atomic_output(path, force=force) as fh:

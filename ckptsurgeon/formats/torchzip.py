@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError
 from ..pickles import PickleError
+from ..progress import Bar, progress_bar
 from ..record import (
     CHUNK_SIZE,
     Storage,
@@ -74,7 +75,7 @@ def read(path: Path, options: ReadOptions) -> Checkpoint:
                 else "little"
             )
             if options.check:
-                verify_crcs(zf, path)
+                verify_crcs(zf, path, progress=options.progress)
     if byteorder not in ("little", "big"):
         raise FormatError(f"{path}: unknown byte order {byteorder!r} in the archive; the file is damaged")
     storages = _ZipStorages(path, prefix, infos, byteorder, file_size)
@@ -166,19 +167,33 @@ def _member(zf: zipfile.ZipFile, path: Path, name: str) -> bytes:
         raise FormatError(f"{path}: member {name} cannot be read ({detail}); the file is damaged") from None
 
 
-def verify_crcs(zf: zipfile.ZipFile, path: Path) -> None:
-    """Read every member through zipfile, which checks its CRC-32; name the first bad one."""
-    for info in zf.infolist():
-        try:
-            with zf.open(info) as fh:
-                while fh.read(CHUNK_SIZE):
-                    pass
-        except MEMBER_ERRORS as exc:
-            detail = " ".join(str(exc).split())[:100]
-            raise FormatError(
-                f"{path}: member {info.filename} fails its check ({detail}); "
-                "the file is damaged, fetch it again"
-            ) from None
+def verify_crcs(zf: zipfile.ZipFile, path: Path, *, progress: bool | None = None) -> None:
+    """Read every member through zipfile, which checks its CRC-32; name the first bad one.
+
+    ``progress``: a bar on stderr over the members' bytes (default: on a TTY, for a big file).
+
+    Example:
+        >>> with open_zip(Path("model.pth")) as zf:                    # doctest: +SKIP
+        ...     verify_crcs(zf, Path("model.pth"))
+    """
+    infos = zf.infolist()
+    total = sum(info.file_size for info in infos)
+    with progress_bar(total, progress, f"checking {path.name}") as bar:
+        for info in infos:
+            _verify_member(zf, path, info, bar)
+
+
+def _verify_member(zf: zipfile.ZipFile, path: Path, info: zipfile.ZipInfo, bar: Bar | None) -> None:
+    try:
+        with zf.open(info) as fh:
+            while chunk := fh.read(CHUNK_SIZE):
+                if bar is not None:
+                    bar.update(len(chunk))
+    except MEMBER_ERRORS as exc:
+        detail = " ".join(str(exc).split())[:100]
+        raise FormatError(
+            f"{path}: member {info.filename} fails its check ({detail}); the file is damaged, fetch it again"
+        ) from None
 
 
 class _ZipStorages:
