@@ -109,14 +109,13 @@ def copy_span(path: Path, offset: int, length: int, fh: Any, crc: int | None = 0
     if fh is None and hasher is None and key in _SPAN_CRCS:
         return _SPAN_CRCS[key]
     start = _tell(fh) if fh is not None and length >= KERNEL_COPY_MIN else None
-    written, next_piece = 0, WRITEBACK_PIECE
+    pieces = WritebackPieces(fh, start, length)
+    written = 0
     for chunk in _read_span(fd, path, offset, length):
         if fh is not None:
             fh.write(chunk)
             written += len(chunk)
-            if start is not None and written >= next_piece and written < length:
-                start_writeback(fh, start, length, upto=start + written)
-                next_piece = written + WRITEBACK_PIECE
+            pieces.wrote(written)
         if crc is not None:
             crc = zlib.crc32(chunk, crc)
         if hasher is not None:
@@ -296,6 +295,7 @@ def _copy_file_range(src: int, offset: int, length: int, fh: Any) -> bool:
     except (AttributeError, OSError, ValueError):
         return False
     done = 0
+    pieces = WritebackPieces(fh, pos, length)
     while done < length:
         try:
             n = os.copy_file_range(src, dst, min(length - done, WRITEBACK_PIECE), offset + done, pos + done)
@@ -307,8 +307,7 @@ def _copy_file_range(src: int, offset: int, length: int, fh: Any) -> bool:
         if n == 0:
             raise EOFError(f"file ends at byte {offset + done}, expected {offset + length}")
         done += n
-        if done < length:
-            start_writeback(fh, pos, length, upto=pos + done)
+        pieces.wrote(done)
     fh.seek(pos + length)
     advance = getattr(fh, "advance", None)  # a progress counter around the file
     if advance is not None:
@@ -345,8 +344,29 @@ def start_writeback(fh: Any, offset: int, length: int, *, upto: int | None = Non
     if follower is not None:
         follower.submit(offset, length, end)
     elif not getattr(_LOCAL, "kernel", False):
-        piece = WRITEBACK_PIECE if upto is not None else length
-        sync_range(fd, max(offset, end - piece), end - max(offset, end - piece))
+        sync_range(fd, offset, end - offset)  # pages already on their way to disk are skipped
+
+
+class WritebackPieces:
+    """Hands the span of ``length`` bytes at file offset ``start`` of ``fh`` to
+    :func:`start_writeback` every ``WRITEBACK_PIECE`` bytes while a writer writes it (nothing
+    when ``start`` is None); the writer then calls :func:`start_writeback` for the whole span.
+
+    Example:
+        >>> pieces = WritebackPieces(fh, fh.tell(), nbytes)            # doctest: +SKIP
+        >>> for chunk in chunks:                                       # doctest: +SKIP
+        ...     written += fh.write(chunk); pieces.wrote(written)
+    """
+
+    def __init__(self, fh: Any, start: int | None, length: int) -> None:
+        self.fh, self.start, self.length = fh, start, length
+        self.next = WRITEBACK_PIECE
+
+    def wrote(self, written: int) -> None:
+        """The span's first ``written`` bytes are in the file now."""
+        if self.start is not None and self.next <= written < self.length:
+            start_writeback(self.fh, self.start, self.length, upto=self.start + written)
+            self.next = written + WRITEBACK_PIECE
 
 
 # Output file descriptor -> the helper reading it back while it is written (ckptsurgeon.readback).

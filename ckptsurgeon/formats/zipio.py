@@ -21,8 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
-from .. import spans
-from ..spans import KERNEL_COPY_MIN, start_writeback
+from ..spans import WritebackPieces, start_writeback
 
 _EOCD = struct.Struct("<4sHHHHIIH")  # end of central directory, 22 bytes
 _CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")  # central directory entry, 46 bytes
@@ -209,15 +208,13 @@ class ZipWriter:
         header = self._header(name, nbytes, 0, align)
         self.fh.write(header)
         data_at = header_at + len(header)
-        piece = spans.WRITEBACK_PIECE
-        crc, written, next_piece = 0, 0, piece
+        pieces = WritebackPieces(self.fh, data_at, nbytes)
+        crc, written = 0, 0
         for chunk in chunks:
             self.fh.write(chunk)
             written += len(chunk)
             crc = zlib.crc32(chunk, crc)
-            if next_piece <= written < nbytes and nbytes >= KERNEL_COPY_MIN:  # big members in pieces
-                start_writeback(self.fh, data_at, nbytes, upto=data_at + written)
-                next_piece = written + piece
+            pieces.wrote(written)
         self._check_size(name, written, nbytes)
         self.pos += len(header) + nbytes
         self.fh.seek(header_at + 14)
