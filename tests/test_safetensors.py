@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 import struct
 import subprocess
 import sys
@@ -116,7 +118,10 @@ def test_header_is_padded_and_data_aligned_by_dtype(tmp_path: Path) -> None:
     length, header = header_of(out)
     assert (8 + length) % 8 == 0
     assert header["__metadata__"] == {"source": "test", "format": "pt"}
-    assert list(header)[1:] == list(records)  # header in the given order
+    names = list(header)[1:]
+    starts = [header[n]["data_offsets"][0] for n in names]
+    assert starts == sorted(starts)  # the header lists the tensors in data order
+    assert sorted(names) == sorted(records)
     for name, entry in header.items():
         if name != "__metadata__":
             begin = entry["data_offsets"][0]
@@ -166,7 +171,7 @@ def test_tied_tensors_are_written_once_and_restored(tmp_path: Path) -> None:
     assert json.loads(header["__metadata__"][st.ALIASES_KEY]) == {"lm_head.weight": "wte.weight"}
     assert sorted(safetensors.torch.load_file(out)) == ["ln.bias", "wte.weight"]
     ckpt = open_checkpoint(out)
-    assert list(ckpt.tree) == ["wte.weight", "ln.bias", "lm_head.weight"]
+    assert list(ckpt.tree) == ["ln.bias", "wte.weight", "lm_head.weight"]  # safetensors order, aliases last
     assert ckpt.tree["lm_head.weight"].storage is ckpt.tree["wte.weight"].storage
     assert same_bits(ckpt.tree["lm_head.weight"].to_torch(), weight)
     assert any("lm_head.weight" in note for note in ckpt.notes)
@@ -310,3 +315,35 @@ def test_malformed_header_gives_one_line_and_exit_2(tmp_path: Path, case: str) -
     before = path.read_bytes()
     assert_one_line_error(run_cli("inspect", str(path)), fragment)
     assert path.read_bytes() == before
+
+
+# every dtype both torch and safetensors know, in an order unlike safetensors' own
+_ALL_DTYPES = [
+    torch.float32, torch.bool, torch.uint64, torch.int8, torch.float8_e5m2, torch.bfloat16,
+    torch.complex64, torch.float8_e4m3fn, torch.float8_e8m0fnu, torch.int16, torch.uint16,
+    torch.float16, torch.int32, torch.uint32, torch.uint8, torch.float64, torch.int64,
+]  # fmt: skip
+
+
+def _random_tensors(seed: int) -> dict[str, torch.Tensor]:
+    rng = random.Random(seed)
+    result = {}
+    for _ in range(rng.randint(1, 40)):
+        dtype = rng.choice(_ALL_DTYPES)
+        name = rng.choice(["a", "B", "layer.", "é", "10", "9", "x.y"]) + str(rng.randint(0, 30))
+        shape = [rng.randint(0, 4) for _ in range(rng.randint(0, 3))]
+        numel = math.prod(shape)
+        width = torch.empty(0, dtype=dtype).element_size()
+        raw = torch.randint(0, 2 if dtype == torch.bool else 256, (numel * width,), dtype=torch.uint8)
+        result[name] = raw.view(dtype).reshape(shape)
+    return result
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_output_is_byte_identical_to_safetensors_save_file(tmp_path: Path, seed: int) -> None:
+    tensors = _random_tensors(seed)
+    records = {k: TensorRecord.from_torch(k, v) for k, v in tensors.items()}
+    ours = write_file(tmp_path / "ours.safetensors", records)
+    theirs = tmp_path / "theirs.safetensors"
+    safetensors.torch.save_file(tensors, theirs, metadata={"format": "pt"})
+    assert ours.read_bytes() == theirs.read_bytes()

@@ -326,10 +326,13 @@ def write(
 ) -> None:
     """Stream ``tensors`` into ``fh`` as safetensors, without torch for raw records.
 
-    The header lists tensors in the given order; the data is laid out by element size
-    (largest first, then the given order) so every tensor is aligned to its dtype.
-    ``{"format": "pt"}`` is always in the metadata. Tied tensors (see :func:`find_aliases`)
-    are stored once and the dropped names recorded under :data:`ALIASES_KEY`.
+    The layout is safetensors' own: data sorted by dtype (widest first, in the order of
+    safetensors' dtype list, so every tensor is aligned to its dtype), then by name; the header
+    lists ``__metadata__`` and then the tensors in data order. With the same metadata the file
+    is byte-identical to what ``safetensors.torch.save_file`` writes for the same tensors.
+    ``{"format": "pt"}`` is always in the metadata (Hugging Face's ``save_pretrained`` writes it
+    too). Tied tensors (see :func:`find_aliases`) are stored once and the dropped names recorded
+    under :data:`ALIASES_KEY`.
     Non-contiguous records are written contiguous.
 
     Example:
@@ -340,16 +343,29 @@ def write(
         _check_writable(name, rec)
     aliases = find_aliases(tensors)
     header_meta = _header_metadata(metadata, aliases)
-    kept = [(name, rec) for name, rec in tensors.items() if name not in aliases]
-    layout = sorted(kept, key=lambda item: -DTYPES[item[1].dtype].itemsize)
+    layout = sorted(((name, rec) for name, rec in tensors.items() if name not in aliases), key=_layout_key)
     offsets: dict[str, tuple[int, int]] = {}
     pos = 0
     for name, rec in layout:
         offsets[name] = (pos, pos + rec.nbytes)
         pos += rec.nbytes
-    fh.write(_encode_header(header_meta, kept, offsets))
+    fh.write(_encode_header(header_meta, layout, offsets))
     for name, rec in layout:
         _write_tensor(fh, name, rec)
+
+
+# safetensors' dtypes in its own order ("increasing alignment"); its writer sorts the data by
+# this order, widest first, then by name.
+_SAFETENSORS_DTYPE_ORDER = (
+    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
+    "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64",
+)  # fmt: skip
+_WRITE_ORDER = {code: rank for rank, code in enumerate(_SAFETENSORS_DTYPE_ORDER)}
+
+
+def _layout_key(item: tuple[str, TensorRecord]) -> tuple[int, str]:
+    name, rec = item
+    return (-_WRITE_ORDER[DTYPES[rec.dtype].safetensors], name)  # type: ignore[index]
 
 
 def _check_writable(name: str, rec: TensorRecord) -> None:
