@@ -67,6 +67,10 @@ class Sample:
         return statistics.median(self.walls) if self.walls else None
 
     @property
+    def best(self) -> float | None:
+        return min(self.walls) if self.walls else None
+
+    @property
     def mib(self) -> float | None:
         return statistics.median(self.rss) if self.rss else None
 

@@ -12,7 +12,8 @@ HEADERS = (
     "recipe s",
     "recipe MiB",
     "speed-up",
-    "÷ cp",
+    "÷ cp (median; range)",
+    "÷ best cp",
     "÷ cp+sync",
     "outputs",
     "target",
@@ -43,6 +44,12 @@ class Row:
         return self.ours.wall / self.cp.wall if self.cp is not None else None
 
     @property
+    def vs_best_cp(self) -> float | None:
+        """Against the fastest cp of the run: this VM's page-cache writes are bimodal (the same cp
+        took 0.4 s or 2-4 s here), and a slow cp must not make a row pass."""
+        return self.ours.wall / self.cp.best if self.cp is not None else None
+
+    @property
     def vs_cp_sync(self) -> float | None:
         """Against a durable copy (cp, then fsync): what our fsynced writes compare with."""
         return self.ours.wall / self.cp_sync.wall if self.cp_sync is not None else None
@@ -61,14 +68,18 @@ def check(row: Row) -> tuple[str, bool]:
     if row.target == "listing":
         return "≥10×, no torch" + unchecked, "torch" not in heavy and (speed is None or speed >= 10)
     if row.target == "stream":
-        ok = mib <= 300 and (row.vs_cp is None or row.vs_cp <= 1.25)
-        return "≤1.25× cp, ≤300 MiB", ok
+        ok = mib <= 300 and (row.vs_best_cp is None or row.vs_best_cp <= 1.25)
+        return "≤1.25× best cp, ≤300 MiB", ok
     if row.target == "meta":
         return "≤300 MiB (meta device)", mib <= 300
     if row.target == "many":
         limit = row.startup.wall + 1.0
         return f"≤ start-up {row.startup.wall:.2f} s + 1 s", wall <= limit
     raise ValueError(f"unknown target kind {row.target!r}")
+
+
+def _spread(walls: list[float]) -> str:
+    return f"{min(walls):.2f}–{max(walls):.2f} s"
 
 
 def _num(value: float | None, digits: int = 2) -> str:
@@ -87,7 +98,8 @@ def cells(row: Row) -> list[str]:
         _num(row.base.wall if row.base else None),
         _num(row.base.mib if row.base else None, 0),
         "-" if row.speedup is None else f"{row.speedup:.1f}×",
-        "-" if row.vs_cp is None else f"{row.vs_cp:.2f} ({row.cp.wall:.2f} s)",
+        "-" if row.vs_cp is None else f"{row.vs_cp:.2f} ({row.cp.wall:.2f} s; {_spread(row.cp.walls)})",
+        "-" if row.vs_best_cp is None else f"{row.vs_best_cp:.2f} ({row.cp.best:.2f} s)",
         "-" if row.vs_cp_sync is None else f"{row.vs_cp_sync:.2f} ({row.cp_sync.wall:.2f} s)",
         outputs,
         target,
