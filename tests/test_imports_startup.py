@@ -42,3 +42,22 @@ def test_inspect_safetensors_json_imports_only_what_the_header_needs() -> None:
     new = new_modules("inspect", str(REAL / "hf_gpt2_tiny" / "model.safetensors"), "--format", "json")
     assert "ckptsurgeon.formats.safetensors" in new  # the probe did run the reader
     assert [m for m in NOT_NEEDED if m in new] == []
+
+
+def test_inspect_sharded_folder_imports_no_writer(tmp_path) -> None:
+    import safetensors.torch
+    import torch
+
+    from ckptsurgeon.formats import sharded
+    from ckptsurgeon.record import TensorRecord
+
+    tensors = {f"layer.{i}.weight": torch.full((64,), float(i)) for i in range(6)}
+    sharded.write(
+        {k: TensorRecord.from_torch(k, v) for k, v in tensors.items()}, tmp_path / "m", max_shard_bytes=600
+    )
+    assert len(list((tmp_path / "m").glob("*.safetensors"))) > 1
+    new = new_modules("inspect", str(tmp_path / "m"), "--format", "json")
+    assert "ckptsurgeon.formats.sharded" in new  # the probe did read the folder
+    writer = ("ckptsurgeon.formats.shardwriter", "ckptsurgeon.writing", "tempfile", "decimal")
+    assert [m for m in (*NOT_NEEDED, *writer) if m in new] == []
+    assert safetensors.torch.load_file(next((tmp_path / "m").glob("*.safetensors")))  # a real shard
