@@ -24,7 +24,7 @@ from .formats import ReadOptions, open_checkpoint
 from .progress import counting, progress_bar
 from .record import TensorRecord
 from .report import human_bytes
-from .spans import FD_CACHE, kernel_copies
+from .spans import FD_CACHE, vouched_copies
 from .surgery import Plan
 from .trees import dropped_entries, has_unread_values, rebuilt_tree, records, weights_payload
 from .writing import atomic_output, refuse_special_file
@@ -275,10 +275,10 @@ def _write_single(payload: Any, options: WriteOptions, kind: str) -> Path:
         progress_bar(total, options.progress, f"writing {out.name}") as bar,
     ):
         sink = counting(fh, bar)
-        # verified outputs may take big archive members by kernel copy: verification checks them;
+        # verified outputs may copy big archive members without a CRC pass: verification checks them;
         # a helper thread reads big spans back for their CRC and starts their writeback meanwhile
         with (
-            kernel_copies() if options.verify else contextlib.nullcontext(),
+            vouched_copies() if options.verify else contextlib.nullcontext(),
             reading_back(fh, checksum=options.verify),
         ):
             if kind == "safetensors":

@@ -110,10 +110,6 @@ class CountingFile:
         self._bar.update(done)
         return done
 
-    def advance(self, n: int) -> None:
-        """Count ``n`` bytes written behind the wrapper's back (a kernel copy)."""
-        self._bar.update(n)
-
     def __getattr__(self, name: str) -> Any:
         return getattr(self._fh, name)
 

@@ -17,28 +17,28 @@ from typing import TYPE_CHECKING, Any
 
 from .dtypes import DTYPES, get_dtype
 from .spans import (  # re-exported: the record layer's byte access
+    BIG_SPAN,
     CHUNK_SIZE,
     COPY_CHUNK,
     FD_CACHE,
-    KERNEL_COPY_MIN,
     FileSpan,
     aligned_buffer,
     check_span,
     copy_span,
     expect_crc,
     file_identity,
-    kernel_copies,
     pread_exact,
     recorded_crc,
     span_crcs,
     start_writeback,
+    vouched_copies,
 )
 
 __all__ = [
+    "BIG_SPAN",
     "CHUNK_SIZE",
     "COPY_CHUNK",
     "FD_CACHE",
-    "KERNEL_COPY_MIN",
     "FileSpan",
     "Storage",
     "TensorRecord",
@@ -47,12 +47,12 @@ __all__ = [
     "copy_span",
     "expect_crc",
     "file_identity",
-    "kernel_copies",
     "pread_exact",
     "recorded_crc",
     "span_crcs",
     "start_writeback",
     "tensor_to_bytes",
+    "vouched_copies",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -139,11 +139,11 @@ def test_shard_writer_keeps_its_old_call_and_honours_progress(
     assert capsys.readouterr().err == "writing auto\n"
 
 
-def test_single_file_bar_counts_kernel_copies(
+def test_single_file_bar_counts_vouched_copies(
     tmp_path: Path, counted: list[tuple[int, int]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     src = tmp_path / "big.pth"
-    torch.save({"w": torch.ones(512, 512), "b": torch.ones(3)}, src)  # a 1 MiB member: kernel copy
+    torch.save({"w": torch.ones(512, 512), "b": torch.ones(3)}, src)  # 1 MiB: a vouched copy
     out = tmp_path / "copy.pth"
     write_checkpoint(open_source(src), None, WriteOptions(out, progress=True))
     assert capsys.readouterr().err == "writing copy.pth\n"

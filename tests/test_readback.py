@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from conftest import assert_one_line_error, run_cli
 
 from ckptsurgeon import readback, spans, verify
 
-BIG = (512, 1024)  # 2 MiB of float32: above KERNEL_COPY_MIN, so the helper follows it
+BIG = (512, 1024)  # 2 MiB of float32: above BIG_SPAN, so the helper follows it
 
 
 def big_source(tmp_path: Path, suffix: str) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -65,10 +66,10 @@ def verify_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     real_copy_span = spans.copy_span
     real_verify = verify.verify
 
-    def spy_copy_span(path: Path, offset: int, length: int, fh: object, *args: object) -> int:
+    def spy_copy_span(path: Path, offset: int, length: int, fh: object, *args: Any, **kwargs: Any) -> int:
         if in_verify and fh is None:
             lengths.append(length)
-        return real_copy_span(path, offset, length, fh, *args)  # type: ignore[arg-type]
+        return real_copy_span(path, offset, length, fh, *args, **kwargs)
 
     def spy_verify(*args: object, **kwargs: object) -> None:
         in_verify.append(True)
@@ -118,15 +119,16 @@ def test_bytes_changed_after_the_copy_fail_verification(
     src, _ = big_source(tmp_path, ".pth")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    real = os.copy_file_range
+    real = spans.start_writeback
 
-    def corrupting(src_fd: int, dst_fd: int, count: int, offset_src: int, offset_dst: int) -> int:
-        n = real(src_fd, dst_fd, count, offset_src, offset_dst)
-        byte = os.pread(dst_fd, 1, offset_dst + 100)
-        os.pwrite(dst_fd, bytes([byte[0] ^ 0xFF]), offset_dst + 100)
-        return n
+    def corrupting(fh: Any, offset: int, length: int, *, upto: int | None = None) -> None:
+        if upto is None and length >= spans.BIG_SPAN:  # a whole big span is written: spoil a byte
+            fh.flush()
+            byte = os.pread(fh.fileno(), 1, offset + 100)
+            os.pwrite(fh.fileno(), bytes([byte[0] ^ 0xFF]), offset + 100)
+        real(fh, offset, length, upto=upto)
 
-    monkeypatch.setattr(os, "copy_file_range", corrupting)
+    monkeypatch.setattr(spans, "start_writeback", corrupting)
     result = run_cli("convert", src, "-o", out_dir / "o.safetensors")
     assert_one_line_error(result, "verification failed", "differs from what was written")
     assert list(out_dir.iterdir()) == []
@@ -163,7 +165,7 @@ def test_library_writes_outside_a_follower_are_unchanged(tmp_path: Path) -> None
     assert torch.equal(torch.load(path, weights_only=True)["w"], recs["w"].to_torch())
 
 
-@pytest.mark.parametrize("src_suffix", [".pth", ".safetensors"])  # kernel copy, streamed copy
+@pytest.mark.parametrize("src_suffix", [".pth", ".safetensors"])  # vouched copy, checksummed copy
 @pytest.mark.parametrize("out_suffix", [".pth", ".safetensors"])
 def test_big_spans_go_in_pieces_and_their_crc_is_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, src_suffix: str, out_suffix: str

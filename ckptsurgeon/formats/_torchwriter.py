@@ -3,7 +3,8 @@
 data.pkl is emitted as torch writes it (``_rebuild_tensor_v2`` / ``_v3`` calls on persistent
 storage ids), then one stored, 64-byte aligned member per storage, streamed from where the
 records' bytes lie: small file spans lying close together are read in one call, big ones
-copied by the kernel when their CRC is known, anything else streamed in chunks. Re-exported
+copied without a CRC pass when the source archive vouches for their CRC, anything else
+streamed in chunks and checksummed. Re-exported
 by :mod:`ckptsurgeon.formats.torchzip`.
 """
 
@@ -122,8 +123,8 @@ def _write_member(zw: ZipWriter, name: str, nbytes: int, chunks: Iterable[bytes 
 
 
 def _write_storage(zw: ZipWriter, name: str, nbytes: int, chunks: Iterable[bytes | memoryview]) -> None:
-    """One storage member: a small file span read at once, a big one copied by the kernel when
-    its CRC is known (see :func:`~ckptsurgeon.record.kernel_copies`), anything else streamed."""
+    """One storage member: a small file span read at once, a big one copied without a CRC pass
+    when its CRC is known (see :func:`~ckptsurgeon.record.vouched_copies`), anything else streamed."""
     if not isinstance(chunks, FileSpan):
         zw.add_stream(name, nbytes, chunks)
         return
@@ -131,7 +132,7 @@ def _write_storage(zw: ZipWriter, name: str, nbytes: int, chunks: Iterable[bytes
         data, crc = chunks.read()
         zw.add(name, data, align=True, crc=crc)
         return
-    crc = chunks.kernel_crc()
+    crc = chunks.vouched_crc()
     if crc is not None:
         zw.add_copied(name, nbytes, crc, chunks.copy_to)
         return

@@ -404,7 +404,7 @@ def _encode_header(
 
 
 def _write_tensor(fh: BinaryIO, name: str, rec: TensorRecord) -> None:
-    if rec.is_raw and rec.numel:  # a file span: by the kernel, or through one reused aligned buffer
+    if rec.is_raw and rec.numel:  # a file span, through one reused aligned buffer
         start, length = rec.byte_span
         try:
             FileSpan(rec.storage.path, rec.storage.offset + start, length).copy_to(fh)  # type: ignore[union-attr,arg-type]

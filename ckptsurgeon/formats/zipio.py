@@ -229,7 +229,7 @@ class ZipWriter:
         self, name: str, nbytes: int, crc: int, copy: Callable[[BinaryIO], Any], *, align: bool = True
     ) -> None:
         """A member whose CRC-32 is known before its bytes: the header, then ``copy(fh)`` writes
-        exactly ``nbytes`` (a kernel copy, say)."""
+        exactly ``nbytes`` (a span the source's own CRC vouches for, say)."""
         header = self._header(name, nbytes, crc, align)
         self.fh.write(header)
         copy(self.fh)
