@@ -265,7 +265,7 @@ def _storages_shared(tensors: Mapping[str, TensorRecord]) -> bool:
 
 
 def _write_single(payload: Any, options: WriteOptions, kind: str) -> Path:
-    from .readback import reading_back
+    from .readback import checksumming_sources, reading_back
     from .verify import verify_open_file
 
     out = options.output
@@ -276,10 +276,12 @@ def _write_single(payload: Any, options: WriteOptions, kind: str) -> Path:
     ):
         sink = counting(fh, bar)
         # verified outputs may copy big archive members without a CRC pass: verification checks them;
-        # a helper thread reads big spans back for their CRC and starts their writeback meanwhile
+        # a helper thread reads big spans back for their CRC and starts their writeback meanwhile,
+        # and another checksums big source spans that have no recorded CRC while they are copied
         with (
             vouched_copies() if options.verify else contextlib.nullcontext(),
             reading_back(fh, checksum=options.verify),
+            checksumming_sources(),
         ):
             if kind == "safetensors":
                 from .formats.safetensors import write as write_safetensors

@@ -5,6 +5,7 @@ find nothing big left to do. These tests pin that it is a real check of the outp
 from __future__ import annotations
 
 import os
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -209,3 +210,87 @@ def test_sharded_outputs_are_read_back_too(
     got = open_checkpoint(out).weights().tensors
     for name, tensor in tensors.items():
         assert torch.equal(got[name].to_torch(), tensor)
+
+
+# -- the source helper: big spans with no recorded CRC (a safetensors source) -------------------
+@pytest.fixture
+def source_checked(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Lengths of the source spans the source helper checksummed."""
+    seen: list[int] = []
+    real = readback.SourceCrcs.submit
+
+    def spy(self: readback.SourceCrcs, path: Any, offset: int, length: int) -> Any:
+        seen.append(length)
+        return real(self, path, offset, length)
+
+    monkeypatch.setattr(readback.SourceCrcs, "submit", spy)
+    return seen
+
+
+@pytest.mark.parametrize("verify_flag", [[], ["--no-verify"]])
+@pytest.mark.parametrize("out_suffix", [".pth", ".safetensors"])
+def test_safetensors_source_spans_are_checksummed_beside_the_copy(
+    tmp_path: Path, source_checked: list[int], out_suffix: str, verify_flag: list[str]
+) -> None:
+    src, tensors = big_source(tmp_path, ".safetensors")
+    out = tmp_path / f"out{out_suffix}"
+    result = run_cli("rename", src, "-o", out, "--strip-prefix", "module.", *verify_flag)
+    assert result.exit_code == 0, result.stderr
+    assert source_checked == [4 * BIG[0] * BIG[1]] * 2  # the big ones; the bias streamed checksummed
+    if out_suffix == ".pth":
+        with zipfile.ZipFile(out) as zf:
+            assert zf.testzip() is None  # the CRCs patched in at close are the members' own
+    loaded = load(out)
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name.removeprefix("module.")], tensor)
+    assert spans.SOURCE_CRCS == []
+
+
+def test_a_pth_source_needs_no_source_helper_when_verified(tmp_path: Path, source_checked: list[int]) -> None:
+    src, _ = big_source(tmp_path, ".pth")
+    assert run_cli("convert", src, "-o", tmp_path / "o.safetensors").exit_code == 0
+    assert source_checked == []  # its archive's CRCs vouch for the big members
+
+
+def test_verification_compares_the_output_with_the_source_helpers_crc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the source's bytes the helper read are not the ones copied (the source changed under
+    us, say), verification fails and nothing is written."""
+    src, _ = big_source(tmp_path, ".safetensors")
+    real = spans.copy_span
+
+    def other_bytes(path: Path, offset: int, length: int, fh: Any, *args: Any, **kwargs: Any) -> int:
+        crc = real(path, offset, length, fh, *args, **kwargs)
+        if fh is None and threading.current_thread().name == "ckpt-source-crc":
+            spans._SPAN_CRCS[spans._span_key(spans.FD_CACHE.get(path), offset, length)] = crc ^ 1
+            return crc ^ 1
+        return crc
+
+    monkeypatch.setattr(spans, "copy_span", other_bytes)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = run_cli("convert", src, "-o", out_dir / "o.pth")
+    assert_one_line_error(result, "verification failed")
+    assert list(out_dir.iterdir()) == []
+
+
+def test_a_read_error_in_the_source_helper_is_one_line_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, _ = big_source(tmp_path, ".safetensors")
+    real = spans.copy_span
+
+    def failing(path: Path, offset: int, length: int, fh: Any, *args: Any, **kwargs: Any) -> int:
+        if fh is None and threading.current_thread().name == "ckpt-source-crc":
+            raise OSError(5, "Input/output error")
+        return real(path, offset, length, fh, *args, **kwargs)
+
+    monkeypatch.setattr(spans, "copy_span", failing)
+    for suffix in (".pth", ".safetensors"):
+        out_dir = tmp_path / f"out{suffix}"
+        out_dir.mkdir()
+        result = run_cli("convert", src, "-o", out_dir / f"o{suffix}")
+        assert_one_line_error(result, "Input/output error", "nothing was written")
+        assert list(out_dir.iterdir()) == []
+        assert spans.SOURCE_CRCS == []

@@ -136,6 +136,9 @@ def _write_storage(zw: ZipWriter, name: str, nbytes: int, chunks: Iterable[bytes
     if crc is not None:
         zw.add_copied(name, nbytes, crc, chunks.copy_to)
         return
+    if chunks.checksummed_elsewhere():
+        zw.add_deferred(name, nbytes, chunks.copy_to)  # its CRC comes from a helper, at close
+        return
     chunks.remember_crc(zw.add_stream(name, nbytes, chunks))  # verification need not read it again
 
 

@@ -228,10 +228,15 @@ def _write_shard(
     read_back: bool,
     bar: Bar | None = None,
 ) -> Path:
-    from ..readback import reading_back
+    from ..readback import checksumming_sources, reading_back
 
-    # the read-back helper follows the file itself; the writers write through the bar's counter
-    with atomic_output(path, force=force) as fh, reading_back(fh, checksum=read_back):
+    # the read-back helper follows the file itself; the writers write through the bar's counter;
+    # big source spans with no recorded CRC are checksummed by another helper meanwhile
+    with (
+        atomic_output(path, force=force) as fh,
+        reading_back(fh, checksum=read_back),
+        checksumming_sources(),
+    ):
         sink = counting(fh, bar)
         if fmt == "safetensors":
             from .safetensors import write as write_safetensors

@@ -188,6 +188,7 @@ class ZipWriter:
         self.pos = fh.tell()
         self.start = self.pos
         self.entries: list[tuple[bytes, int, int, int, int]] = []  # name, flags, crc, size, offset
+        self.deferred: list[tuple[int, int, Callable[[], int]]] = []  # entry, header offset, its CRC
 
     def add(
         self, name: str, data: bytes | bytearray | memoryview, *, align: bool = False, crc: int | None = None
@@ -236,6 +237,29 @@ class ZipWriter:
         self.pos += len(header) + nbytes
         self._check_size(name, self.fh.tell() - self.pos + nbytes, nbytes)
 
+    def add_deferred(self, name: str, nbytes: int, copy: Callable[[BinaryIO], Callable[[], int]]) -> None:
+        """A member whose CRC-32 is known only later: the header, then ``copy(fh)`` writes exactly
+        ``nbytes`` and returns a function giving their CRC, called at :meth:`close`, which patches
+        the header (a span a helper thread checksums while it is copied, say)."""
+        header_at = self.pos
+        header = self._header(name, nbytes, 0, True)
+        self.fh.write(header)
+        crc_of = copy(self.fh)
+        self.pos += len(header) + nbytes
+        self._check_size(name, self.fh.tell() - self.pos + nbytes, nbytes)
+        self.deferred.append((len(self.entries) - 1, header_at, crc_of))
+
+    def _patch_deferred(self) -> None:
+        for index, header_at, crc_of in self.deferred:
+            crc = crc_of()
+            self.fh.seek(header_at + 14)
+            self.fh.write(struct.pack("<I", crc))
+            raw, flags, _zero, size, offset = self.entries[index]
+            self.entries[index] = (raw, flags, crc, size, offset)
+        if self.deferred:
+            self.fh.seek(self.pos)
+        self.deferred.clear()
+
     def _check_size(self, name: str, written: int, nbytes: int) -> None:
         if written != nbytes:
             from ..errors import OutputError
@@ -259,7 +283,9 @@ class ZipWriter:
         return header + raw + extra
 
     def close(self) -> None:
-        """Write the central directory and the end records (zip64 ones when needed)."""
+        """Patch the deferred CRCs; write the central directory and the end records (zip64 ones
+        when needed)."""
+        self._patch_deferred()
         parts: list[bytes] = []
         for raw, flags, crc, size, offset in self.entries:
             extra_values = ([size, size] if size > _ZIP64_MEMBER else []) + (
