@@ -150,6 +150,8 @@ class SourceCrcs:
         self._crcs: dict[tuple[Any, int, int], int] = {}
         self._ready = threading.Condition()
         self._error: BaseException | None = None
+        self._fd: int | None = None  # this thread's own descriptor of the file it reads
+        self._path: Any = None
         self._thread = threading.Thread(target=self._run, name="ckpt-source-crc", daemon=True)
         self._thread.start()
 
@@ -176,19 +178,47 @@ class SourceCrcs:
         raise self._error if self._error is not None else RuntimeError(f"no CRC-32 for {key}")
 
     def _run(self) -> None:
-        while (key := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # drain: the writer learns of it from _wait() or finish()
-            try:
-                crc = spans.copy_span(*key, None)  # reads and remembers it (checked if recorded)
-            except BaseException as exc:
-                self._error = exc
-            else:
-                self._crcs[key] = crc
+        try:
+            while (key := self._queue.get()) is not None:
+                if self._error is not None:
+                    continue  # drain: the writer learns of it from _wait() or finish()
+                try:
+                    self._crcs[key] = self._checksum(*key)
+                except BaseException as exc:
+                    self._error = exc
+                with self._ready:
+                    self._ready.notify_all()
+        finally:
+            self._close()
             with self._ready:
                 self._ready.notify_all()
-        with self._ready:
-            self._ready.notify_all()
+
+    def _checksum(self, path: Any, offset: int, length: int) -> int:
+        """Read the span through this thread's own descriptor (the shared descriptor cache may
+        close one while the writer opens another file), CRC it, and remember the CRC under the
+        file's identity, checked against the archive's record if there is one."""
+        if path != self._path:
+            self._close()
+            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._path = path
+        crc = 0
+        try:
+            for chunk in spans.read_fd_span(self._fd, offset, length):
+                crc = zlib.crc32(chunk, crc)
+        except EOFError:
+            from .errors import FormatError
+
+            raise FormatError(
+                f"{path}: the file ends inside a tensor (bytes {offset}-{offset + length}); it is truncated"
+            ) from None
+        st = os.fstat(self._fd)
+        spans.remember_span_crc((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, offset, length), crc)
+        return crc
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd, self._path = None, None
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -258,16 +259,15 @@ def test_verification_compares_the_output_with_the_source_helpers_crc(
     """If the source's bytes the helper read are not the ones copied (the source changed under
     us, say), verification fails and nothing is written."""
     src, _ = big_source(tmp_path, ".safetensors")
-    real = spans.copy_span
+    real = spans.read_fd_span
 
-    def other_bytes(path: Path, offset: int, length: int, fh: Any, *args: Any, **kwargs: Any) -> int:
-        crc = real(path, offset, length, fh, *args, **kwargs)
-        if fh is None and threading.current_thread().name == "ckpt-source-crc":
-            spans._SPAN_CRCS[spans._span_key(spans.FD_CACHE.get(path), offset, length)] = crc ^ 1
-            return crc ^ 1
-        return crc
+    def other_bytes(fd: int, offset: int, length: int) -> Iterator[memoryview]:
+        for i, chunk in enumerate(real(fd, offset, length)):
+            if i == 0 and threading.current_thread().name == "ckpt-source-crc":
+                chunk = memoryview(bytes([chunk[0] ^ 0xFF]) + bytes(chunk[1:]))
+            yield chunk
 
-    monkeypatch.setattr(spans, "copy_span", other_bytes)
+    monkeypatch.setattr(spans, "read_fd_span", other_bytes)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     result = run_cli("convert", src, "-o", out_dir / "o.pth")
@@ -279,14 +279,14 @@ def test_a_read_error_in_the_source_helper_is_one_line_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     src, _ = big_source(tmp_path, ".safetensors")
-    real = spans.copy_span
+    real = spans.read_fd_span
 
-    def failing(path: Path, offset: int, length: int, fh: Any, *args: Any, **kwargs: Any) -> int:
-        if fh is None and threading.current_thread().name == "ckpt-source-crc":
+    def failing(fd: int, offset: int, length: int) -> Iterator[memoryview]:
+        if threading.current_thread().name == "ckpt-source-crc":
             raise OSError(5, "Input/output error")
-        return real(path, offset, length, fh, *args, **kwargs)
+        return real(fd, offset, length)
 
-    monkeypatch.setattr(spans, "copy_span", failing)
+    monkeypatch.setattr(spans, "read_fd_span", failing)
     for suffix in (".pth", ".safetensors"):
         out_dir = tmp_path / f"out{suffix}"
         out_dir.mkdir()
@@ -294,3 +294,66 @@ def test_a_read_error_in_the_source_helper_is_one_line_and_leaves_nothing(
         assert_one_line_error(result, "Input/output error", "nothing was written")
         assert list(out_dir.iterdir()) == []
         assert spans.SOURCE_CRCS == []
+
+
+def test_a_truncated_source_under_the_source_helper_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The helper names the file when its read runs off the end (here only the helper's read
+    does: the writer's copy is left alone)."""
+    src, _ = big_source(tmp_path, ".safetensors")
+    real = spans.read_fd_span
+
+    def short(fd: int, offset: int, length: int) -> Iterator[memoryview]:
+        if threading.current_thread().name == "ckpt-source-crc":
+            return real(fd, offset, length + (1 << 30))  # past the end of the file
+        return real(fd, offset, length)
+
+    monkeypatch.setattr(spans, "read_fd_span", short)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = run_cli("convert", src, "-o", out_dir / "o.pth")
+    assert_one_line_error(result, str(src), "truncated")
+    assert list(out_dir.iterdir()) == []
+
+
+def test_the_source_helper_does_not_use_the_shared_descriptor_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer's descriptor cache closes the oldest file when it opens a new one; the helper,
+    which may lag behind the writer, reads through descriptors of its own."""
+    src, tensors = big_source(tmp_path, ".safetensors")
+    real_get = spans.FD_CACHE.get
+    helper_gets: list[str] = []
+
+    def spy(path: Path) -> int:
+        if threading.current_thread().name == "ckpt-source-crc":
+            helper_gets.append(str(path))
+        return real_get(path)
+
+    monkeypatch.setattr(spans.FD_CACHE, "get", spy)
+    out = tmp_path / "o.pth"
+    assert run_cli("convert", src, "-o", out).exit_code == 0
+    assert helper_gets == []
+    loaded = load(out)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_more_source_shards_than_the_descriptor_cache_holds(tmp_path: Path) -> None:
+    """40 safetensors shards (the cache keeps 32 descriptors) into one verified .pth and back."""
+    from ckptsurgeon.formats import sharded
+    from ckptsurgeon.record import TensorRecord
+
+    gen = torch.Generator().manual_seed(2)
+    tensors = {f"layer.{i:02d}.weight": torch.randn(BIG, generator=gen) for i in range(40)}
+    folder = tmp_path / "shards"
+    records = {k: TensorRecord.from_torch(k, v) for k, v in tensors.items()}
+    sharded.write(records, folder, max_shard_bytes=4 * BIG[0] * BIG[1] + 1)
+    assert len(list(folder.glob("*.safetensors"))) == 40
+    out = tmp_path / "one.pth"
+    result = run_cli("convert", folder, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    with zipfile.ZipFile(out) as zf:
+        assert zf.testzip() is None
+    loaded = load(out)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
