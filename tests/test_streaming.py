@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 
-from ckptsurgeon import record, spans
+from ckptsurgeon import readback, record, spans
 from ckptsurgeon.commands.convert import _rename_rows
 from ckptsurgeon.formats import zipio
 from ckptsurgeon.formats.torchzip import write as write_torchzip
@@ -92,14 +92,14 @@ def test_no_verify_still_checksums_each_big_source_member(
     source helper, against the CRC its archive records) while the writer copies it."""
     src, _ = big_checkpoint(tmp_path)
     checked: list[int] = []
-    real = spans.copy_span
+    real = readback.SourceCrcs._checksum
 
-    def spy(path: Path, offset: int, length: int, fh: Any, crc: int | None = 0, hasher: Any = None) -> int:
-        if fh is None and crc == 0 and Path(path).name == src.name:
+    def spy(self: readback.SourceCrcs, path: Path, offset: int, length: int) -> int:
+        if Path(path).name == src.name:
             checked.append(length)
-        return real(path, offset, length, fh, crc, hasher)
+        return real(self, path, offset, length)
 
-    monkeypatch.setattr(spans, "copy_span", spy)
+    monkeypatch.setattr(readback.SourceCrcs, "_checksum", spy)
     out = tmp_path / "out.safetensors"
     assert run_cli("convert", src, "-o", out, "--no-verify").exit_code == 0
     assert checked == [4 * BIG[0] * BIG[1]] * 2
