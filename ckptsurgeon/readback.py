@@ -163,11 +163,15 @@ class SourceCrcs:
 
     def finish(self) -> None:
         """Wait for every queued span; re-raise the first error."""
+        self.stop()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """Let the helper finish what is queued and end (errors are kept for :meth:`finish`)."""
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
-        if self._error is not None:
-            raise self._error
 
     def _wait(self, key: tuple[Any, int, int]) -> int:
         with self._ready:
@@ -237,5 +241,4 @@ def checksumming_sources() -> Iterator[SourceCrcs]:
         helper.finish()
     finally:
         spans.SOURCE_CRCS.remove(helper)
-        helper._queue.put(None)  # after finish() the thread is gone already
-        helper._thread.join()
+        helper.stop()  # after finish() the thread is gone already

@@ -218,12 +218,9 @@ class ZipWriter:
             pieces.wrote(written)
         self._check_size(name, written, nbytes)
         self.pos += len(header) + nbytes
-        self.fh.seek(header_at + 14)
-        self.fh.write(struct.pack("<I", crc))
+        self._set_crc(len(self.entries) - 1, header_at, crc)
         self.fh.seek(self.pos)
         start_writeback(self.fh, data_at, nbytes)  # the data span, as written
-        raw, flags, _zero, size, offset = self.entries[-1]
-        self.entries[-1] = (raw, flags, crc, size, offset)
         return crc
 
     def add_copied(
@@ -251,14 +248,18 @@ class ZipWriter:
 
     def _patch_deferred(self) -> None:
         for index, header_at, crc_of in self.deferred:
-            crc = crc_of()
-            self.fh.seek(header_at + 14)
-            self.fh.write(struct.pack("<I", crc))
-            raw, flags, _zero, size, offset = self.entries[index]
-            self.entries[index] = (raw, flags, crc, size, offset)
+            self._set_crc(index, header_at, crc_of())
         if self.deferred:
             self.fh.seek(self.pos)
         self.deferred.clear()
+
+    def _set_crc(self, index: int, header_at: int, crc: int) -> None:
+        """Write ``crc`` into the local header at ``header_at`` and into entry ``index`` (the
+        central directory's copy); the file position is left after the header's CRC field."""
+        self.fh.seek(header_at + 14)
+        self.fh.write(struct.pack("<I", crc))
+        raw, flags, _zero, size, offset = self.entries[index]
+        self.entries[index] = (raw, flags, crc, size, offset)
 
     def _check_size(self, name: str, written: int, nbytes: int) -> None:
         if written != nbytes:
