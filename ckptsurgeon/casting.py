@@ -35,6 +35,8 @@ def cast_tensors(tensors: Mapping[str, TensorRecord], dtype: str) -> dict[str, T
         source = DTYPES.get(rec.dtype)
         if source is None or not source.is_floating or rec.dtype == target:
             out[name] = rec
+        elif rec.storage is None and rec.loader is None:
+            out[name] = replace(rec, dtype=target)  # no data (meta): the writer says so, by name
         elif rec.storage is not None and rec.loader is None and _storage_castable(rec):
             storage = cache.get(id(rec.storage))
             if storage is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import signal
 import sys
 from typing import Any
 
@@ -37,6 +38,7 @@ class CkptGroup(click.Group):
     """A click group that turns every expected failure into one line on stderr and exit 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        _committed().clear()
         try:
             return super().invoke(ctx)
         except CkptError as exc:
@@ -47,9 +49,9 @@ class CkptGroup(click.Group):
             raise
         except click.Abort:
             raise
-        except KeyboardInterrupt:
-            click.echo("ckpt: interrupted; no output was written", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            click.echo(f"ckpt: {_interrupted()}", err=True)
+            sys.exit(128 + (exc.signum if isinstance(exc, Terminated) else signal.SIGINT))
         except BrokenPipeError:
             sys.exit(0)
         except MemoryError:
@@ -63,8 +65,39 @@ class CkptGroup(click.Group):
             )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP), raised where the program is, so it unwinds and cleans up as Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    raise Terminated(signum)
+
+
+def _committed() -> list[Any]:
+    """The outputs this command renamed into place (:data:`ckptsurgeon.writing.COMMITTED`), without
+    importing the writer for a command that writes nothing."""
+    writing = sys.modules.get("ckptsurgeon.writing")
+    return writing.COMMITTED if writing is not None else []
+
+
+def _interrupted() -> str:
+    """What an interrupted command leaves: nothing, or the outputs it had already renamed into place."""
+    written = _committed()
+    if not written:
+        return "interrupted; no output was written"
+    more = len(written) - 3
+    shown = ", ".join(str(p) for p in written[:3]) + (f" and {more} more" if more > 0 else "")
+    return f"interrupted after writing {shown} in full (an output is renamed into place only when complete)"
+
+
 def _fail(message: str) -> None:
-    click.echo(f"ckpt: error: {message}", err=True)
+    from .report import printable  # a name quoted in the message may hold a newline: still one line
+
+    click.echo(f"ckpt: error: {printable(message)}", err=True)
     sys.exit(EXIT_ERROR)
 
 
@@ -161,11 +194,29 @@ def main(argv: list[str] | None = None) -> None:
     """
     was_enabled = gc.isenabled()
     gc.disable()
+    handlers = _catch_termination()
     try:
         cli.main(args=argv, prog_name="ckpt", standalone_mode=True)
     except SystemExit:
         raise
     finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
         gc.freeze()
         if was_enabled:
             gc.enable()
+
+
+def _catch_termination() -> dict[int, Any]:
+    """Make SIGTERM and SIGHUP unwind like Ctrl-C (temporary files removed, partial shard sets
+    deleted); return the handlers they replaced. Only in the main thread (signal's rule)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    replaced = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+            replaced[signum] = signal.signal(signum, _terminate)
+    return replaced

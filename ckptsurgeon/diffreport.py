@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .grouping import collapse, natural_key, natural_sorted
-from .report import dump_json, format_shape, render_table
+from .report import dump_json, format_shape, printable, render_table
 
 if TYPE_CHECKING:  # pragma: no cover
     from .match import DiffResult
@@ -165,9 +165,10 @@ def _status_rows(
 
 def _diagnosis(result: DiffResult, md: bool) -> str:
     e = result.explanation
-    lines = [f"**Diagnosis:** {e.message}" if md else f"Diagnosis: {e.message}"]
+    message = printable(e.message)  # it quotes the file's keys and prefixes, which may hold anything
+    lines = [f"**Diagnosis:** {message}" if md else f"Diagnosis: {message}"]
     if e.filter_idiom:
-        lines.append(e.filter_idiom)
+        lines.append(printable(e.filter_idiom))
     proposal = result.diagnosis.proposed_mapping
     if proposal:
         rows = [(s, t) for s, t in sorted(proposal, key=lambda p: natural_key(p[1]))]

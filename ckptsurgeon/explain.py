@@ -11,6 +11,7 @@ from .compare import Comparison, FilterIdiom, ShapeMismatch
 from .diagnosis import Diagnosis
 from .grouping import collapse
 from .prefixes import KNOWN_WRAPPERS
+from .report import printable
 
 FILTER = "{k: v for k, v in sd.items() if k in model_sd}"
 ALARM_FRACTION = 0.1  # below this share of the target loading, the report alarms loudly
@@ -195,8 +196,8 @@ def fix_commands(
     """
     if d.as_saved.ok or d.after.loadable == 0:
         return ()
-    src, tgt = shlex.quote(source), shlex.quote(target_spec or "TARGET")
-    key_opt = f" --key {shlex.quote(key)}" if key else ""
+    src, tgt = shell_quote(source), shell_quote(target_spec or "TARGET")
+    key_opt = f" --key {shell_quote(key)}" if key else ""
     needs_drop = bool(d.after.shape_mismatched or d.after.unexpected)
     if not d.improves and not needs_drop:
         return ()  # only keys the file does not have are missing: no command can add them
@@ -204,10 +205,10 @@ def fix_commands(
     if d.improves:
         if len(d.extra) > MAX_DROP_FLAGS:
             return tuple(commands)  # too many to list by hand: adapt drops them
-        flags = (f" --strip-prefix {shlex.quote(d.transform.strip)}" if d.transform.strip else "") + (
-            f" --add-prefix {shlex.quote(d.transform.add)}" if d.transform.add else ""
+        flags = (f" --strip-prefix {shell_quote(d.transform.strip)}" if d.transform.strip else "") + (
+            f" --add-prefix {shell_quote(d.transform.add)}" if d.transform.add else ""
         )
-        flags = "".join(f" --drop {shlex.quote(name)}" for name in d.extra) + flags
+        flags = "".join(f" --drop {shell_quote(name)}" for name in d.extra) + flags
         renamed = _output(source, "renamed")
         commands.append(f"ckpt rename {src}{key_opt}{flags} -o {renamed}")
         if d.after.shape_mismatched:
@@ -217,11 +218,26 @@ def fix_commands(
     return tuple(commands)
 
 
+def shell_quote(text: str) -> str:
+    """``text`` quoted for bash or zsh: as ``shlex.quote`` does, or, when it holds control
+    characters (a newline, a terminal escape), as ``$'...'`` with those escaped, so a suggested
+    command stays on one line and shows what it holds.
+
+    Example:
+        >>> shell_quote("module."), shell_quote("a b"), shell_quote("x\\n\\x1b[2K'")
+        ('module.', "'a b'", "$'x\\\\n\\\\x1b[2K\\\\''")
+    """
+    if text.isprintable():
+        return shlex.quote(text)
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'")
+    return "$'" + printable(escaped) + "'"
+
+
 def _output(source: str, tag: str) -> str:
     path = Path(source)
     suffix = path.suffix if path.suffix in (".pth", ".pt", ".bin", ".ckpt", ".safetensors") else ".pth"
     stem = path.stem if path.suffix else path.name
-    return shlex.quote(f"{stem}.{tag}{suffix}")  # in the working folder: the source's may be read-only
+    return shell_quote(f"{stem}.{tag}{suffix}")  # in the working folder: the source's may be read-only
 
 
 # -- wording helpers ------------------------------------------------------------------------------

@@ -56,14 +56,35 @@ def format_shape(shape: Sequence[int] | None) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+# Control characters (C0, DEL, C1): a tensor name holding a newline or a terminal escape must not
+# forge lines in a report or drive the terminal. Shown escaped instead, as Python writes them.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, for a report meant for a terminal.
+
+    Example:
+        >>> printable("w\\nFix: run this\\x1b[2K")
+        'w\\\\nFix: run this\\\\x1b[2K'
+    """
+    return text.translate(_CONTROL) if not text.isprintable() else text
+
+
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str = "table") -> str:
-    """A table in the style for ``fmt`` ("table" or "markdown"); empty string for no rows."""
+    """A table in the style for ``fmt`` ("table" or "markdown"); empty string for no rows.
+    Control characters in cells are shown escaped (:func:`printable`)."""
     if not rows:
         return ""
     from tabulate import tabulate
 
+    cells = [[printable(c) if isinstance(c, str) else c for c in row] for row in rows]
     return tabulate(
-        rows, headers=list(headers), tablefmt=TABLE_STYLES.get(fmt, "simple"), disable_numparse=True
+        cells, headers=list(headers), tablefmt=TABLE_STYLES.get(fmt, "simple"), disable_numparse=True
     )
 
 
@@ -79,7 +100,7 @@ def render_fields(pairs: Sequence[tuple[str, str]], fmt: str = "table") -> str:
         rows = [(k, str(v).replace("|", "\\|")) for k, v in pairs]
         return render_table(("field", "value"), rows, fmt)
     width = max((len(k) for k, _ in pairs), default=0)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in pairs)
+    return "\n".join(f"{k.ljust(width)}  {printable(str(v))}" for k, v in pairs)
 
 
 def dump_json(data: Any) -> str:

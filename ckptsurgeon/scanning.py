@@ -26,9 +26,10 @@ from .formats import (
     detect,
     open_checkpoint,
 )
-from .formats.torchzip import MEMBER_ERRORS, open_zip
+from .formats.torchzip import open_zip, read_member
 from .globalscan import PickleGlobals, scan_globals
 from .pickles import PickleError
+from .report import printable
 from .safety import UNSAFE, GlobalVerdict, classify, is_pickled_model
 
 SAFE, UNREADABLE = "safe", "unreadable"
@@ -176,13 +177,9 @@ def _scan_zip(path: Path, options: ReadOptions) -> FileScan:
             (n for n in names if n.endswith(".pkl")), key=lambda n: (not n.endswith("data.pkl"), n)
         )
         try:
-            found = {name: scan_globals(zf.read(name)) for name in pickles}
+            found = {name: scan_globals(read_member(zf, path, name)) for name in pickles}
         except PickleError as exc:
             raise FormatError(f"{path}: {exc}; the file is damaged") from None
-        except MEMBER_ERRORS as exc:
-            raise FormatError(
-                f"{path}: a truncated or damaged zip archive ({exc.__class__.__name__})"
-            ) from None
     main = found.pop(pickles[0])
     result = _classified(path, fmt, [main], options)
     for name, other in found.items():
@@ -275,12 +272,14 @@ def render_table(result: ScanResult) -> str:
 
 def _render_file(file: FileScan) -> str:
     status = file.status.upper() if file.status != SAFE else SAFE
-    lines = [f"{file.path}: {file.format}, {status}"]
+    # a hostile pickle's global names may hold newlines or terminal escapes: shown escaped
+    lines = [f"{printable(str(file.path))}: {file.format}, {status}"]
     if file.error:
-        lines.append(f"  error: {file.error}")
-    width = max((len(g.name) for g in file.globals), default=0)
-    lines.extend(f"  {g.kind:<6}  {g.name:<{width}}  {g.why}" for g in file.globals)
-    lines.extend(f"  note: {n}" for n in file.notes)
+        lines.append(f"  error: {printable(file.error)}")
+    names = [printable(g.name) for g in file.globals]
+    width = max((len(n) for n in names), default=0)
+    lines.extend(f"  {g.kind:<6}  {n:<{width}}  {g.why}" for g, n in zip(file.globals, names, strict=True))
+    lines.extend(f"  note: {printable(n)}" for n in file.notes)
     return "\n".join(lines)
 
 
@@ -293,7 +292,7 @@ def _verdict(result: ScanResult) -> str:
         bad = [n for f in result.files for n in f.unsafe_globals]
         return (
             f"verdict: UNSAFE: loading with pickle or torch.load(weights_only=False) can run code "
-            f"({', '.join(dict.fromkeys(bad))}); do not load it unless you trust its source"
+            f"({', '.join(dict.fromkeys(map(printable, bad)))}); do not load it unless you trust its source"
         )
     unreadable = [str(f.path) for f in result.files if f.status == UNREADABLE]
-    return f"verdict: unreadable: {', '.join(unreadable)} could not be read"
+    return f"verdict: unreadable: {printable(', '.join(unreadable))} could not be read"

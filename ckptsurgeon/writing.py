@@ -17,6 +17,9 @@ from typing import BinaryIO
 
 from .errors import OutputError
 
+# Outputs renamed into place by this process, in order (what an interrupted command did write).
+COMMITTED: list[Path] = []
+
 
 def check_output_path(path: Path, *, force: bool) -> None:
     """Refuse an existing output without ``force``, a directory, or a missing parent folder."""
@@ -71,6 +74,7 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool = False) -> Itera
             raise OutputError(f"{path}: appeared while writing; pass --force to overwrite it")
         os.replace(tmp_name, path)
         tmp_name = None
+        COMMITTED.append(path)
         _fsync_dir(parent)
     except OSError as exc:
         raise OutputError(_os_error_message(path, exc)) from None

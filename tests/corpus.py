@@ -83,6 +83,15 @@ def state_dict_pickle(*entries: tuple[str, bytes], proto: int = 2) -> bytes:
     return b"\x80" + bytes([proto]) + b"}" + body + b"."
 
 
+def shared_containers_pickle(levels: int, leaf: bytes) -> bytes:
+    """``x = {"t": leaf}``, then ``levels`` times ``x = {"a": x, "b": x}``: a few hundred bytes
+    that hold 2**levels paths (each dict is memoized, popped, and fetched twice by the next)."""
+    out = b"\x80\x02}" + s("t") + leaf + b"sq\x000"
+    for i in range(levels):
+        out += b"}(" + s("a") + b"h" + bytes([i]) + s("b") + b"h" + bytes([i]) + b"uq" + bytes([i + 1]) + b"0"
+    return out + b"h" + bytes([levels]) + b"."
+
+
 def tensor_expr(
     key: str = "0",
     numel: int = 4,
@@ -317,6 +326,15 @@ def _torch_zip(b: _Builder) -> None:
     }
     for name, data in zips.items():
         b.add(name, data, "torch-zip")
+    # a DAG: 2**40 paths to the same tensor, or to a plain value beside a real state dict (a walk
+    # by paths would never end: run in a subprocess with a timeout)
+    shared = shared_containers_pickle(40, n(1))[2:-1]
+    metadata = b"\x80\x02}" + s("w") + tensor_expr() + b"s" + s("hparams") + shared + b"s."
+    for name, data in (
+        ("zip_pkl_shared_containers", torch_zip_bytes(shared_containers_pickle(40, tensor_expr()))),
+        ("zip_pkl_shared_metadata", torch_zip_bytes(metadata)),
+    ):
+        b.add(name, data, "torch-zip", fragment="reuses the same containers", may_hang=True)
     for name, field, value in (
         ("version_needed_99", 6, 99),
         ("encrypted_flag", 8, 1),
@@ -324,6 +342,8 @@ def _torch_zip(b: _Builder) -> None:
     ):
         b.add(f"zip_data_pkl_{name}", _patch_headers(good, "data.pkl", field, value), "torch-zip")
     b.add("zip_data_pkl_deflate_corrupt", _deflated_corrupt(), "torch-zip")
+    b.add("zip_data_pkl_bomb", _deflate_bomb("data.pkl"), "torch-zip", fragment="zip bomb")
+    b.add("zip_storage_bomb", _deflate_bomb("data/0"), "torch-zip", fragment="zip bomb")
 
 
 def _patch_headers(data: bytes, member: str, cd_field: int, value: int) -> bytes:
@@ -352,6 +372,24 @@ def _deflated_corrupt() -> bytes:
     start = 30 + len("archive/data.pkl")
     data[start + 2 : start + 8] = b"\xff" * 6
     return bytes(data)
+
+
+def _deflate_bomb(member: str) -> bytes:
+    """A valid state dict whose ``member`` is deflated and inflates to 32 MiB (~32 KiB on disk).
+    data.pkl: a pickle that stops after 5 bytes, then zeros; data/0: the storage, then zeros."""
+    import io
+
+    buf = io.BytesIO()
+    padding = bytes(32 << 20)
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in (("data.pkl", VALID_PKL), ("data/0", bytes(16))):
+            deflate = name == member
+            zf.writestr(
+                f"archive/{name}",
+                data + padding if deflate else data,
+                compress_type=zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED,
+            )
+    return buf.getvalue()
 
 
 def torch_zip_bytes(pickle_bytes: bytes | None, storages: dict[str, bytes] | None = None) -> bytes:

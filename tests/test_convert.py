@@ -119,6 +119,22 @@ def test_cast_to_safetensors(tmp_path: Path) -> None:
     assert ckpt.weights().tensors["i64"].dtype == "int64"
 
 
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("cast", [[], ["--dtype", "fp16"]])
+def test_a_tensor_saved_on_the_meta_device_is_named_not_an_internal_error(
+    tmp_path: Path, suffix: str, cast: list[str]
+) -> None:
+    """torch.save keeps no data for a meta tensor: every write path says which tensor, in one line."""
+    src = tmp_path / "meta.pth"
+    torch.save({"w": torch.ones(2), "n": torch.empty(3, device="meta")}, src)
+    before = sha256(src)
+    out = tmp_path / "out" / f"o{suffix}"
+    out.parent.mkdir()
+    assert_one_line_error(run_cli("convert", src, "-o", out, *cast), "n", "meta device")
+    assert list(out.parent.iterdir()) == []
+    assert sha256(src) == before
+
+
 def test_lightning_rewrite_keeps_every_non_tensor_entry(tmp_path: Path) -> None:
     src = REAL / "lightning_tinynet.ckpt"
     out = tmp_path / "renamed.ckpt"

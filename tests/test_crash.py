@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-# Runs the CLI with a writer that announces (marker file) and then stalls once LIMIT bytes are out.
+# Runs the CLI with a writer that announces (marker file) and then stalls once LIMIT bytes are out
+# (counted over all the files it writes).
 SLOW_WRITER = """
 import sys, time
 import ckptsurgeon.writing as writing
@@ -26,12 +27,13 @@ marker, limit = sys.argv[1], int(sys.argv[2])
 real_open = writing._open_temp
 
 class Stalling:
+    written = 0  # over every file the command writes (a sharded output is several)
     def __init__(self, fh):
-        self._fh, self._written = fh, 0
+        self._fh = fh
     def write(self, data):
         n = self._fh.write(data)
-        self._written += len(data)
-        if self._written >= limit:
+        Stalling.written += len(data)
+        if Stalling.written >= limit:
             self._fh.flush()
             open(marker, "w").close()
             time.sleep(600)
@@ -86,7 +88,11 @@ def large_input(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return path, digest(path)
 
 
-def kill_mid_write(args: list[str], marker: Path, limit: int = 96 * 2**20) -> None:
+def kill_mid_write(
+    args: list[str], marker: Path, limit: int = 96 * 2**20, signum: int = signal.SIGKILL
+) -> str:
+    """Run ``ckpt ARGS`` with a writer that stalls after ``limit`` bytes, send ``signum`` there;
+    return what it printed on stderr."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-c", SLOW_WRITER, str(marker), str(limit), *args],
@@ -103,9 +109,12 @@ def kill_mid_write(args: list[str], marker: Path, limit: int = 96 * 2**20) -> No
                 raise AssertionError("the writer never reached the signal point")
             time.sleep(0.05)
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, signum)
         proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    err = proc.stderr.read().decode()  # type: ignore[union-attr]
+    # SIGKILL ends the process where it is; SIGTERM unwinds it like Ctrl-C, exit 128 + 15
+    assert proc.returncode == (-signum if signum == signal.SIGKILL else 128 + signum), err
+    return err
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -150,3 +159,19 @@ def test_two_writers_of_one_output_do_not_corrupt_it(tmp_path: Path) -> None:
     loaded = load_file(str(out))
     assert all(torch.equal(loaded[f"w{i}"], torch.full((256, 256), float(i))) for i in range(8))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "small.pth"]
+
+
+@pytest.mark.parametrize("shards", [False, True])
+def test_sigterm_mid_write_cleans_up_like_ctrl_c(
+    tmp_path: Path, large_input: tuple[Path, str], shards: bool
+) -> None:
+    """A job scheduler's SIGTERM: the temporary file goes, and so do the shards already written."""
+    src, before = large_input
+    out = tmp_path / ("sharded" if shards else "out.pth")
+    split = ["--max-shard-size", "80MB"] if shards else []
+    marker = tmp_path / "marker"
+    # the writer stalls 96 MiB into the output: in the second shard (64 MiB each), the first in place
+    err = kill_mid_write(["convert", str(src), "-o", str(out), *split], marker, signum=signal.SIGTERM)
+    assert err == "ckpt: interrupted; no output was written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["marker"]
+    assert digest(src) == before

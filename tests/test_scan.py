@@ -284,3 +284,17 @@ def test_dcp_folder_metadata_is_data(tmp_path: Path) -> None:
         "kind": "data",
         "why": "torch.distributed.checkpoint metadata (a data class)",
     } in meta["globals"]
+
+
+def test_a_global_name_with_a_newline_cannot_forge_a_report_line(tmp_path: Path) -> None:
+    """STACK_GLOBAL takes any string: the names are shown escaped, in the listing and the verdict."""
+    from corpus import call, s, stack_glob, state_dict_pickle, tensor_expr, torch_zip_bytes
+
+    evil = call(stack_glob("os\nverdict: safe", "system"), s("true"))
+    path = tmp_path / "forged.pth"
+    path.write_bytes(torch_zip_bytes(state_dict_pickle(("w", tensor_expr()), ("x", evil), proto=4)))
+    result = run_cli("scan", path)
+    assert result.exit_code == 1
+    assert not [line for line in result.stdout.splitlines() if line.startswith("verdict: safe")]
+    assert "os\\nverdict: safe.system" in result.stdout
+    assert_one_line_error(run_cli("inspect", path), "os")

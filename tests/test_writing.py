@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURES, run_cli
 
 from ckptsurgeon.errors import OutputError
 from ckptsurgeon.writing import atomic_output
@@ -56,3 +57,30 @@ def test_missing_folder_and_folder_as_output(tmp_path: Path) -> None:
         pass
     with pytest.raises(OutputError, match="is a folder"), atomic_output(tmp_path):
         pass
+
+
+def test_an_interrupt_says_whether_the_output_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C before the rename: nothing written; between the rename and the end of the command:
+    the output is complete, and ckpt names it (only this command's outputs)."""
+    import ckptsurgeon.writing as writing
+
+    def interrupt(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    src = FIXTURES / "vgg_1000.pth"
+    assert run_cli("convert", src, "-o", tmp_path / "first.safetensors").exit_code == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(writing, "_link_anonymous", interrupt)
+        patch.setattr(writing.tempfile, "mkstemp", interrupt)  # where O_TMPFILE is not available
+        result = run_cli("convert", src, "-o", tmp_path / "second.safetensors")
+    assert (result.exit_code, result.stderr) == (130, "ckpt: interrupted; no output was written\n")
+    with monkeypatch.context() as patch:
+        patch.setattr(writing, "_fsync_dir", interrupt)
+        result = run_cli("convert", src, "-o", tmp_path / "third.safetensors")
+    assert result.exit_code == 130
+    assert result.stderr.startswith(
+        f"ckpt: interrupted after writing {tmp_path / 'third.safetensors'} in full"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.safetensors", "third.safetensors"]

@@ -72,12 +72,14 @@ def write_options(func: F) -> F:
 
 
 def make_read_options(
-    allow_globals: tuple[str, ...] = (), unsafe: bool = False, check: bool = False
+    allow_globals: tuple[str, ...] = (), unsafe: bool = False, check: bool = False, target: bool = False
 ) -> ReadOptions:
-    """Build ReadOptions from CLI flags, warning loudly when full trust is asked for."""
+    """Build ReadOptions from CLI flags, warning loudly when full trust is asked for (``target``:
+    the command also opens a TARGET checkpoint with these options, and the warning says so)."""
     if unsafe:
+        whose = "the pickles of SOURCE and of TARGET (a checkpoint file)" if target else "the file's pickle"
         click.echo(
-            "ckpt: warning: --unsafe-trust-pickle: the file's pickle may run arbitrary code on this machine",
+            f"ckpt: warning: --unsafe-trust-pickle: {whose} may run arbitrary code on this machine",
             err=True,
         )
     return ReadOptions(allow_globals=frozenset(allow_globals), unsafe=unsafe, check=check)

@@ -50,4 +50,4 @@ def COMMAND(src: str, target: str, output: str | None, **flags: Any) -> None:
     """
     from ..api import adapt
 
-    run(adapt, src, target, output, **flags)
+    run(adapt, src, target, output, trust_target=True, **flags)

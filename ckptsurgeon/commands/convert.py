@@ -15,6 +15,7 @@ import click
 from ..planreport import _rename_rows as _rename_rows  # re-exported: tests render rows directly
 from ..planreport import plan_json as plan_json
 from ..planreport import render_plan as render_plan
+from ..report import printable
 from ..results import SurgeryResult
 from ._options import make_read_options, output_format, read_options, write_options
 
@@ -61,6 +62,7 @@ def run(
     allow_globals: tuple[str, ...] = (),
     unsafe: bool = False,
     no_verify: bool = False,
+    trust_target: bool = False,
     **kwargs: Any,
 ) -> SurgeryResult:
     """Call a library write function (``ckptsurgeon.convert`` ...) with the CLI's flags; print the result.
@@ -68,7 +70,7 @@ def run(
     Example:
         >>> run(api.convert, "model.pth", "model.safetensors", dry_run=True)   # doctest: +SKIP
     """
-    options = make_read_options(allow_globals, unsafe)
+    options = make_read_options(allow_globals, unsafe, target=trust_target)
     result = func(*args, read_options=options, verify=not no_verify, **kwargs)
     emit(result, output_format, verbose)
     return result
@@ -84,11 +86,11 @@ def emit(result: SurgeryResult, fmt: str = "table", verbose: bool = False) -> No
     if result.weights_key:
         click.echo(f"ckpt: weights from entry {result.weights_key!r}", err=True)
     for note in result.all_notes:
-        click.echo(f"ckpt: note: {note}", err=True)
+        click.echo(f"ckpt: note: {printable(note)}", err=True)
     click.echo(result.render(fmt, verbose))
     alarm = getattr(result, "alarm", None)
     if alarm is not None:
-        click.echo(f"ckpt: warning: {alarm}", err=True)
+        click.echo(f"ckpt: warning: {printable(alarm)}", err=True)
         raise click.exceptions.Exit(1)
 
 

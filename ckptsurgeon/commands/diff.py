@@ -59,7 +59,7 @@ def COMMAND(
     from ..diffreport import render
     from ..match import diff
 
-    options = make_read_options(allow_globals, unsafe)
+    options = make_read_options(allow_globals, unsafe, target=True)
     result = diff(source, target, key=key, read_options=options, target_key=target_key)
     click.echo(render(result, output_format, verbose=verbose), nl=False)
     raise click.exceptions.Exit(0 if result.passes(min_coverage) else 1)

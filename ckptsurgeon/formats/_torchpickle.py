@@ -241,42 +241,74 @@ def blocked_error(data: bytes, path: Path, resolver: DataResolver, start: int, f
     return refusal(path, blocked, model=is_pickled_model(blocked, kinds, strings))
 
 
+# A walk that names entries by their path meets a shared container once per place it appears: a
+# pickle that nests the same container twice at each of 40 levels is 2 KiB on disk and 2**40
+# entries by path. Trees with more than MAX_WALKED entries by path, over SHARING_LIMIT times their
+# distinct entries, are refused (a config dict saved twice is fine; a long list is fine).
+MAX_WALKED = 1_000_000
+SHARING_LIMIT = 100
+
+
 def check_tree(tree: Any, path: Path, problems: dict[int, str]) -> None:
-    """Check every record's span fits its storage; ``problems`` maps id(storage) -> what is wrong."""
-    done: set[int] = set()
+    """Check every record's span fits its storage; ``problems`` maps id(storage) -> what is wrong.
+
+    Also refuses a tree that reuses containers so often that a walk by paths would meet more than
+    ``MAX_WALKED`` entries and ``SHARING_LIMIT`` times its distinct ones (a few KiB can hold 2**40 paths).
+
+    Example:
+        >>> check_tree({"w": TensorRecord("w", "float32", (2,))}, Path("x.pth"), {})
+    """
+    walked: dict[int, tuple[int, int]] = {}  # id(container) -> (entries under it by path, its own slots)
     try:
-        _check(tree, "", path, problems, set(), done)
+        total = _check(tree, "", path, problems, set(), walked)
     except RecursionError:
         raise FormatError(f"{path}: the pickled object is nested too deeply to be a checkpoint") from None
+    distinct = 1 + sum(slots for _, slots in walked.values())  # the root, then each container's slots once
+    if total > MAX_WALKED and total > SHARING_LIMIT * distinct:
+        raise FormatError(
+            f"{path}: the pickled object reuses the same containers so often that it has {total:,} "
+            f"entries by path but only {distinct:,} distinct ones; not a checkpoint"
+        )
 
 
 def _check(
-    node: Any, name: str, path: Path, problems: dict[int, str], active: set[int], done: set[int]
-) -> None:
+    node: Any,
+    name: str,
+    path: Path,
+    problems: dict[int, str],
+    active: set[int],
+    walked: dict[int, tuple[int, int]],
+) -> int:
+    """Check ``node``; return how many entries a walk by paths meets under it (itself included)."""
     if isinstance(node, TensorRecord):
         _check_record(node, name or "<root>", path, problems)
-        return
+        return 1
     if isinstance(node, dict):
         children: Iterable[tuple[Any, Any]] = node.items()
     elif isinstance(node, list | tuple):
         children = enumerate(node)
     else:
-        return
+        return 1
     if id(node) in active:
         raise FormatError(
             f"{path}: the pickled object contains itself (at {name or 'the root'}); not a checkpoint"
         )
-    if id(node) in done:
-        return
+    if id(node) in walked:
+        return walked[id(node)][0]
     active.add(id(node))
+    total = 1
     for key, value in children:
         if type(value) is TensorRecord:  # the common leaf: its name is spelled out only on error
             if value.storage is not None and not _record_fits(value, problems):
                 _check_record(value, _child(name, key), path, problems)
+            total += 1
         elif isinstance(value, TensorRecord | dict | list | tuple):
-            _check(value, _child(name, key), path, problems, active, done)
+            total += _check(value, _child(name, key), path, problems, active, walked)
+        else:
+            total += 1
     active.discard(id(node))
-    done.add(id(node))
+    walked[id(node)] = (total, len(node))
+    return total
 
 
 def _child(name: str, key: Any) -> str:

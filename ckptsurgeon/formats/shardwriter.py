@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import CkptError, OutputError
 from ..progress import Bar, counting, progress_bar
 from ..record import TensorRecord
-from ..writing import atomic_output, check_output_path
+from ..writing import COMMITTED, atomic_output, check_output_path
 from .safetensors import ALIASES_KEY, find_aliases
 
 LAYOUT = {  # fmt -> (single file, shard pattern, index file)
@@ -169,6 +169,8 @@ def _discard(written: list[Path], created_dir: Path | None) -> None:
     for path in written:
         with contextlib.suppress(OSError):
             path.unlink()
+        with contextlib.suppress(ValueError):
+            COMMITTED.remove(path)
     if created_dir is not None:
         with contextlib.suppress(OSError):
             created_dir.rmdir()

@@ -68,9 +68,9 @@ def read(path: Path, options: ReadOptions) -> Checkpoint:
         with open_zip(path) as zf:
             infos = {info.filename: info for info in zf.infolist()}
             prefix = _archive_prefix(path, infos)
-            data = _member(zf, path, prefix + "data.pkl")
+            data = read_member(zf, path, prefix + "data.pkl")
             byteorder = (
-                _member(zf, path, prefix + "byteorder").decode("ascii", "replace").strip()
+                read_member(zf, path, prefix + "byteorder").decode("ascii", "replace").strip()
                 if prefix + "byteorder" in infos
                 else "little"
             )
@@ -157,8 +157,23 @@ MEMBER_ERRORS = (
 )
 
 
-def _member(zf: zipfile.ZipFile, path: Path, name: str) -> bytes:
+# A compressed member (torch.save never compresses; a re-zipped checkpoint may) is inflated whole
+# only when it is small or inflates less than this many times: a 1 MiB data.pkl of zeros can
+# declare 1 GiB.
+INFLATE_LIMIT = 100
+INFLATE_FREE = 16 << 20
+
+
+def read_member(zf: zipfile.ZipFile, path: Path, name: str) -> bytes:
+    """A member's bytes, or a FormatError naming it (missing, damaged, or a zip bomb).
+
+    Example:
+        >>> with open_zip(Path("model.pth")) as zf:                    # doctest: +SKIP
+        ...     read_member(zf, Path("model.pth"), "archive/data.pkl")[:2]
+        b'\\x80\\x02'
+    """
     try:
+        _check_inflation(path, zf.getinfo(name))
         return zf.read(name)
     except KeyError:
         raise FormatError(f"{path}: the archive has no {name}; the file is damaged") from None
@@ -239,6 +254,9 @@ class _ZipStorages:
             problem = f"its storage {name} is missing from the archive; the file is damaged"
         elif info.compress_type != zipfile.ZIP_STORED:
             path, loader = None, lambda p=self.path, n=name: _read_member(p, n)
+            inflation = inflation_problem(info)
+            if inflation:
+                problem = f"its storage {name} {inflation}"
         else:
             offset, size = self._data_offset(info), info.file_size
             if offset + size > self.file_size:
@@ -279,7 +297,35 @@ _LOCAL_START = struct.Struct("<4s22xHH")
 
 def _read_member(path: Path, name: str) -> bytes:
     with zipfile.ZipFile(path) as zf:
+        _check_inflation(path, zf.getinfo(name))
         return zf.read(name)
+
+
+def _check_inflation(path: Path, info: zipfile.ZipInfo) -> None:
+    problem = inflation_problem(info)
+    if problem:
+        raise FormatError(f"{path}: member {info.filename} {problem}")
+
+
+def inflation_problem(info: zipfile.ZipInfo) -> str | None:
+    """What is wrong with a compressed member that would inflate past ``INFLATE_FREE`` bytes and
+    more than ``INFLATE_LIMIT`` times its size on disk (zipfile never returns more than the
+    declared size), or None.
+
+    Example:
+        >>> info = zipfile.ZipInfo("archive/data.pkl")
+        >>> info.compress_type, info.compress_size, info.file_size = zipfile.ZIP_DEFLATED, 1 << 10, 1 << 30
+        >>> inflation_problem(info)
+        'inflates from 1,024 to 1,073,741,824 bytes (over 100 times); a zip bomb, not a checkpoint'
+    """
+    if info.compress_type == zipfile.ZIP_STORED or info.file_size <= INFLATE_FREE:
+        return None
+    if info.file_size <= INFLATE_LIMIT * max(info.compress_size, 1):
+        return None
+    return (
+        f"inflates from {info.compress_size:,} to {info.file_size:,} bytes "
+        f"(over {INFLATE_LIMIT} times); a zip bomb, not a checkpoint"
+    )
 
 
 __all__ = [
@@ -289,6 +335,7 @@ __all__ = [
     "iter_storage",
     "open_zip",
     "read",
+    "read_member",
     "verify_crcs",
     "write",
 ]
