@@ -1,6 +1,6 @@
 """``python -m ckptsurgeon`` runs the ``ckpt`` command line."""
 
-from .cli import main
+from .entry import run
 
 if __name__ == "__main__":
-    main()
+    run()

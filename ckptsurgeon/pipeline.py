@@ -141,6 +141,11 @@ def output_kind(options: WriteOptions) -> str:
         raise OutputError(f"--to {to}: unknown format; use pth or safetensors")
     refuse_special_file(options.output)
     suffix = options.output.suffix.lower()
+    if options.max_shard_size is None and options.output.is_dir():
+        raise OutputError(
+            f"{options.output}: is a folder; name an output file (.pth or .safetensors), "
+            "or pass --max-shard-size to write shards into it"
+        )
     if options.max_shard_size is not None:
         if suffix in PTH_SUFFIXES or suffix == ".safetensors":
             raise OutputError(

@@ -92,6 +92,10 @@ DCP_METADATA_GLOBALS = frozenset(f"torch.distributed.checkpoint.metadata.{n}" fo
 _CODECS = frozenset({"latin1", "latin-1", "iso-8859-1", "utf-8", "utf8", "ascii"})
 
 
+# Why a global that only --allow-global accepts counts as data (ckptsurgeon never calls it).
+ALLOWED_WHY = "declared data-only with --allow-global (kept as a placeholder)"
+
+
 @dataclass(frozen=True)
 class GlobalVerdict:
     """One global a pickle names, its kind (tensor / data / unsafe) and why.
@@ -130,7 +134,7 @@ def classify(name: str, allow_globals: Iterable[str] = ()) -> GlobalVerdict:
     if name in DCP_METADATA_GLOBALS:
         return GlobalVerdict(name, DATA, "torch.distributed.checkpoint metadata (a data class)")
     if name in set(allow_globals):
-        return GlobalVerdict(name, DATA, "declared data-only with --allow-global (kept as a placeholder)")
+        return GlobalVerdict(name, DATA, ALLOWED_WHY)
     return GlobalVerdict(name, UNSAFE, _unsafe_reason(name))
 
 

@@ -30,7 +30,7 @@ from .formats.torchzip import open_zip, read_member
 from .globalscan import PickleGlobals, scan_globals
 from .pickles import PickleError
 from .report import printable
-from .safety import UNSAFE, GlobalVerdict, classify, is_pickled_model
+from .safety import ALLOWED_WHY, UNSAFE, GlobalVerdict, classify, is_pickled_model
 
 SAFE, UNREADABLE = "safe", "unreadable"
 MODEL_NOTE = (
@@ -287,6 +287,15 @@ def _verdict(result: ScanResult) -> str:
     if result.status == SAFE:
         count = len(result.files)
         what = "this file" if count == 1 else f"these {count} files"
+        vouched = list(dict.fromkeys(g.name for f in result.files for g in f.globals if g.why == ALLOWED_WHY))
+        if vouched:  # the user's word, not ours: other loaders would call these
+            names = printable(", ".join(vouched))
+            one = len(vouched) == 1
+            kept, it = ("is kept as a placeholder", "it") if one else ("are kept as placeholders", "them")
+            return (
+                f"verdict: safe only as you declared with --allow-global: {names} {kept} here, "
+                f"but torch.load(weights_only=False) would call {it}; nothing else in {what} can run code"
+            )
         return f"verdict: safe: nothing in {what} can run code when loaded"
     if result.status == UNSAFE:
         bad = [n for f in result.files for n in f.unsafe_globals]

@@ -468,3 +468,13 @@ def test_dcp_placeholder_shows_as_a_plain_description(tmp_path: Path) -> None:
     row = next(line for line in result.stdout.splitlines() if line.startswith("step"))
     assert row.split(None, 4)[4] == "<non-tensor value (DCP bytes entry, not loaded)>"
     assert "'<non-tensor" not in result.stdout
+
+
+def test_an_existing_folder_as_output_is_named_as_a_folder(tmp_path: Path) -> None:
+    """Not "cannot tell the format from the suffix": the output is a folder, and shards could go there."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for extra in ([], ["--to", "pth"]):
+        result = run_cli("convert", FIXTURES / "vgg_1000.pth", "-o", folder, *extra)
+        assert_one_line_error(result, f"{folder}: is a folder", "--max-shard-size")
+    assert list(folder.iterdir()) == []

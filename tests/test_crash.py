@@ -175,3 +175,25 @@ def test_sigterm_mid_write_cleans_up_like_ctrl_c(
     assert err == "ckpt: interrupted; no output was written\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["marker"]
     assert digest(src) == before
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line() -> None:
+    """Ctrl-C during the imports (the first tens of milliseconds) is caught by the entry point."""
+    hook = (
+        "import sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'ckptsurgeon.cli':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "sys.argv = ['ckpt', '--help']\n"
+        "from ckptsurgeon.entry import run\n"
+        "run()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", hook], env=env, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr, done.stdout) == (
+        130,
+        "ckpt: interrupted; no output was written\n",
+        "",
+    )

@@ -192,6 +192,11 @@ def test_data_only_extras_scan_safe_and_allow_global(tmp_path: Path) -> None:
     assert run_cli("scan", custom).exit_code == 1
     allowed = run_cli("scan", custom, "--allow-global", "mylib.Config")
     assert allowed.exit_code == 0 and "data    mylib.Config" in allowed.stdout
+    # the user vouched for it, not ckptsurgeon: the verdict says whose word it is
+    assert allowed.stdout.splitlines()[-1] == (
+        "verdict: safe only as you declared with --allow-global: mylib.Config is kept as a placeholder here, "
+        "but torch.load(weights_only=False) would call it; nothing else in this file can run code"
+    )
 
 
 def test_whole_model_scan_says_so(tmp_path: Path) -> None:
