@@ -15,7 +15,7 @@ import pickletools
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from .pickles import PickleError, fix_name
+from .pickles import PickleError, PickleTruncated, fix_name
 
 
 @dataclass
@@ -58,6 +58,8 @@ def scan_globals(source: bytes | memoryview | BinaryIO, start: int = 0) -> Pickl
             state.step(opcode.name, arg)
     except Exception as exc:  # genops raises ValueError/EOFError/... on damaged input
         detail = " ".join(str(exc).split())[:120] or exc.__class__.__name__
+        if isinstance(exc, EOFError) or detail.startswith(("not enough data", "pickle exhausted")):
+            raise PickleTruncated(f"the pickle is truncated ({detail})") from None
         raise PickleError(f"malformed pickle ({detail})") from None
     state.found.end = stream.tell()
     return state.found

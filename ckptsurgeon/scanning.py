@@ -28,7 +28,7 @@ from .formats import (
 )
 from .formats.torchzip import open_zip, read_member
 from .globalscan import PickleGlobals, scan_globals
-from .pickles import PickleError
+from .pickles import PickleError, PickleTruncated
 from .report import printable
 from .safety import ALLOWED_WHY, UNSAFE, GlobalVerdict, classify, is_pickled_model
 
@@ -198,6 +198,8 @@ def _scan_pickle_file(path: Path, options: ReadOptions) -> FileScan:
             legacy = _first_int(path) == LEGACY_MAGIC_NUMBER
             for _ in range(4 if legacy else 0):  # protocol, sys_info, object, storage keys
                 found.append(scan_globals(fh, found[-1].end))
+        except PickleTruncated as exc:
+            raise FormatError(f"{path}: truncated: {exc}; the download or save did not finish") from None
         except PickleError as exc:
             raise FormatError(f"{path}: {exc}; the file is damaged or truncated") from None
     return _validated(_classified(path, "torch-legacy" if legacy else "pickle", found, options), options)

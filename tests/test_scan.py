@@ -303,3 +303,15 @@ def test_a_global_name_with_a_newline_cannot_forge_a_report_line(tmp_path: Path)
     assert not [line for line in result.stdout.splitlines() if line.startswith("verdict: safe")]
     assert "os\\nverdict: safe.system" in result.stdout
     assert_one_line_error(run_cli("inspect", path), "os")
+
+
+@pytest.mark.parametrize("command", ["inspect", "scan"])
+def test_inspect_and_scan_both_call_a_cut_file_truncated(tmp_path: Path, command: str) -> None:
+    """A legacy torch.save file cut after 13 bytes, a .safetensors cut inside its 8-byte length."""
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(legacy.read_bytes()[:13])
+    st = tmp_path / "cut.safetensors"
+    st.write_bytes(struct.pack("<Q", 64)[:4])
+    for path in (legacy, st):
+        assert_one_line_error(run_cli(command, path), "truncated", "did not finish")

@@ -388,3 +388,22 @@ def test_force_rewrite_removes_the_earlier_set(tmp_path: Path) -> None:
     (out / "notes.txt").write_text("mine")
     write(source, out, max_shard_bytes=10_000_000, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "notes.txt"]
+
+
+def test_a_shard_the_index_does_not_list_is_noted(tmp_path: Path) -> None:
+    """Like from_pretrained, only what the index lists is read; inspect says what it left aside."""
+    out = tmp_path / "sharded"
+    assert (
+        run_cli(
+            "convert", REPO / "fixtures" / "vgg_1000.pth", "-o", out, "--max-shard-size", "20KB"
+        ).exit_code
+        == 0
+    )
+    index = out / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    last = sorted(set(doc["weight_map"].values()))[-1]
+    doc["weight_map"] = {k: v for k, v in doc["weight_map"].items() if v != last}
+    index.write_text(json.dumps(doc))
+    result = run_cli("inspect", out)
+    assert result.exit_code == 0
+    assert f"note: the folder also holds {last}, which {index.name} does not list (not read)" in result.stdout

@@ -157,6 +157,11 @@ def _not_a_checkpoint(path: Path, head: bytes) -> FormatError:
             f"{path}: a tar archive (the torch.save format of PyTorch before 0.4?); "
             "load it with an old PyTorch and save it again"
         )
+    if path.suffix.lower() == ".safetensors" and len(head) < 9:
+        return FormatError(
+            f"{path}: truncated: {len(head)} bytes, shorter than a safetensors file's 8-byte header length "
+            "and header; the download or save did not finish"
+        )
     return FormatError(f"{path}: not a checkpoint (unrecognised content); supported: {SUPPORTED}")
 
 

@@ -118,8 +118,23 @@ def _read_index(index: Path, options: ReadOptions) -> Checkpoint:
         files=files,
         file_size=sum(p.stat().st_size for p in files),
         metadata=_string_metadata(raw.get("metadata")),
-        notes=_notes(index, files, tied, ignored),
+        notes=_notes(index, files, tied, ignored) + _unlisted_note(index, files),
     )
+
+
+def _unlisted_note(index: Path, files: tuple[Path, ...]) -> list[str]:
+    """A note when the index's folder holds more files like its shards than the index lists: a
+    tensor there is not read (what from_pretrained does too), and may be one the index forgot."""
+    suffixes = {p.suffix for p in files}
+    listed = {p.name for p in files}
+    try:
+        names = sorted(n for n in os.listdir(index.parent) if Path(n).suffix in suffixes and n not in listed)
+    except OSError:
+        return []
+    if not names:
+        return []
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return [f"the folder also holds {shown}, which {index.name} does not list (not read)"]
 
 
 def _shard_records(
