@@ -230,6 +230,8 @@ def shell_quote(text: str) -> str:
     if text.isprintable():
         return shlex.quote(text)
     escaped = text.replace("\\", "\\\\").replace("'", "\\'")
+    # bash reads $'\x85' as the byte 0x85; a C1 character is \u0085 (UTF-8 in a UTF-8 locale)
+    escaped = "".join(f"\\u{ord(c):04x}" if 0x80 <= ord(c) < 0xA0 else c for c in escaped)
     return "$'" + printable(escaped) + "'"
 
 

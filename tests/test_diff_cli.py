@@ -336,3 +336,13 @@ def test_control_characters_in_names_cannot_forge_report_lines(tmp_path: Path) -
     done = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert run_cli("diff", tmp_path / "forged.renamed.pth", target).exit_code == 0
+
+
+@pytest.mark.parametrize("text", ["module.", "a b", "it's", "x\n\x1b[2K'\\y", "a\x85b", "nb\u00a0sp"])
+def test_suggested_names_are_quoted_so_bash_reads_them_back_exactly(text: str) -> None:
+    from ckptsurgeon.explain import shell_quote
+
+    quoted = shell_quote(text)
+    assert not [c for c in quoted if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0]  # one line, no escapes
+    done = subprocess.run(["bash", "-c", f"printf %s {quoted}"], capture_output=True, check=True)
+    assert done.stdout.decode("utf-8", "surrogateescape") == text
