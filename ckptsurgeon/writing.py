@@ -75,7 +75,7 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool = False) -> Itera
         os.replace(tmp_name, path)
         tmp_name = None
         COMMITTED.append(path)
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except OSError as exc:
         raise OutputError(_os_error_message(path, exc)) from None
     finally:
@@ -122,7 +122,12 @@ def _linkat_follow(src: str, dst: str) -> int:
     return 0 if result == 0 else ctypes.get_errno()
 
 
-def _fsync_dir(parent: Path) -> None:
+def fsync_dir(parent: Path) -> None:
+    """Make a rename in ``parent`` durable (fsync the folder); errors are ignored (some filesystems refuse).
+
+    Example:
+        >>> fsync_dir(Path("."))
+    """
     with contextlib.suppress(OSError):
         fd = os.open(parent, os.O_RDONLY)
         try:

@@ -197,3 +197,29 @@ def test_ctrl_c_while_the_command_line_loads_is_one_line() -> None:
         "ckpt: interrupted; no output was written\n",
         "",
     )
+
+
+def test_kill_mid_write_of_a_new_sharded_folder_leaves_no_folder_by_that_name(
+    tmp_path: Path, large_input: tuple[Path, str]
+) -> None:
+    """A new folder is filled under a hidden name and renamed whole: kill -9 leaves at most that
+    hidden folder (never a partial set under the output's name)."""
+    src, before = large_input
+    out = tmp_path / "sharded"
+    marker = tmp_path / "marker"
+    kill_mid_write(["convert", str(src), "-o", str(out), "--max-shard-size", "80MB"], marker)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != "marker")
+    assert len(left) == 1 and left[0].startswith(".sharded.") and left[0].endswith(".ckpt-tmp"), left
+    assert not (tmp_path / left[0] / "model.safetensors.index.json").exists()
+    assert digest(src) == before
+
+
+def test_a_new_sharded_folder_gets_the_usual_permissions(tmp_path: Path) -> None:
+    from conftest import FIXTURES, run_cli
+
+    out = tmp_path / "sharded"
+    assert run_cli("convert", FIXTURES / "vgg_1000.pth", "-o", out, "--max-shard-size", "20KB").exit_code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sharded"]

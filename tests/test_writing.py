@@ -77,7 +77,7 @@ def test_an_interrupt_says_whether_the_output_was_written(
         result = run_cli("convert", src, "-o", tmp_path / "second.safetensors")
     assert (result.exit_code, result.stderr) == (130, "ckpt: interrupted; no output was written\n")
     with monkeypatch.context() as patch:
-        patch.setattr(writing, "_fsync_dir", interrupt)
+        patch.setattr(writing, "fsync_dir", interrupt)
         result = run_cli("convert", src, "-o", tmp_path / "third.safetensors")
     assert result.exit_code == 130
     assert result.stderr.startswith(

@@ -2,7 +2,8 @@
 
 :func:`plan_shards` packs tensors greedily under ``--max-shard-size`` (:func:`parse_size`),
 keeping tied names with the tensor they share; :func:`write` writes each shard atomically
-(safetensors or torch zip) and the index last, so an interrupted write leaves no index.
+(safetensors or torch zip) and the index last, so an interrupted write leaves no index; a new
+folder is filled under a hidden name and renamed into place whole.
 The reader is :mod:`ckptsurgeon.formats.sharded`.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from ..errors import CkptError, OutputError
 from ..progress import Bar, counting, progress_bar
 from ..record import TensorRecord
-from ..writing import COMMITTED, atomic_output, check_output_path
+from ..writing import COMMITTED, atomic_output, check_output_path, fsync_dir
 from .safetensors import ALIASES_KEY, find_aliases
 
 LAYOUT = {  # fmt -> (single file, shard pattern, index file)
@@ -124,8 +125,11 @@ def write(
         raise OutputError(f"{out_dir}: unknown shard format {fmt!r}; use one of {', '.join(LAYOUT)}")
     if max_shard_bytes < 1:
         raise SizeError(f"max shard size must be at least one byte, got {max_shard_bytes}")
-    created = not os.path.lexists(out_dir)
-    out_dir = _prepare_folder(Path(out_dir))
+    final = Path(out_dir)
+    created = not os.path.lexists(final)
+    # a new folder is filled under a hidden name beside it and renamed into place whole: even
+    # kill -9 never leaves a partial set under the output's name
+    out_dir = _staging_folder(final) if created else _prepare_folder(final)
     shards = plan_shards(tensors, max_shard_bytes)
     names = _shard_names(fmt, len(shards))
     index_path = out_dir / LAYOUT[fmt][2] if len(shards) > 1 else None
@@ -135,7 +139,7 @@ def write(
     written: list[Path] = []
     weight_map: dict[str, str] = {}
     try:
-        with progress_bar(_data_bytes(tensors), progress, f"writing {out_dir.name}") as bar:
+        with progress_bar(_data_bytes(tensors), progress, f"writing {final.name}") as bar:
             for file_name, shard in zip(names, shards, strict=True):
                 part = {name: tensors[name] for name in shard}
                 written.append(_write_shard(out_dir / file_name, part, fmt, force, metadata, read_back, bar))
@@ -145,9 +149,45 @@ def write(
     except BaseException:
         _discard(written, out_dir if created else None)
         raise
+    if created:
+        return _publish(out_dir, final, written)
     if force:
         _discard(_stale_files(out_dir, fmt, written), None)
     return written
+
+
+def _staging_folder(final: Path) -> Path:
+    """A new, hidden folder beside ``final`` (made with the umask's permissions, as ``final`` would be)."""
+    parent = final.parent if str(final.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{final}: the folder {parent} does not exist")
+    for attempt in range(100):
+        staging = parent / f".{final.name}.{os.getpid()}.{attempt}.ckpt-tmp"
+        try:
+            staging.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OutputError(f"{final}: cannot create a folder beside it ({exc.strerror or exc})") from None
+        return staging
+    raise OutputError(f"{final}: could not create a temporary folder beside it")
+
+
+def _publish(staging: Path, final: Path, written: list[Path]) -> list[Path]:
+    """Rename the filled ``staging`` folder to ``final``; return the files' final paths."""
+    try:
+        os.rename(staging, final)  # replaces nothing but an empty folder that appeared meanwhile
+    except OSError as exc:
+        _discard(written, staging)
+        raise OutputError(
+            f"{final}: appeared while writing ({exc.strerror or exc}); nothing was written"
+        ) from None
+    fsync_dir(final.parent if str(final.parent) else Path("."))
+    for path in written:
+        with contextlib.suppress(ValueError):
+            COMMITTED.remove(path)
+    COMMITTED.append(final)
+    return [final / path.name for path in written]
 
 
 def _stored_names(part: Mapping[str, TensorRecord], fmt: str) -> list[str]:
