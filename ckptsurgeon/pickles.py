@@ -308,10 +308,10 @@ class Unpickler:
             target = self._stack[-1]
             if type(target) is not set:
                 raise PickleError("malformed pickle (ADDITEMS on something that is not a set)")
-            target.update(items)
+            target.update(_flat_keys(items))
         elif op == 0x91:  # FROZENSET
             push_to = self._pop_mark(metastack)
-            self._stack.append(frozenset(push_to))
+            self._stack.append(frozenset(_flat_keys(push_to)))
         elif op == 0x64 or op == 0x6C:  # DICT, LIST
             items = self._pop_mark(metastack)
             if op == 0x6C:
@@ -319,7 +319,7 @@ class Unpickler:
             else:
                 if len(items) % 2:
                     raise ValueError("odd number of items for DICT")
-                self._stack.append(dict(zip(items[::2], items[1::2], strict=True)))
+                self._stack.append(dict(zip(_flat_keys(items[::2]), items[1::2], strict=True)))
         elif op == 0x30:  # POP
             if stack:
                 stack.pop()
@@ -412,8 +412,22 @@ def _as_tuple(args: Any) -> tuple:
     return args
 
 
+_ATOMS = (str, bytes, int, float, bool, complex, type(None))
+
+
+def _flat_keys(keys: Any) -> Any:
+    """``keys`` (dict keys, set members), refused when one is a tuple or frozenset holding another:
+    hashing a container that nests one tuple twice at each of 40 levels takes 2**40 steps (and a
+    checkpoint keys by names and numbers)."""
+    for key in keys:
+        if type(key) in (tuple, frozenset) and not all(type(part) in _ATOMS for part in key):
+            raise PickleError("malformed pickle (a dict key or set member that nests containers)")
+    return keys
+
+
 def _setitems(target: Any, items: list[Any], res: Any) -> None:
     if isinstance(target, dict):
+        _flat_keys(items[::2])
         for i in range(0, len(items), 2):
             target[items[i]] = items[i + 1]
         return

@@ -330,11 +330,16 @@ def _torch_zip(b: _Builder) -> None:
     # by paths would never end: run in a subprocess with a timeout)
     shared = shared_containers_pickle(40, n(1))[2:-1]
     metadata = b"\x80\x02}" + s("w") + tensor_expr() + b"s" + s("hparams") + shared + b"s."
-    for name, data in (
-        ("zip_pkl_shared_containers", torch_zip_bytes(shared_containers_pickle(40, tensor_expr()))),
-        ("zip_pkl_shared_metadata", torch_zip_bytes(metadata)),
+    key = b"K\x01\x85q\x000"  # (1,), memoized, then 40 times (t, t): a 2**40-step hash as a dict key
+    for i in range(40):
+        key += b"h" + bytes([i]) + b"h" + bytes([i]) + b"\x86q" + bytes([i + 1]) + b"0"
+    key_dag = b"\x80\x02" + key + b"}" + s("w") + tensor_expr() + b"sh" + bytes([40]) + n(1) + b"s."
+    for name, data, fragment in (
+        ("zip_pkl_shared_containers", torch_zip_bytes(shared_containers_pickle(40, tensor_expr())), "reuses"),
+        ("zip_pkl_shared_metadata", torch_zip_bytes(metadata), "reuses the same containers"),
+        ("zip_pkl_shared_tuple_key", torch_zip_bytes(key_dag), "a dict key or set member that nests"),
     ):
-        b.add(name, data, "torch-zip", fragment="reuses the same containers", may_hang=True)
+        b.add(name, data, "torch-zip", fragment=fragment, may_hang=True)
     for name, field, value in (
         ("version_needed_99", 6, 99),
         ("encrypted_flag", 8, 1),

@@ -413,3 +413,20 @@ def test_sparse_tensors_are_refused_in_one_line(tmp_path: Path) -> None:
     path = save(tmp_path, {"s": torch.randn(3, 3).to_sparse()})
     with pytest.raises(FormatError, match=r"_rebuild_sparse_tensor.*open it with torch.load$"):
         open_checkpoint(path)
+
+
+def test_a_directory_that_understates_inflation_is_checked_against_the_archive_size() -> None:
+    """A central directory may claim a compressed size of file_size / 99: no member is bigger
+    than the archive, so the ratio is taken against that."""
+    import zipfile
+
+    from ckptsurgeon.formats.torchzip import inflation_problem
+
+    info = zipfile.ZipInfo("archive/data.pkl")
+    info.compress_type, info.file_size = zipfile.ZIP_DEFLATED, 2 << 30
+    info.compress_size = info.file_size // 99  # the lie
+    assert inflation_problem(info) is None  # taken at its word, it passes
+    assert "zip bomb" in (inflation_problem(info, archive_size=2 << 20) or "")
+    info.compress_size = 1 << 20  # an honest 16x
+    info.file_size = 16 << 20
+    assert inflation_problem(info, archive_size=2 << 20) is None

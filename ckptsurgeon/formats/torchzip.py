@@ -178,7 +178,7 @@ def read_member(zf: zipfile.ZipFile, path: Path, name: str) -> bytes:
     except KeyError:
         raise FormatError(f"{path}: the archive has no {name}; the file is damaged") from None
     except MEMBER_ERRORS as exc:
-        detail = " ".join(str(exc).split())[:100]
+        detail = " ".join(str(exc).split())[:100] or exc.__class__.__name__
         raise FormatError(f"{path}: member {name} cannot be read ({detail}); the file is damaged") from None
 
 
@@ -254,7 +254,7 @@ class _ZipStorages:
             problem = f"its storage {name} is missing from the archive; the file is damaged"
         elif info.compress_type != zipfile.ZIP_STORED:
             path, loader = None, lambda p=self.path, n=name: _read_member(p, n)
-            inflation = inflation_problem(info)
+            inflation = inflation_problem(info, self.file_size)
             if inflation:
                 problem = f"its storage {name} {inflation}"
         else:
@@ -302,12 +302,12 @@ def _read_member(path: Path, name: str) -> bytes:
 
 
 def _check_inflation(path: Path, info: zipfile.ZipInfo) -> None:
-    problem = inflation_problem(info)
+    problem = inflation_problem(info, os.path.getsize(path))
     if problem:
         raise FormatError(f"{path}: member {info.filename} {problem}")
 
 
-def inflation_problem(info: zipfile.ZipInfo) -> str | None:
+def inflation_problem(info: zipfile.ZipInfo, archive_size: int | None = None) -> str | None:
     """What is wrong with a compressed member that would inflate past ``INFLATE_FREE`` bytes and
     more than ``INFLATE_LIMIT`` times its size on disk (zipfile never returns more than the
     declared size), or None.
@@ -320,10 +320,12 @@ def inflation_problem(info: zipfile.ZipInfo) -> str | None:
     """
     if info.compress_type == zipfile.ZIP_STORED or info.file_size <= INFLATE_FREE:
         return None
-    if info.file_size <= INFLATE_LIMIT * max(info.compress_size, 1):
+    # the directory's compressed size is the file's word: no member is bigger than the archive
+    packed = info.compress_size if archive_size is None else min(info.compress_size, archive_size)
+    if info.file_size <= INFLATE_LIMIT * max(packed, 1):
         return None
     return (
-        f"inflates from {info.compress_size:,} to {info.file_size:,} bytes "
+        f"inflates from {packed:,} to {info.file_size:,} bytes "
         f"(over {INFLATE_LIMIT} times); a zip bomb, not a checkpoint"
     )
 
