@@ -223,3 +223,26 @@ def test_a_new_sharded_folder_gets_the_usual_permissions(tmp_path: Path) -> None
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sharded"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_an_interrupted_force_rewrite_of_a_sharded_folder_keeps_the_old_set(
+    tmp_path: Path, large_input: tuple[Path, str], signum: int
+) -> None:
+    """--force into an existing set: the new one is staged beside it and moved in only when whole."""
+    src, _ = large_input
+    out = tmp_path / "sharded"
+    first = ["rename", str(src), "-o", str(out), "--strip-prefix", "module.", "--max-shard-size", "80MB"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "ckptsurgeon", *first], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr
+    before = {p.name: digest(p) for p in out.iterdir()}
+    marker = tmp_path / "marker"
+    args = ["convert", str(src), "-o", str(out), "--force", "--max-shard-size", "80MB"]
+    kill_mid_write(args, marker, signum=signum)
+    assert {p.name: digest(p) for p in out.iterdir()} == before
+    left = sorted(p.name for p in tmp_path.iterdir())
+    if signum == signal.SIGTERM:
+        assert left == ["marker", "sharded"]
+    else:  # kill -9: at most the hidden staging folder beside it
+        assert [n for n in left if not n.endswith(".ckpt-tmp")] == ["marker", "sharded"]

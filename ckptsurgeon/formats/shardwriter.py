@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -127,33 +127,66 @@ def write(
         raise SizeError(f"max shard size must be at least one byte, got {max_shard_bytes}")
     final = Path(out_dir)
     created = not os.path.lexists(final)
-    # a new folder is filled under a hidden name beside it and renamed into place whole: even
-    # kill -9 never leaves a partial set under the output's name
-    out_dir = _staging_folder(final) if created else _prepare_folder(final)
+    if not created:
+        _prepare_folder(final)  # an existing folder: refused unless it is one
     shards = plan_shards(tensors, max_shard_bytes)
     names = _shard_names(fmt, len(shards))
-    index_path = out_dir / LAYOUT[fmt][2] if len(shards) > 1 else None
-    for target in [out_dir / n for n in names] + ([index_path] if index_path else []):
-        check_output_path(target, force=force)
-    _remove_stale_index(out_dir / LAYOUT[fmt][2], force)
+    index_name = LAYOUT[fmt][2] if len(shards) > 1 else None
+    if not created:
+        for name in [*names, LAYOUT[fmt][2]]:
+            check_output_path(final / name, force=force)
+    # the set is written into a hidden folder beside the output, then put in place in one step:
+    # an interrupt (even kill -9) never leaves a partial set, nor spoils an existing one, under
+    # the output's name
+    staging = _staging_folder(final)
     written: list[Path] = []
     weight_map: dict[str, str] = {}
     try:
         with progress_bar(_data_bytes(tensors), progress, f"writing {final.name}") as bar:
             for file_name, shard in zip(names, shards, strict=True):
                 part = {name: tensors[name] for name in shard}
-                written.append(_write_shard(out_dir / file_name, part, fmt, force, metadata, read_back, bar))
+                written.append(_write_shard(staging / file_name, part, fmt, force, metadata, read_back, bar))
                 weight_map.update(dict.fromkeys(_stored_names(part, fmt), file_name))
-            if index_path is not None:
-                written.append(_write_index(index_path, tensors, weight_map, force, metadata))
+            if index_name is not None:
+                written.append(_write_index(staging / index_name, tensors, weight_map, force, metadata))
     except BaseException:
-        _discard(written, out_dir if created else None)
+        _discard_staging(staging)
         raise
     if created:
-        return _publish(out_dir, final, written)
-    if force:
-        _discard(_stale_files(out_dir, fmt, written), None)
-    return written
+        return _publish(staging, final, written)
+    return _replace_set(staging, final, fmt, written)
+
+
+def _discard_staging(staging: Path) -> None:
+    """After a failed or interrupted write: remove the hidden folder and all it holds."""
+    import shutil
+
+    shutil.rmtree(staging, ignore_errors=True)
+    COMMITTED[:] = [p for p in COMMITTED if Path(p).parent != staging]
+
+
+def _replace_set(staging: Path, final: Path, fmt: str, written: list[Path]) -> list[Path]:
+    """Move a complete staged set into an existing folder (``--force``): the old index goes first,
+    then the shards, the new index last, then the old set's leftovers; signals wait until done."""
+    with _signals_held():
+        return _move_set(staging, final, fmt, written)
+
+
+def _move_set(staging: Path, final: Path, fmt: str, written: list[Path]) -> list[Path]:
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            (final / LAYOUT[fmt][2]).unlink()
+        moved = [final / path.name for path in written]
+        for path, target in zip(written, moved, strict=True):
+            os.replace(path, target)
+        _discard(_stale_files(final, fmt, moved), None)
+        _discard_staging(staging)
+        fsync_dir(final)
+        COMMITTED.append(final)
+    except OSError as exc:
+        _discard_staging(staging)
+        raise OutputError(f"{final}: could not put the new shards in place ({exc.strerror or exc})") from None
+    return moved
 
 
 def _staging_folder(final: Path) -> Path:
@@ -175,19 +208,35 @@ def _staging_folder(final: Path) -> Path:
 
 def _publish(staging: Path, final: Path, written: list[Path]) -> list[Path]:
     """Rename the filled ``staging`` folder to ``final``; return the files' final paths."""
-    try:
-        os.rename(staging, final)  # replaces nothing but an empty folder that appeared meanwhile
-    except OSError as exc:
-        _discard(written, staging)
-        raise OutputError(
-            f"{final}: appeared while writing ({exc.strerror or exc}); nothing was written"
-        ) from None
-    fsync_dir(final.parent if str(final.parent) else Path("."))
-    for path in written:
-        with contextlib.suppress(ValueError):
-            COMMITTED.remove(path)
-    COMMITTED.append(final)
+    with _signals_held():
+        try:
+            os.rename(staging, final)  # replaces nothing but an empty folder that appeared meanwhile
+        except OSError as exc:
+            _discard_staging(staging)
+            reason = exc.strerror or exc
+            raise OutputError(f"{final}: appeared while writing ({reason}); nothing was written") from None
+        fsync_dir(final.parent if str(final.parent) else Path("."))
+        COMMITTED[:] = [p for p in COMMITTED if Path(p).parent != staging]
+        COMMITTED.append(final)
     return [final / path.name for path in written]
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP (where the platform can) while a set is put in place; they
+    are delivered right after, when the output is whole."""
+    import signal
+
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None:
+        yield
+        return
+    held = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
+    previous = mask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, previous)
 
 
 def _stored_names(part: Mapping[str, TensorRecord], fmt: str) -> list[str]:
@@ -240,18 +289,6 @@ def _prepare_folder(out_dir: Path) -> Path:
         except OSError as exc:
             raise OutputError(f"{out_dir}: cannot create the folder ({exc.strerror or exc})") from None
     return out_dir
-
-
-def _remove_stale_index(index: Path, force: bool) -> None:
-    """An old index must go before any shard is replaced: an interrupted write then leaves no index."""
-    if not os.path.lexists(index):
-        return
-    if not force:
-        raise OutputError(f"{index}: already exists; pass --force to overwrite the sharded checkpoint")
-    try:
-        index.unlink()
-    except OSError as exc:
-        raise OutputError(f"{index}: cannot remove the old index ({exc.strerror or exc})") from None
 
 
 def _shard_names(fmt: str, count: int) -> list[str]:
