@@ -272,6 +272,8 @@ def short_repr(value: Any, limit: int = 60) -> str:
         text = f"dict of {len(value)}"
     elif isinstance(value, list | tuple):
         text = f"{type(value).__name__} of {len(value)}"
+    elif isinstance(value, int) and value.bit_length() > 256:  # repr of a huge int: slow, or refused
+        text = f"int of {value.bit_length():,} bits"
     else:
         text = repr(value)
     text = " ".join(text.split())

@@ -56,13 +56,18 @@ def format_shape(shape: Sequence[int] | None) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-# Control characters (C0, DEL, C1): a tensor name holding a newline or a terminal escape must not
-# forge lines in a report or drive the terminal. Shown escaped instead, as Python writes them.
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
-    ord("\n"): "\\n",
-    ord("\r"): "\\r",
-    ord("\t"): "\\t",
-}
+# Control characters (C0, DEL, C1), line and paragraph separators, bidirectional overrides: a tensor
+# name holding a newline or a terminal escape must not forge lines in a report or drive the terminal.
+# Shown escaped instead, as Python writes them.
+_CONTROL = (
+    {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+    | {c: f"\\u{c:04x}" for c in (0x200E, 0x200F, *range(0x2028, 0x202F), *range(0x2066, 0x206A))}
+    | {
+        ord("\n"): "\\n",
+        ord("\r"): "\\r",
+        ord("\t"): "\\t",
+    }
+)
 
 
 def printable(text: str) -> str:

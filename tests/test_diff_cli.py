@@ -346,3 +346,10 @@ def test_suggested_names_are_quoted_so_bash_reads_them_back_exactly(text: str) -
     assert not [c for c in quoted if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0]  # one line, no escapes
     done = subprocess.run(["bash", "-c", f"printf %s {quoted}"], capture_output=True, check=True)
     assert done.stdout.decode("utf-8", "surrogateescape") == text
+
+
+def test_line_separators_and_bidi_overrides_are_escaped_too() -> None:
+    from ckptsurgeon.report import printable
+
+    assert printable("a\u2028b\u2029c\u202ed\u2066e\x85f") == "a\\u2028b\\u2029c\\u202ed\\u2066e\\x85f"
+    assert printable("plain name.weight é 中") == "plain name.weight é 中"

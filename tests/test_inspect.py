@@ -207,3 +207,13 @@ def test_check_says_what_it_checked(path: Path, said: str) -> None:
     assert result.exit_code == 0, result.stderr
     assert said in result.stdout.splitlines()[-1]
     assert said not in run_cli("inspect", path).stdout
+
+
+def test_a_huge_int_beside_the_weights_is_described_not_printed(tmp_path: Path) -> None:
+    """repr() of an int over 4300 digits raises in Python 3.11+: inspect describes it instead."""
+    path = tmp_path / "big_int.pth"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 1 << 200_000}, path)
+    for args in ([], ["--format", "json"]):
+        result = run_cli("inspect", path, *args)
+        assert result.exit_code == 0, result.stderr
+        assert "int of 200,001 bits" in result.stdout
