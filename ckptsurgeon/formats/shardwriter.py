@@ -127,8 +127,8 @@ def write(
         raise SizeError(f"max shard size must be at least one byte, got {max_shard_bytes}")
     final = Path(out_dir)
     created = not os.path.lexists(final)
-    if not created:
-        _prepare_folder(final)  # an existing folder: refused unless it is one
+    if not created and not final.is_dir():
+        raise OutputError(f"{final}: exists and is not a folder; sharded output needs a folder")
     shards = plan_shards(tensors, max_shard_bytes)
     names = _shard_names(fmt, len(shards))
     index_name = LAYOUT[fmt][2] if len(shards) > 1 else None
@@ -162,6 +162,11 @@ def _discard_staging(staging: Path) -> None:
     import shutil
 
     shutil.rmtree(staging, ignore_errors=True)
+    _forget_staged(staging)
+
+
+def _forget_staged(staging: Path) -> None:
+    """The staged shards are no outputs of their own: the set is (once in place) or nothing is."""
     COMMITTED[:] = [p for p in COMMITTED if Path(p).parent != staging]
 
 
@@ -179,7 +184,7 @@ def _move_set(staging: Path, final: Path, fmt: str, written: list[Path]) -> list
         moved = [final / path.name for path in written]
         for path, target in zip(written, moved, strict=True):
             os.replace(path, target)
-        _discard(_stale_files(final, fmt, moved), None)
+        _discard(_stale_files(final, fmt, moved))
         _discard_staging(staging)
         fsync_dir(final)
         COMMITTED.append(final)
@@ -191,7 +196,7 @@ def _move_set(staging: Path, final: Path, fmt: str, written: list[Path]) -> list
 
 def _staging_folder(final: Path) -> Path:
     """A new, hidden folder beside ``final`` (made with the umask's permissions, as ``final`` would be)."""
-    parent = final.parent if str(final.parent) else Path(".")
+    parent = final.parent  # Path("x").parent is Path(".")
     if not parent.is_dir():
         raise OutputError(f"{final}: the folder {parent} does not exist")
     for attempt in range(100):
@@ -215,8 +220,8 @@ def _publish(staging: Path, final: Path, written: list[Path]) -> list[Path]:
             _discard_staging(staging)
             reason = exc.strerror or exc
             raise OutputError(f"{final}: appeared while writing ({reason}); nothing was written") from None
-        fsync_dir(final.parent if str(final.parent) else Path("."))
-        COMMITTED[:] = [p for p in COMMITTED if Path(p).parent != staging]
+        fsync_dir(final.parent)
+        _forget_staged(staging)
         COMMITTED.append(final)
     return [final / path.name for path in written]
 
@@ -253,16 +258,11 @@ def _data_bytes(tensors: Mapping[str, TensorRecord]) -> int:
     return sum(rec.nbytes for name, rec in tensors.items() if name not in aliases)
 
 
-def _discard(written: list[Path], created_dir: Path | None) -> None:
-    """After a failed write (a full disk, Ctrl-C), remove the shards already written: no partial set."""
-    for path in written:
+def _discard(paths: list[Path]) -> None:
+    """Remove files of an earlier set that the new set does not reuse (after ``--force``)."""
+    for path in paths:
         with contextlib.suppress(OSError):
             path.unlink()
-        with contextlib.suppress(ValueError):
-            COMMITTED.remove(path)
-    if created_dir is not None:
-        with contextlib.suppress(OSError):
-            created_dir.rmdir()
 
 
 def _stale_files(out_dir: Path, fmt: str, written: list[Path]) -> list[Path]:
@@ -276,19 +276,6 @@ def _stale_files(out_dir: Path, fmt: str, written: list[Path]) -> list[Path]:
         for name in os.listdir(out_dir)
         if name not in keep and (name in (single, index) or shard_name.fullmatch(name))
     ]
-
-
-def _prepare_folder(out_dir: Path) -> Path:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"{out_dir}: exists and is not a folder; sharded output needs a folder")
-    if not out_dir.exists():
-        if not out_dir.parent.is_dir():
-            raise OutputError(f"{out_dir}: the folder {out_dir.parent} does not exist")
-        try:
-            out_dir.mkdir()
-        except OSError as exc:
-            raise OutputError(f"{out_dir}: cannot create the folder ({exc.strerror or exc})") from None
-    return out_dir
 
 
 def _shard_names(fmt: str, count: int) -> list[str]:

@@ -178,8 +178,9 @@ def read_member(zf: zipfile.ZipFile, path: Path, name: str) -> bytes:
     except KeyError:
         raise FormatError(f"{path}: the archive has no {name}; the file is damaged") from None
     except MEMBER_ERRORS as exc:
-        detail = " ".join(str(exc).split())[:100] or exc.__class__.__name__
-        raise FormatError(f"{path}: member {name} cannot be read ({detail}); the file is damaged") from None
+        raise FormatError(
+            f"{path}: member {name} cannot be read ({_detail(exc)}); the file is damaged"
+        ) from None
 
 
 def verify_crcs(zf: zipfile.ZipFile, path: Path, *, progress: bool | None = None) -> None:
@@ -199,16 +200,22 @@ def verify_crcs(zf: zipfile.ZipFile, path: Path, *, progress: bool | None = None
 
 
 def _verify_member(zf: zipfile.ZipFile, path: Path, info: zipfile.ZipInfo, bar: Bar | None) -> None:
+    _check_inflation(path, info)
     try:
         with zf.open(info) as fh:
             while chunk := fh.read(CHUNK_SIZE):
                 if bar is not None:
                     bar.update(len(chunk))
     except MEMBER_ERRORS as exc:
-        detail = " ".join(str(exc).split())[:100]
+        detail = _detail(exc)
         raise FormatError(
             f"{path}: member {info.filename} fails its check ({detail}); the file is damaged, fetch it again"
         ) from None
+
+
+def _detail(exc: BaseException) -> str:
+    """An exception's message on one line, at most 100 characters (its class when it has none)."""
+    return " ".join(str(exc).split())[:100] or exc.__class__.__name__
 
 
 class _ZipStorages:
@@ -302,6 +309,8 @@ def _read_member(path: Path, name: str) -> bytes:
 
 
 def _check_inflation(path: Path, info: zipfile.ZipInfo) -> None:
+    if info.compress_type == zipfile.ZIP_STORED:  # as torch.save writes every member: no stat needed
+        return
     problem = inflation_problem(info, os.path.getsize(path))
     if problem:
         raise FormatError(f"{path}: member {info.filename} {problem}")
