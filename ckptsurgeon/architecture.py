@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CkptError, TargetError
-from .target import Target, target_from_module
+from .target import Target, stat_error, target_from_module
 
 OPTIONAL_PACKAGES = {"torchvision": "torchvision", "timm": "timm", "transformers": "transformers"}
 # Modules whose callables run commands or touch files, never a model factory: refused outright.
@@ -283,8 +283,11 @@ def load_python_file(path: Path, spec: str) -> Any:
         >>> load_python_file(Path("fixtures/models.py"), "x").vgg_like     # doctest: +SKIP
         <function vgg_like at ...>
     """
-    if not path.is_file():
-        raise TargetError(f"{spec}: {path}: no such Python file")
+    problem = stat_error(path)
+    if problem is None and not path.is_file():
+        problem = "not a file"
+    if problem is not None:
+        raise TargetError(f"{spec}: {path}: no such Python file ({problem})")
     module_name = f"ckpt_target_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     if module_spec is None or module_spec.loader is None:

@@ -64,13 +64,30 @@ def resolve_target(spec: str, read_options: ReadOptions | None = None, key: str 
             "the target is empty; name a checkpoint or a call such as 'models.py:build(num_classes=2)'"
         )
     path = Path(spec)
-    if "(" not in spec or path.exists():
+    if "(" not in spec or stat_error(path) is None:
         return _from_path(path, read_options, key)
     if key is not None:
         raise TargetError(f"{spec}: --target-key applies to a target checkpoint, not to an architecture")
     from .architecture import build_architecture
 
     return build_architecture(spec)
+
+
+def stat_error(path: Path) -> str | None:
+    """None when ``path`` exists, else why not ("no such file or folder", "File name too long" ...):
+    a call expression longer than a file name may be must not crash the test for a path.
+
+    Example:
+        >>> stat_error(Path(".")), stat_error(Path("no/such")), stat_error(Path("a" * 300))
+        (None, 'no such file or folder', 'File name too long')
+    """
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return "no such file or folder"
+    except OSError as exc:
+        return exc.strerror or exc.__class__.__name__
+    return None
 
 
 def target_from_module(model: Any, description: str = "model", kind: str = "architecture") -> Target:
@@ -118,6 +135,12 @@ def target_from_records(tensors: Mapping[str, TensorRecord], description: str, k
 
 # -- checkpoints and inspect JSON -----------------------------------------------------------------
 def _from_path(path: Path, read_options: ReadOptions | None, key: str | None = None) -> Target:
+    problem = stat_error(path)
+    if problem is not None:
+        raise TargetError(
+            f"{path}: {problem}, and not a call expression such as "
+            "'torchvision.models.resnet50(num_classes=2)' or 'models.py:build(num_classes=2)'"
+        )
     if path.suffix == ".json" and not path.name.endswith(".index.json") and path.is_file():
         document = _read_json(path)
         if isinstance(document, dict) and "tensors" in document:
@@ -128,11 +151,6 @@ def _from_path(path: Path, read_options: ReadOptions | None, key: str | None = N
         )
     from .formats import open_checkpoint
 
-    if not path.exists():
-        raise TargetError(
-            f"{path}: no such file or folder, and not a call expression such as "
-            "'torchvision.models.resnet50(num_classes=2)' or 'models.py:build(num_classes=2)'"
-        )
     candidate = open_checkpoint(path, read_options).weights(key)
     where = f" [{candidate.key}]" if candidate.key else ""
     return target_from_records(candidate.tensors, f"{path}{where}", "checkpoint")
