@@ -3,7 +3,8 @@
 ``matched`` (same name, same shape), ``missing`` (in the target, not in the file),
 ``unexpected`` (in the file, not in the target), ``shape_mismatched`` (same name, other
 shape); dtype differences are information only (``load_state_dict`` casts). A tied alias
-the file stores once (``lm_head.weight`` is ``transformer.wte.weight``) is not missing.
+the file stores once (``lm_head.weight`` is ``transformer.wte.weight``) is not missing, but
+listed in ``tied``: loading with ``strict=True`` still raises on it (status ``"tied"``).
 """
 
 from __future__ import annotations
@@ -85,8 +86,30 @@ class Comparison:
 
     @property
     def ok(self) -> bool:
-        """Loads with strict loading as is: nothing missing, unexpected, or of another shape."""
+        """Loads with ``load_state_dict(strict=True)`` as is: nothing missing, unexpected, or of
+        another shape, and no tied alias left out (strict loading lists those as missing keys)."""
+        return self.complete and not self.tied
+
+    @property
+    def complete(self) -> bool:
+        """Every target tensor gets its value: nothing missing, unexpected, or of another shape, but
+        tied aliases may be left out (loading the tensor they share fills them)."""
         return not (self.missing or self.unexpected or self.shape_mismatched)
+
+    @property
+    def status(self) -> str:
+        """``"ok"`` (loads strictly as is), ``"tied"`` (loads once tied aliases are filled by the
+        tensor they share: ``strict=False``, or Hugging Face's loader, which re-ties) or ``"mismatch"``.
+
+        Example:
+            >>> w = {"w": TensorRecord("w", "float32", (2,))}
+            >>> v = {"v": TensorRecord("v", "float32", (2,))}
+            >>> compare(w, w).status, compare(w, w | v, {"v": "w"}).status, compare({}, w).status
+            ('ok', 'tied', 'mismatch')
+        """
+        if self.ok:
+            return "ok"
+        return "tied" if self.complete else "mismatch"
 
     def counts(self) -> dict[str, int]:
         return {

@@ -40,7 +40,7 @@ def to_json(result: DiffResult) -> dict[str, Any]:
     d, e = result.diagnosis, result.explanation
     mismatched = sorted(result.shape_mismatched, key=lambda m: natural_key(m.name))
     return {
-        "status": "ok" if result.ok else "mismatch",
+        "status": result.comparison.status,
         "headline": result.headline,
         "source": {"path": result.source, "key": result.source_key, "tensors": result.source_count},
         "target": {
@@ -133,7 +133,7 @@ def _rows(result: DiffResult, verbose: bool) -> list[tuple[str, str, str, str]]:
     ]
     if verbose:
         lists.insert(0, ("matched", result.matched))
-        lists.append(("tied", list(result.tied)))
+    lists.append(("tied", list(result.tied)))  # strict loading raises on them: always shown
     rows: list[tuple[str, str, str, str]] = []
     for status, names in lists:
         rows += _status_rows(status, names, verbose, _shapes_of(mismatch))

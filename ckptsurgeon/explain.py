@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +51,13 @@ def _sentences(d: Diagnosis) -> list[str]:
     saved = d.as_saved
     if saved.ok:
         return [f"All {saved.total} target tensors load as is.", *_notes(saved)]
+    if saved.complete:  # only tied aliases left out
+        return [
+            f"All {saved.total} target tensors the file must hold load as is, but it leaves out "
+            f"{len(saved.tied)} tied {_plural(len(saved.tied), 'alias', 'aliases')}, so it does not "
+            "load strictly.",
+            *_notes(saved),
+        ]
     out = [f"As saved: {saved.loadable} of {saved.total} would load."]
     final = saved
     if d.improves:
@@ -129,13 +136,7 @@ def _notes(c: Comparison) -> list[str]:
             "tolerates their absence when the dict carries no version metadata (it fills in 0), "
             "but they are not in the file."
         )
-    for alias, held in c.tied.items():
-        out.append(f"{alias} is tied to {held}, which the file holds: not missing.")
-    if c.tied:
-        out.append(
-            "Loading the held tensor fills its tied aliases too, but load_state_dict(strict=True) "
-            "still lists them as missing keys: load with strict=False (or ckptsurgeon.load_into)."
-        )
+    out += _tied_sentences(c.tied)
     if c.dtype_differences:
         pairs = sorted({(x.source_dtype, x.target_dtype) for x in c.dtype_differences})
         kinds = ", ".join(f"{a} in the file, {b} in the target" for a, b in pairs)
@@ -146,8 +147,25 @@ def _notes(c: Comparison) -> list[str]:
     return out
 
 
+def _tied_sentences(tied: Mapping[str, str]) -> list[str]:
+    """What a tied alias left out of the file means, and the ways that load it."""
+    if not tied:
+        return []
+    out = [
+        f"{alias} is tied to {held} (one parameter), which the file holds." for alias, held in tied.items()
+    ]
+    aliases = _plural(len(tied), "the tied alias", f"the {len(tied)} tied aliases")
+    out.append(
+        f"load_state_dict(strict=True) raises on {aliases} the file leaves out (as missing keys); "
+        "load with strict=False (or ckptsurgeon.load_into): loading the tensor an alias shares fills it, "
+        "as long as the model keeps them tied. Hugging Face models re-tie with tie_weights(), which "
+        "from_pretrained calls on load (it reports nothing missing)."
+    )
+    return out
+
+
 def _filter_sentence(d: Diagnosis) -> str:
-    if d.as_saved.ok:
+    if d.as_saved.complete:
         return ""
     saved = _filter_text(d.filter_as_saved, "keeps")
     if not d.improves:

@@ -34,7 +34,8 @@ class DiffResult:
     """The answer: PyTorch's four lists for the file as saved, and the diagnosis.
 
     ``ok`` is True when the file loads with strict loading as is (a tied alias the file
-    stores once is not missing). ``coverage`` is the percentage of target tensors that load.
+    stores once is not missing, but strict loading raises on it: ``comparison.status`` is then
+    ``"tied"``). ``coverage`` is the percentage of target tensors that load.
 
     Example:
         >>> r = diff({"w": TensorRecord("w", "float32", (2,))}, {"w": TensorRecord("w", "float32", (2,))})

@@ -67,9 +67,16 @@ Target: fixtures/models.py:gpt2_like() (architecture, 29 tensors)
 
 28 of 28 target tensors would load (100%) (28 matched, 0 missing, 0 unexpected, 0 shape-mismatched, 1 tied)
 
-Diagnosis: All 28 target tensors load as is. lm_head.weight is tied to transformer.wte.weight, which the file \
-holds: not missing. Loading the held tensor fills its tied aliases too, but load_state_dict(strict=True) still \
-lists them as missing keys: load with strict=False (or ckptsurgeon.load_into).
+status    count    keys
+--------  -------  --------------
+tied      1        lm_head.weight
+
+Diagnosis: All 28 target tensors the file must hold load as is, but it leaves out 1 tied alias, so it does not \
+load strictly. lm_head.weight is tied to transformer.wte.weight (one parameter), which the file holds. \
+load_state_dict(strict=True) raises on the tied alias the file leaves out (as missing keys); load with \
+strict=False (or ckptsurgeon.load_into): loading the tensor an alias shares fills it, as long as the model keeps \
+them tied. Hugging Face models re-tie with tie_weights(), which from_pretrained calls on load (it reports nothing \
+missing).
 """
 
 
@@ -106,9 +113,10 @@ def test_story_table_exact() -> None:
     assert result.stdout == RESNET_TABLE
 
 
-def test_tied_weights_table_exact_and_exit_0() -> None:
+def test_tied_weights_table_exact_and_exit_1() -> None:
+    """Strict loading raises on the tied alias the file leaves out: status "tied", exit 1 (issue 12)."""
     result = run_cli("diff", "fixtures/real/hf_gpt2_tiny", "fixtures/models.py:gpt2_like()")
-    assert result.exit_code == 0
+    assert result.exit_code == 1
     assert result.stdout == GPT2_TABLE
 
 

@@ -187,7 +187,8 @@ def test_tied_lm_head_is_not_missing() -> None:
     state = load_file(REAL / "hf_gpt2_tiny" / "model.safetensors")
     assert_matches_truth(result, torch_truth(model, state), tied={"lm_head.weight"})
     assert result.tied == {"lm_head.weight": "transformer.wte.weight"}
-    assert result.ok and result.headline == "28 of 28 target tensors would load (100%)"
+    assert result.comparison.status == "tied" and not result.ok  # strict=True raises on lm_head.weight
+    assert result.headline == "28 of 28 target tensors would load (100%)"
     assert "lm_head.weight is tied to transformer.wte.weight" in result.explanation.message
 
 
@@ -323,7 +324,7 @@ def test_almost_nothing_alarm() -> None:
 def test_compare_keeps_torch_order_and_tied_symmetry() -> None:
     target = {"emb.weight": rec(4, 2), "head.weight": rec(4, 2)}
     c = compare({"head.weight": rec(4, 2)}, target, {"head.weight": "emb.weight"})
-    assert c.ok and c.tied == {"emb.weight": "head.weight"}
+    assert c.complete and not c.ok and c.tied == {"emb.weight": "head.weight"}
 
 
 def test_percent_never_rounds_to_the_ends() -> None:
