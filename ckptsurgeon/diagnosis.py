@@ -29,7 +29,6 @@ HEAD_NAMES = frozenset(
         "head",
         "heads",
         "last_linear",
-        "lm_head",
         "logits",
         "output",
         "out",
@@ -39,6 +38,22 @@ HEAD_NAMES = frozenset(
         "classif",
         "score",
         "cls_score",
+    }
+)
+# Last name components of embedding tables and LM output layers: their rows are the vocabulary
+# (tokens), not classes. A tensor tied to one of them is vocabulary too.
+VOCABULARY_NAMES = frozenset(
+    {
+        "lm_head",
+        "embed_tokens",
+        "wte",
+        "word_embeddings",
+        "tok_embeddings",
+        "embed_in",
+        "embed_out",
+        "token_embedding",
+        "word_emb",
+        "shared",
     }
 )
 _CANDIDATE_DEPTH = 3
@@ -81,7 +96,8 @@ class KeyTransform:
 
 @dataclass(frozen=True)
 class Head:
-    """Shape-mismatched output layer(s) whose leading dimension is a class count."""
+    """Shape-mismatched output layer(s) whose leading dimension is a class count: every module
+    whose output dimension is that count (a distillation or auxiliary classifier is a head too)."""
 
     modules: tuple[str, ...]
     tensors: tuple[ShapeMismatch, ...]
@@ -94,6 +110,35 @@ class Head:
             "tensors": [t.to_dict() | {"source_name": t.file_name} for t in self.tensors],
             "source_classes": self.source_classes,
             "target_classes": self.target_classes,
+        }
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Shape-mismatched embedding tables and LM heads whose rows are the vocabulary (tokens), and
+    every other tensor with one dimension of that size (an MLM head's bias, ``final_logits_bias``).
+
+    ``tied_aliases``: (target name the file leaves out, the vocabulary tensor it is tied to).
+
+    Example:
+        >>> v = find_vocabulary((ShapeMismatch("wte.weight", (99, 8), (100, 8)),))
+        >>> v.modules, v.source_tokens, v.target_tokens
+        (('wte',), 99, 100)
+    """
+
+    modules: tuple[str, ...]
+    tensors: tuple[ShapeMismatch, ...]
+    source_tokens: int
+    target_tokens: int
+    tied_aliases: tuple[tuple[str, str], ...] = ()
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "modules": list(self.modules),
+            "tensors": [t.to_dict() | {"source_name": t.file_name} for t in self.tensors],
+            "source_tokens": self.source_tokens,
+            "target_tokens": self.target_tokens,
+            "tied_aliases": [{"name": alias, "tied_to": held} for alias, held in self.tied_aliases],
         }
 
 
@@ -122,6 +167,7 @@ class Diagnosis:
     mapping: dict[str, str] = field(default_factory=dict)
     drop: tuple[str, ...] = ()
     extra: tuple[str, ...] = ()
+    vocabulary: Vocabulary | None = None
 
     @property
     def total(self) -> int:
@@ -159,7 +205,9 @@ def diagnose(
     renamed, origin = apply_transform(src, transform)
     after = compare(renamed, tgt, tied, origin)
     proposal, ambiguous = suffix_proposal(after, renamed, tgt, origin)
-    head = find_head(after.shape_mismatched, list(tgt))
+    vocabulary = find_vocabulary(after.shape_mismatched, tied, after.missing)
+    in_vocabulary = {m.name for m in vocabulary.tensors} if vocabulary else set()
+    head = find_head(tuple(m for m in after.shape_mismatched if m.name not in in_vocabulary), list(tgt))
     mapping = {
         origin[name]: name for name in renamed if name in tgt and renamed[name].shape == tgt[name].shape
     }
@@ -176,6 +224,7 @@ def diagnose(
         mapping=mapping,
         drop=tuple(m.file_name for m in after.shape_mismatched),
         extra=tuple(origin[name] for name in after.unexpected if origin[name] not in proposal),
+        vocabulary=vocabulary,
     )
 
 
@@ -300,32 +349,107 @@ def is_head_module(module: str, output: str) -> bool:
 
 
 def find_head(mismatches: tuple[ShapeMismatch, ...], target_names: list[str]) -> Head | None:
-    """Shape-mismatched tensors of head modules that differ only in their leading (class) dim.
+    """Every shape-mismatched module whose output (leading) dimension is the class count.
+
+    The class count comes from the output layer or a module named like a head (``fc``,
+    ``classifier``, ``head`` ...) that differs only in its leading dimension; then every mismatched
+    tensor that differs only there, by the same counts, is a head too: levit's ``head_dist``,
+    googlenet's ``aux1.fc2`` and ``aux2.fc2``, volo's ``aux_head``.
 
     Example:
-        >>> m = (ShapeMismatch("fc.weight", (6, 32), (2, 32)), ShapeMismatch("fc.bias", (6,), (2,)))
-        >>> find_head(m, ["conv.weight", "fc.weight", "fc.bias"]).target_classes
-        2
+        >>> m = (ShapeMismatch("fc.weight", (6, 32), (2, 32)), ShapeMismatch("fc.bias", (6,), (2,)),
+        ...      ShapeMismatch("aux.fc2.weight", (6, 16), (2, 16)))
+        >>> head = find_head(m, ["conv.weight", "aux.fc2.weight", "fc.weight", "fc.bias"])
+        >>> head.modules, head.target_classes
+        (('fc', 'aux.fc2'), 2)
     """
     output = output_layer(target_names)
-    chosen = [
+    outputs = [m for m in mismatches if _leading_only(m)]
+    anchors = [m for m in outputs if is_head_module(_module(m.name), output)]
+    classes = {_leading(m) for m in anchors}
+    if len(classes) > 1:
+        classes = {_leading(m) for m in anchors if _module(m.name) == output}
+    if len(classes) != 1:
+        return None
+    (source_classes, target_classes) = pair = classes.pop()
+    chosen = [m for m in outputs if _leading(m) == pair]
+    modules = tuple(dict.fromkeys(_module(m.name) for m in chosen))
+    return Head(modules, tuple(chosen), source_classes, target_classes)
+
+
+def find_vocabulary(
+    mismatches: tuple[ShapeMismatch, ...],
+    tied: Mapping[str, str] | None = None,
+    missing: tuple[str, ...] = (),
+) -> Vocabulary | None:
+    """Embedding tables and LM heads of another vocabulary size, with every tensor sized by it.
+
+    Anchors are mismatched tensors of a module named like one (``lm_head``, ``embed_tokens``,
+    ``wte``, ``word_embeddings`` ...: :data:`VOCABULARY_NAMES`), or tied to one, that differ only in
+    their leading dimension; then every mismatched tensor that differs in one dimension only, by the
+    same sizes, joins them (``cls.predictions.bias``, ``final_logits_bias``). ``missing`` names that
+    are tied to one of them are reported as ``tied_aliases``.
+
+    Example:
+        >>> m = (ShapeMismatch("wte.weight", (99, 8), (100, 8)),
+        ...      ShapeMismatch("wpe.weight", (16, 8), (32, 8)))
+        >>> v = find_vocabulary(m, {"lm_head.weight": "wte.weight"}, ("lm_head.weight",))
+        >>> [t.name for t in v.tensors], v.tied_aliases
+        (['wte.weight'], (('lm_head.weight', 'wte.weight'),))
+    """
+    groups = _tied_groups(tied or {})
+    anchors = [
         m
         for m in mismatches
-        if is_head_module(m.name.rpartition(".")[0], output)
-        and len(m.source_shape) == len(m.target_shape) >= 1
-        and m.source_shape[1:] == m.target_shape[1:]
+        if _leading_only(m) and any(_vocabulary_named(n) for n in groups.get(m.name, (m.name,)))
     ]
-    if not chosen:
+    if not anchors:
         return None
-    classes = {(m.source_shape[0], m.target_shape[0]) for m in chosen}
-    if len(classes) != 1:
-        chosen = [m for m in chosen if m.name.rpartition(".")[0] == output]
-        classes = {(m.source_shape[0], m.target_shape[0]) for m in chosen}
-        if len(classes) != 1:
-            return None
-    (source_classes, target_classes) = classes.pop()
-    modules = tuple(dict.fromkeys(m.name.rpartition(".")[0] for m in chosen))
-    return Head(modules, tuple(chosen), source_classes, target_classes)
+    pair = Counter(_leading(m) for m in anchors).most_common(1)[0][0]
+    chosen = [m for m in mismatches if _one_dim_change(m) == pair]
+    names = {m.name for m in chosen}
+    aliases = tuple(
+        (alias, held)
+        for alias in missing
+        for held in groups.get(alias, ())
+        if held in names and held != alias
+    )
+    modules = tuple(dict.fromkeys(_module(m.name) for m in chosen))
+    return Vocabulary(modules, tuple(chosen), pair[0], pair[1], tuple(dict(aliases).items()))
+
+
+def _module(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _leading_only(m: ShapeMismatch) -> bool:
+    """Same rank, only the leading (output) dimension differs."""
+    return len(m.source_shape) == len(m.target_shape) >= 1 and m.source_shape[1:] == m.target_shape[1:]
+
+
+def _leading(m: ShapeMismatch) -> tuple[int, int]:
+    return m.source_shape[0], m.target_shape[0]
+
+
+def _one_dim_change(m: ShapeMismatch) -> tuple[int, int] | None:
+    """(size in the file, size in the target) of the one dimension that differs, else None."""
+    if len(m.source_shape) != len(m.target_shape):
+        return None
+    changes = [(a, b) for a, b in zip(m.source_shape, m.target_shape, strict=True) if a != b]
+    return changes[0] if len(changes) == 1 else None
+
+
+def _vocabulary_named(name: str) -> bool:
+    parts = [p for p in _module(name).split(".") if not p.isdigit()]
+    return bool(parts) and parts[-1] in VOCABULARY_NAMES
+
+
+def _tied_groups(tied: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
+    """Each tied name -> every name of its group (itself included)."""
+    members: dict[str, list[str]] = {}
+    for alias, canonical in tied.items():
+        members.setdefault(canonical, [canonical]).append(alias)
+    return {name: tuple(group) for group in members.values() for name in group}
 
 
 # -- the suffix proposal ------------------------------------------------------

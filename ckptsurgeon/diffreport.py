@@ -67,6 +67,7 @@ def to_json(result: DiffResult) -> dict[str, Any]:
             "loads_after_transform": d.loads_after,
             "after_transform": d.after.counts(),
             "head": d.head.to_dict() if d.head else None,
+            "vocabulary": d.vocabulary.to_dict() if d.vocabulary else None,
             "filter_idiom": {
                 "message": e.filter_idiom,
                 "as_saved": d.filter_as_saved.to_dict(),

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .compare import Comparison, FilterIdiom, ShapeMismatch
-from .diagnosis import Diagnosis
+from .diagnosis import Diagnosis, Head, Vocabulary
 from .grouping import collapse
 from .prefixes import KNOWN_WRAPPERS
 from .report import printable
@@ -99,20 +99,15 @@ def _transform_sentence(d: Diagnosis) -> str:
 
 def _remainder(d: Diagnosis, final: Comparison) -> list[str]:
     out: list[str] = []
-    head = d.head
-    head_names = {m.name for m in head.tensors} if head else set()
+    head, vocabulary = d.head, d.vocabulary
+    explained = [*(head.tensors if head else ()), *(vocabulary.tensors if vocabulary else ())]
     rest = len(final.missing) + len(final.shape_mismatched)
     if head:
-        lead = "The other" if rest == len(head.tensors) else f"Of the other {rest},"
-        which = "classifier head" if _is_classifier(head.modules) else "output head"
-        shapes = ", ".join(_shape_change(m) for m in head.tensors)
-        out.append(f"{lead} {len(head.tensors)} are the {which}: {shapes}.")
-        out.append(
-            f"It is the output layer for {head.source_classes} classes and the target has "
-            f"{head.target_classes}: expected when fine-tuning on other classes, not a bug; "
-            "drop it and the new head trains from scratch."
-        )
-    others = [m for m in final.shape_mismatched if m.name not in head_names]
+        out += _head_sentences(head, _lead(rest, len(head.tensors), len(explained)))
+    if vocabulary:
+        out += _vocabulary_sentences(vocabulary, _lead(rest, len(vocabulary.tensors), len(explained)))
+    explained_names = {m.name for m in explained}
+    others = [m for m in final.shape_mismatched if m.name not in explained_names]
     if others:
         out.append(
             f"{len(others)} {_plural(len(others), 'tensor has', 'tensors have')} another shape "
@@ -124,6 +119,57 @@ def _remainder(d: Diagnosis, final: Comparison) -> list[str]:
     if final.unexpected:
         in_file = d.extra or final.unexpected  # the file's own names, not the transformed ones
         out.append(f"In the file but not in the target: {len(in_file)} ({_labels(in_file)}).")
+    return out
+
+
+def _lead(rest: int, count: int, explained: int) -> str:
+    """ "The other 2 are" when these are all that is left to explain, else "Of the other 5, 2 are"."""
+    verb = _plural(count, "is", "are")
+    if rest == count == explained:
+        return f"The other {count} {verb}"
+    return f"Of the other {rest}, {count} {verb}"
+
+
+def _head_sentences(head: Head, lead: str) -> list[str]:
+    which = "classifier head" if _is_classifier(head.modules) else "output head"
+    if len(head.modules) == 1:
+        shapes = ", ".join(_shape_change(m) for m in head.tensors)
+        return [
+            f"{lead} the {which}: {shapes}.",
+            f"It is the output layer for {head.source_classes} classes and the target has "
+            f"{head.target_classes}: expected when fine-tuning on other classes, not a bug; "
+            "drop it and the new head trains from scratch.",
+        ]
+    per_module = "; ".join(
+        f"{module} ({', '.join(_shape_change(m) for m in head.tensors if _module_of(m) == module)})"
+        for module in head.modules
+    )
+    return [
+        f"{lead} {len(head.modules)} {which}s, each the output layer for {head.source_classes} classes "
+        f"where the target has {head.target_classes}: {per_module}.",
+        "Every layer whose output is the class count is a head (auxiliary and distillation heads too): "
+        "expected when fine-tuning on other classes, not a bug; drop them and the new heads train from "
+        "scratch.",
+    ]
+
+
+def _vocabulary_sentences(vocabulary: Vocabulary, lead: str) -> list[str]:
+    shapes = ", ".join(_shape_change(m) for m in vocabulary.tensors)
+    src, tgt = vocabulary.source_tokens, vocabulary.target_tokens
+    out = [f"{lead} the vocabulary: {shapes}."]
+    out += [f"{alias} is tied to {held}: it changes size with it." for alias, held in vocabulary.tied_aliases]
+    kept = (
+        f"the {src} trained rows and initialises only the new ones"
+        if tgt > src
+        else (f"the first {tgt} trained rows and drops the rest")
+    )
+    out.append(
+        f"Their rows are tokens, not classes: the file has a vocabulary of {src} tokens and the target "
+        f"{tgt} (tokens added to or removed from the tokenizer). Resizing keeps the trained rows: load the "
+        f"file into the model built with {src} tokens, then model.resize_token_embeddings({tgt}) (Hugging "
+        f"Face) keeps {kept}. Dropping these tensors (as ckpt adapt would) starts the embeddings from "
+        "scratch."
+    )
     return out
 
 
@@ -261,6 +307,10 @@ def _output(source: str, tag: str) -> str:
 
 
 # -- wording helpers ------------------------------------------------------------------------------
+def _module_of(m: ShapeMismatch) -> str:
+    return m.name.rpartition(".")[0]
+
+
 def _shape_change(m: ShapeMismatch) -> str:
     return f"{m.file_name} {_shape(m.source_shape)} → {_shape(m.target_shape)}"
 

@@ -4,6 +4,7 @@ reference a user would trust: torch's ``load_state_dict`` and Hugging Face's ``f
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ import torch
 from conftest import REPO, assert_one_line_error, run_cli
 
 from ckptsurgeon import diff
+from ckptsurgeon.diagnosis import diagnose
 from ckptsurgeon.errors import TargetError
+from ckptsurgeon.record import TensorRecord
 from ckptsurgeon.target import resolve_target
 
 
@@ -195,3 +198,208 @@ def test_docs_define_every_status_with_its_exit_code() -> None:
     for status, code in (("ok", 0), ("tied", 1), ("mismatch", 1)):
         definition = rows[0].split(f'`"{status}"`:', 1)[1].split('`"', 1)[0]
         assert f"exit code {code}" in definition, (status, definition)
+
+
+# -- item 12: every module whose output dimension is the class count is a head ----------------------
+class NormLinear(torch.nn.Module):
+    """levit's and repvit's head: a BatchNorm, then the linear layer (``head.linear`` / ``head.l``)."""
+
+    def __init__(self, width: int, classes: int, linear: str = "linear") -> None:
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(width)
+        self.add_module(linear, torch.nn.Linear(width, classes))
+
+
+class LevitLike(torch.nn.Module):
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3)
+        self.head = NormLinear(8, num_classes)
+        self.head_dist = NormLinear(8, num_classes)
+
+
+class RepVitClassifier(torch.nn.Module):
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.head = NormLinear(width, classes, "l")
+        self.head_dist = NormLinear(width, classes, "l")
+
+
+class RepVitLike(torch.nn.Module):
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3)
+        self.head = RepVitClassifier(8, num_classes)
+
+
+class VoloLike(torch.nn.Module):
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.patch_embed = torch.nn.Conv2d(3, 8, 4)
+        self.norm = torch.nn.LayerNorm(8)
+        self.head = torch.nn.Linear(8, num_classes)
+        self.aux_head = torch.nn.Linear(8, num_classes)
+
+
+class InceptionAux(torch.nn.Module):
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 4, 1)
+        self.fc1 = torch.nn.Linear(4, 16)
+        self.fc2 = torch.nn.Linear(16, classes)
+
+
+class GoogLeNetLike(torch.nn.Module):
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3)
+        self.inception4a = torch.nn.Conv2d(8, 8, 1)
+        self.aux1 = InceptionAux(num_classes)
+        self.inception4d = torch.nn.Conv2d(8, 8, 1)
+        self.aux2 = InceptionAux(num_classes)
+        self.inception5b = torch.nn.Conv2d(8, 8, 1)
+        self.fc = torch.nn.Linear(8, num_classes)
+
+
+def _size_mismatches(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
+    """The names torch's strict loading reports with "size mismatch for NAME"."""
+    with pytest.raises(RuntimeError) as caught:
+        model.load_state_dict(state, strict=True)
+    return set(re.findall(r"size mismatch for (\S+?):", str(caught.value)))
+
+
+@pytest.mark.parametrize(
+    "factory, heads",
+    [
+        (LevitLike, ["head.linear", "head_dist.linear"]),
+        (RepVitLike, ["head.head.l", "head.head_dist.l"]),
+        (VoloLike, ["head", "aux_head"]),
+        (GoogLeNetLike, ["aux1.fc2", "aux2.fc2", "fc"]),
+    ],
+)
+def test_every_head_is_named(factory: type[torch.nn.Module], heads: list[str]) -> None:
+    state = factory(num_classes=1000).state_dict()
+    target = factory(num_classes=7)
+    result = diff(state, target)
+    head = result.diagnosis.head
+    assert head is not None and (head.source_classes, head.target_classes) == (1000, 7)
+    assert set(head.modules) == set(heads)
+    # the head's tensors are exactly what torch's strict loading finds of another size
+    assert {m.name for m in head.tensors} == _size_mismatches(target, state) == set(result.diagnosis.drop)
+    message = result.explanation.message
+    assert f"are {len(heads)} classifier heads, each the output layer for 1000 classes" in message
+    for module in heads:
+        assert f"{module}.weight [1000, " in message
+    assert "different model size or variant" not in message
+    assert result.to_json()["diagnosis"]["head"]["modules"] == list(head.modules)
+
+
+def test_a_width_change_beside_the_heads_is_still_a_variant() -> None:
+    """Only tensors whose output dimension is the class count join the heads."""
+    state = GoogLeNetLike(num_classes=1000).state_dict()
+    state["inception4a.weight"] = torch.zeros(16, 8, 1, 1)
+    result = diff(state, GoogLeNetLike(num_classes=7))
+    assert set(result.diagnosis.head.modules) == {"aux1.fc2", "aux2.fc2", "fc"}
+    assert "1 tensor has another shape (inception4a.weight [16, 8, 1, 1] → [8, 8, 1, 1])" in (
+        result.explanation.message
+    )
+
+
+# -- item 6: an LM head whose rows are the vocabulary ---------------------------------------------
+GPT2_100 = GPT2.replace("vocab_size=99", "vocab_size=100")
+LLAMA_100 = LLAMA.replace("vocab_size=99", "vocab_size=100")
+
+
+@pytest.mark.parametrize(
+    "file, spec, vocabulary",
+    [
+        ("gpt2.pth", GPT2_100, {"transformer.wte.weight", "lm_head.weight"}),
+        ("gpt2", GPT2_100, {"transformer.wte.weight"}),  # lm_head.weight: tied, not in the file
+        ("llama", LLAMA_100, {"model.embed_tokens.weight", "lm_head.weight"}),
+    ],
+)
+def test_a_vocabulary_change_is_not_called_classes(
+    saved_lms: dict[str, Path], file: str, spec: str, vocabulary: set[str]
+) -> None:
+    path = saved_lms[file]
+    state = _state(path)
+    result = diff(path, spec)
+    d = result.diagnosis
+    assert d.head is None
+    assert d.vocabulary is not None and (d.vocabulary.source_tokens, d.vocabulary.target_tokens) == (99, 100)
+    assert {m.name for m in d.vocabulary.tensors} == vocabulary == _size_mismatches(_build(spec), state)
+    message = result.explanation.message
+    assert "output layer for" not in message and "different model size" not in message
+    assert "vocabulary of 99 tokens and the target 100" in message
+    assert "resize_token_embeddings(100)" in message and "keeps the 99 trained rows" in message
+    if file == "gpt2":  # the tied alias the file leaves out follows the embedding
+        assert "lm_head.weight is tied to transformer.wte.weight" in message
+    if path.is_dir():  # Hugging Face sees the same tensors of another size
+        import transformers
+
+        cls = getattr(transformers, spec.split("(")[0].split(".")[1])
+        _, info = cls.from_pretrained(
+            path, vocab_size=100, ignore_mismatched_sizes=True, output_loading_info=True
+        )
+        assert {k for k, *_ in info["mismatched_keys"]} == vocabulary
+    json_vocabulary = result.to_json()["diagnosis"]["vocabulary"]
+    assert (json_vocabulary["source_tokens"], json_vocabulary["target_tokens"]) == (99, 100)
+
+
+@pytest.mark.parametrize("file, spec", [("gpt2", GPT2), ("llama", LLAMA)])
+def test_resizing_keeps_the_trained_rows_as_the_message_says(
+    saved_lms: dict[str, Path], file: str, spec: str
+) -> None:
+    """The claim itself, checked with Hugging Face: load at the file's size, then resize."""
+    model = _build(spec)
+    state = _state(saved_lms[file])
+    model.load_state_dict(state, strict=False)
+    model.resize_token_embeddings(100)
+    name = "transformer.wte.weight" if file == "gpt2" else "model.embed_tokens.weight"
+    assert model.get_input_embeddings().weight.shape == (100, 8)
+    assert torch.equal(model.get_input_embeddings().weight[:99], state[name])
+    assert model.get_output_embeddings().weight.shape == (100, 8)
+    if file == "llama":
+        assert torch.equal(model.get_output_embeddings().weight[:99], state["lm_head.weight"])
+
+
+def _rec(*shape: int) -> TensorRecord:
+    return TensorRecord("x", "float32", shape)
+
+
+def test_masked_lm_vocabulary_takes_every_tensor_of_that_size() -> None:
+    src = {
+        "bert.embeddings.word_embeddings.weight": (99, 8),
+        "bert.embeddings.position_embeddings.weight": (16, 8),
+        "bert.embeddings.token_type_embeddings.weight": (2, 8),
+        "cls.predictions.transform.dense.weight": (8, 8),
+        "cls.predictions.decoder.weight": (99, 8),
+        "cls.predictions.bias": (99,),
+    }
+    tgt = dict(src) | {k: (100, *v[1:]) for k, v in src.items() if v[0] == 99}
+    tgt["bert.embeddings.position_embeddings.weight"] = (32, 8)  # a context length change: a variant
+    tied = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
+    d = diagnose(src, tgt, tied)
+    assert {m.name for m in d.vocabulary.tensors} == {
+        "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.weight",
+        "cls.predictions.bias",
+    }
+    assert d.head is None
+    result = diff({k: _rec(*v) for k, v in src.items()}, {k: _rec(*v) for k, v in tgt.items()})
+    message = result.explanation.message
+    assert "1 tensor has another shape (bert.embeddings.position_embeddings.weight [16, 8] → [32, 8])" in (
+        message
+    )
+
+
+def test_a_vocabulary_and_a_class_head_side_by_side() -> None:
+    src = {"model.embed_tokens.weight": (99, 8), "model.norm.weight": (8,), "score.weight": (3, 8)}
+    tgt = src | {"model.embed_tokens.weight": (100, 8), "score.weight": (2, 8)}
+    result = diff({k: _rec(*v) for k, v in src.items()}, {k: _rec(*v) for k, v in tgt.items()})
+    d = result.diagnosis
+    assert [m.name for m in d.head.tensors] == ["score.weight"]
+    assert [m.name for m in d.vocabulary.tensors] == ["model.embed_tokens.weight"]
+    message = result.explanation.message
+    assert "output layer for 3 classes and the target has 2" in message
+    assert "vocabulary of 99 tokens and the target 100" in message
