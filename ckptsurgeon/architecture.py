@@ -3,7 +3,10 @@
 ``torchvision.models.resnet50(num_classes=2)``, ``timm.create_model('legacy_xception', num_classes=2)``,
 ``path/to/models.py:build(num_classes=2)`` and nested calls (``torch.nn.DataParallel(...)``) are
 built under ``torch.device("meta")``: no memory for weights, and no download (network use fails
-fast). Arguments are Python literals or further calls.
+fast). Arguments are Python literals or further calls. A model whose code reads tensor values while
+it builds (``torch.arange(...).tolist()``, as torchvision's regnet does) cannot be built on the meta
+device: it is built on the CPU instead, weights uninitialised, up to :data:`CPU_BUILD_LIMIT` bytes of
+tensors, and the target's ``notes`` say so.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import importlib.util
 import re
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +75,57 @@ def build_architecture(spec: str) -> Target:
         )
     import torch
 
-    guard = _NetworkGuard()
+    builder = _Builder(spec, files)
+    notes: tuple[str, ...] = ()
     try:
-        with guard, torch.device("meta"), _skip_meta_init():
-            model = _Builder(spec, files).call(tree.body)
-    except CkptError:
+        model = _build(builder, tree.body, on_meta=True)
+    except _ReadsValues as meta_failure:
+        model, note = _build_on_cpu(builder, tree.body, meta_failure.reason)
+        notes = (note,)
+    if not isinstance(model, torch.nn.Module):
+        raise TargetError(f"{spec}: the call returned a {type(model).__name__}, not a torch.nn.Module")
+    return replace(target_from_module(model, spec, "architecture"), notes=notes)
+
+
+# Above this many bytes of tensors, a target that cannot be built on the meta device is not built
+# on the CPU either (its weights are not initialised, so most pages stay untouched, but still).
+CPU_BUILD_LIMIT = 4 * 2**30
+# What torch says when code reads the values of a meta tensor (.tolist(), .item(), int(t) ...) or
+# mixes it with a tensor it made on the CPU: a CPU build can do both.
+_META_VALUE_ERRORS = (
+    "meta tensor",
+    "meta device",
+    "'Meta' backend",
+    "device meta",
+    "meta and cpu",
+    "cpu and meta",
+)
+
+
+class _ReadsValues(Exception):
+    """The meta build failed because the code reads tensor values; ``reason`` is torch's message."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _OverBudget(Exception):
+    """A CPU build asked for more than :data:`CPU_BUILD_LIMIT` bytes of tensors."""
+
+
+def _build(builder: _Builder, call: ast.Call, *, on_meta: bool, budget: Any = None) -> Any:
+    """Run the call offline: on the meta device, or (``on_meta=False``) on the CPU within ``budget``,
+    with weight init skipped either way; a failure becomes a one-line :class:`TargetError`."""
+    import torch
+
+    spec = builder.spec
+    guard = _NetworkGuard()
+    device = torch.device("meta") if on_meta else contextlib.nullcontext()
+    try:
+        with guard, device, _skip_init(meta_only=on_meta), budget or contextlib.nullcontext():
+            return builder.call(call)
+    except (CkptError, _OverBudget):
         raise
     except Exception as exc:
         if guard.attempted:
@@ -84,10 +134,81 @@ def build_architecture(spec: str) -> Target:
                 "built offline, without weights: drop pretrained/weights arguments or use a local checkpoint"
             ) from None
         text = " ".join(str(exc).split())[:300]
+        if on_meta and any(marker in text for marker in _META_VALUE_ERRORS):
+            raise _ReadsValues(text) from None
         raise TargetError(f"{spec}: building the target failed: {exc.__class__.__name__}: {text}") from None
-    if not isinstance(model, torch.nn.Module):
-        raise TargetError(f"{spec}: the call returned a {type(model).__name__}, not a torch.nn.Module")
-    return target_from_module(model, spec, "architecture")
+
+
+def _build_on_cpu(builder: _Builder, call: ast.Call, reason: str) -> tuple[Any, str]:
+    """Build on the CPU a target whose code reads tensor values; the note says so, and what it took."""
+    from .report import human_bytes
+
+    budget = _AllocationBudget(CPU_BUILD_LIMIT)
+    why = f"{builder.spec}: cannot be built on the meta device (its code reads tensor values: {reason})"
+    try:
+        model = _build(builder, call, on_meta=False, budget=budget)
+    except _OverBudget:
+        raise TargetError(
+            f"{why}, and building it on the CPU would take over {human_bytes(CPU_BUILD_LIMIT)}; diff against "
+            "a checkpoint of it instead: torch.save(model.state_dict(), 'target.pth') where it builds, "
+            "then pass target.pth as TARGET"
+        ) from None
+    nbytes = _tensor_bytes(model)
+    return model, (
+        f"{why}; it was built on the CPU instead (weights left uninitialised), which took "
+        f"{human_bytes(nbytes)} for its parameters and buffers"
+    )
+
+
+def _tensor_bytes(model: Any) -> int:
+    """Bytes of a module's parameters and buffers (shared storages once)."""
+    state = model.state_dict(keep_vars=True) if hasattr(model, "state_dict") else {}
+    storages: dict[int, int] = {}
+    for tensor in state.values():
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr() or id(storage)] = storage.nbytes()
+    return sum(storages.values())
+
+
+class _AllocationBudget:
+    """While active, tensor factories (``empty``, ``zeros`` ...) are charged their bytes before they
+    allocate; past ``limit`` they raise :class:`_OverBudget` instead."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._mode: Any = None
+
+    def charge(self, nbytes: int) -> None:
+        self.used += nbytes
+        if self.used > self.limit:
+            raise _OverBudget(self.used)
+
+    def __enter__(self) -> _AllocationBudget:
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        factories = {aten.empty, aten.empty_strided, aten.zeros, aten.ones, aten.full, aten.rand, aten.randn}
+        budget = self
+
+        class Budget(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                kwargs = kwargs or {}
+                if func.overloadpacket in factories and args and isinstance(args[0], list | tuple):
+                    dtype = kwargs.get("dtype") or torch.get_default_dtype()
+                    numel = 1
+                    for size in args[0]:
+                        numel *= int(size)
+                    budget.charge(numel * dtype.itemsize)
+                return func(*args, **kwargs)
+
+        self._mode = Budget()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
 
 
 # In-place ops that only change values (and every torch.nn.init function): on a meta tensor they
@@ -107,11 +228,12 @@ _VALUE_ONLY_INIT_OPS = (
 )
 
 
-def _skip_meta_init() -> Any:
-    """A torch function mode in which weight-init ops on meta tensors return at once.
+def _skip_init(meta_only: bool = True) -> Any:
+    """A torch function mode in which weight-init ops on meta tensors (on any tensor, with
+    ``meta_only=False``: a CPU build needs shapes, not values) return at once.
 
     Example:
-        >>> with torch.device("meta"), _skip_meta_init():          # doctest: +SKIP
+        >>> with torch.device("meta"), _skip_init():          # doctest: +SKIP
         ...     torch.nn.Embedding(10, 4).weight.shape
         torch.Size([10, 4])
     """
@@ -126,7 +248,7 @@ def _skip_meta_init() -> Any:
         def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
             first = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes keywords
-            if func in skipped and getattr(first, "is_meta", False):
+            if func in skipped and (getattr(first, "is_meta", False) or not meta_only):
                 return first
             return func(*args, **kwargs)
 

@@ -46,6 +46,7 @@ def to_json(result: DiffResult) -> dict[str, Any]:
         "target": {
             "spec": result.target,
             "kind": result.target_kind,
+            "notes": list(result.target_notes),
             "tensors": len(result.matched)
             + len(result.missing)
             + len(result.shape_mismatched)
@@ -103,11 +104,12 @@ def _header(result: DiffResult, md: bool) -> str:
         ("Source", result.source, f"{result.source_count} tensors{key}"),
         ("Target", result.target, f"{result.target_kind}, {result.total + len(result.tied)} tensors"),
     ]
+    notes = "".join(f"\nnote: {printable(note)}" for note in result.target_notes)
     if md:
         head = "  \n".join(f"**{label}:** `{value}` ({detail})" for label, value, detail in fields)
-        return f"{head}\n\n**{result.headline}** ({_tally(result)})"
+        return f"{head}{notes}\n\n**{result.headline}** ({_tally(result)})"
     head = "\n".join(f"{label + ':':<7} {value} ({detail})" for label, value, detail in fields)
-    return f"{head}\n\n{result.headline} ({_tally(result)})"
+    return f"{head}{notes}\n\n{result.headline} ({_tally(result)})"
 
 
 def _tally(result: DiffResult) -> str:

@@ -51,6 +51,7 @@ class DiffResult:
     comparison: Comparison
     diagnosis: Diagnosis
     explanation: Explanation
+    target_notes: tuple[str, ...] = ()
 
     # -- PyTorch's lists, as saved ------------------------------------------------------------------
     @property
@@ -181,6 +182,7 @@ def diff(
         comparison=comparison,
         diagnosis=diagnosis,
         explanation=explanation,
+        target_notes=resolved.notes,
     )
 
 

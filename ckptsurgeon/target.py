@@ -27,6 +27,7 @@ class Target:
     ``tied``: alias -> canonical name for tensors that are one parameter (``lm_head.weight``
     is ``transformer.wte.weight``). ``buffers``: names that are buffers, not parameters.
     ``modules``: module name -> class name, in definition order (architectures only).
+    ``notes``: what the report should say about how the target was made (a CPU build).
 
     Example:
         >>> t = Target({"fc.weight": TensorRecord("fc.weight", "float32", (2, 4))}, "fc only")
@@ -40,6 +41,7 @@ class Target:
     tied: dict[str, str] = field(default_factory=dict)
     buffers: frozenset[str] = frozenset()
     modules: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape for every target tensor."""

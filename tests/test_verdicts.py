@@ -403,3 +403,64 @@ def test_a_vocabulary_and_a_class_head_side_by_side() -> None:
     message = result.explanation.message
     assert "output layer for 3 classes and the target has 2" in message
     assert "vocabulary of 99 tokens and the target 100" in message
+
+
+# -- item 11: targets whose code reads tensor values (no meta build) --------------------------------
+DATA_DEPENDENT = '''\
+import torch
+
+
+class Widths(torch.nn.Module):
+    """Like torchvision's regnet: widths computed with torch.arange(...).tolist()."""
+
+    def __init__(self, num_classes=7, read="tolist"):
+        super().__init__()
+        steps = torch.arange(3) * 8 + 8
+        widths = steps.tolist() if read == "tolist" else [int(steps[i].item()) for i in range(3)]
+        layers, last = [], 3
+        for width in widths:
+            layers += [torch.nn.Conv2d(last, width, 3), torch.nn.BatchNorm2d(width)]
+            last = width
+        self.features = torch.nn.Sequential(*layers)
+        self.fc = torch.nn.Linear(last, num_classes)
+'''
+
+
+@pytest.mark.parametrize("read", ["tolist", "item"])
+def test_a_target_that_reads_tensor_values_is_built_on_the_cpu(workdir: Path, read: str) -> None:
+    _write(workdir / "nets.py", DATA_DEPENDENT)
+    spec = f"nets.py:Widths(num_classes=7, read={read!r})"
+    with pytest.raises(Exception, match="meta tensor"):  # what torch says on the meta device
+        with torch.device("meta"):
+            _build(spec)
+    model = _build(spec)
+    torch.save(_build("nets.py:Widths(num_classes=1000)").state_dict(), workdir / "w.pth")
+    target = resolve_target(spec)
+    assert target.shapes() == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    (note,) = target.notes
+    nbytes = sum(t.nbytes for t in model.state_dict().values())
+    assert "cannot be built on the meta device" in note and "built on the CPU" in note
+    assert f"{nbytes / 1024:.1f} KiB" in note
+    result = run_cli("diff", "w.pth", spec)
+    assert result.exit_code == 1 and result.stderr == ""
+    assert f"note: {note}" in result.stdout
+    assert "classifier head" in result.stdout and "fc.weight [1000, 24] → [7, 24]" in result.stdout
+    report = json.loads(run_cli("diff", "w.pth", spec, "--format", "json").stdout)
+    assert report["target"]["notes"] == [note]
+    assert report["diagnosis"]["head"]["modules"] == ["fc"]
+
+
+def test_a_cpu_build_over_the_limit_is_one_line(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptsurgeon import architecture
+
+    _write(workdir / "nets.py", DATA_DEPENDENT)
+    torch.save({"fc.weight": torch.zeros(7, 24)}, workdir / "w.pth")
+    monkeypatch.setattr(architecture, "CPU_BUILD_LIMIT", 4096)
+    result = run_cli("diff", "w.pth", "nets.py:Widths(num_classes=7)")
+    assert_one_line_error(result, "cannot be built on the meta device", "4.0 KiB", "state_dict()")
+
+
+def test_a_meta_build_failure_that_is_not_about_values_is_not_retried(workdir: Path) -> None:
+    _write(workdir / "bad.py", "def build():\n    raise ValueError('no such size')\n")
+    torch.save({"w": torch.zeros(1)}, workdir / "w.pth")
+    assert_one_line_error(run_cli("diff", "w.pth", "bad.py:build()"), "ValueError: no such size")
