@@ -26,7 +26,9 @@ def find_head(tensors: Mapping[str, TensorRecord], head: str | None = None) -> t
     With ``head`` (a module name such as ``fc`` or ``classifier.6``, or a glob), the tensors of
     that module. Without it, the last module (in file order) that has a weight of two or more
     dimensions and is named like a head (``fc``, ``classifier``, ``head``, ``last_linear``,
-    ``lm_head`` ...); failing that, the last module of the file if it is a linear layer with a
+    ``lm_head`` ...), with every other layer of its class count named like a second head
+    (levit's ``head_dist``, volo's ``aux_head``, googlenet's ``aux1.fc2``: :data:`COMPANION_MARKS`);
+    failing that, the last module of the file if it is a linear layer with a
     bias that matches its output size and is not named like an embedding (``wte``, ``embed_tokens``
     ...: a safetensors file sorts its names, so its last module may be a lookup table). Refuses
     (SurgeryError) rather than guess further.
@@ -43,7 +45,13 @@ def find_head(tensors: Mapping[str, TensorRecord], head: str | None = None) -> t
     modules = _modules(tensors)
     named = [m for m in modules if _is_layer(tensors, modules[m]) and _head_named(m)]
     if named:
-        return modules[named[-1]], f"the last layer named like a head: {named[-1]!r}"
+        main = named[-1]
+        companions = _companion_heads(tensors, modules, main)
+        how = f"the last layer named like a head: {main!r}"
+        if companions:
+            how += f", with the other heads of its class count: {', '.join(repr(m) for m in companions)}"
+        names = [n for m in modules if m == main or m in companions for n in modules[m]]
+        return names, how
     last = list(modules)[-1] if modules else None
     if last is not None and _is_linear(tensors, modules[last], need_bias=True) and not _embedding_named(last):
         return modules[last], f"the last layer of the file: {last!r}"
@@ -53,6 +61,31 @@ def find_head(tensors: Mapping[str, TensorRecord], head: str | None = None) -> t
         f"layer{what} is not a linear layer with a bias (an embedding never counts); "
         "name it with --head NAME or give --target"
     )
+
+
+# Name parts of a second classifier beside the main one: levit's ``head_dist``, volo's
+# ``aux_head``, googlenet's ``aux1.fc2``, deit's ``head_dist``.
+COMPANION_MARKS = ("head", "aux", "dist")
+
+
+def _companion_heads(
+    tensors: Mapping[str, TensorRecord], modules: Mapping[str, list[str]], main: str
+) -> list[str]:
+    """Other layers whose output dimension is the main head's class count and whose name marks a
+    head (``head_dist``, ``aux_head``, ``aux1.fc2``): a model with two classifiers has two heads."""
+    weight = _weight(tensors, modules[main])
+    if weight is None:
+        return []
+    classes = weight.shape[0]
+    return [
+        m
+        for m, names in modules.items()
+        if m != main
+        and _is_layer(tensors, names)
+        and getattr(_weight(tensors, names), "shape", (None,))[0] == classes
+        and any(mark in part for part in m.lower().split(".") for mark in COMPANION_MARKS)
+        and not _embedding_named(m)
+    ]
 
 
 def _named_head(tensors: Mapping[str, TensorRecord], head: str) -> list[str]:

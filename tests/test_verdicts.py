@@ -20,6 +20,8 @@ from ckptsurgeon.target import resolve_target
 
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A clean working folder (for relative target files). Checkpoints are passed by absolute path:
+    ckptsurgeon keeps descriptors open by path name, so "in.pth" after a chdir would be the old one."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -37,7 +39,7 @@ def test_a_long_architecture_expression_is_built_not_stat_ed(workdir: Path) -> N
     assert len(LONG_SEQUENTIAL.encode()) > 255
     model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(15)])
     torch.save(model.state_dict(), workdir / "seq.pth")
-    result = run_cli("diff", "seq.pth", LONG_SEQUENTIAL)
+    result = run_cli("diff", str(workdir / "seq.pth"), LONG_SEQUENTIAL)
     assert (result.exit_code, result.stderr) == (0, ""), result.stderr
     assert "All 30 target tensors load as is." in result.stdout
 
@@ -61,7 +63,7 @@ def test_a_too_long_path_is_one_line(workdir: Path, spec: str, fragment: str) ->
     torch.save({"w": torch.zeros(1)}, workdir / "a.pth")
     with pytest.raises(TargetError, match=fragment):
         resolve_target(spec)
-    assert_one_line_error(run_cli("diff", "a.pth", spec), fragment)
+    assert_one_line_error(run_cli("diff", str(workdir / "a.pth"), spec), fragment)
 
 
 # -- item 5: tied weights the file stores once ------------------------------------------------------
@@ -430,9 +432,8 @@ class Widths(torch.nn.Module):
 def test_a_target_that_reads_tensor_values_is_built_on_the_cpu(workdir: Path, read: str) -> None:
     _write(workdir / "nets.py", DATA_DEPENDENT)
     spec = f"nets.py:Widths(num_classes=7, read={read!r})"
-    with pytest.raises(Exception, match="meta tensor"):  # what torch says on the meta device
-        with torch.device("meta"):
-            _build(spec)
+    with pytest.raises(Exception, match="meta tensor"), torch.device("meta"):  # torch, on meta
+        _build(spec)
     model = _build(spec)
     torch.save(_build("nets.py:Widths(num_classes=1000)").state_dict(), workdir / "w.pth")
     target = resolve_target(spec)
@@ -441,11 +442,11 @@ def test_a_target_that_reads_tensor_values_is_built_on_the_cpu(workdir: Path, re
     nbytes = sum(t.nbytes for t in model.state_dict().values())
     assert "cannot be built on the meta device" in note and "built on the CPU" in note
     assert f"{nbytes / 1024:.1f} KiB" in note
-    result = run_cli("diff", "w.pth", spec)
+    result = run_cli("diff", str(workdir / "w.pth"), spec)
     assert result.exit_code == 1 and result.stderr == ""
     assert f"note: {note}" in result.stdout
     assert "classifier head" in result.stdout and "fc.weight [1000, 24] → [7, 24]" in result.stdout
-    report = json.loads(run_cli("diff", "w.pth", spec, "--format", "json").stdout)
+    report = json.loads(run_cli("diff", str(workdir / "w.pth"), spec, "--format", "json").stdout)
     assert report["target"]["notes"] == [note]
     assert report["diagnosis"]["head"]["modules"] == ["fc"]
 
@@ -456,11 +457,27 @@ def test_a_cpu_build_over_the_limit_is_one_line(workdir: Path, monkeypatch: pyte
     _write(workdir / "nets.py", DATA_DEPENDENT)
     torch.save({"fc.weight": torch.zeros(7, 24)}, workdir / "w.pth")
     monkeypatch.setattr(architecture, "CPU_BUILD_LIMIT", 4096)
-    result = run_cli("diff", "w.pth", "nets.py:Widths(num_classes=7)")
+    result = run_cli("diff", str(workdir / "w.pth"), "nets.py:Widths(num_classes=7)")
     assert_one_line_error(result, "cannot be built on the meta device", "4.0 KiB", "state_dict()")
 
 
 def test_a_meta_build_failure_that_is_not_about_values_is_not_retried(workdir: Path) -> None:
     _write(workdir / "bad.py", "def build():\n    raise ValueError('no such size')\n")
     torch.save({"w": torch.zeros(1)}, workdir / "w.pth")
-    assert_one_line_error(run_cli("diff", "w.pth", "bad.py:build()"), "ValueError: no such size")
+    assert_one_line_error(
+        run_cli("diff", str(workdir / "w.pth"), "bad.py:build()"), "ValueError: no such size"
+    )
+
+
+@pytest.mark.parametrize("factory", [LevitLike, RepVitLike, VoloLike, GoogLeNetLike])
+def test_strip_head_without_a_target_drops_every_head(workdir: Path, factory: type[torch.nn.Module]) -> None:
+    """By names and shapes alone, `strip-head` drops the second classifier too: what is left loads
+    into the 7-class model with strict=False without a size mismatch, missing only the heads."""
+    state = factory(num_classes=1000).state_dict()
+    torch.save(state, workdir / "in.pth")
+    result = run_cli("strip-head", str(workdir / "in.pth"), "-o", str(workdir / "out.pth"))
+    assert result.exit_code == 0, result.stderr
+    target = factory(num_classes=7)
+    heads = _size_mismatches(target, state)
+    loaded = target.load_state_dict(torch.load(workdir / "out.pth", weights_only=True), strict=False)
+    assert set(loaded.missing_keys) == heads and not loaded.unexpected_keys

@@ -42,10 +42,10 @@ def COMMAND(src: str, output: str | None, **flags: Any) -> None:
 
     With --target, drop exactly the tensors whose shape does not fit the target (after
     aligning prefixes such as module.). Without it, the head is the last layer named like
-    one (fc, classifier, head, last_linear, lm_head ...), or the file's last linear layer;
-    --head NAME names it. Everything else, and every other entry of a training checkpoint,
-    is kept (a note says when the kept optimizer state no longer matches; --weights-only
-    leaves it out).
+    one (fc, classifier, head, last_linear, lm_head ...) with any second head of its class
+    count (head_dist, aux_head, aux1.fc2), or the file's last linear layer; --head NAME names
+    it. Everything else, and every other entry of a training checkpoint, is kept (a note says
+    when the kept optimizer state no longer matches; --weights-only leaves it out).
 
     \b
     Examples:
