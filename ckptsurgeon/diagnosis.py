@@ -53,7 +53,6 @@ VOCABULARY_NAMES = frozenset(
         "embed_out",
         "token_embedding",
         "word_emb",
-        "shared",
     }
 )
 _CANDIDATE_DEPTH = 3

@@ -165,7 +165,8 @@ def _vocabulary_sentences(vocabulary: Vocabulary, lead: str) -> list[str]:
     )
     out.append(
         f"Their rows are tokens, not classes: the file has a vocabulary of {src} tokens and the target "
-        f"{tgt} (tokens added to or removed from the tokenizer). Resizing keeps the trained rows: load the "
+        f"{tgt} (tokens added to or removed from its tokenizer; another tokenizer's rows mean other tokens). "
+        f"Resizing keeps the trained rows: load the "
         f"file into the model built with {src} tokens, then model.resize_token_embeddings({tgt}) (Hugging "
         f"Face) keeps {kept}. Dropping these tensors (as ckpt adapt would) starts the embeddings from "
         "scratch."
