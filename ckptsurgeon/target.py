@@ -82,6 +82,8 @@ def stat_error(path: Path) -> str | None:
     Example:
         >>> stat_error(Path(".")), stat_error(Path("no/such")), stat_error(Path("a" * 300))
         (None, 'no such file or folder', 'File name too long')
+        >>> stat_error(Path("a\\0b"))
+        'not a valid path'
     """
     try:
         path.stat()
@@ -89,6 +91,8 @@ def stat_error(path: Path) -> str | None:
         return "no such file or folder"
     except OSError as exc:
         return exc.strerror or exc.__class__.__name__
+    except ValueError:  # an embedded NUL byte
+        return "not a valid path"
     return None
 
 

@@ -481,3 +481,9 @@ def test_strip_head_without_a_target_drops_every_head(workdir: Path, factory: ty
     heads = _size_mismatches(target, state)
     loaded = target.load_state_dict(torch.load(workdir / "out.pth", weights_only=True), strict=False)
     assert set(loaded.missing_keys) == heads and not loaded.unexpected_keys
+
+
+def test_a_path_with_a_nul_byte_is_a_target_error() -> None:
+    """The library takes any string; the path test must not let ValueError escape."""
+    with pytest.raises(TargetError, match="not a valid path"):
+        resolve_target("x\0.pth")
