@@ -180,9 +180,10 @@ def _diagnosis(result: DiffResult, md: bool) -> str:
         lines.append(table)
         commands = [printable(c) for c in e.proposal_commands]
         if commands:
-            lines.append(
-                "```sh\n" + "\n".join(commands) + "\n```" if md else "\n".join(f"  {c}" for c in commands)
-            )
+            if md:
+                lines.append("To apply the proposal after review:\n\n```sh\n" + "\n".join(commands) + "\n```")
+            else:
+                lines.append("To apply the proposal after review:\n" + "\n".join(f"  {c}" for c in commands))
     return "\n\n".join(lines)
 
 

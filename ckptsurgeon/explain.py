@@ -278,15 +278,15 @@ def proposal_commands(
 ) -> tuple[str, ...]:
     """The commands that apply the suffix proposal, for after review: a ``ckpt rename`` giving
     every key its target name (the key transform, then one anchored ``--replace`` per proposed
-    module), then ``ckpt adapt`` on the result. Empty without a proposal.
+    module) into ``SOURCE.mapped...``, then ``ckpt adapt`` on that. Empty without a proposal.
 
     Example:
         >>> from .diagnosis import diagnose
         >>> d = diagnose({"m.e.s1.conv.w": (3,), "m.e.s2.conv.w": (4,), "m.e.s2.bn.w": (4,)},
         ...              {"b.s1.conv.w": (3,), "e.s2.conv.w": (4,), "e.s2.bn.w": (4,)})
         >>> print("\\n".join(proposal_commands(d, "a.pth", "b.pth")))
-        ckpt rename a.pth --strip-prefix m. --replace '^e\\.s1\\.conv\\.(w)$' 'b.s1.conv.\\1' -o a.renamed.pth
-        ckpt adapt a.renamed.pth b.pth -o a.adapted.pth
+        ckpt rename a.pth --strip-prefix m. --replace '^e\\.s1\\.conv\\.(w)$' 'b.s1.conv.\\1' -o a.mapped.pth
+        ckpt adapt a.mapped.pth b.pth -o a.adapted.pth
     """
     if not d.proposed_mapping:
         return ()
@@ -300,7 +300,7 @@ def proposal_commands(
         flags += _replace_flags(pairs) + f" --add-prefix {shell_quote(t.add)}"
     else:
         flags += (f" --replace '^' {shell_quote(t.add)}" if t.add else "") + _replace_flags(pairs)
-    renamed = _output(source, "renamed")
+    renamed = _output(source, "mapped")
     loads = d.after.loadable + len(d.proposed_mapping)
     bar = _coverage_option(loads, d.after.total, min_coverage)
     return (

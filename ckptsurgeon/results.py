@@ -63,6 +63,10 @@ class SurgeryResult:
     def _report(self) -> LoadReport | None:
         return None
 
+    def _more(self, fmt: str) -> list[str]:
+        """Further paragraphs before the last line (what was written, or ``Dry run: ...``)."""
+        return []
+
     def to_json(self) -> dict[str, Any]:
         """``status``, ``source``, ``weights_key``, ``plan``, ``report`` (adapt), ``output``, ``notes``."""
         report = self._report()
@@ -84,6 +88,7 @@ class SurgeryResult:
         report = self._report()
         if report is not None:
             parts.append(report.render(fmt, verbose))
+        parts += self._more(fmt)
         parts.append("Dry run: nothing was written." if self.written is None else self.written.summary())
         return "\n\n".join(parts)
 
@@ -132,12 +137,9 @@ class AdaptResult(SurgeryResult):
             "proposal_commands": list(self.proposal_commands),
         }
 
-    def render(self, fmt: str = "table", verbose: bool = False) -> str:
-        """:meth:`SurgeryResult.render`, then the proposal that was not applied, if any."""
-        text = super().render(fmt, verbose)
-        if fmt == "json" or not self.proposal:
-            return text
-        return text + "\n\n" + self._proposal_text(fmt == "markdown")
+    def _more(self, fmt: str) -> list[str]:
+        """The proposal that was not applied, if any."""
+        return [self._proposal_text(fmt == "markdown")] if self.proposal else []
 
     def _proposal_text(self, md: bool) -> str:
         from .grouping import natural_key
