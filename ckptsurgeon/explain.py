@@ -198,7 +198,7 @@ def _alarm(c: Comparison, min_coverage: float = DEFAULT_MIN_COVERAGE) -> str | N
 
     Example:
         >>> from .diagnosis import diagnose
-        >>> _alarm(diagnose({"a": (2,)}, {"a": (2,), "b": (2,), "c": (2,)}).as_saved)[:61]
+        >>> _alarm(diagnose({"a": (2,)}, {"a": (2,), "b": (2,), "c": (2,)}).as_saved)[:60]
         'ONLY 33.3% WOULD LOAD: 1 of 3 target tensors are in the file'
     """
     if enough(c.loadable, c.total, min_coverage):
