@@ -183,13 +183,14 @@ def _filter_text(f: FilterIdiom, verb: str) -> str:
 
 
 def _low_coverage_sentence(d: Diagnosis, final: Comparison, min_coverage: float) -> str:
-    from .match import percent
-
-    lead = "Even after the key fix, that" if d.improves else "That"
+    after = " after the key fix" if d.improves else ""
+    if final.loadable == 0:
+        return f"Nothing loads{after}: is the file a checkpoint of this architecture?"
+    share = _percent(final.loadable, final.total)
     return (
-        f"{lead} is {percent(final.loadable, final.total)}, below the {min_coverage:g}% minimum coverage: "
-        "ckpt adapt and load_into refuse it (--min-coverage / min_coverage= lowers the bar). "
-        "Is the file a checkpoint of this architecture?"
+        f"{final.loadable} of {final.total} loading{after} ({share}) is below "
+        f"the {min_coverage:g}% minimum coverage: ckpt adapt and load_into refuse it (--min-coverage / "
+        "min_coverage= lowers the bar). Is the file a checkpoint of this architecture?"
     )
 
 

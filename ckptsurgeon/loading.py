@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .compare import ShapeMismatch, compare
-from .coverage import DEFAULT_MIN_COVERAGE, enough
+from .coverage import DEFAULT_MIN_COVERAGE, coverage_percent, enough
 from .errors import LoadError
 from .grouping import collapse
 from .record import TensorRecord
@@ -62,8 +62,6 @@ class LoadReport:
     @property
     def coverage(self) -> float:
         """Percent of target tensors that load (100 for an empty target)."""
-        from .coverage import coverage_percent
-
         return coverage_percent(len(self.loaded), self.total)
 
     @property
@@ -255,8 +253,9 @@ class Adaptation:
                 f"only {loaded} of {_counted(report.total, 'target tensor')} would load into {report.target} "
                 f"after adaptation ({percent(loaded, report.total)}), below {option}{self.min_coverage:g}%"
             )
+            lister = "--dry-run" if option.startswith("--") else "ckptsurgeon.diff(source, model)"
             hint = (
-                "is it a checkpoint of this architecture? --dry-run lists what is missing; "
+                f"Is it a checkpoint of this architecture? {lister} lists what is missing; "
                 f"a lower {option.strip().rstrip('=')} accepts it"
             )
         else:
@@ -264,8 +263,8 @@ class Adaptation:
                 f"nothing would load into {report.target} after adaptation "
                 f"(0 of {_counted(report.total, 'target tensor')})"
             )
-            hint = self.diff.explanation.message
-        if self.proposal:
+            hint = self.diff.explanation.message  # why nothing loads, the proposal included
+        if loaded and self.proposal:
             hint += (
                 f" {len(self.proposal)} more key(s) pair only by their dotted suffix (a guess, not applied): "
                 "ckpt diff shows them and the rename that applies them."
@@ -299,7 +298,9 @@ def plan_adaptation(
     """
     from .match import diff
 
-    result = diff(records, target, key=key, source_label=source, target_label=target_spec)
+    result = diff(
+        records, target, key=key, source_label=source, target_label=target_spec, min_coverage=min_coverage
+    )
     plan = adapt_plan(records, result.diagnosis)
     output = plan.apply(records)
     report = fit_report(output, target, plan, source, result.diagnosis)

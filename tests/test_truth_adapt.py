@@ -348,7 +348,9 @@ def test_diff_alarm_and_exit_status_follow_the_same_rule(
     assert plain.exit_code == 1 and doc["passes"] is False and doc["min_coverage"] == DEFAULT_MIN_COVERAGE
     assert doc["diagnosis"]["alarm"].startswith("ONLY ")
     assert doc["diagnosis"]["fix_commands"] == []  # adapt would refuse: it is not the fix
-    assert "below the 50% minimum coverage: ckpt adapt and load_into refuse it" in doc["diagnosis"]["message"]
+    assert (
+        "is below the 50% minimum coverage: ckpt adapt and load_into refuse it" in doc["diagnosis"]["message"]
+    )
     coverage = doc["summary"]["coverage_percent"]
     for bar in (0, 1, coverage, coverage + 0.5, 50, 100):
         result = run_cli("diff", src, target, "--min-coverage", str(bar), "--format", "json")
