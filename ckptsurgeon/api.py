@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from .coverage import DEFAULT_MIN_COVERAGE
 from .errors import LoadError, OutputError, SurgeryError
 from .formats import ReadOptions
 from .pipeline import Source, WriteOptions, counted, listing, open_source, output_kind, write_checkpoint
@@ -157,7 +158,7 @@ def adapt(
     *,
     key: str | None = None,
     target_key: str | None = None,
-    min_coverage: float = 0.0,
+    min_coverage: float = DEFAULT_MIN_COVERAGE,
     to: str | None = None,
     dtype: str | None = None,
     max_shard_size: int | str | None = None,
@@ -168,13 +169,17 @@ def adapt(
     read_options: ReadOptions | None = None,
     progress: bool | None = None,
 ) -> AdaptResult:
-    """Make ``src`` load into ``target``: align key prefixes, drop the head and what has no place.
+    """Make ``src`` load into ``target``: align wrapper prefixes, drop the head and what has no place.
 
     ``target`` is what :func:`ckptsurgeon.diff` accepts: a checkpoint (``target_key`` picks its
     entry), an inspect JSON, or an architecture such as ``"models.py:build(num_classes=2)"``.
     ``result.report`` says what the output loads with ``load_state_dict(strict=False)``.
-    Raises :class:`~ckptsurgeon.errors.LoadError`, before writing, when nothing, or less than
-    ``min_coverage`` percent of the target's tensors, would load; a dry run returns the
+    Only what the data justifies is applied (the plan's steps list each): a wrapper prefix
+    (:func:`ckptsurgeon.diagnosis.is_wrapper_prefix`) and the drops. Keys paired only by their
+    dotted suffix are a guess: ``result.proposal`` holds them and ``result.proposal_commands``
+    the commands that apply them, after review. Raises :class:`~ckptsurgeon.errors.LoadError`,
+    before writing, when nothing, or less than ``min_coverage`` percent (default 50, the rule of
+    :mod:`ckptsurgeon.coverage`) of the target's tensors, would load; a dry run returns the
     result with ``alarm`` set instead.
 
     Example:
@@ -184,8 +189,7 @@ def adapt(
         >>> r.report.headline, r.report.missing
         ('120 of 122 target tensors load (98.3%)', ('fc.weight', 'fc.bias'))
     """
-    from .loading import adapt_plan, coverage_alarm, fit_report
-    from .match import diff
+    from .loading import plan_adaptation
     from .target import resolve_target
 
     options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress)
@@ -194,12 +198,14 @@ def adapt(
     label = os.fspath(src)
     with gc_paused():
         source = open_source(src, key, read_options)
-        result = diff(source.tensors, resolved, source_label=label)
-        plan = adapt_plan(source.tensors, result.diagnosis)
-        report = fit_report(plan.apply(source.tensors), resolved, plan, label, result.diagnosis)
-        alarm = coverage_alarm(report, min_coverage, result.explanation.message, dry_run)
+        adaptation = plan_adaptation(
+            source.tensors, resolved, label, min_coverage=min_coverage, key=key, target_spec=target
+        )
+        outcome = "writing it would be refused" if dry_run else "nothing was written"
+        alarm = adaptation.refusal(outcome)
         if alarm is not None and not dry_run:
             raise LoadError(alarm)
+        plan = adaptation.plan
         notes = optimizer_notes(source, plan, options)
         written = None if dry_run else write_checkpoint(source, plan, options)  # type: ignore[arg-type]
     return AdaptResult(
@@ -208,9 +214,11 @@ def adapt(
         plan=plan,
         written=written,
         notes=tuple(notes),
-        report=report,
+        report=adaptation.report,
         min_coverage=min_coverage,
         alarm=alarm,
+        proposal=adaptation.proposal,
+        proposal_commands=adaptation.proposal_commands,
     )
 
 

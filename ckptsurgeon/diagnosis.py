@@ -2,9 +2,11 @@
 
 The search tries every pair (strip a leading prefix of the file's keys, add a leading prefix
 of the target's keys), with candidates found in the data (not only a list of known wrappers),
-and keeps the one that loads the most tensors by name *and* shape. On top of that: the head
-(shape-mismatched output layer: a class count change, not a bug), the filter idiom users
-write, a suffix-matching proposal when prefixes are not enough, and the exact fix commands.
+and keeps the one that loads the most tensors by name *and* shape. Only wrapper prefixes count
+(see :func:`is_wrapper_prefix`): a "prefix" that is one layer's own name is a guessed rename,
+not a wrapper. On top of that: the head (shape-mismatched output layer: a class count change,
+not a bug), the filter idiom users write, a suffix-matching proposal when prefixes are not
+enough (a guess: shown, never applied), and the exact fix commands.
 """
 
 from __future__ import annotations
@@ -57,6 +59,34 @@ VOCABULARY_NAMES = frozenset(
 )
 _CANDIDATE_DEPTH = 3
 _CANDIDATE_LIMIT = 10
+# A partial prefix (not on every key of its side) must be on at least this share of the keys,
+# and on at least two of them, to count as a wrapper.
+MIN_PREFIX_SHARE = 0.1
+MIN_PREFIX_KEYS = 2
+# What a module is for, by its name: a suffix match never pairs modules of different roles
+# (a pooler is not a classifier, a body layer is not a head). Narrower than HEAD_NAMES on
+# purpose: ``output``/``out`` also name body layers (BERT's ``attention.output.dense``).
+_ROLE_WORDS = {
+    "pooler": "pooler",
+    **dict.fromkeys(
+        (
+            "classifier",
+            "cls",
+            "head",
+            "heads",
+            "lm_head",
+            "logits",
+            "predictions",
+            "score",
+            "qa_outputs",
+            "last_linear",
+            "classif",
+            "cls_score",
+            "fc",
+        ),
+        "head",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -64,6 +94,7 @@ class KeyTransform:
     """Rename keys: remove ``strip`` where a key starts with it, then put ``add`` in front.
 
     This is what ``ckpt adapt`` applies; ``ckpt rename --strip-prefix S --add-prefix A`` does the same.
+    :func:`best_transform` only ever returns wrapper prefixes (:func:`is_wrapper_prefix`).
 
     Example:
         >>> t = KeyTransform(strip="_orig_mod.module.", add="")
@@ -145,9 +176,11 @@ class Vocabulary:
 class Diagnosis:
     """The best key transform, what it loads, the head, the filter idiom, proposals and fixes.
 
-    ``mapping``: every key of the file that should be kept -> its name in the target, after
-    ``transform`` (and the proposal, if any). ``drop``: keys of the file whose shape does not fit
-    (the head). ``extra``: keys of the file with no place in the target even after the transform.
+    ``mapping``: every key of the file that loads after ``transform`` -> its name in the target
+    (what ``ckpt adapt`` applies). ``proposed_mapping`` (a guess by dotted suffix) is *not* in it:
+    it is shown with the command that applies it, for review. ``drop``: keys of the file whose
+    shape does not fit (the head). ``extra``: keys of the file with no place in the target after
+    the transform (the keys of the proposal included).
 
     Example:
         >>> d = diagnose({"w": (2,)}, {"w": (2,)})
@@ -210,7 +243,6 @@ def diagnose(
     mapping = {
         origin[name]: name for name in renamed if name in tgt and renamed[name].shape == tgt[name].shape
     }
-    mapping.update(proposal)
     return Diagnosis(
         transform=transform,
         as_saved=as_saved,
@@ -222,7 +254,7 @@ def diagnose(
         ambiguous=ambiguous,
         mapping=mapping,
         drop=tuple(m.file_name for m in after.shape_mismatched),
-        extra=tuple(origin[name] for name in after.unexpected if origin[name] not in proposal),
+        extra=tuple(origin[name] for name in after.unexpected),
         vocabulary=vocabulary,
     )
 
@@ -284,17 +316,53 @@ def candidate_prefixes(names: list[str]) -> list[str]:
     return sorted({p for p in [*ranked, *extra] if p}, key=lambda p: (p.count("."), -counts.get(p, 0), p))
 
 
+def is_wrapper_prefix(prefix: str, names: list[str]) -> bool:
+    """True when ``prefix`` may be stripped from (or added to) the keys ``names`` as a wrapper.
+
+    The rule, from the data alone: a prefix every key shares is a wrapper (``module.``,
+    ``model.``, a backbone saved on its own). A prefix only some keys share must be shared by at
+    least :data:`MIN_PREFIX_SHARE` of them (and at least :data:`MIN_PREFIX_KEYS`), and must name
+    a module that holds other modules: at least one key must keep a dotted remainder, not only
+    a leaf. So ``backbone.`` (most keys, ``backbone.layer1.conv.weight``) is a prefix, while
+    ``norm.`` (``norm.weight``: one layer's own name) or ``classifier.`` in a 200-key model is
+    not: renaming those is a guess about one layer, which ``adapt`` never applies.
+
+    Example:
+        >>> names = ["backbone.layer1.conv.w", "backbone.layer2.conv.w", "norm.weight", "head.fc.w"]
+        >>> is_wrapper_prefix("backbone.", names), is_wrapper_prefix("norm.", names)
+        (True, False)
+        >>> is_wrapper_prefix("module.", ["module.weight", "module.bias"])
+        True
+    """
+    remainders = [name[len(prefix) :] for name in names if name.startswith(prefix)]
+    if not remainders:
+        return False
+    if len(remainders) == len(names):
+        return True
+    if len(remainders) < max(MIN_PREFIX_KEYS, MIN_PREFIX_SHARE * len(names)):
+        return False
+    return any("." in rest for rest in remainders)
+
+
 def best_transform(source: Shapes, target: Shapes) -> KeyTransform:
     """The (strip, add) pair that loads the most tensors by name and shape (the identity unless
     another loads more); among equals, the one matching more names, then the simplest.
 
+    Only wrapper prefixes are tried on each side (:func:`is_wrapper_prefix`).
+
     Example:
         >>> best_transform({"model.fc.w": (2,)}, {"module.fc.w": (2,)})
         KeyTransform(strip='model.', add='module.')
+        >>> llama = {"norm.weight": (4,), "embed.weight": (9, 4), "layers.0.q.weight": (4, 4)}
+        >>> bert = {"bert.embeddings.LayerNorm.weight": (4,), "bert.embeddings.word.weight": (9, 4),
+        ...         "bert.encoder.layer.0.query.weight": (4, 4), "classifier.weight": (2, 4)}
+        >>> best_transform(llama, bert)  # not strip 'norm.', add 'bert.embeddings.LayerNorm.'
+        KeyTransform(strip='', add='')
     """
     src_names = list(source)
-    strips = ["", *candidate_prefixes(src_names)]
-    adds = ["", *candidate_prefixes(list(target))]
+    tgt_names = list(target)
+    strips = ["", *(p for p in candidate_prefixes(src_names) if is_wrapper_prefix(p, src_names))]
+    adds = ["", *(p for p in candidate_prefixes(tgt_names) if is_wrapper_prefix(p, tgt_names))]
     by_add = {add: {t[len(add) :]: shape for t, shape in target.items() if t.startswith(add)} for add in adds}
     best = KeyTransform()
     best_score = _score(source, by_add[""])
@@ -459,7 +527,10 @@ def suffix_proposal(
     origin: Mapping[str, str],
 ) -> tuple[dict[str, str], tuple[str, ...]]:
     """Pair still-missing target keys with still-unexpected file keys by the longest common dotted
-    suffix (at least the last two components) and equal shape; ambiguous pairs are refused.
+    suffix (at least the last two components) and equal shape; ambiguous pairs are refused, and
+    so are pairs of modules whose names give them different roles (``_ROLE_WORDS``: a
+    ``pooler`` is not a ``classifier``, a body layer is not a head). A guess to review: the
+    result is shown with the command that applies it, never applied by ``adapt``.
 
     Returns (key in the file -> target name, target names left out as ambiguous).
 
@@ -478,7 +549,9 @@ def suffix_proposal(
         scored = [
             (_common_suffix(tname, sname), sname)
             for sname in buckets.get(_tail(tname), [])
-            if tuple(renamed[sname].shape) == tuple(target[tname].shape) and _names_a_module(tname, sname)
+            if tuple(renamed[sname].shape) == tuple(target[tname].shape)
+            and _names_a_module(tname, sname)
+            and _same_role(tname, sname)
         ]
         if not scored:
             continue
@@ -492,6 +565,24 @@ def suffix_proposal(
     proposal = {origin[s]: t for t, s in best_for.items() if claims[s] == 1}
     ambiguous += [t for t, s in best_for.items() if claims[s] > 1]
     return proposal, tuple(ambiguous)
+
+
+def _same_role(a: str, b: str) -> bool:
+    """True when the modules of ``a`` and ``b`` have the same role by name (pooler, head, or
+    neither).
+
+    Example:
+        >>> _same_role("classifier.dense.weight", "pooler.dense.weight")
+        False
+        >>> _same_role("heads.head.weight", "head.weight"), _same_role("body.s1.conv.w", "enc.s1.conv.w")
+        (True, True)
+    """
+    return _role(a.split(".")[:-1]) == _role(b.split(".")[:-1])
+
+
+def _role(parts: list[str]) -> str:
+    roles = {_ROLE_WORDS[p] for p in parts if p in _ROLE_WORDS}
+    return "pooler" if "pooler" in roles else roles.pop() if roles else ""
 
 
 def _tail(name: str) -> str:

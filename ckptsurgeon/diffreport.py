@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .coverage import threshold
 from .grouping import collapse, natural_key, natural_sorted
 from .report import dump_json, format_shape, printable, render_table
 
@@ -41,6 +42,8 @@ def to_json(result: DiffResult) -> dict[str, Any]:
     mismatched = sorted(result.shape_mismatched, key=lambda m: natural_key(m.name))
     return {
         "status": result.comparison.status,
+        "passes": result.passes(),
+        "min_coverage": threshold(result.min_coverage),
         "headline": result.headline,
         "source": {"path": result.source, "key": result.source_key, "tensors": result.source_count},
         "target": {
@@ -79,6 +82,7 @@ def to_json(result: DiffResult) -> dict[str, Any]:
             "drop": list(d.drop),
             "extra": list(d.extra),
             "fix_commands": list(e.fix_commands),
+            "proposal_commands": list(e.proposal_commands),
         },
     }
 
@@ -177,6 +181,12 @@ def _diagnosis(result: DiffResult, md: bool) -> str:
         rows = [(s, t) for s, t in sorted(proposal, key=lambda p: natural_key(p[1]))]
         table = render_table(("file key (proposed)", "target key"), rows, "markdown" if md else "table")
         lines.append(table)
+        commands = [printable(c) for c in e.proposal_commands]
+        if commands:
+            if md:
+                lines.append("To apply the proposal after review:\n\n```sh\n" + "\n".join(commands) + "\n```")
+            else:
+                lines.append("To apply the proposal after review:\n" + "\n".join(f"  {c}" for c in commands))
     return "\n\n".join(lines)
 
 

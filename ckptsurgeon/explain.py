@@ -2,36 +2,44 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .compare import Comparison, FilterIdiom, ShapeMismatch
+from .coverage import DEFAULT_MIN_COVERAGE, enough
 from .diagnosis import Diagnosis, Head, Vocabulary
 from .grouping import collapse
 from .prefixes import KNOWN_WRAPPERS
 from .report import printable
 
 FILTER = "{k: v for k, v in sd.items() if k in model_sd}"
-ALARM_FRACTION = 0.1  # below this share of the target loading, the report alarms loudly
 
 
 @dataclass(frozen=True)
 class Explanation:
     """Sentences for the report: the diagnosis ``message``, the ``filter_idiom`` note, an ``alarm``
-    when (almost) nothing loads, and the ``fix_commands`` to run next."""
+    when coverage as saved is below the bar (:mod:`ckptsurgeon.coverage`), the ``fix_commands``
+    to run next, and the ``proposal_commands`` that apply a suffix proposal after review."""
 
     message: str
     filter_idiom: str
     alarm: str | None
     fix_commands: tuple[str, ...]
+    proposal_commands: tuple[str, ...] = ()
 
 
 def explain(
-    diagnosis: Diagnosis, source: str, target_spec: str | None, key: str | None = None
+    diagnosis: Diagnosis,
+    source: str,
+    target_spec: str | None,
+    key: str | None = None,
+    min_coverage: float = DEFAULT_MIN_COVERAGE,
 ) -> Explanation:
-    """Put ``diagnosis`` into words, naming ``source`` and ``target_spec`` in the fix commands.
+    """Put ``diagnosis`` into words, naming ``source`` and ``target_spec`` in the fix commands;
+    ``min_coverage`` is the coverage bar of the alarm and of ``ckpt adapt``.
 
     Example:
         >>> from .diagnosis import diagnose
@@ -40,14 +48,15 @@ def explain(
         ('All 1 target tensors load as is.', ())
     """
     return Explanation(
-        message=" ".join(_sentences(diagnosis)),
+        message=" ".join(_sentences(diagnosis, min_coverage)),
         filter_idiom=_filter_sentence(diagnosis),
-        alarm=_alarm(diagnosis.as_saved),
-        fix_commands=fix_commands(diagnosis, source, target_spec, key),
+        alarm=_alarm(diagnosis.as_saved, min_coverage),
+        fix_commands=fix_commands(diagnosis, source, target_spec, key, min_coverage),
+        proposal_commands=proposal_commands(diagnosis, source, target_spec, key, min_coverage),
     )
 
 
-def _sentences(d: Diagnosis) -> list[str]:
+def _sentences(d: Diagnosis, min_coverage: float = DEFAULT_MIN_COVERAGE) -> list[str]:
     saved = d.as_saved
     if saved.ok:
         return [f"All {saved.total} target tensors load as is.", *_notes(saved)]
@@ -65,13 +74,16 @@ def _sentences(d: Diagnosis) -> list[str]:
         final = d.after
     out += _remainder(d, final)
     out += _notes(final)
+    if not enough(final.loadable, final.total, min_coverage) and final.total:
+        out.append(_low_coverage_sentence(d, final, min_coverage))
     if d.proposed_mapping:
         loads = final.loadable + len(d.proposed_mapping)
         first, second = d.proposed_mapping[0]
         out.append(
             "Prefix changes are not enough: matching keys by their longest common dotted suffix "
             f"(same shape) proposes {len(d.proposed_mapping)} renames, e.g. {first} → {second}; "
-            f"with them {loads} of {final.total} would load. It is a proposal: review it before applying."
+            f"with them {loads} of {final.total} would load. It is a guess, which ckpt adapt does not "
+            "apply: review it, then apply it with the commands below."
         )
     if d.ambiguous:
         out.append(
@@ -235,14 +247,47 @@ def _filter_text(f: FilterIdiom, verb: str) -> str:
     return f"{verb} {f.kept} of {f.source_total} keys, all of the right shape."
 
 
-def _alarm(c: Comparison) -> str | None:
-    if c.total == 0 or c.loadable >= ALARM_FRACTION * c.total:
+def _low_coverage_sentence(d: Diagnosis, final: Comparison, min_coverage: float) -> str:
+    after = " after the key fix" if d.improves else ""
+    if final.loadable == 0:
+        return f"Nothing loads{after}: is the file a checkpoint of this architecture?"
+    share = _percent(final.loadable, final.total)
+    return (
+        f"{final.loadable} of {final.total} loading{after} ({share}) is below "
+        f"the {min_coverage:g}% minimum coverage: ckpt adapt and load_into refuse it (--min-coverage / "
+        "min_coverage= lowers the bar). Is the file a checkpoint of this architecture?"
+    )
+
+
+def _alarm(c: Comparison, min_coverage: float = DEFAULT_MIN_COVERAGE) -> str | None:
+    """The loud line when less than ``min_coverage`` percent of the target (or nothing) loads as saved.
+
+    Example:
+        >>> from .diagnosis import diagnose
+        >>> _alarm(diagnose({"a": (2,)}, {"a": (2,), "b": (2,), "c": (2,)}).as_saved)[:60]
+        'ONLY 33.3% WOULD LOAD: 1 of 3 target tensors are in the file'
+    """
+    if enough(c.loadable, c.total, min_coverage):
         return None
-    what = "NOTHING WOULD LOAD" if c.loadable == 0 else "ALMOST NOTHING WOULD LOAD"
+    if c.loadable == 0:
+        what = "NOTHING WOULD LOAD"
+    else:
+        return (
+            f"ONLY {_percent(c.loadable, c.total)} WOULD LOAD: {c.loadable} of {c.total} target tensors are "
+            f"in the file under the same name and shape, below the {min_coverage:g}% minimum coverage. "
+            "Loaded with strict=False (or after a name filter), the rest of the model keeps its random "
+            "weights, silently."
+        )
     return (
         f"{what}: {c.loadable} of {c.total} target tensors are in the file under the same name and shape. "
         "Loaded with strict=False (or after a name filter), the model keeps its random weights, silently."
     )
+
+
+def _percent(part: int, whole: int) -> str:
+    from .match import percent
+
+    return percent(part, whole)
 
 
 # Keys with no place in the target that the step-by-step rename drops by name; beyond this, adapt only.
@@ -250,23 +295,30 @@ MAX_DROP_FLAGS = 4
 
 
 def fix_commands(
-    d: Diagnosis, source: str, target_spec: str | None, key: str | None = None
+    d: Diagnosis,
+    source: str,
+    target_spec: str | None,
+    key: str | None = None,
+    min_coverage: float = DEFAULT_MIN_COVERAGE,
 ) -> tuple[str, ...]:
     """The ``ckpt`` commands that make the file load: ``adapt`` in one go, then the step-by-step pair.
+
+    None when too little would load even after the fix (below ``min_coverage``: adapt refuses).
 
     Example:
         >>> from .diagnosis import diagnose
         >>> fix_commands(diagnose({"m.w": (2,), "m.x": (1,)}, {"w": (2,), "x": (1,)}), "a.pth", "b.pth")
         ('ckpt adapt a.pth b.pth -o a.adapted.pth', 'ckpt rename a.pth --strip-prefix m. -o a.renamed.pth')
     """
-    if d.as_saved.ok or d.after.loadable == 0:
+    if d.as_saved.ok or not enough(d.after.loadable, d.after.total, min_coverage):
         return ()
     src, tgt = shell_quote(source), shell_quote(target_spec or "TARGET")
     key_opt = f" --key {shell_quote(key)}" if key else ""
     needs_drop = bool(d.after.shape_mismatched or d.after.unexpected)
     if not d.improves and not needs_drop:
         return ()  # only keys the file does not have are missing: no command can add them
-    commands = [f"ckpt adapt {src} {tgt}{key_opt} -o {_output(source, 'adapted')}"]
+    bar = _coverage_option(d.after.loadable, d.after.total, min_coverage)
+    commands = [f"ckpt adapt {src} {tgt}{key_opt}{bar} -o {_output(source, 'adapted')}"]
     if d.improves:
         if len(d.extra) > MAX_DROP_FLAGS:
             return tuple(commands)  # too many to list by hand: adapt drops them
@@ -281,6 +333,83 @@ def fix_commands(
     elif needs_drop and d.after.shape_mismatched:
         commands.append(f"ckpt strip-head {src}{key_opt} --target {tgt} -o {_output(source, 'stripped')}")
     return tuple(commands)
+
+
+def proposal_commands(
+    d: Diagnosis,
+    source: str,
+    target_spec: str | None,
+    key: str | None = None,
+    min_coverage: float = DEFAULT_MIN_COVERAGE,
+) -> tuple[str, ...]:
+    """The commands that apply the suffix proposal, for after review: a ``ckpt rename`` giving
+    every key its target name (the key transform, then one anchored ``--replace`` per proposed
+    module) into ``SOURCE.mapped...``, then ``ckpt adapt`` on that. Empty without a proposal.
+
+    Example:
+        >>> from .diagnosis import diagnose
+        >>> d = diagnose({"m.e.s1.conv.w": (3,), "m.e.s2.conv.w": (4,), "m.e.s2.bn.w": (4,)},
+        ...              {"b.s1.conv.w": (3,), "e.s2.conv.w": (4,), "e.s2.bn.w": (4,)})
+        >>> print("\\n".join(proposal_commands(d, "a.pth", "b.pth")))
+        ckpt rename a.pth --strip-prefix m. --replace '^e\\.s1\\.conv\\.(w)$' 'b.s1.conv.\\1' -o a.mapped.pth
+        ckpt adapt a.mapped.pth b.pth -o a.adapted.pth
+    """
+    if not d.proposed_mapping:
+        return ()
+    src, tgt = shell_quote(source), shell_quote(target_spec or "TARGET")
+    key_opt = f" --key {shell_quote(key)}" if key else ""
+    t = d.transform
+    pairs = [(t.rename(old), new) for old, new in d.proposed_mapping]
+    flags = f" --strip-prefix {shell_quote(t.strip)}" if t.strip else ""
+    if t.add and all(new.startswith(t.add) for _, new in pairs):
+        pairs = [(old[len(t.add) :], new[len(t.add) :]) for old, new in pairs]
+        flags += _replace_flags(pairs) + f" --add-prefix {shell_quote(t.add)}"
+    else:
+        flags += (f" --replace '^' {shell_quote(t.add)}" if t.add else "") + _replace_flags(pairs)
+    renamed = _output(source, "mapped")
+    loads = d.after.loadable + len(d.proposed_mapping)
+    bar = _coverage_option(loads, d.after.total, min_coverage)
+    return (
+        f"ckpt rename {src}{key_opt}{flags} -o {renamed}",
+        f"ckpt adapt {renamed} {tgt}{bar} -o {_output(source, 'adapted')}",
+    )
+
+
+def _replace_flags(pairs: Sequence[tuple[str, str]]) -> str:
+    """One anchored ``--replace`` per (old module, new module), its leaves as alternatives.
+
+    Example:
+        >>> print(_replace_flags([("pool.dense.weight", "x.dense.weight"), ("pool.dense.bias", "x.dense.b")]))
+         --replace '^pool\\.dense\\.(weight)$' 'x.dense.\\1' --replace '^pool\\.dense\\.bias$' x.dense.b
+    """
+    groups: dict[tuple[str, str], list[str]] = {}
+    for old, new in pairs:
+        old_module, _, old_leaf = old.rpartition(".")
+        new_module, _, new_leaf = new.rpartition(".")
+        key = (old_module, new_module) if old_leaf == new_leaf else (old, new)
+        groups.setdefault(key, []).append(old_leaf if old_leaf == new_leaf else "")
+    flags = []
+    for (old, new), leaves in groups.items():
+        if leaves == [""]:  # a whole-key rename: the leaves differ
+            pattern, repl = f"^{re.escape(old)}$", _literal(new)
+        else:
+            alternatives = "|".join(re.escape(leaf) for leaf in sorted(leaves))
+            pattern = f"^{re.escape(old)}" + r"\." + f"({alternatives})$"
+            repl = _literal(new) + "." + r"\1"
+        flags.append(f" --replace {shell_quote(pattern)} {shell_quote(repl)}")
+    return "".join(flags)
+
+
+def _literal(text: str) -> str:
+    """``text`` as a literal ``re.sub`` replacement (backslashes doubled)."""
+    return text.replace("\\", "\\\\")
+
+
+def _coverage_option(loads: int, total: int, min_coverage: float) -> str:
+    """`` --min-coverage P`` when adapt's default bar would refuse what the caller's bar accepts."""
+    if min_coverage >= DEFAULT_MIN_COVERAGE or enough(loads, total):
+        return ""
+    return f" --min-coverage {min_coverage:g}"
 
 
 def shell_quote(text: str) -> str:

@@ -1,10 +1,12 @@
 """Adapting a checkpoint to a target: the plan ``ckpt adapt`` writes, and ``load_into`` for live models.
 
-Both apply ``diff``'s diagnosis: the key transform that loads the most tensors (prefix
-alignment, a suffix mapping when prefixes are not enough), every tensor whose shape does
-not fit the target left out (the head), and nothing the target has no place for. The
-:class:`LoadReport` says exactly what loads, what the target keeps as initialised
-(missing), and what was left out of the file, and why.
+Both run one sequence, :func:`plan_adaptation`: ``diff``'s diagnosis, the key transform it can
+justify from the data (wrapper prefixes, see :func:`ckptsurgeon.diagnosis.is_wrapper_prefix`),
+every tensor whose shape does not fit the target left out (the head), nothing the target has
+no place for, and one coverage decision (:mod:`ckptsurgeon.coverage`: below the minimum,
+nothing is written or copied). A rename guessed from dotted suffixes is never applied: it is
+reported with the command that applies it. The :class:`LoadReport` says exactly what loads,
+what the target keeps as initialised (missing), and what was left out of the file, and why.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .compare import ShapeMismatch, compare
+from .coverage import DEFAULT_MIN_COVERAGE, coverage_percent, enough
 from .errors import LoadError
 from .grouping import collapse
 from .record import TensorRecord
@@ -28,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .match import DiffResult
     from .target import Target
 
-DEFAULT_MIN_COVERAGE = 50.0  # percent of the model's tensors that must load, or load_into refuses
+__all__ = ["DEFAULT_MIN_COVERAGE", "Adaptation", "LoadReport", "load_into", "plan_adaptation"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class LoadReport:
     @property
     def coverage(self) -> float:
         """Percent of target tensors that load (100 for an empty target)."""
-        return 100.0 if self.total == 0 else 100.0 * len(self.loaded) / self.total
+        return coverage_percent(len(self.loaded), self.total)
 
     @property
     def ok(self) -> bool:
@@ -149,10 +152,11 @@ def adapt_plan(tensors: Mapping[str, TensorRecord], diagnosis: Diagnosis) -> Pla
         else:
             drops[name] = "no place in the target"
     steps = [f"key transform: {describe_transform(diagnosis.transform)}"]
-    if diagnosis.proposed_mapping:
-        steps.append(f"{len(diagnosis.proposed_mapping)} key(s) matched by dotted suffix")
-    if drops:
-        steps.append(f"drop {len(drops)} tensor(s) that do not fit the target")
+    misfit_count = sum(1 for name in drops if name in misfits)
+    if misfit_count:
+        steps.append(f"drop {misfit_count} tensor(s) whose shape does not fit the target")
+    if len(drops) > misfit_count:
+        steps.append(f"drop {len(drops) - misfit_count} tensor(s) with no place in the target")
     return plan_from_mapping(tensors, diagnosis.mapping, drops, steps)
 
 
@@ -198,36 +202,109 @@ def fit_report(
     )
 
 
-def coverage_alarm(
-    report: LoadReport, min_coverage: float = 0.0, hint: str = "", dry_run: bool = False
-) -> str | None:
-    """The one-line refusal when nothing, or less than ``min_coverage`` percent, of the target loads.
+@dataclass(frozen=True)
+class Adaptation:
+    """One adaptation planned, not yet applied: the diff, the plan, the planned tensors, what they
+    load (``report``) and the coverage decision against ``min_coverage``.
 
-    ``hint`` (why nothing loads: the diff's explanation) ends the line when nothing loads.
+    ``proposal`` (keys paired by dotted suffix only) is left out of the plan: ``proposal_commands``
+    apply it after review.
 
     Example:
-        >>> r = LoadReport("a.pth", "model", (), ("fc.weight",), (), ("x",), "none")
-        >>> coverage_alarm(r)
-        'a.pth: nothing would load into model after adaptation (0 of 1 target tensor); nothing was written.'
+        >>> a = plan_adaptation(source.tensors, target, "a.pth")                 # doctest: +SKIP
+        >>> a.accepted, a.report.headline                                        # doctest: +SKIP
+        (True, '120 of 122 target tensors load (98.3%)')
     """
-    loaded = len(report.loaded)
-    if report.total == 0 or (loaded and report.coverage >= min_coverage):
-        return None
-    if loaded:
+
+    diff: DiffResult
+    plan: Plan
+    output: dict[str, TensorRecord]
+    report: LoadReport
+    min_coverage: float
+
+    @property
+    def accepted(self) -> bool:
+        """True when enough of the target loads (:func:`ckptsurgeon.coverage.enough`)."""
+        return enough(len(self.report.loaded), self.report.total, self.min_coverage)
+
+    @property
+    def proposal(self) -> tuple[tuple[str, str], ...]:
+        """(key in the file, target name) pairs found by dotted suffix only: a guess, not applied."""
+        return self.diff.diagnosis.proposed_mapping
+
+    @property
+    def proposal_commands(self) -> tuple[str, ...]:
+        """The commands that apply :attr:`proposal` (``ckpt rename --replace ...``, then ``adapt``)."""
+        return self.diff.explanation.proposal_commands
+
+    def refusal(self, outcome: str, option: str = "--min-coverage ") -> str | None:
+        """The one-line refusal when too little loads (``None`` when accepted).
+
+        ``outcome`` ends the first clause ("nothing was written"); ``option`` names the knob
+        that moves the bar (``--min-coverage `` on the command line, ``min_coverage=`` in Python).
+        """
+        if self.accepted:
+            return None
         from .match import percent
 
-        what = (
-            f"only {loaded} of {_counted(report.total, 'target tensor')} would load into {report.target} "
-            f"after adaptation ({percent(loaded, report.total)}), below --min-coverage {min_coverage:g}%"
-        )
-        hint = "--dry-run lists what is missing; a lower --min-coverage accepts it"
-    else:
-        what = (
-            f"nothing would load into {report.target} after adaptation "
-            f"(0 of {_counted(report.total, 'target tensor')})"
-        )
-    outcome = "writing it would be refused" if dry_run else "nothing was written"
-    return f"{report.source}: {what}; {outcome}. {hint}".strip()
+        report, loaded = self.report, len(self.report.loaded)
+        if loaded:
+            what = (
+                f"only {loaded} of {_counted(report.total, 'target tensor')} would load into {report.target} "
+                f"after adaptation ({percent(loaded, report.total)}), below {option}{self.min_coverage:g}%"
+            )
+            lister = "--dry-run" if option.startswith("--") else "ckptsurgeon.diff(source, model)"
+            hint = (
+                f"Is it a checkpoint of this architecture? {lister} lists what is missing; "
+                f"a lower {option.strip().rstrip('=')} accepts it"
+            )
+        else:
+            what = (
+                f"nothing would load into {report.target} after adaptation "
+                f"(0 of {_counted(report.total, 'target tensor')})"
+            )
+            hint = self.diff.explanation.message  # why nothing loads, the proposal included
+        if loaded and self.proposal:
+            hint += (
+                f" {len(self.proposal)} more key(s) pair only by their dotted suffix (a guess, not applied): "
+                "ckpt diff shows them and the rename that applies them."
+            )
+        return f"{report.source}: {what}; {outcome}. {hint}".strip()
+
+
+def plan_adaptation(
+    records: Mapping[str, TensorRecord],
+    target: Target,
+    source: str,
+    *,
+    min_coverage: float = DEFAULT_MIN_COVERAGE,
+    key: str | None = None,
+    target_spec: str | None = None,
+) -> Adaptation:
+    """Plan the adaptation of ``records`` to ``target`` and decide on coverage: what ``ckpt adapt``
+    writes and ``load_into`` copies, decided in one place.
+
+    ``source`` labels the file in messages; ``key`` and ``target_spec`` go into the suggested
+    commands.
+
+    Example:
+        >>> from .target import target_from_records
+        >>> src = {"module.w": TensorRecord("module.w", "float32", (2,)),
+        ...        "module.fc.w": TensorRecord("module.fc.w", "float32", (6, 2))}
+        >>> tgt = {"w": src["module.w"], "fc.w": TensorRecord("fc.w", "float32", (2, 2))}
+        >>> a = plan_adaptation(src, target_from_records(tgt, "model", "mapping"), "a.pth")
+        >>> a.plan.mapping, a.accepted, a.report.headline
+        ({'module.w': 'w', 'module.fc.w': None}, True, '1 of 2 target tensors load (50.0%)')
+    """
+    from .match import diff
+
+    result = diff(
+        records, target, key=key, source_label=source, target_label=target_spec, min_coverage=min_coverage
+    )
+    plan = adapt_plan(records, result.diagnosis)
+    output = plan.apply(records)
+    report = fit_report(output, target, plan, source, result.diagnosis)
+    return Adaptation(result, plan, output, report, min_coverage)
 
 
 def _counted(n: int, noun: str) -> str:
@@ -246,13 +323,15 @@ def load_into(
 ) -> LoadReport:
     """Load what fits of a checkpoint into a live ``nn.Module`` and return what happened.
 
-    The diagnosis of ``ckpt diff`` is applied: keys are aligned (``module.``, ``_orig_mod.``,
-    ``model.`` ... stripped or added as the model needs), tensors whose shape does not fit
-    (the classifier head) are skipped (``strict_shapes=True`` raises instead), and every
-    fitting tensor is materialised one at a time and copied into the model's parameter or
-    buffer (the same effect as ``load_state_dict(strict=False)`` with only those tensors).
-    Raises :class:`~ckptsurgeon.errors.LoadError`, before anything is copied, when less
-    than ``min_coverage`` percent of the model's tensors would load: the silent zero-load
+    The same plan as ``ckpt adapt`` (:func:`plan_adaptation`): keys are aligned (wrapper
+    prefixes such as ``module.``, ``_orig_mod.``, ``model.`` stripped or added as the model
+    needs), tensors whose shape does not fit (the classifier head) are skipped
+    (``strict_shapes=True`` raises instead), renames guessed from dotted suffixes are not
+    applied, and every fitting tensor is materialised one at a time and copied into the model's
+    parameter or buffer (the same effect as ``load_state_dict(strict=False)`` with only those
+    tensors). Raises :class:`~ckptsurgeon.errors.LoadError`, before anything is copied, when
+    nothing, or less than ``min_coverage`` percent (default 50, the rule of
+    :mod:`ckptsurgeon.coverage`) of the model's tensors would load: the silent zero-load
     cannot happen.
 
     Example:
@@ -261,17 +340,17 @@ def load_into(
         >>> report.headline, report.missing                             # doctest: +SKIP
         ('318 of 320 target tensors load (99.3%)', ('fc.weight', 'fc.bias'))
     """
-    from .match import diff
     from .target import target_from_module
 
     label, records = _source_records(path_or_state_dict, key, read_options)
     target = target_from_module(model, type(model).__name__, "module")
-    result = diff(records, target, source_label=label)
-    plan = adapt_plan(records, result.diagnosis)
-    output = plan.apply(records)
-    report = fit_report(output, target, plan, label, result.diagnosis)
-    _check(report, result, min_coverage, strict_shapes)
-    _copy_into(model, output, report.loaded)
+    adaptation = plan_adaptation(records, target, label, min_coverage=min_coverage)
+    report = adaptation.report
+    _check_shapes(report, strict_shapes)
+    refusal = adaptation.refusal("nothing was loaded", "min_coverage=")
+    if refusal is not None:
+        raise LoadError(refusal)
+    _copy_into(model, adaptation.output, report.loaded)
     return report
 
 
@@ -293,19 +372,13 @@ def _source_records(
     raise LoadError(f"load_into: cannot read a {type(source).__name__}; pass a path or a state dict")
 
 
-def _check(report: LoadReport, result: DiffResult, min_coverage: float, strict_shapes: bool) -> None:
+def _check_shapes(report: LoadReport, strict_shapes: bool) -> None:
     if strict_shapes and report.skipped:
         first = report.skipped[0]
         raise LoadError(
             f"{report.source}: {len(report.skipped)} tensor(s) do not fit the model's shapes (e.g. "
             f"{first.file_name} {format_shape(first.source_shape)} vs {format_shape(first.target_shape)}); "
             "pass strict_shapes=False to skip them"
-        )
-    if report.total and (not report.loaded or report.coverage < min_coverage):
-        hint = result.explanation.message
-        raise LoadError(
-            f"{report.source}: only {report.headline} into {report.target}, below min_coverage="
-            f"{min_coverage:g}%; nothing was loaded. {hint}"
         )
 
 

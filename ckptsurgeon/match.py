@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .compare import Comparison, DtypeDifference, ShapeMismatch, compare
+from .coverage import coverage_percent, enough, threshold
 from .diagnosis import Diagnosis, diagnose
 from .explain import Explanation, explain
 from .record import TensorRecord
@@ -36,6 +37,8 @@ class DiffResult:
     ``ok`` is True when the file loads with strict loading as is (a tied alias the file
     stores once is not missing, but strict loading raises on it: ``comparison.status`` is then
     ``"tied"``). ``coverage`` is the percentage of target tensors that load.
+    ``min_coverage`` is the bar the caller set (``--min-coverage``; ``None``: strict loading
+    decides :meth:`passes`, and the alarm uses the default of :mod:`ckptsurgeon.coverage`).
 
     Example:
         >>> r = diff({"w": TensorRecord("w", "float32", (2,))}, {"w": TensorRecord("w", "float32", (2,))})
@@ -52,6 +55,7 @@ class DiffResult:
     diagnosis: Diagnosis
     explanation: Explanation
     target_notes: tuple[str, ...] = ()
+    min_coverage: float | None = None
 
     # -- PyTorch's lists, as saved ------------------------------------------------------------------
     @property
@@ -94,7 +98,13 @@ class DiffResult:
     @property
     def coverage(self) -> float:
         """Percent of target tensors that load as saved (100 for an empty target)."""
-        return 100.0 if self.total == 0 else 100.0 * self.loadable / self.total
+        return coverage_percent(self.loadable, self.total)
+
+    @property
+    def coverage_low(self) -> bool:
+        """True when less than the bar (``min_coverage``, or the default 50%) loads as saved,
+        or nothing does: the report's alarm is raised exactly then."""
+        return not enough(self.loadable, self.total, threshold(self.min_coverage))
 
     @property
     def headline(self) -> str:
@@ -102,10 +112,20 @@ class DiffResult:
         return f"{self.loadable} of {self.total} target tensors would load ({share})"
 
     def passes(self, min_coverage: float | None = None) -> bool:
-        """``ok``, or (with ``min_coverage``) at least that percent of target tensors load as saved."""
-        if min_coverage is None:
+        """What ``ckpt diff`` exits 0 on: without a bar (``min_coverage`` here or on the result),
+        ``ok``; with one, at least that percent of target tensors load as saved, and something
+        does (:func:`ckptsurgeon.coverage.enough`, the rule ``adapt`` and ``load_into`` use).
+
+        Example:
+            >>> r = diff({"a": TensorRecord("a", "float32", (2,))},
+            ...          {"a": TensorRecord("a", "float32", (2,)), "b": TensorRecord("b", "float32", (2,))})
+            >>> r.passes(), r.passes(50), r.passes(51), r.coverage_low
+            (False, True, False, False)
+        """
+        bar = self.min_coverage if min_coverage is None else min_coverage
+        if bar is None:
             return self.ok
-        return self.coverage >= min_coverage
+        return enough(self.loadable, self.total, bar)
 
     def render(self, fmt: str = "table", verbose: bool = False) -> str:
         """The report as ``ckpt diff`` prints it: ``table``, ``markdown`` or ``json``."""
@@ -152,6 +172,8 @@ def diff(
     read_options: ReadOptions | None = None,
     source_label: str | None = None,
     target_key: str | None = None,
+    target_label: str | None = None,
+    min_coverage: float | None = None,
 ) -> DiffResult:
     """Compare ``source`` with ``target`` by name and shape, and diagnose the difference.
 
@@ -159,7 +181,9 @@ def diff(
     a :class:`Checkpoint`, a state dict (records or tensors), or an ``nn.Module``.
     ``target``: a spec string (a path, inspect JSON, or an architecture call expression),
     a :class:`Target`, an ``nn.Module``, or a mapping; ``target_key`` picks the entry of a
-    nested target checkpoint.
+    nested target checkpoint. ``source_label`` / ``target_label`` name them in the suggested
+    commands. ``min_coverage`` (percent) is the bar for :meth:`DiffResult.passes` and the alarm
+    (``None``: strict loading passes, the alarm uses the default of :mod:`ckptsurgeon.coverage`).
 
     Example:
         >>> r = diff("fixtures/resnet_dp_6.pth", "fixtures/models.py:resnet_like(2)")  # doctest: +SKIP
@@ -171,8 +195,8 @@ def diff(
     comparison = compare(records, resolved.tensors, resolved.tied)
     diagnosis = diagnose(records, resolved.tensors, resolved.tied, comparison)
     source_label = source_label or label
-    target_spec = target if isinstance(target, str) else None
-    explanation = explain(diagnosis, source_label, target_spec, key)
+    target_spec = target if isinstance(target, str) else target_label
+    explanation = explain(diagnosis, source_label, target_spec, key, threshold(min_coverage))
     return DiffResult(
         source=source_label,
         target=resolved.description,
@@ -183,6 +207,7 @@ def diff(
         diagnosis=diagnosis,
         explanation=explanation,
         target_notes=resolved.notes,
+        min_coverage=min_coverage,
     )
 
 

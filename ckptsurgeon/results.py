@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .coverage import DEFAULT_MIN_COVERAGE
 from .loading import LoadReport
 from .pipeline import WriteResult
 from .planreport import plan_json, render_plan
@@ -62,6 +63,10 @@ class SurgeryResult:
     def _report(self) -> LoadReport | None:
         return None
 
+    def _more(self, fmt: str) -> list[str]:
+        """Further paragraphs before the last line (what was written, or ``Dry run: ...``)."""
+        return []
+
     def to_json(self) -> dict[str, Any]:
         """``status``, ``source``, ``weights_key``, ``plan``, ``report`` (adapt), ``output``, ``notes``."""
         report = self._report()
@@ -83,6 +88,7 @@ class SurgeryResult:
         report = self._report()
         if report is not None:
             parts.append(report.render(fmt, verbose))
+        parts += self._more(fmt)
         parts.append("Dry run: nothing was written." if self.written is None else self.written.summary())
         return "\n\n".join(parts)
 
@@ -93,6 +99,8 @@ class AdaptResult(SurgeryResult):
 
     ``alarm`` is set when less than ``min_coverage`` percent of the target (or nothing) would
     load; only a dry run returns such a result, a write raises :class:`~ckptsurgeon.errors.LoadError`.
+    ``proposal`` holds the keys paired with target keys by dotted suffix only: a guess, not
+    applied (the plan drops them); ``proposal_commands`` apply it after review.
 
     Example:
         >>> r = ckptsurgeon.adapt("resnet_dp.pth", "models.py:resnet_like(2)", dry_run=True)  # doctest: +SKIP
@@ -101,8 +109,10 @@ class AdaptResult(SurgeryResult):
     """
 
     report: LoadReport
-    min_coverage: float = 0.0
+    min_coverage: float = DEFAULT_MIN_COVERAGE
     alarm: str | None = None
+    proposal: tuple[tuple[str, str], ...] = ()
+    proposal_commands: tuple[str, ...] = ()
 
     @property
     def refused(self) -> bool:
@@ -116,3 +126,33 @@ class AdaptResult(SurgeryResult):
 
     def _report(self) -> LoadReport | None:
         return self.report
+
+    def to_json(self) -> dict[str, Any]:
+        """:meth:`SurgeryResult.to_json` plus ``min_coverage``, ``alarm``, ``proposed_mapping``
+        (``source`` -> ``target``, not applied) and ``proposal_commands``."""
+        return super().to_json() | {
+            "min_coverage": self.min_coverage,
+            "alarm": self.alarm,
+            "proposed_mapping": [{"source": s, "target": t} for s, t in self.proposal],
+            "proposal_commands": list(self.proposal_commands),
+        }
+
+    def _more(self, fmt: str) -> list[str]:
+        """The proposal that was not applied, if any."""
+        return [self._proposal_text(fmt == "markdown")] if self.proposal else []
+
+    def _proposal_text(self, md: bool) -> str:
+        from .grouping import natural_key
+        from .report import printable, render_table
+
+        n = len(self.proposal)
+        lines = [
+            f"Not applied: {n} key{'s' if n != 1 else ''} of the file pair with target keys only by their "
+            "dotted suffix and shape. That is a guess, left out above; review it, and if it is right:"
+        ]
+        pairs = sorted(self.proposal, key=lambda p: natural_key(p[1]))
+        rows = [(printable(s), printable(t)) for s, t in pairs]
+        lines.append(render_table(("file key (proposed)", "target key"), rows, "markdown" if md else "table"))
+        commands = "\n".join(printable(c) if md else "  " + printable(c) for c in self.proposal_commands)
+        lines.append(f"```sh\n{commands}\n```" if md else commands)
+        return "\n\n".join(lines)

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from ..coverage import DEFAULT_MIN_COVERAGE
 from ._options import output_format, read_options, write_options
 from .convert import conversion_options, run
 
@@ -22,9 +23,10 @@ from .convert import conversion_options, run
 @click.option(
     "--min-coverage",
     type=click.FloatRange(0, 100),
-    default=0.0,
+    default=DEFAULT_MIN_COVERAGE,
+    show_default=True,
     metavar="P",
-    help="Refuse to write unless at least P% of the target's tensors load (default: refuse when none do).",
+    help="Refuse to write unless at least P% of the target's tensors (and at least one) load.",
 )
 @read_options
 @write_options
@@ -35,10 +37,14 @@ def COMMAND(src: str, target: str, output: str | None, **flags: Any) -> None:
 
     TARGET is what `ckpt diff` accepts: a checkpoint (--target-key picks its entry), an
     inspect JSON, or an architecture such as 'torchvision.models.resnet50(num_classes=2)' or
-    'models.py:build(num_classes=2)'. The report says what the output loads with
-    load_state_dict(strict=False): exactly the missing keys listed (the target keeps its own
-    values there), nothing unexpected. When nothing (or less than --min-coverage P percent)
-    of the target would load, nothing is written (exit 2; a --dry-run warns and exits 1).
+    'models.py:build(num_classes=2)'. Only what the data justifies is applied, each step
+    listed in the plan: a wrapper prefix shared by a real share of the keys, and drops (the
+    head, what has no place). Keys that pair only by their dotted suffix are a guess: shown
+    with the `ckpt rename --replace ...` that applies them, never applied. The report says
+    what the output loads with load_state_dict(strict=False): exactly the missing keys listed
+    (the target keeps its own values there), nothing unexpected. When less than P percent of
+    the target (--min-coverage, default 50), or nothing, would load, nothing is written (exit
+    2; a --dry-run warns and exits 1).
 
     \b
     Examples:
