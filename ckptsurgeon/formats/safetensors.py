@@ -317,8 +317,30 @@ def _is_dim(value: Any) -> bool:
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value) if isinstance(value, str) else json.dumps(value)[: limit + 1]
+    """``value`` as JSON for a message, cut to ``limit`` characters; built from a bounded part of it
+    (a shape may be a million-long or 900-deep list).
+
+    Example:
+        >>> _short(list(range(10**6))), _short([[[[[1]]]]]), _short("a" * 100, 8)
+        ('[0, 1, 2, 3, 4, 5, 6, 7, …]', '[[[[…]]]]', "'aaaaaa…")
+    """
+    text = repr(value[: limit + 1]) if isinstance(value, str) else _bounded_json(value, 3)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _bounded_json(value: Any, depth: int) -> str:
+    if isinstance(value, list | dict):
+        if depth == 0:
+            return "[…]" if isinstance(value, list) else "{…}"
+        items = list(value.items())[:8] if isinstance(value, dict) else value[:8]
+        more = ", …" if len(value) > 8 else ""
+        if isinstance(value, dict):
+            inner = ", ".join(f"{_short(k, 20)}: {_bounded_json(v, depth - 1)}" for k, v in items)
+            return "{" + inner + more + "}"
+        return "[" + ", ".join(_bounded_json(v, depth - 1) for v in items) + more + "]"
+    if isinstance(value, str):
+        return json.dumps(value[:40])
+    return json.dumps(value) if not isinstance(value, int) or value.bit_length() < 200 else "(a huge integer)"
 
 
 def _check_layout(path: Path, spans: list[_Span], data_size: int) -> None:
