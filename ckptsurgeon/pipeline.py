@@ -23,7 +23,7 @@ from .errors import OutputError, SurgeryError
 from .formats import ReadOptions, open_checkpoint
 from .progress import counting, progress_bar
 from .record import TensorRecord
-from .report import human_bytes
+from .report import human_bytes, printable
 from .spans import FD_CACHE, vouched_copies
 from .surgery import Plan
 from .trees import dropped_entries, has_unread_values, rebuilt_tree, records, weights_payload
@@ -82,7 +82,7 @@ class WriteResult:
         check = "verified bit for bit" if self.verified else "not verified (--no-verify)"
         cast = f", {self.cast} cast" if self.cast else ""
         return (
-            f"wrote {self.output} ({self.format}, {counted(self.tensors, 'tensor')}{cast}, "
+            f"wrote {printable(str(self.output))} ({self.format}, {counted(self.tensors, 'tensor')}{cast}, "
             f"{human_bytes(self.output_size)}), {check}"
         )
 

@@ -62,6 +62,8 @@ def format_shape(shape: Sequence[int] | None) -> str:
 _CONTROL = (
     {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
     | {c: f"\\u{c:04x}" for c in (0x200E, 0x200F, *range(0x2028, 0x202F), *range(0x2066, 0x206A))}
+    # a surrogate: an undecodable byte of a file name (surrogateescape) as \xff, or a lone \ud800
+    | {c: f"\\x{c - 0xDC00:02x}" if c >= 0xDC80 else f"\\u{c:04x}" for c in range(0xD800, 0xE000)}
     | {
         ord("\n"): "\\n",
         ord("\r"): "\\r",

@@ -229,7 +229,17 @@ def build_corpus(root: Path, dry: bool = False) -> list[Case]:
         True
     """
     b = _Builder(root, dry)
-    for build in (_misc, _filesystem, _torch_zip, _hostile, _legacy, _safetensors, _sharded, _archives):
+    for build in (
+        _misc,
+        _filesystem,
+        _torch_zip,
+        _hostile,
+        _legacy,
+        _safetensors,
+        _sharded,
+        _archives,
+        _file_bounds,
+    ):
         build(b)
     return b.cases
 
@@ -599,6 +609,96 @@ def _sharded(b: _Builder) -> None:
         {"a.weight": "pytorch_model-00001-of-00002.bin"},
         index_name="pytorch_model.bin.index.json",
     )
+
+
+def _file_bounds(b: _Builder) -> None:
+    """Offsets, shapes and shard names that reach outside what they describe (issue 13)."""
+    # a legacy storage view (the 6th persistent-id field) whose element offset is negative, or runs past
+    # its storage: the view would read bytes before (the storage's length field) or after the storage
+    for name, (offset, size) in {
+        "legacy_view_negative_offset": (-2, 2),
+        "legacy_view_past_storage": (3, 2),
+    }.items():
+        b.add(name, _legacy_view_bytes(offset, size), "legacy", fragment="storage")
+    storages = {"0": bytes(16)}
+    b.add(
+        "zip_negative_storage_offset",
+        torch_zip_bytes(state_dict_pickle(("a.weight", tensor_expr(offset=-4))), storages),
+        "torch-zip",
+    )
+    b.add(
+        "zip_negative_stride",
+        torch_zip_bytes(state_dict_pickle(("a.weight", tensor_expr(stride=(-2, 1)))), storages),
+        "torch-zip",
+    )
+    for name, shape in {
+        "st_shape_zero_times_2_70": (0, 2**70),
+        "st_shape_zero_times_2_63": (0, 2**63),
+        "st_shape_overflow_before_zero": (2**40, 2**40, 0),
+    }.items():
+        header = {"a.weight": _entry(shape=shape, offsets=(0, 0))}
+        b.add(name, st_bytes(header), "safetensors", suffix=".safetensors", fragment="shape")
+    b.add(
+        "st_negative_zero_dim",
+        st_bytes(b'{"a.weight": {"dtype": "F32", "shape": [-0], "data_offsets": [0, 0]}}'),
+        "safetensors",
+        suffix=".safetensors",
+    )
+    # 50,000 entries (3 MB of header), the last one leaving a gap: refused, in time linear in the header
+    b.add(
+        "st_many_entries_then_a_gap",
+        None if b.dry else _many_entries(50_000),
+        "safetensors",
+        suffix=".safetensors",
+        fragment="belong to no tensor",
+        may_hang=True,
+    )
+
+    def spellings(path: Path) -> None:  # 300 spellings of one shard, and a name the shard lacks
+        path.mkdir()
+        shard = st_bytes({"a.weight": _entry(shape=(2, 2), offsets=(0, 16))}, bytes(16))
+        (path / "model.safetensors").write_bytes(shard)
+        weight_map = {
+            f"t{i}": "./" * (i % 30) + "." + "/" * (1 + i // 30) + "model.safetensors" for i in range(300)
+        }
+        weight_map["a.weight"] = "model.safetensors"
+        raw = json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
+        (path / "model.safetensors.index.json").write_bytes(raw)
+
+    b.add(
+        "shard_300_spellings_of_one_file",
+        spellings,
+        "sharded",
+        suffix="",
+        fragment="does not hold",
+        may_hang=True,
+    )
+
+
+def _legacy_view_bytes(offset: int, size: int) -> bytes:
+    """A legacy torch.save file: one tensor viewing ``size`` elements at ``offset`` of 4 floats."""
+    view = tup(s("view0"), n(offset), n(size))
+    persid = tup(s("storage"), glob("torch", "FloatStorage"), s("0"), s("cpu"), n(4), view) + b"Q"
+    tensor = call(
+        glob("torch._utils", "_rebuild_tensor_v2"),
+        persid,
+        n(0),
+        tup(n(size)),
+        tup(n(1)),
+        b"\x89",
+        call(glob("collections", "OrderedDict")),
+    )
+    keys = b"\x80\x02]" + s("0") + b"a."
+    return legacy_prefix() + state_dict_pickle(("a.weight", tensor)) + keys + struct.pack("<q", 4) + bytes(16)
+
+
+def _many_entries(count: int) -> bytes:
+    def entry(i: int) -> str:
+        begin = 4 * i + (i == count - 1)
+        return f'"w{i}":{{"dtype":"F32","shape":[1],"data_offsets":[{begin},{begin + 4}]}}'
+
+    entries = ",".join(entry(i) for i in range(count))
+    return st_bytes(("{" + entries + "}").encode(), bytes(4 * count + 1))
 
 
 def _archives(b: _Builder) -> None:

@@ -267,6 +267,34 @@ BAD_HEADERS = {
     ),
     "gap_at_start": (js({"a": entry(offsets=[4, 12])}), bytes(12), None, "at the start of the data"),
     "tail_not_covered": (js({"a": entry()}), bytes(16), None, "8 bytes after the last tensor"),
+    # a zero dim makes the element count 0, but each dim must still be a size torch can hold (int64)
+    "shape_zero_times_2_70": (js({"w": entry(shape=[0, 1 << 70], offsets=[0, 0])}), b"", None, "below 2**63"),
+    "shape_zero_times_2_63": (js({"w": entry(shape=[0, 1 << 63], offsets=[0, 0])}), b"", None, "below 2**63"),
+    # the reference multiplies left to right in u64: [2**40, 2**40, 0] overflows before the 0
+    "shape_overflow_before_zero": (
+        js({"w": entry(shape=[1 << 40, 1 << 40, 0], offsets=[0, 0])}),
+        b"",
+        None,
+        "overflows a 64-bit element count",
+    ),
+    "shape_negative_zero": (
+        '{"w": {"dtype": "F32", "shape": [-0], "data_offsets": [0, 0]}}',
+        b"",
+        None,
+        "shape must be a list of non-negative",
+    ),
+    "float_out_of_range": (
+        '{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": 1e400}}',
+        bytes(8),
+        None,
+        "out of range",
+    ),
+    "lone_surrogate_in_ignored_field": (
+        '{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": "\\ud800"}}',
+        bytes(8),
+        None,
+        "unpaired surrogate",
+    ),
     "bad_alias_target": (
         js({"__metadata__": {st.ALIASES_KEY: '{"b": "zz"}'}, "a": entry()}),
         bytes(8),
@@ -285,6 +313,26 @@ def test_malformed_header_is_a_format_error(tmp_path: Path, case: str) -> None:
     message = info.value.message
     assert fragment in message and str(path) in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "shape", [[0, (1 << 63) - 1], [(1 << 63) - 1, 0], [0, 1 << 40, 1 << 40], [0], [3, 0, 5]]
+)
+def test_empty_tensors_with_huge_dims_are_accepted_like_the_reference(tmp_path: Path, shape: list) -> None:
+    """Zero elements, each dim an int64: the reference (and torch) accept these; so do we."""
+    path = raw_file(tmp_path / "z.safetensors", js({"w": entry(shape=shape, offsets=[0, 0])}))
+    assert st.read(path).weights().tensors["w"].shape == tuple(shape)
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    assert tuple(safetensors_torch.load_file(path)["w"].shape) == tuple(shape)
+
+
+def test_header_may_start_and_end_with_json_whitespace(tmp_path: Path) -> None:
+    """As for the reference: whitespace around the object is JSON (a NUL or a BOM is not)."""
+    path = raw_file(tmp_path / "ws.safetensors", f" \n{js({'w': entry()})}\t ", bytes(8))
+    assert list(st.read(path).weights().tensors) == ["w"]
+    for bad in (f"\ufeff{js({'w': entry()})}", f"{js({'w': entry()})}\x00"):
+        with pytest.raises(FormatError):
+            st.read(raw_file(tmp_path / "bad.safetensors", bad, bytes(8)))
 
 
 def test_short_file_and_non_object_header_are_format_errors(tmp_path: Path) -> None:

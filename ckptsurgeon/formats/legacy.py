@@ -159,6 +159,11 @@ class _LegacyStorages:
             return root
         if type(view) is not tuple or len(view) != 3 or not all(type(v) is int for v in view[1:]):
             raise PickleError(f"malformed pickle (storage view {str(view)[:60]})")
+        if view[1] < 0 or view[2] < 0:  # would view bytes before the storage (its length field ...)
+            raise PickleError(
+                f"a view of storage {key} at element offset {view[1]}, {view[2]} elements: "
+                "a view cannot start before its storage"
+            )
         view_key = f"{key}/view/{view[0]}"
         if view_key not in self.slots:
             opener = self._view_opener(root, view[1])

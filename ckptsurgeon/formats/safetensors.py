@@ -15,9 +15,13 @@ restores those names as records that share the kept tensor's :class:`Storage`, s
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import struct
 from collections.abc import Iterable, Mapping
+from dataclasses import MISSING
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -39,7 +43,9 @@ def read(path: Path, options: ReadOptions | None = None) -> Checkpoint:
     """Open a ``.safetensors`` file from its header alone; no tensor data is read.
 
     Every check is always made (``options.check`` adds nothing: the header fully
-    determines the layout, including the exact file size).
+    determines the layout, including the exact file size). The work is linear in the
+    header's size (at most :data:`MAX_HEADER_BYTES`); each entry's JSON is dropped as
+    soon as its record is built.
 
     Example:
         >>> ckpt = read(Path("model.safetensors"))                # doctest: +SKIP
@@ -50,20 +56,16 @@ def read(path: Path, options: ReadOptions | None = None) -> Checkpoint:
     size = check_input_path(path).st_size
     header_len, header = _read_header(path, size)
     raw = _parse_json(path, header)
+    del header
     metadata = _parse_metadata(path, raw.pop("__metadata__", None))
-    entries = [_parse_entry(path, name, value) for name, value in raw.items()]
-    _check_layout(path, entries, size - 8 - header_len)
     data_start = 8 + header_len
-    tree: dict[str, TensorRecord] = {}
-    for name, dtype, shape, begin, end in entries:
-        storage = Storage(
-            key=name, dtype=dtype.name, nbytes=end - begin, path=path, offset=data_start + begin
-        )
-        tree[name] = TensorRecord(name, dtype.name, shape, storage)
+    tree, spans = _records(path, raw, data_start)
+    _check_layout(path, spans, size - data_start)
+    del spans
     notes: list[str] = []
     if options is not None and options.check:
         notes.append(
-            f"checked: the header's {len(entries)} byte spans are in bounds, contiguous, "
+            f"checked: the header's {len(tree)} byte spans are in bounds, contiguous, "
             "non-overlapping and cover the data exactly (safetensors holds no checksums)"
         )
     aliases = parse_aliases(path, metadata, tree)
@@ -117,16 +119,36 @@ def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         ...
         ckptsurgeon.formats.safetensors.DuplicateKeyError: a
     """
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise DuplicateKeyError(key)
-        result[key] = value
+    result = dict(pairs)  # built in C; only a short count sends us looking for the duplicate
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKeyError(key)
+            seen.add(key)
     return result
+
+
+class _NegativeZero(int):
+    """JSON ``-0``: an integer to Python, a float to the reference parser (serde), never a size."""
+
+
+def _json_int(text: str) -> int:
+    return _NegativeZero(0) if text == "-0" else int(text)
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):  # 1e400: the reference parser refuses what it cannot hold
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+_LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _parse_json(path: Path, header: bytes) -> dict[str, Any]:
@@ -134,17 +156,39 @@ def _parse_json(path: Path, header: bytes) -> dict[str, Any]:
         text = header.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _fault(path, f"not valid UTF-8 (byte {exc.start} of the header)") from None
-    if not text.startswith("{"):
-        raise _fault(path, "the header does not start with '{'")
+    if not text.lstrip(" \t\n\r").startswith("{"):  # JSON whitespace first is fine, as for the reference
+        raise _fault(path, "the header does not start with '{' (a JSON object)")
     try:
-        raw = json.loads(text, object_pairs_hook=no_duplicate_keys, parse_constant=_reject_constant)
+        raw = json.loads(
+            text,
+            object_pairs_hook=no_duplicate_keys,
+            parse_constant=_reject_constant,
+            parse_float=_json_float,
+            parse_int=_json_int if "-0" in text else None,  # the hook costs a call per number
+        )
     except DuplicateKeyError as exc:
         raise _fault(path, f"the key {exc.key!r} appears twice") from None
     except (ValueError, RecursionError) as exc:
-        raise _fault(path, f"not valid JSON ({' '.join(str(exc).split())})") from None
+        raise _fault(path, f"not valid JSON ({' '.join(str(exc).split())[:200]})") from None
     if not isinstance(raw, dict):
         raise _fault(path, f"the header is a JSON {type(raw).__name__}, not an object")
+    if _LONE_SURROGATE.search(text):  # a \\ud800 escape is JSON but not Unicode (rare: look closer)
+        _check_strings(path, raw)
     return raw
+
+
+def _check_strings(path: Path, node: Any) -> None:
+    """Refuse an escaped unpaired surrogate anywhere in the header, ignored fields included."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            _check_text(path, item, "a string")
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _parse_metadata(path: Path, value: Any) -> dict[str, str]:
@@ -164,16 +208,85 @@ def _check_text(path: Path, text: str, what: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise _fault(path, f"{what} {text!r} holds an unpaired surrogate (not valid Unicode)") from None
+        raise _fault(path, f"{what} {_short(text)} holds an unpaired surrogate (not valid Unicode)") from None
 
 
-def _is_uint(value: Any) -> bool:
-    return type(value) is int and value >= 0
+# The bounds on a shape: each dim a JSON integer 0 <= d < 2**63 (torch and numpy sizes are int64;
+# the reference parser itself reads u64), the element count, multiplied left to right, and its size in
+# bits below 2**64 (the reference's checked arithmetic: [2**40, 2**40, 0] overflows, [0, 2**40, 2**40]
+# does not), and the byte count equal to the data_offsets span.
+MAX_DIM = (1 << 63) - 1
+_Span = tuple[int, int, str]
 
 
-def _parse_entry(path: Path, name: str, value: Any) -> tuple[str, DType, tuple[int, ...], int, int]:
+def _records(path: Path, raw: dict[str, Any], data_start: int) -> tuple[dict[str, TensorRecord], list[_Span]]:
+    """Validate every entry and build its record, dropping the entry's JSON as it goes.
+
+    The records are filled in directly rather than through the frozen dataclasses' ``__init__``
+    (one ``object.__setattr__`` per field): a header can hold a million entries.
+    """
+    tree: dict[str, TensorRecord] = {}
+    spans: list[_Span] = []
+    new, storage_defaults, record_defaults = object.__new__, _STORAGE_DEFAULTS, _RECORD_DEFAULTS
+    for name in list(raw):
+        dtype, shape, begin, end = _parse_entry(path, name, raw.pop(name))
+        storage = new(Storage)
+        fields = storage.__dict__
+        fields.update(storage_defaults)
+        fields["key"], fields["dtype"], fields["nbytes"] = name, dtype.name, end - begin
+        fields["path"], fields["offset"] = path, data_start + begin
+        record = new(TensorRecord)
+        fields = record.__dict__
+        fields.update(record_defaults)
+        fields["name"], fields["dtype"], fields["shape"], fields["storage"] = name, dtype.name, shape, storage
+        tree[name] = record
+        spans.append((begin, end, name))
+    return tree, spans
+
+
+_STORAGE_DEFAULTS = {f.name: f.default for f in dataclass_fields(Storage) if f.default is not MISSING}
+_RECORD_DEFAULTS = {f.name: f.default for f in dataclass_fields(TensorRecord) if f.default is not MISSING}
+if {f.name for f in dataclass_fields(Storage)} - set(_STORAGE_DEFAULTS) != {"key", "dtype", "nbytes"} or {
+    f.name for f in dataclass_fields(TensorRecord)
+} - set(_RECORD_DEFAULTS) != {"name", "dtype", "shape"}:  # pragma: no cover
+    raise ImportError("Storage or TensorRecord gained a field without a default; _records must set it")
+
+
+def _parse_entry(path: Path, name: str, value: Any) -> tuple[DType, tuple[int, ...], int, int]:
+    try:  # the common case, checked in full below
+        code, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+        dtype = BY_SAFETENSORS[code]
+    except (TypeError, KeyError):
+        return _entry_fault(path, name, value)
+    if type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
+        return _entry_fault(path, name, value)
+    begin, end = offsets
+    if type(begin) is not int or type(end) is not int or begin < 0 or end < begin:
+        return _entry_fault(path, name, value)
+    numel = 1
+    for dim in shape:
+        if type(dim) is not int or not 0 <= dim <= MAX_DIM:
+            return _entry_fault(path, name, value)
+        numel *= dim
+        if numel >= _U64:
+            raise _fault(
+                path, f"tensor {_short(name)}: shape {_short(shape)} overflows a 64-bit element count"
+            )
+    if numel * dtype.itemsize * 8 >= _U64:
+        raise _fault(path, f"tensor {_short(name)}: shape {_short(shape)} overflows a 64-bit size in bits")
+    if numel * dtype.itemsize != end - begin:
+        raise _fault(
+            path,
+            f"tensor {_short(name)}: shape {_short(shape)} of {code} needs {numel * dtype.itemsize} bytes "
+            f"but data_offsets span {end - begin}",
+        )
+    return dtype, tuple(shape), begin, end
+
+
+def _entry_fault(path: Path, name: str, value: Any) -> Any:
+    """Say what is wrong with an entry the fast path refused (never returns)."""
     _check_text(path, name, "tensor name")
-    where = f"tensor {name!r}"
+    where = f"tensor {_short(name)}"
     if not isinstance(value, dict):
         raise _fault(path, f"{where}: the entry is a JSON {type(value).__name__}, not an object")
     for field in ("dtype", "shape", "data_offsets"):
@@ -184,54 +297,73 @@ def _parse_entry(path: Path, name: str, value: Any) -> tuple[str, DType, tuple[i
         raise _fault(path, f"{where}: dtype must be a string, not {type(code).__name__}")
     if code not in BY_SAFETENSORS:
         known = ", ".join(sorted(BY_SAFETENSORS))
-        raise _fault(path, f"{where}: unknown dtype {code!r} (known: {known})")
-    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-        raise _fault(path, f"{where}: shape must be a list of non-negative integers, got {_short(shape)}")
+        raise _fault(path, f"{where}: unknown dtype {_short(code)} (known: {known})")
+    if not isinstance(shape, list) or not all(_is_dim(d) for d in shape):
+        raise _fault(
+            path, f"{where}: shape must be a list of non-negative integers below 2**63, got {_short(shape)}"
+        )
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
         raise _fault(path, f"{where}: data_offsets must be two non-negative integers, got {_short(offsets)}")
     begin, end = offsets
-    if end < begin:
-        raise _fault(path, f"{where}: data_offsets end {end} is before begin {begin}")
-    dtype = BY_SAFETENSORS[code]
-    nbytes = _nbytes(path, where, shape, dtype.itemsize)
-    if nbytes != end - begin:
-        raise _fault(
-            path, f"{where}: shape {shape} of {code} needs {nbytes} bytes but data_offsets span {end - begin}"
-        )
-    return name, dtype, tuple(shape), begin, end
+    raise _fault(path, f"{where}: data_offsets end {end} is before begin {begin}")
 
 
-def _nbytes(path: Path, where: str, shape: list[int], itemsize: int) -> int:
-    total = itemsize
-    for dim in shape:
-        total *= dim
-        if total >= _U64:
-            raise _fault(path, f"{where}: shape {_short(shape)} overflows a 64-bit byte count")
-    return total
+def _is_uint(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _is_dim(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= MAX_DIM
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    """``value`` as JSON for a message, cut to ``limit`` characters; built from a bounded part of it
+    (a shape may be a million-long or 900-deep list).
+
+    Example:
+        >>> _short(list(range(10**6))), _short([[[[[1]]]]]), _short("a" * 100, 8)
+        ('[0, 1, 2, 3, 4, 5, 6, 7, …]', '[[[[…]]]]', "'aaaaaa…")
+    """
+    text = repr(value[: limit + 1]) if isinstance(value, str) else _bounded_json(value, 3)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _check_layout(
-    path: Path, entries: list[tuple[str, DType, tuple[int, ...], int, int]], data_size: int
-) -> None:
-    """Tensors must tile the data region exactly: sorted by begin, no gap, no overlap, no tail."""
+def _bounded_json(value: Any, depth: int) -> str:
+    if isinstance(value, list | dict):
+        if depth == 0:
+            return "[…]" if isinstance(value, list) else "{…}"
+        items = list(value.items())[:8] if isinstance(value, dict) else value[:8]
+        more = ", …" if len(value) > 8 else ""
+        if isinstance(value, dict):
+            inner = ", ".join(f"{_short(k, 20)}: {_bounded_json(v, depth - 1)}" for k, v in items)
+            return "{" + inner + more + "}"
+        return "[" + ", ".join(_bounded_json(v, depth - 1) for v in items) + more + "]"
+    if isinstance(value, str):
+        return json.dumps(value[:40])
+    return json.dumps(value) if not isinstance(value, int) or value.bit_length() < 200 else "(a huge integer)"
+
+
+def _check_layout(path: Path, spans: list[_Span], data_size: int) -> None:
+    """Tensors must tile the data region exactly: sorted by begin, no gap, no overlap, no tail.
+    (Sorting is linear for spans listed in data order, as every writer lists them.)"""
     expected = 0
     previous = None
-    for name, _dtype, _shape, begin, end in sorted(entries, key=lambda e: (e[3], e[4])):
+    spans.sort()
+    for begin, end, name in spans:
         if end > data_size:
             raise FormatError(
-                f"{path}: truncated safetensors file: tensor {name!r} ends at data byte {end} but the data "
-                f"region holds {data_size} bytes; the download or save did not finish, fetch it again"
+                f"{path}: truncated safetensors file: tensor {_short(name)} ends at data byte {end} but the "
+                f"data region holds {data_size} bytes; the download or save did not finish, fetch it again"
             )
         if begin < expected:
-            raise _fault(path, f"tensor {name!r} (bytes {begin}..{end}) overlaps tensor {previous!r}")
+            raise _fault(
+                path, f"tensor {_short(name)} (bytes {begin}..{end}) overlaps tensor {_short(previous)}"
+            )
         if begin > expected:
-            after = f"after tensor {previous!r}" if previous is not None else "at the start of the data"
-            raise _fault(path, f"{begin - expected} bytes {after} belong to no tensor (gap before {name!r})")
+            after = f"after tensor {_short(previous)}" if previous is not None else "at the start of the data"
+            raise _fault(
+                path, f"{begin - expected} bytes {after} belong to no tensor (gap before {_short(name)})"
+            )
         expected, previous = end, name
     if expected != data_size:
         raise _fault(path, f"{data_size - expected} bytes after the last tensor belong to no tensor")

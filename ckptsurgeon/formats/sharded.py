@@ -97,10 +97,9 @@ def _read_single(folder: Path, options: ReadOptions) -> Checkpoint:
 def _read_index(index: Path, options: ReadOptions) -> Checkpoint:
     raw = load_index(index)
     weight_map: dict[str, str] = raw["weight_map"]
-    groups: dict[str, list[str]] = {}
-    for name, shard in weight_map.items():
-        groups.setdefault(shard, []).append(name)
-    shard_paths = {shard: shard_path(index, shard) for shard in groups}
+    by_file = group_by_shard_file(index, weight_map)
+    groups = {shard: names for shard, (_, names) in by_file.items()}
+    shard_paths = {shard: path for shard, (path, _) in by_file.items()}
     _check_shards_exist(index, shard_paths, groups)
     mapped: dict[str, TensorRecord] = {}
     tied: dict[str, TensorRecord] = {}
@@ -210,6 +209,30 @@ def shard_path(index: Path, shard: str) -> Path:
     if not inside:
         raise _outside(index, shard, "a symbolic link leads outside the folder")
     return full
+
+
+def group_by_shard_file(index: Path, weight_map: Mapping[str, str]) -> dict[str, tuple[Path, list[str]]]:
+    """``{shard: (path, names)}``, one entry per shard *file*, under the first spelling of its name.
+
+    Names are validated and resolved once per spelling, and spellings of one file (``a.safetensors``,
+    ``./a.safetensors``, ``.//./a.safetensors``, a link to it inside the folder) share one entry, so
+    each file's header is parsed once however many ways the index spells it.
+
+    Example:
+        >>> wm = {"a": "m.safetensors", "b": "./m.safetensors", "c": ".//./m.safetensors"}
+        >>> group_by_shard_file(Path("f/model.safetensors.index.json"), wm)
+        {'m.safetensors': (PosixPath('f/m.safetensors'), ['a', 'b', 'c'])}
+    """
+    real: dict[str, str] = {}  # spelling -> the real path of its file
+    groups: dict[str, tuple[str, Path, list[str]]] = {}  # real path -> (first spelling, path, names)
+    for name, shard in weight_map.items():
+        key = real.get(shard)
+        if key is None:
+            path = shard_path(index, shard)
+            key = real[shard] = os.path.realpath(path)
+            groups.setdefault(key, (shard, path, []))
+        groups[key][2].append(name)
+    return {shard: (path, names) for shard, path, names in groups.values()}
 
 
 def _outside(index: Path, shard: str, why: str) -> FormatError:
