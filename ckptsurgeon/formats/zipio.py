@@ -146,6 +146,124 @@ def _parse_entries(data: bytes, count: int, limit: int) -> dict[str, Member] | N
     return members if pos == end else None
 
 
+# -- one reading of a zip for everybody ----------------------------------------------------
+def canonical_name(name: str) -> str:
+    """The one name a member has for every zip reader: cut at a NUL byte (where :mod:`zipfile`
+    cuts it), ``\\`` as ``/`` (zipfile on Windows), no ``.`` or empty segments (unzip tools),
+    in lower case (torch's miniz looks names up without regard to case).
+
+    Example:
+        >>> canonical_name("Archive/./data.pkl\\x00x"), canonical_name("archive\\\\DATA.pkl")
+        ('archive/data.pkl', 'archive/data.pkl')
+    """
+    name = name.split("\0", 1)[0].replace("\\", "/")
+    kept = [part for part in name.split("/") if part not in ("", ".")]
+    return "/".join(kept).lower() + ("/" if name.endswith("/") else "")
+
+
+def name_problem(names: list[str]) -> str | None:
+    """Why member ``names`` (as the central directory spells them, in its order) could make
+    zipfile, torch and ckptsurgeon read different members, or None: a name that a reader
+    would spell differently (a NUL byte, a backslash, a ``.`` or empty segment), or two
+    names that are one name to some reader.
+
+    Example:
+        >>> name_problem(["archive/data.pkl", "archive/data.pkl\\x00x"])
+        "two members are one name to zipfile or torch: 'archive/data.pkl' and 'archive/data.pkl\\\\x00x'"
+        >>> name_problem(["archive/data.pkl", "archive/data/0"]) is None
+        True
+    """
+    seen: dict[str, str] = {}
+    for name in names:
+        canonical = canonical_name(name)
+        if canonical in seen:
+            return (
+                f"two members are one name to zipfile or torch: {_shown(seen[canonical])} and {_shown(name)}"
+            )
+        seen[canonical] = name
+        body = name[:-1] if name.endswith("/") else name
+        if "\0" in name or "\\" in name or any(part in ("", ".") for part in body.split("/")):
+            what = (
+                "a NUL byte" if "\0" in name else "a backslash" if "\\" in name else "an empty or '.' segment"
+            )
+            return f"member {_shown(name)} has {what} in its name, which zip readers spell differently"
+    return None
+
+
+def _shown(name: str) -> str:
+    from ..report import printable
+
+    return printable(repr(name[:80]))
+
+
+def check_names(path: Path, names: list[str]) -> None:
+    """Refuse an archive whose member names some zip reader could read differently
+    (:func:`name_problem`), naming the ambiguity."""
+    problem = name_problem(names)
+    if problem:
+        from ..errors import FormatError
+
+        raise FormatError(f"{path}: an ambiguous zip archive: {problem}; refusing to read it")
+
+
+def zipfile_problem(path: Path, zf: Any) -> str | None:
+    """Why an archive :mod:`zipfile` opened could be read differently by torch (miniz), or None:
+    bytes before the archive (zipfile shifts every offset past them, miniz does not), or a
+    central directory holding more or fewer entries than its end record counts (zipfile
+    reads them all, miniz the counted ones)."""
+    import zipfile
+
+    with open(path, "rb") as fh:
+        end = zipfile._EndRecData(fh)  # the record zipfile itself found, as zipfile parsed it
+    if not end:
+        return "no end of central directory record"
+    # where the record is, minus the directory's size and declared offset: zipfile's "concat"
+    before = end[zipfile._ECD_LOCATION] - end[zipfile._ECD_SIZE] - end[zipfile._ECD_OFFSET]
+    if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # the zip64 records sit between
+        before -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+    if before:
+        return f"{before} bytes before the archive that its offsets do not count"
+    counted, listed = end[zipfile._ECD_ENTRIES_TOTAL], len(zf.infolist())
+    if counted != listed:
+        return f"its end record counts {counted} members but its directory lists {listed}"
+    return None
+
+
+def open_checked(path: Path) -> Any:
+    """Open ``path`` with :mod:`zipfile`, refusing with one line an archive that is damaged or
+    that another zip reader could read differently (:func:`zipfile_problem`, :func:`name_problem`).
+
+    Example:
+        >>> with open_checked(Path("model.pth")) as zf:        # doctest: +SKIP
+        ...     zf.namelist()[0]
+        'model/data.pkl'
+    """
+    import zipfile
+
+    from ..errors import FormatError
+
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise FormatError(
+            f"{path}: a truncated or damaged zip archive (no readable central directory); "
+            "the download or save did not finish, fetch or save it again"
+        ) from None
+    except (OSError, ValueError, EOFError, struct.error, NotImplementedError) as exc:
+        raise FormatError(
+            f"{path}: a damaged zip archive ({exc.__class__.__name__}); fetch or save it again"
+        ) from None
+    try:
+        problem = zipfile_problem(path, zf) or name_problem([info.orig_filename for info in zf.infolist()])
+    except BaseException:
+        zf.close()
+        raise
+    if problem:
+        zf.close()
+        raise FormatError(f"{path}: an ambiguous zip archive: {problem}; refusing to read it")
+    return zf
+
+
 def data_offset(headers: Any, member: Member) -> int | None:
     """Where ``member``'s data starts (past its local header), or None without a valid header."""
     header = headers[member.header_offset : member.header_offset + 30]
