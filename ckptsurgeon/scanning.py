@@ -210,9 +210,10 @@ def _scan_tar(path: Path, options: ReadOptions, head: bytes) -> FileScan:
     found, stopped = tar_pickles(path)
     scanned = [g for _, g in found]
     also_pickle = False
-    if head[:1] == b"\x80":
+    if head[:1] == b"\x80":  # pickle.load would read the file from its first byte, past the header
         try:
-            scanned.append(scan_globals(head))
+            with open(path, "rb") as fh:
+                scanned.append(scan_globals(fh))
             also_pickle = True
         except PickleError:
             pass
