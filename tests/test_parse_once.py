@@ -388,3 +388,32 @@ def test_a_clean_torch_save_is_still_read(tmp_path: Path) -> None:
         assert data_pickle(path) == torch_data_pkl(path)
         assert run_cli("scan", path).exit_code == 0
     assert REPO.is_dir()
+
+
+def _zip64_ended(members: list[tuple[str, bytes]], *, locator_off: int = 0) -> bytes:
+    """``raw_zip(members)`` closed by zip64 end records (the 32-bit end record marks every
+    field too large); ``locator_off`` moves where the locator says the zip64 record is."""
+    plain = raw_zip(members)
+    cd_at, end_at = plain.find(b"PK\x01\x02"), plain.rfind(b"PK\x05\x06")
+    out = bytearray(plain[:end_at])
+    count, size = len(members), end_at - cd_at
+    record_at = len(out)
+    out += struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, size, cd_at)
+    out += struct.pack("<4sIQI", b"PK\x06\x07", 0, record_at + locator_off, 1)
+    out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    return bytes(out)
+
+
+def test_zip64_end_records_are_read_once(tmp_path: Path) -> None:
+    """zipfile takes the zip64 record just before its locator, miniz the one the locator names:
+    a locator that points elsewhere is refused; a well-placed one is read as torch reads it."""
+    members = [("archive/version", b"3\n"), ("archive/data.pkl", PLAIN)]
+    good = _write(tmp_path, "z64.pth", _zip64_ended(members))
+    assert data_pickle(good) == torch_data_pkl(good) == PLAIN
+    with zipfile.ZipFile(good) as zf:
+        assert zf.read("archive/data.pkl") == PLAIN
+    moved = _write(tmp_path, "z64_moved.pth", _zip64_ended(members, locator_off=-8))
+    with pytest.raises(CkptError, match="zip64 end record is not where its locator points"):
+        data_pickle(moved)
+    result = run_cli("scan", moved)
+    assert result.exit_code == 2 and "ambiguous" in result.stderr, result.stderr

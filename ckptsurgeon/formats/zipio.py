@@ -71,8 +71,11 @@ def read_directory(path: Path, size: int | None = None) -> dict[str, Member] | N
             return None  # several disks, or bytes after the archive
         if at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":  # zip64 end records (torch writes them)
             found = _zip64_end(fh, tail, at)
-            if found is None:
-                return None
+            if found is None or found[3] != cd_end - 56 - 20:
+                return None  # the zip64 record must sit just before its locator, as zipfile takes it
+            shorts = zip((count, cd_size, cd_offset), found[:3], (0xFFFF, _LIMIT, _LIMIT), strict=True)
+            if any(short not in (full, sentinel) for short, full, sentinel in shorts):
+                return None  # the two end records disagree: zipfile names it
             count, cd_size, cd_offset, cd_end = found
         if cd_offset + cd_size != cd_end:
             return None  # data before the archive, or a damaged directory
@@ -232,8 +235,13 @@ def zipfile_problem(path: Path, zf: Any) -> str | None:
 
     with open(path, "rb") as fh:
         end = zipfile._EndRecData(fh)  # the record zipfile itself found, as zipfile parsed it
-    if not end:
-        return "no end of central directory record"
+        if not end:
+            return "no end of central directory record"
+        fh.seek(max(end[zipfile._ECD_LOCATION] - 76, 0))
+        records = fh.read(76 + 22)
+    problem = _zip64_problem(records, end[zipfile._ECD_LOCATION])
+    if problem:
+        return problem
     # where the record is, minus the directory's size and declared offset: zipfile's "concat"
     before = end[zipfile._ECD_LOCATION] - end[zipfile._ECD_SIZE] - end[zipfile._ECD_OFFSET]
     if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # the zip64 records sit between
@@ -243,6 +251,30 @@ def zipfile_problem(path: Path, zf: Any) -> str | None:
     counted, listed = end[zipfile._ECD_ENTRIES_TOTAL], len(zf.infolist())
     if counted != listed:
         return f"its end record counts {counted} members but its directory lists {listed}"
+    return None
+
+
+def _zip64_problem(records: bytes, end_at: int) -> str | None:
+    """Why zipfile and torch (miniz) could take different zip64 end records, or None.
+
+    ``records``: the 76 bytes before the end record at ``end_at`` (a zip64 end record and its
+    locator, if any), then the end record. zipfile reads the zip64 record just before the
+    locator; miniz where the locator points. Both must be one record, whose counts the
+    32-bit end record repeats or marks as too large (0xFFFF...)."""
+    if len(records) < 98 or records[56:60] != b"PK\x06\x07":
+        return None
+    record_at = struct.unpack_from("<Q", records, 64)[0]
+    if record_at != end_at - 76 or records[:4] != b"PK\x06\x06":
+        return "its zip64 end record is not where its locator points"
+    count64, size64, offset64 = struct.unpack_from("<QQQ", records, 32)
+    _sig, _disk, _cd_disk, _here, count, size, offset, _comment = _EOCD.unpack_from(records, 76)
+    for short, full, sentinel in (
+        (count, count64, 0xFFFF),
+        (size, size64, _LIMIT),
+        (offset, offset64, _LIMIT),
+    ):
+        if short not in (full, sentinel):
+            return "its zip64 end record and its end record disagree"
     return None
 
 
