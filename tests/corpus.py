@@ -684,6 +684,14 @@ def _parser_disagreements(b: _Builder) -> None:
         raw_zip(members, local_names={"archive/data.pkl": "archive/data.pkX"}),
         "parsers",
     )
+    b.add(
+        "zip_storage_local_name_differs",
+        raw_zip(
+            [version, ("archive/data.pkl", benign), storage], local_names={"archive/data/0": "archive/data/X"}
+        ),
+        "parsers",
+        fragment="ambiguous",
+    )
     b.add("zip_and_tar", _zip_tar_polyglot(benign_zip), "parsers", fragment="ambiguous")
     plain = b"\x80\x02}" + s("a") + n(1) + b"s."
     b.add("pickle_then_zip", plain + benign_zip, "parsers", fragment="ambiguous")

@@ -277,7 +277,9 @@ def tar_pickles(path: Path) -> tuple[list[tuple[str, PickleGlobals]], str | None
                         stopped = f"holds a pickle that cannot be read ({exc})"
                     if stopped:
                         return found, f"its member {name} {stopped}"
-    except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeError) as exc:
+    except CkptError:
+        raise
+    except Exception as exc:  # tarfile on a hostile archive: ReadError, EOFError, ValueError ...
         detail = " ".join(str(exc).split())[:80] or exc.__class__.__name__
         return found, f"tarfile cannot read it ({detail})"
     return found, None
