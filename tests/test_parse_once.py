@@ -417,3 +417,31 @@ def test_zip64_end_records_are_read_once(tmp_path: Path) -> None:
         data_pickle(moved)
     result = run_cli("scan", moved)
     assert result.exit_code == 2 and "ambiguous" in result.stderr, result.stderr
+
+
+_EVIL_SHORT = call(glob("os", "system"), s("true"))  # short enough for a tar header's name field
+
+
+@settings(
+    max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    evil=st.sets(st.sampled_from(["storages", "tensors", "pickle", "sys_info"]), max_size=2),
+    header=st.sampled_from([None, PLAIN, b"\x80\x02" + _EVIL_SHORT + b"."]),
+    duplicate=st.sampled_from([None, None, "storages", "pickle"]),
+)
+def test_generated_tar_checkpoints(
+    tmp_path: Path, evil: set[str], header: bytes | None, duplicate: str | None
+) -> None:
+    """(a) for tar checkpoints and tar/pickle polyglots: a safe verdict only when no member
+    pickle, nor the file read as pickles, imports anything unsafe; never read as a checkpoint."""
+    data = legacy_tar({m: _EVIL_SHORT for m in evil}, header_pickle=header, duplicate=duplicate)
+    path = _write(tmp_path, f"gen{os.getpid()}.tar", data)
+    assert_agrees_when_safe(path)
+    with pytest.raises(CkptError):
+        data_pickle(path)
+    result = run_cli("inspect", path)
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    verdict = run_cli("scan", path)
+    if evil or header not in (None, PLAIN):
+        assert verdict.exit_code in (1, 2), verdict.stdout  # never safe
