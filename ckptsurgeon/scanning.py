@@ -156,14 +156,14 @@ def scan_file(path: Path, options: ReadOptions, size: int, *, in_folder: bool = 
             detect(path)  # refuses a zip that is also a tar
         return _scan_zip(path, options)
     if looks_like_tar(head):
-        return _scan_tar(path, options, head)
+        return _scan_tar(path, options)
     if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5 and _detected(path) != "safetensors":
         return _scan_pickle_file(path, options, also_zip=has_zip_directory(path, size))
     try:
         fmt = detect(path)
     except FormatError:
         if _is_pickle(path):
-            return _scan_pickle_file(path, options)
+            return _scan_pickle_file(path, options, also_zip=has_zip_directory(path, size))
         if in_folder:
             return FileScan(
                 path, "other", SAFE, notes=["not a checkpoint or pickle: it holds no code to run"]
@@ -204,30 +204,30 @@ def _scan_zip(path: Path, options: ReadOptions) -> FileScan:
     return _validated(result, options)
 
 
-def _scan_tar(path: Path, options: ReadOptions, head: bytes) -> FileScan:
+def _scan_tar(path: Path, options: ReadOptions) -> FileScan:
     """A tar checkpoint (PyTorch before 0.4): every pickle torch.load would unpickle from it,
     and the pickle at its start if it is also one (a file that reads both ways is refused)."""
     found, stopped = tar_pickles(path)
     scanned = [g for _, g in found]
-    also_pickle = False
-    if head[:1] == b"\x80":  # pickle.load would read the file from its first byte, past the header
-        try:
-            with open(path, "rb") as fh:
-                scanned.append(scan_globals(fh))
-            also_pickle = True
-        except PickleError:
-            pass
+    also = []
+    try:  # pickle.load would read the file from its first byte (any protocol), past the header
+        with open(path, "rb") as fh:
+            scanned.append(scan_globals(fh))
+        also.append("a pickle (its first tar header is one)")
+    except PickleError:
+        pass
+    if has_zip_directory(path, os.path.getsize(path)):
+        also.append("a zip archive (its end holds a zip directory)")
     result = _classified(path, "torch-tar", scanned, options)
     note = "a tar checkpoint (torch.save before PyTorch 0.4): ckptsurgeon does not read it"
     if result.status == UNSAFE:
         result.notes.append(note)
-        if also_pickle:
-            result.notes.append("it also reads as a pickle (its first tar header is one)")
+        result.notes.extend(f"it also reads as {what}" for what in also)
         return result
-    if also_pickle:
+    if also:
         raise FormatError(
-            f"{path}: an ambiguous file: it reads both as a tar checkpoint and as a pickle, and "
-            "loaders disagree on which it is; refusing to call it safe"
+            f"{path}: an ambiguous file: it reads both as a tar checkpoint and as {' and as '.join(also)}, "
+            "and loaders disagree on which it is; refusing to call it safe"
         )
     if stopped:
         raise FormatError(
@@ -255,7 +255,10 @@ def _scan_pickle_file(path: Path, options: ReadOptions, *, also_zip: bool = Fals
     result = _classified(path, "torch-legacy" if legacy else "pickle", found, options)
     if also_zip:
         if result.status != UNSAFE:
-            detect(path)  # refuses a pickle that is also a zip archive
+            raise FormatError(
+                f"{path}: an ambiguous file: it reads both as a pickle and as a zip archive (its end holds "
+                "a zip directory), and loaders disagree on which it is; refusing to call it safe"
+            )
         result.notes.append("it also reads as a zip archive (its end holds a zip directory)")
     return _validated(result, options)
 

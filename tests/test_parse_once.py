@@ -445,3 +445,21 @@ def test_generated_tar_checkpoints(
     verdict = run_cli("scan", path)
     if evil or header not in (None, PLAIN):
         assert verdict.exit_code in (1, 2), verdict.stdout  # never safe
+
+
+def test_protocol_0_and_tar_zip_polyglots(tmp_path: Path) -> None:
+    """A pickle needs no PROTO opcode: a protocol-0 pickle in a tar header, or before a zip
+    directory, is scanned too; a tar that ends with a zip directory is both."""
+    p0 = b"cos\nsystem\n(S'true'\ntR."
+    tar = _write(tmp_path, "p0.tar", legacy_tar({}, header_pickle=p0))
+    result = run_cli("scan", tar)
+    assert result.exit_code == 1 and "os.system" in result.stdout, (result.stdout, result.stderr)
+    zipped = raw_zip([("archive/data.pkl", VALID_PKL)])
+    for name, data in (
+        ("p0zip.pkl", b"(dp0\nS'a'\nI1\ns." + zipped),
+        ("tarzip.tar", legacy_tar({}) + zipped),
+    ):
+        with zipfile.ZipFile(_write(tmp_path, name, data)) as zf:
+            assert zf.namelist() == ["archive/data.pkl"]
+        result = run_cli("scan", tmp_path / name)
+        assert result.exit_code == 2 and "ambiguous" in result.stderr, (result.stdout, result.stderr)
