@@ -21,11 +21,15 @@ from .errors import CkptError, FormatError, InputError, UnsafeCheckpointError
 from .formats import (
     LEGACY_MAGIC_NUMBER,
     ReadOptions,
+    archive_prefix,
     check_input_path,
     classify_zip_names,
     detect,
+    has_zip_directory,
+    looks_like_tar,
     open_checkpoint,
 )
+from .formats.legacy import tar_pickles
 from .formats.torchzip import open_zip, read_member
 from .globalscan import PickleGlobals, scan_globals
 from .pickles import PickleError, PickleTruncated
@@ -146,15 +150,20 @@ def scan_file(path: Path, options: ReadOptions, size: int, *, in_folder: bool = 
     """Scan one file (see :func:`scan`)."""
     with open(path, "rb") as fh:
         head = fh.read(512)
+    # torch.load's order: a zip by its first bytes, else a tar if tarfile reads a header, else pickles
     if head.startswith(b"PK\x03\x04"):
+        if looks_like_tar(head):
+            detect(path)  # refuses a zip that is also a tar
         return _scan_zip(path, options)
-    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5 and detect(path) != "safetensors":
-        return _scan_pickle_file(path, options)
+    if looks_like_tar(head):
+        return _scan_tar(path, options)
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5 and _detected(path) != "safetensors":
+        return _scan_pickle_file(path, options, also_zip=has_zip_directory(path, size))
     try:
         fmt = detect(path)
     except FormatError:
         if _is_pickle(path):
-            return _scan_pickle_file(path, options)
+            return _scan_pickle_file(path, options, also_zip=has_zip_directory(path, size))
         if in_folder:
             return FileScan(
                 path, "other", SAFE, notes=["not a checkpoint or pickle: it holds no code to run"]
@@ -169,13 +178,19 @@ def scan_file(path: Path, options: ReadOptions, size: int, *, in_folder: bool = 
     )
 
 
+def _detected(path: Path) -> str | None:
+    try:
+        return detect(path)
+    except FormatError:  # damaged, or a pickle that is also a zip: scanned, then refused
+        return None
+
+
 def _scan_zip(path: Path, options: ReadOptions) -> FileScan:
-    with open_zip(path) as zf:
+    with open_zip(path) as zf:  # refuses an archive zip readers could read differently
         names = zf.namelist()
         fmt = classify_zip_names(path, names)
-        pickles = sorted(
-            (n for n in names if n.endswith(".pkl")), key=lambda n: (not n.endswith("data.pkl"), n)
-        )
+        main = archive_prefix(path, names) + "data.pkl"  # the one torch reads
+        pickles = [main, *sorted(n for n in names if n.endswith(".pkl") and n != main)]
         try:
             found = {name: scan_globals(read_member(zf, path, name)) for name in pickles}
         except PickleError as exc:
@@ -189,8 +204,43 @@ def _scan_zip(path: Path, options: ReadOptions) -> FileScan:
     return _validated(result, options)
 
 
-def _scan_pickle_file(path: Path, options: ReadOptions) -> FileScan:
-    """A legacy torch.save file (a run of pickles) or a bare pickle."""
+def _scan_tar(path: Path, options: ReadOptions) -> FileScan:
+    """A tar checkpoint (PyTorch before 0.4): every pickle torch.load would unpickle from it,
+    and the pickle at its start if it is also one (a file that reads both ways is refused)."""
+    found, stopped = tar_pickles(path)
+    scanned = [g for _, g in found]
+    also = []
+    try:  # pickle.load would read the file from its first byte (any protocol), past the header
+        with open(path, "rb") as fh:
+            scanned.append(scan_globals(fh))
+        also.append("a pickle (its first tar header is one)")
+    except PickleError:
+        pass
+    if has_zip_directory(path, os.path.getsize(path)):
+        also.append("a zip archive (its end holds a zip directory)")
+    result = _classified(path, "torch-tar", scanned, options)
+    note = "a tar checkpoint (torch.save before PyTorch 0.4): ckptsurgeon does not read it"
+    if result.status == UNSAFE:
+        result.notes.append(note)
+        result.notes.extend(f"it also reads as {what}" for what in also)
+        return result
+    if also:
+        raise FormatError(
+            f"{path}: an ambiguous file: it reads both as a tar checkpoint and as {' and as '.join(also)}, "
+            "and loaders disagree on which it is; refusing to call it safe"
+        )
+    if stopped:
+        raise FormatError(
+            f"{path}: a tar checkpoint (torch.save before PyTorch 0.4) that cannot be scanned whole: "
+            f"{stopped}; its pickles may import more than was seen, so do not load it"
+        )
+    result.notes.append(note + "; its pickles import only the globals listed")
+    return result
+
+
+def _scan_pickle_file(path: Path, options: ReadOptions, *, also_zip: bool = False) -> FileScan:
+    """A legacy torch.save file (a run of pickles) or a bare pickle; ``also_zip``: the file also
+    ends with a zip directory (refused unless its pickles already make it unsafe)."""
     found: list[PickleGlobals] = []
     with open(path, "rb") as fh:
         try:
@@ -202,7 +252,15 @@ def _scan_pickle_file(path: Path, options: ReadOptions) -> FileScan:
             raise FormatError(f"{path}: truncated: {exc}; the download or save did not finish") from None
         except PickleError as exc:
             raise FormatError(f"{path}: {exc}; the file is damaged or truncated") from None
-    return _validated(_classified(path, "torch-legacy" if legacy else "pickle", found, options), options)
+    result = _classified(path, "torch-legacy" if legacy else "pickle", found, options)
+    if also_zip:
+        if result.status != UNSAFE:
+            raise FormatError(
+                f"{path}: an ambiguous file: it reads both as a pickle and as a zip archive (its end holds "
+                "a zip directory), and loaders disagree on which it is; refusing to call it safe"
+            )
+        result.notes.append("it also reads as a zip archive (its end holds a zip directory)")
+    return _validated(result, options)
 
 
 def _first_int(path: Path) -> Any:

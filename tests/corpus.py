@@ -239,6 +239,7 @@ def build_corpus(root: Path, dry: bool = False) -> list[Case]:
         _sharded,
         _archives,
         _file_bounds,
+        _parser_disagreements,
     ):
         build(b)
     return b.cases
@@ -730,6 +731,253 @@ def _legacy_bytes() -> bytes:
     buf = io.BytesIO()
     torch.save({"a.weight": torch.arange(64.0).reshape(8, 8)}, buf, _use_new_zipfile_serialization=False)
     return buf.getvalue()
+
+
+def _parser_disagreements(b: _Builder) -> None:
+    """Files two readers read differently: zip members that are one name to zipfile or torch,
+    bytes before an archive, a miscounted directory, tar checkpoints (torch.load tries tar
+    before pickles) and files that are two formats at once. Each hostile pickle sits where
+    some loader would take it; a benign one where another would."""
+    evil, fragment = payloads(b.marker("parsers"))["os_system_global"]
+    hostile = state_dict_pickle(("a.weight", tensor_expr()), ("evil", evil))
+    benign = VALID_PKL
+    version, storage = ("archive/version", b"3\n"), ("archive/data/0", bytes(16))
+    twins = {
+        "nul": ("archive/data.pkl", "archive/data.pkl\0x"),
+        "case": ("archive/data.pkl", "archive/DATA.PKL"),
+        "dot_segment": ("archive/data.pkl", "archive/./data.pkl"),
+        "backslash": ("archive/data.pkl", "archive\\data.pkl"),
+        "duplicate": ("archive/data.pkl", "archive/data.pkl"),
+        "two_folders": ("archive/data.pkl", "other/data.pkl"),
+    }
+    for name, (first, second) in twins.items():
+        for order, (one, two) in (("hostile_first", (hostile, benign)), ("hostile_last", (benign, hostile))):
+            members = [version, (first, one), (second, two), storage]
+            # one of them through `python -m ckptsurgeon` in a subprocess too (the CLI's own start-up path)
+            in_subprocess = name == "nul" and order == "hostile_first"
+            b.add(
+                f"zip_twin_{name}_{order}",
+                raw_zip(members),
+                "parsers",
+                fragment="ambiguous",
+                may_hang=in_subprocess,
+            )
+    members = [version, ("archive/data.pkl", hostile), storage]
+    b.add(
+        "zip_data_pkl_outside_first_folder",
+        raw_zip([("other/version", b"3\n"), *members[1:]]),
+        "parsers",
+        fragment="ambiguous",
+    )
+    b.add("zip_count_short", raw_zip(members, count_delta=-1), "parsers", fragment="ambiguous")
+    b.add(
+        "zip_count_long",
+        raw_zip(members, extra=[("archive/data.pkl\0y", hostile)]),
+        "parsers",
+        fragment="ambiguous",
+    )
+    benign_zip = raw_zip([version, ("archive/data.pkl", benign), storage])
+    b.add("zip_after_another_zip", raw_zip(members) + benign_zip, "parsers", fragment="ambiguous")
+    b.add(
+        "zip_local_name_differs",
+        raw_zip(members, local_names={"archive/data.pkl": "archive/data.pkX"}),
+        "parsers",
+    )
+    b.add(
+        "zip_storage_local_name_differs",
+        raw_zip(
+            [version, ("archive/data.pkl", benign), storage], local_names={"archive/data/0": "archive/data/X"}
+        ),
+        "parsers",
+        fragment="ambiguous",
+    )
+    b.add("zip_and_tar", _zip_tar_polyglot(benign_zip), "parsers", fragment="ambiguous")
+    plain = b"\x80\x02}" + s("a") + n(1) + b"s."
+    b.add("pickle_then_zip", plain + benign_zip, "parsers", fragment="ambiguous")
+    b.add(
+        "pickle_then_zip_hostile_pickle",
+        b"\x80\x02" + evil + b"." + benign_zip,
+        "parsers",
+        UNSAFE,
+        fragment="ambiguous",
+        scan_fragment=fragment,
+    )
+    tar_evil = call(glob("os", "system"), s(f"touch {b.marker('tar')}"))
+    for member in ("storages", "tensors", "pickle", "sys_info"):
+        b.add(
+            f"tar_hostile_{member}",
+            legacy_tar({member: tar_evil}),
+            "parsers",
+            UNSAFE,
+            suffix=".tar",
+            fragment="tar checkpoint",
+            scan_fragment=fragment,
+        )
+    b.add(
+        "tar_pickle_polyglot",
+        legacy_tar({"storages": tar_evil}, header_pickle=plain),
+        "parsers",
+        UNSAFE,
+        fragment="tar checkpoint",
+        scan_fragment=fragment,
+        may_hang=True,  # in a subprocess, as above
+    )
+    b.add("tar_pickle_polyglot_benign", legacy_tar({}, header_pickle=plain), "parsers", fragment="tar")
+    b.add(
+        "tar_duplicate_storages",
+        legacy_tar({}, duplicate="storages"),
+        "parsers",
+        suffix=".tar",
+        fragment="tar",
+    )
+
+
+def raw_zip(
+    members: list[tuple[str, bytes]],
+    *,
+    count_delta: int = 0,
+    extra: list[tuple[str, bytes]] | None = None,
+    local_names: dict[str, str] | None = None,
+) -> bytes:
+    """A stored zip written byte by byte, so names may hold NUL bytes and repeat (zipfile cuts
+    and warns). ``count_delta`` miscounts the end record; ``extra`` members are listed in the
+    directory beyond the count; ``local_names`` gives a member's local header another name."""
+    import zlib
+
+    out, directory = bytearray(), bytearray()
+    for name, data in [*members, *(extra or [])]:
+        raw = name.encode()
+        local = (local_names or {}).get(name, name).encode()
+        flags = 0x800 if not name.isascii() else 0
+        crc, offset = zlib.crc32(data), len(out)
+        out += (
+            struct.pack(
+                "<4sHHHHHIIIHH",
+                b"PK\x03\x04",
+                20,
+                flags,
+                0,
+                0,
+                0x21,
+                crc,
+                len(data),
+                len(data),
+                len(local),
+                0,
+            )
+            + local
+            + data
+        )
+        directory += (
+            struct.pack(
+                "<4sHHHHHHIIIHHHHHII",
+                b"PK\x01\x02",
+                20,
+                20,
+                flags,
+                0,
+                0,
+                0x21,
+                crc,
+                len(data),
+                len(data),
+                len(raw),
+                0,
+                0,
+                0,
+                0,
+                0,
+                offset,
+            )
+            + raw
+        )
+    count = len(members) + count_delta
+    end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, count, count, len(directory), len(out), 0)
+    return bytes(out + directory + end)
+
+
+def _zip_tar_polyglot(zip_bytes: bytes) -> bytes:
+    """A zip whose first local header is also a tar header: the first member's local extra
+    field (which no zip reader interprets) holds the tar fields and their checksum."""
+    name_len = struct.unpack_from("<H", zip_bytes, 26)[0]
+    start = 30 + name_len
+    pad = 512 - start
+    header = bytearray(zip_bytes[:start] + b"\0" * pad)
+    struct.pack_into("<H", header, 28, pad)  # the local extra field covers the rest of the block
+    for at, value in (
+        (100, b"0000644\0"),
+        (108, b"0000000\0"),
+        (116, b"0000000\0"),
+        (124, b"00000000000\0"),
+        (136, b"00000000000\0"),
+        (156, b"0"),
+        (257, b"ustar\x0000"),
+    ):
+        header[at : at + len(value)] = value
+    _tar_checksum(header)
+    shift = pad
+    out = bytearray(bytes(header) + zip_bytes[start:])
+    # every later offset moved by ``shift``: patch the directory's offsets and the end record
+    cd = out.find(b"PK\x01\x02")
+    end = out.rfind(b"PK\x05\x06")
+    pos = cd
+    while pos < end:
+        offset = struct.unpack_from("<I", out, pos + 42)[0]
+        struct.pack_into("<I", out, pos + 42, offset + (shift if offset else 0))
+        lens = struct.unpack_from("<HHH", out, pos + 28)
+        pos += 46 + sum(lens)
+    struct.pack_into("<I", out, end + 16, struct.unpack_from("<I", out, end + 16)[0] + shift)
+    return bytes(out)
+
+
+def _tar_checksum(header: bytearray) -> None:
+    header[148:156] = b" " * 8
+    header[148:156] = f"{sum(header[:512]):06o}\0 ".encode()
+
+
+def legacy_tar(
+    evil: dict[str, bytes], *, header_pickle: bytes | None = None, duplicate: str | None = None
+) -> bytes:
+    """A tar checkpoint as PyTorch before 0.4 wrote it (members sys_info, pickle, storages,
+    tensors), with the expressions of ``evil`` in place of a member's first pickle value.
+    ``header_pickle``: the first header's name field holds this pickle (a file that is also a
+    bare pickle); ``duplicate``: that member is stored twice."""
+    import io
+    import pickle
+    import tarfile
+
+    def value(member: str, plain: bytes) -> bytes:
+        return b"\x80\x02" + evil[member] + b"." if member in evil else plain
+
+    count = pickle.dumps(1, protocol=2)
+    args = b"\x80\x02" + tup(s("0"), s("cpu"), glob("torch", "FloatStorage")) + b"."
+    members = {
+        "sys_info": value(
+            "sys_info", pickle.dumps({"protocol_version": 1001, "little_endian": True}, protocol=2)
+        ),
+        "storages": value("storages", count)
+        + args
+        + struct.pack("<q", 4)
+        + bytes(16)
+        + pickle.dumps([], protocol=2),
+        "tensors": value("tensors", pickle.dumps(0, protocol=2)),
+        "pickle": value("pickle", pickle.dumps({"a": 1}, protocol=2)),
+    }
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        names = list(members) + ([duplicate] if duplicate else [])
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = len(members[name])
+            tar.addfile(info, io.BytesIO(members[name]))
+    data = bytearray(buf.getvalue())
+    if header_pickle is not None:  # the first header's name field becomes a pickle, then NULs
+        assert len(header_pickle) < 100
+        data[:100] = header_pickle + b"\0" * (100 - len(header_pickle))
+        header = bytearray(data[:512])
+        _tar_checksum(header)
+        data[:512] = header
+    return bytes(data)
 
 
 # -- valid companions -------------------------------------------------------------------------

@@ -110,17 +110,89 @@ def _read_head(path: Path, size: int) -> bytes:
 
 
 def _detect_bytes(path: Path, head: bytes, size: int) -> str:
+    # torch.load's order: a zip (by its first bytes), else a tar (if tarfile reads a first
+    # header), else pickles; a file that more than one reader takes is refused
     if size == 0:
         raise FormatError(f"{path}: the file is empty (0 bytes); the download or save did not finish")
     if head.startswith(ZIP_MAGIC):
+        if looks_like_tar(head):
+            raise _two_formats(path, "a zip archive", "a tar archive")
         return _detect_zip(path)
     if head.startswith(EMPTY_ZIP_MAGIC):
         raise FormatError(f"{path}: an empty zip archive, not a checkpoint")
+    if looks_like_tar(head):
+        raise NotAStateDictError(
+            f"{path}: a tar checkpoint (the torch.save format of PyTorch before 0.4), which ckptsurgeon "
+            "does not read; run `ckpt scan` on it to list what its pickles would import"
+        )
     if _looks_like_safetensors(head, size):  # first: a header length of 640 starts b"\x80\x02"
         return "safetensors"
     if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
+        if has_zip_directory(path, size):
+            raise _two_formats(path, "a pickle", "a zip archive (its end holds a zip directory)")
         return "torch-legacy"  # the legacy reader also names bare pickles
     raise _not_a_checkpoint(path, head)
+
+
+def _two_formats(path: Path, first: str, second: str) -> FormatError:
+    return FormatError(
+        f"{path}: an ambiguous file: it reads both as {first} and as {second}, and loaders disagree "
+        "on which it is; refusing to read it"
+    )
+
+
+def looks_like_tar(head: bytes) -> bool:
+    """Whether :mod:`tarfile` takes the first 512 bytes for a tar header (its checksum matches),
+    as ``torch.load`` tries before reading a non-zip file as pickles.
+
+    Example:
+        >>> looks_like_tar(bytes(512)), looks_like_tar(b"\\x80\\x02K\\x01." + bytes(507))
+        (False, False)
+    """
+    if len(head) < 512 or not head[:512].strip(b"\0"):
+        return False
+    field = head[148:156]
+    if field[:1] in (b"\x80", b"\xff"):  # tarfile's base-256 numbers
+        value = int.from_bytes(field[1:], "big")
+        if field[:1] == b"\xff":
+            value -= 256**7
+    else:
+        text = field.split(b"\0", 1)[0].strip()
+        if not all(48 <= c <= 55 for c in text):
+            return False
+        value = int(text or b"0", 8)
+    unsigned = 256 + sum(head[:148]) + sum(head[156:512])
+    signed = 256 + sum(c - 256 if c > 127 else c for c in head[:148] + head[156:512])
+    return value in (unsigned, signed)
+
+
+def has_zip_directory(path: Path, size: int) -> bool:
+    """Whether the end of ``path`` holds a zip directory that :mod:`zipfile` would open (an end
+    record, and a central directory where it says, or none at all).
+
+    Example:
+        >>> has_zip_directory(Path("fixtures/vgg_1000.pth"), 1)
+        False
+    """
+    tail_len = min(size, 22 + 0xFFFF)
+    if tail_len < 22:
+        return False
+    with open(path, "rb") as fh:
+        fh.seek(size - tail_len)
+        tail = fh.read(tail_len)
+        at = tail.rfind(EMPTY_ZIP_MAGIC)
+        if at < 0 or len(tail) - at < 22:
+            return False
+        if at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":  # a zip64 locator
+            return True
+        cd_size = int.from_bytes(tail[at + 12 : at + 16], "little")
+        start = size - tail_len + at - cd_size
+        if cd_size == 0:
+            return True
+        if start < 0:
+            return False
+        fh.seek(start)
+        return fh.read(4) == b"PK\x01\x02"
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
@@ -153,10 +225,7 @@ def _not_a_checkpoint(path: Path, head: bytes) -> FormatError:
     if head.startswith(b"\x1f\x8b"):
         return NotAStateDictError(f"{path}: a gzip archive; decompress it first")
     if head[257:262] == b"ustar":
-        return NotAStateDictError(
-            f"{path}: a tar archive (the torch.save format of PyTorch before 0.4?); "
-            "load it with an old PyTorch and save it again"
-        )
+        return NotAStateDictError(f"{path}: a damaged tar archive (its first header's checksum is wrong)")
     if path.suffix.lower() == ".safetensors" and len(head) < 9:
         return FormatError(
             f"{path}: truncated: {len(head)} bytes, shorter than a safetensors file's 8-byte header length "
@@ -166,26 +235,49 @@ def _not_a_checkpoint(path: Path, head: bytes) -> FormatError:
 
 
 def _detect_zip(path: Path) -> str:
-    import zipfile  # only for zips: it pulls in shutil, bz2 and lzma (~2 ms of start-up)
-
-    from .zipio import read_directory
+    from .zipio import check_names, open_checked, read_directory
 
     plain = read_directory(path)  # a plain archive: its names without zipfile's per-member cost
     if plain is not None:
-        return classify_zip_names(path, list(plain))
-    try:
-        with zipfile.ZipFile(path) as zf:
+        names = list(plain)
+        check_names(path, names)
+    else:  # zipfile (it pulls in shutil, bz2 and lzma: ~2 ms of start-up) reads the rest, or names the fault
+        with open_checked(path) as zf:
             names = zf.namelist()
-    except zipfile.BadZipFile:
+    fmt = classify_zip_names(path, names)
+    archive_prefix(path, names)
+    return fmt
+
+
+def archive_prefix(path: Path, names: list[str]) -> str:
+    """The folder of a torch zip's ``data.pkl`` (``"archive/"``), found the way torch finds it:
+    the folder of the archive's first member. Refused when the archive holds another
+    ``data.pkl`` a reader could take instead.
+
+    Example:
+        >>> archive_prefix(Path("m.pth"), ["m/data.pkl", "m/version", "m/data/0"])
+        'm/'
+    """
+    found = [n for n in names if n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1)]
+    if not found:
         raise FormatError(
-            f"{path}: a truncated or damaged zip archive (no readable central directory); "
-            "the download or save did not finish, fetch or save it again"
-        ) from None
-    except (OSError, ValueError, EOFError, NotImplementedError) as exc:
+            f"{path}: a zip archive without data.pkl: not a torch.save checkpoint (or a damaged one)"
+        )
+    if len(found) > 1:
         raise FormatError(
-            f"{path}: a damaged zip archive ({exc.__class__.__name__}); fetch or save it again"
-        ) from None
-    return classify_zip_names(path, names)
+            f"{path}: an ambiguous zip archive: it holds {len(found)} data.pkl members "
+            f"({', '.join(found[:3])}), of which torch and other readers could load different ones; "
+            "refusing to read it"
+        )
+    prefix = found[0][: -len("data.pkl")]
+    first = names[0]
+    torch_prefix = first[: first.index("/") + 1] if "/" in first else ""
+    if prefix and prefix != torch_prefix:
+        raise FormatError(
+            f"{path}: an ambiguous zip archive: its data.pkl is in {prefix} but its first member "
+            f"{first[:80]} names the folder torch.load reads ({torch_prefix or 'none'}); refusing to read it"
+        )
+    return prefix
 
 
 def classify_zip_names(path: Path, names: list[str]) -> str:

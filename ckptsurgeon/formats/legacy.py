@@ -20,10 +20,11 @@ import struct
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..dtypes import DTYPES
-from ..errors import FormatError
+from ..errors import CkptError, FormatError
+from ..globalscan import PickleGlobals, scan_globals
 from ..pickles import PickleError, PickleTruncated
 from ..record import Storage, pread_exact
 from ..safety import DataResolver, GlobalRef
@@ -244,3 +245,148 @@ def _bare_pickle(path: Path, tree: Any, resolver: DataResolver, file_size: int) 
     if not checkpoint.candidates():
         checkpoint.notes.append("it holds no tensors")
     return checkpoint
+
+
+# -- tar checkpoints (PyTorch before 0.4) ------------------------------------------------------
+# torch.load tries tarfile before anything else on a non-zip file; a tar checkpoint's members are
+# pickles, some followed by raw storage or tensor bytes. They are walked here, never loaded.
+TAR_MEMBERS = ("sys_info", "storages", "tensors", "pickle")
+
+
+def tar_pickles(path: Path) -> tuple[list[tuple[str, PickleGlobals]], str | None]:
+    """Every pickle ``torch.load`` would unpickle from a tar checkpoint, scanned (nothing runs):
+    ``[(member, globals) ...]``, and why the walk stopped early (None when it saw them all).
+
+    A member torch reads that a reader could take for another (a duplicate or respelled name,
+    a link) is refused.
+
+    Example:
+        >>> found, stopped = tar_pickles(Path("old.tar"))        # doctest: +SKIP
+        >>> [member for member, _ in found], stopped             # doctest: +SKIP
+        (['sys_info', 'storages', 'storages', 'tensors', 'tensors', 'pickle'], None)
+    """
+    import tarfile
+
+    found: list[tuple[str, PickleGlobals]] = []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = _tar_members(path, tar.getmembers())
+            for name in TAR_MEMBERS:
+                if name in members:
+                    fh = tar.extractfile(members[name])
+                    if fh is None:  # pragma: no cover - only regular files are kept
+                        continue
+                    try:
+                        stopped = _TAR_WALKERS[name](fh, members[name].size, found, name)
+                    except PickleError as exc:
+                        stopped = f"holds a pickle that cannot be read ({exc})"
+                    if stopped:
+                        return found, f"its member {name} {stopped}"
+    except CkptError:
+        raise
+    except Exception as exc:  # tarfile on a hostile archive: ReadError, EOFError, ValueError ...
+        detail = " ".join(str(exc).split())[:80] or exc.__class__.__name__
+        return found, f"tarfile cannot read it ({detail})"
+    return found, None
+
+
+def _tar_members(path: Path, members: list[Any]) -> dict[str, Any]:
+    kept: dict[str, Any] = {}
+    for member in members:
+        name = member.name.split("\0", 1)[0].replace("\\", "/")
+        canonical = "/".join(p for p in name.split("/") if p not in ("", "."))
+        if canonical not in TAR_MEMBERS:
+            continue
+        if canonical in kept or member.name != canonical or not member.isreg():
+            raise FormatError(
+                f"{path}: an ambiguous tar checkpoint: its member {canonical} is "
+                + ("listed twice" if canonical in kept else "spelled differently or not a plain file")
+                + ", so loaders could read different data; refusing to scan it"
+            )
+        kept[canonical] = member
+    return kept
+
+
+def _walk_one(fh: BinaryIO, size: int, found: list[tuple[str, PickleGlobals]], name: str) -> str | None:
+    found.append((name, scan_globals(fh, 0)))
+    return None
+
+
+def _walk_tar_storages(
+    fh: BinaryIO, size: int, found: list[tuple[str, PickleGlobals]], name: str
+) -> str | None:
+    """A count, then per storage (key, location, storage class) and its 8-byte element count
+    and bytes, then the list of storage views."""
+
+    def skip(args: Any, pos: int) -> int | None:
+        if type(args) is not tuple or len(args) != 3 or not isinstance(args[2], GlobalRef):
+            return None
+        dtype = DTYPES.get(str(args[2].extra))
+        if dtype is None:
+            return None
+        fh.seek(pos)
+        count = int.from_bytes(fh.read(8), "little", signed=True)
+        return pos + 8 + count * dtype.itemsize if count >= 0 else None
+
+    return _walk_records(fh, size, found, name, skip, views=True)
+
+
+def _walk_tar_tensors(
+    fh: BinaryIO, size: int, found: list[tuple[str, PickleGlobals]], name: str
+) -> str | None:
+    """A count, then per tensor (key, storage id, type) and its dims, sizes, strides, offset."""
+
+    def skip(args: Any, pos: int) -> int | None:
+        fh.seek(pos)
+        ndim = int.from_bytes(fh.read(4), "little", signed=True)
+        return pos + 8 + 16 * ndim + 8 if 0 <= ndim <= 64 else None
+
+    return _walk_records(fh, size, found, name, skip, views=False)
+
+
+def _walk_records(
+    fh: BinaryIO,
+    size: int,
+    found: list[tuple[str, PickleGlobals]],
+    name: str,
+    skip: Callable[[Any, int], int | None],
+    *,
+    views: bool,
+) -> str | None:
+    pos = 0
+    count, pos = _scanned_value(fh, pos, found, name)
+    if type(count) is not int or not 0 <= count <= size:
+        return "does not start with a count of records"
+    for _ in range(count):
+        args, end = _scanned_value(fh, pos, found, name)
+        after = skip(args, end)
+        if after is None or after > size:
+            return "holds a record that cannot be walked past"
+        pos = after
+    if views:
+        _scanned_value(fh, pos, found, name)
+    return None
+
+
+def _scanned_value(
+    fh: BinaryIO, pos: int, found: list[tuple[str, PickleGlobals]], name: str
+) -> tuple[Any, int]:
+    """Scan the pickle at ``pos`` (recorded in ``found``), then read its value with the restricted
+    unpickler: (value, end), the value None when it names anything but data and storage classes."""
+    scanned = scan_globals(fh, pos)
+    found.append((name, scanned))
+    fh.seek(pos)
+    data = fh.read(scanned.end - pos)
+    try:
+        value, _ = unpickle(data, Path(name), TorchResolver((), _no_storages))
+    except (CkptError, PickleError):
+        value = None
+    return value, scanned.end
+
+
+_TAR_WALKERS: dict[str, Callable[[BinaryIO, int, list[tuple[str, PickleGlobals]], str], str | None]] = {
+    "sys_info": _walk_one,
+    "storages": _walk_tar_storages,
+    "tensors": _walk_tar_tensors,
+    "pickle": _walk_one,
+}

@@ -30,6 +30,7 @@ from ..record import (
     file_identity,
 )
 from ..safety import GlobalRef
+from . import archive_prefix
 from ._torchwriter import ALIGNMENT, StoragePlan, iter_storage, write
 from .legacy import (
     StorageSlot,
@@ -40,7 +41,7 @@ from .legacy import (
     storage_dtype,
     unpickle,
 )
-from .zipio import read_directory, read_stored
+from .zipio import check_names, open_checked, read_directory, read_stored
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..checkpoint import Checkpoint
@@ -61,21 +62,7 @@ def read(path: Path, options: ReadOptions) -> Checkpoint:
     if options.unsafe:
         return read_unsafe(path, "torch-zip")
     file_size = os.path.getsize(path)
-    fast = None if options.check else _read_plain(path, file_size)
-    if fast is not None:
-        infos, prefix, data, byteorder = fast
-    else:
-        with open_zip(path) as zf:
-            infos = {info.filename: info for info in zf.infolist()}
-            prefix = _archive_prefix(path, infos)
-            data = read_member(zf, path, prefix + "data.pkl")
-            byteorder = (
-                read_member(zf, path, prefix + "byteorder").decode("ascii", "replace").strip()
-                if prefix + "byteorder" in infos
-                else "little"
-            )
-            if options.check:
-                verify_crcs(zf, path, progress=options.progress)
+    infos, prefix, data, byteorder = _open_archive(path, file_size, options)
     if byteorder not in ("little", "big"):
         raise FormatError(f"{path}: unknown byte order {byteorder!r} in the archive; the file is damaged")
     storages = _ZipStorages(path, prefix, infos, byteorder, file_size)
@@ -103,6 +90,39 @@ def read(path: Path, options: ReadOptions) -> Checkpoint:
     )
 
 
+def data_pickle(path: Path) -> bytes:
+    """The bytes of the ``data.pkl`` the reader unpickles: the same choice of member as
+    :func:`read` makes (tests compare it with zipfile's and torch's choice).
+
+    Example:
+        >>> data_pickle(Path("fixtures/vgg_1000.pth"))[:2]
+        b'\\x80\\x02'
+    """
+    from . import ReadOptions
+
+    return _open_archive(path, os.path.getsize(path), ReadOptions())[2]
+
+
+def _open_archive(path: Path, file_size: int, options: ReadOptions) -> tuple[dict[str, Any], str, bytes, str]:
+    """(members by name, archive prefix, data.pkl, byte order), by the fast way for a plain
+    archive, else through zipfile (which also checks every CRC with ``options.check``)."""
+    fast = None if options.check else _read_plain(path, file_size)
+    if fast is not None:
+        return fast
+    with open_zip(path) as zf:
+        infos = {info.filename: info for info in zf.infolist()}
+        prefix = archive_prefix(path, list(infos))
+        data = read_member(zf, path, prefix + "data.pkl")
+        byteorder = (
+            read_member(zf, path, prefix + "byteorder").decode("ascii", "replace").strip()
+            if prefix + "byteorder" in infos
+            else "little"
+        )
+        if options.check:
+            verify_crcs(zf, path, progress=options.progress)
+    return infos, prefix, data, byteorder
+
+
 def _read_plain(path: Path, file_size: int) -> tuple[dict[str, Any], str, bytes, str] | None:
     """The fast way in for a plain archive whose data.pkl and byteorder pass their CRC:
     (members, archive prefix, data.pkl, byte order). None sends the caller to zipfile,
@@ -110,7 +130,8 @@ def _read_plain(path: Path, file_size: int) -> tuple[dict[str, Any], str, bytes,
     infos = read_directory(path, file_size)
     if infos is None or not file_size:
         return None
-    prefix = _archive_prefix(path, infos)
+    check_names(path, list(infos))
+    prefix = archive_prefix(path, list(infos))
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as headers:
         data = read_stored(path, headers, infos[prefix + "data.pkl"])
         order = infos.get(prefix + "byteorder")
@@ -121,27 +142,8 @@ def _read_plain(path: Path, file_size: int) -> tuple[dict[str, Any], str, bytes,
 
 
 def open_zip(path: Path) -> zipfile.ZipFile:
-    """Open a zip archive; a damaged or truncated one is a one-line FormatError."""
-    try:
-        return zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise FormatError(
-            f"{path}: a truncated or damaged zip archive (no readable central directory); "
-            "the download or save did not finish, fetch or save it again"
-        ) from None
-    except (OSError, ValueError, EOFError, struct.error, NotImplementedError) as exc:
-        raise FormatError(
-            f"{path}: a damaged zip archive ({exc.__class__.__name__}); fetch or save it again"
-        ) from None
-
-
-def _archive_prefix(path: Path, infos: dict[str, Any]) -> str:
-    found = [n for n in infos if n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1)]
-    if not found:
-        raise FormatError(
-            f"{path}: a zip archive without data.pkl: not a torch.save checkpoint (or a damaged one)"
-        )
-    return min(found, key=len)[: -len("data.pkl")]
+    """Open a zip archive; a damaged, truncated or ambiguous one is a one-line FormatError."""
+    return open_checked(path)
 
 
 # What zipfile raises for a damaged member: bad headers, truncation, encryption, bad deflate data.
@@ -294,6 +296,13 @@ class _ZipStorages:
         if magic != b"PK\x03\x04":
             raise FormatError(
                 f"{self.path}: member {info.filename} has no valid local header; the file is damaged"
+            )
+        central = getattr(info, "orig_filename", info.filename)
+        encoding = "utf-8" if info.flag_bits & 0x800 else "cp437"  # as zipfile decodes names
+        if self.headers[at + 30 : at + 30 + name_len] != central.encode(encoding, "replace"):
+            raise FormatError(
+                f"{self.path}: an ambiguous zip archive: the local header of member {info.filename} "
+                "names another file than the central directory; refusing to read it"
             )
         return at + 30 + name_len + extra_len
 

@@ -71,8 +71,11 @@ def read_directory(path: Path, size: int | None = None) -> dict[str, Member] | N
             return None  # several disks, or bytes after the archive
         if at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":  # zip64 end records (torch writes them)
             found = _zip64_end(fh, tail, at)
-            if found is None:
-                return None
+            if found is None or found[3] != cd_end - 56 - 20:
+                return None  # the zip64 record must sit just before its locator, as zipfile takes it
+            shorts = zip((count, cd_size, cd_offset), found[:3], (0xFFFF, _LIMIT, _LIMIT), strict=True)
+            if any(short not in (full, sentinel) for short, full, sentinel in shorts):
+                return None  # the two end records disagree: zipfile names it
             count, cd_size, cd_offset, cd_end = found
         if cd_offset + cd_size != cd_end:
             return None  # data before the archive, or a damaged directory
@@ -144,6 +147,170 @@ def _parse_entries(data: bytes, count: int, limit: int) -> dict[str, Member] | N
         members[name] = _new_tuple(Member, (name, offset, usize, csize, method, crc, flags))
         pos = start + nlen + elen + clen
     return members if pos == end else None
+
+
+# -- one reading of a zip for everybody ----------------------------------------------------
+def canonical_name(name: str) -> str:
+    """The one name a member has for every zip reader: cut at a NUL byte (where :mod:`zipfile`
+    cuts it), ``\\`` as ``/`` (zipfile on Windows), no ``.`` or empty segments (unzip tools),
+    in lower case (torch's miniz looks names up without regard to case).
+
+    Example:
+        >>> canonical_name("Archive/./data.pkl\\x00x"), canonical_name("archive\\\\DATA.pkl")
+        ('archive/data.pkl', 'archive/data.pkl')
+    """
+    name = name.split("\0", 1)[0].replace("\\", "/")
+    kept = [part for part in name.split("/") if part not in ("", ".")]
+    return "/".join(kept).lower() + ("/" if name.endswith("/") else "")
+
+
+def name_problem(names: list[str]) -> str | None:
+    """Why member ``names`` (as the central directory spells them, in its order) could make
+    zipfile, torch and ckptsurgeon read different members, or None: a name that a reader
+    would spell differently (a NUL byte, a backslash, a ``.`` or empty segment), or two
+    names that are one name to some reader.
+
+    Example:
+        >>> name_problem(["archive/data.pkl", "archive/data.pkl\\x00x"])
+        "two members are one name to zipfile or torch: 'archive/data.pkl' and 'archive/data.pkl\\\\x00x'"
+        >>> name_problem(["archive/data.pkl", "archive/data/0"]) is None
+        True
+    """
+    if _plain_names(names):
+        return None
+    seen: dict[str, str] = {}
+    for name in names:
+        canonical = canonical_name(name)
+        if canonical in seen:
+            return (
+                f"two members are one name to zipfile or torch: {_shown(seen[canonical])} and {_shown(name)}"
+            )
+        seen[canonical] = name
+        body = name[:-1] if name.endswith("/") else name
+        if "\0" in name or "\\" in name or any(part in ("", ".") for part in body.split("/")):
+            what = (
+                "a NUL byte" if "\0" in name else "a backslash" if "\\" in name else "an empty or '.' segment"
+            )
+            return f"member {_shown(name)} has {what} in its name, which zip readers spell differently"
+    return None
+
+
+# What no plain name holds, with the names joined by newlines: a NUL byte, a backslash, an
+# empty or "." segment (a trailing "/" marks a folder entry and is fine).
+_ODD_PARTS = ("\0", "\\", "//", "/./", "\n/", "\n./", "/.\n", "\n.\n", "\n\n")
+
+
+def _plain_names(names: list[str]) -> bool:
+    """The fast answer for the usual archive (20,000 names in a few milliseconds): no name
+    holds anything :func:`canonical_name` would change but its case, and no two names are
+    one in lower case."""
+    joined = "\n" + "\n".join(names) + "\n"
+    if joined.count("\n") != len(names) + 1 or any(part in joined for part in _ODD_PARTS):
+        return False
+    return len(set(joined.lower().split("\n"))) == len(names) + 1  # and "", from both ends
+
+
+def _shown(name: str) -> str:
+    from ..report import printable
+
+    return printable(repr(name[:80]))
+
+
+def check_names(path: Path, names: list[str]) -> None:
+    """Refuse an archive whose member names some zip reader could read differently
+    (:func:`name_problem`), naming the ambiguity."""
+    problem = name_problem(names)
+    if problem:
+        from ..errors import FormatError
+
+        raise FormatError(f"{path}: an ambiguous zip archive: {problem}; refusing to read it")
+
+
+def zipfile_problem(path: Path, zf: Any) -> str | None:
+    """Why an archive :mod:`zipfile` opened could be read differently by torch (miniz), or None:
+    bytes before the archive (zipfile shifts every offset past them, miniz does not), or a
+    central directory holding more or fewer entries than its end record counts (zipfile
+    reads them all, miniz the counted ones)."""
+    import zipfile
+
+    with open(path, "rb") as fh:
+        end = zipfile._EndRecData(fh)  # the record zipfile itself found, as zipfile parsed it
+        if not end:
+            return "no end of central directory record"
+        fh.seek(max(end[zipfile._ECD_LOCATION] - 76, 0))
+        records = fh.read(76 + 22)
+    problem = _zip64_problem(records, end[zipfile._ECD_LOCATION])
+    if problem:
+        return problem
+    # where the record is, minus the directory's size and declared offset: zipfile's "concat"
+    before = end[zipfile._ECD_LOCATION] - end[zipfile._ECD_SIZE] - end[zipfile._ECD_OFFSET]
+    if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # the zip64 records sit between
+        before -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+    if before:
+        return f"{before} bytes before the archive that its offsets do not count"
+    counted, listed = end[zipfile._ECD_ENTRIES_TOTAL], len(zf.infolist())
+    if counted != listed:
+        return f"its end record counts {counted} members but its directory lists {listed}"
+    return None
+
+
+def _zip64_problem(records: bytes, end_at: int) -> str | None:
+    """Why zipfile and torch (miniz) could take different zip64 end records, or None.
+
+    ``records``: the 76 bytes before the end record at ``end_at`` (a zip64 end record and its
+    locator, if any), then the end record. zipfile reads the zip64 record just before the
+    locator; miniz where the locator points. Both must be one record, whose counts the
+    32-bit end record repeats or marks as too large (0xFFFF...)."""
+    if len(records) < 98 or records[56:60] != b"PK\x06\x07":
+        return None
+    record_at = struct.unpack_from("<Q", records, 64)[0]
+    if record_at != end_at - 76 or records[:4] != b"PK\x06\x06":
+        return "its zip64 end record is not where its locator points"
+    count64, size64, offset64 = struct.unpack_from("<QQQ", records, 32)
+    _sig, _disk, _cd_disk, _here, count, size, offset, _comment = _EOCD.unpack_from(records, 76)
+    for short, full, sentinel in (
+        (count, count64, 0xFFFF),
+        (size, size64, _LIMIT),
+        (offset, offset64, _LIMIT),
+    ):
+        if short not in (full, sentinel):
+            return "its zip64 end record and its end record disagree"
+    return None
+
+
+def open_checked(path: Path) -> Any:
+    """Open ``path`` with :mod:`zipfile`, refusing with one line an archive that is damaged or
+    that another zip reader could read differently (:func:`zipfile_problem`, :func:`name_problem`).
+
+    Example:
+        >>> with open_checked(Path("model.pth")) as zf:        # doctest: +SKIP
+        ...     zf.namelist()[0]
+        'model/data.pkl'
+    """
+    import zipfile
+
+    from ..errors import FormatError
+
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise FormatError(
+            f"{path}: a truncated or damaged zip archive (no readable central directory); "
+            "the download or save did not finish, fetch or save it again"
+        ) from None
+    except (OSError, ValueError, EOFError, struct.error, NotImplementedError) as exc:
+        raise FormatError(
+            f"{path}: a damaged zip archive ({exc.__class__.__name__}); fetch or save it again"
+        ) from None
+    try:
+        problem = zipfile_problem(path, zf) or name_problem([info.orig_filename for info in zf.infolist()])
+    except BaseException:
+        zf.close()
+        raise
+    if problem:
+        zf.close()
+        raise FormatError(f"{path}: an ambiguous zip archive: {problem}; refusing to read it")
+    return zf
 
 
 def data_offset(headers: Any, member: Member) -> int | None:
