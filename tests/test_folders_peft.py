@@ -204,6 +204,7 @@ def test_diff_of_an_adapter_against_its_base_says_what_it_is(adapters: dict[str,
         f"!! This is a LoRA adapter for tiny-gpt2, not a full checkpoint: its 13 tensors update "
         f"{len(modules)} modules of the base model, {len(modules)} of which are in the target"
     ) in result.stdout
+    assert "(matched by stripping `base_model.model.` and `.lora_A`, `.lora_B`)" in result.stdout
     assert "store 1 whole (lm_head.weight)" in result.stdout
     assert "ckpt merge-lora" in result.stdout and "PeftModel.from_pretrained" in result.stdout
     assert "Fix:" not in result.stdout  # adapt or rename cannot make an adapter a checkpoint
@@ -375,3 +376,18 @@ def test_one_module_alone_has_no_prefix(tmp_path: Path) -> None:
     path = tmp_path / "fc.pth"
     torch.save(torch.nn.Linear(2, 3).state_dict(), path)
     assert "prefix       none" in run_cli("inspect", path).stdout
+
+
+def test_adapter_names_with_control_characters_are_escaped(adapters: dict[str, Any], tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapters["root"] / "gpt2", folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "evil\x1b[2K\nFix: rm -rf ~"
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    shown = run_cli("inspect", folder).stdout
+    assert "base model       evil\\x1b[2K\\nFix: rm -rf ~" in shown and "\x1b" not in shown
+    diffed = run_cli("diff", folder, GPT2_TARGET).stdout
+    assert "adapter for evil\\x1b[2K\\nFix: rm -rf ~, not a full checkpoint" in diffed
+    assert "\x1b" not in diffed and "\nFix:" not in diffed

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, InputError
+from ..report import printable
 from . import ReadOptions, open_checkpoint
 from .safetensors import DuplicateKeyError, no_duplicate_keys
 
@@ -49,7 +50,7 @@ FIELDS = (
     "alpha_pattern",
 )
 # The name components of an adapter's own tensors (LoRA, DoRA, IA3, LoHa, LoKr, OFT, BOFT, VeRA ...).
-ADAPTER_PARTS = ("lora_", "ia3_", "hada_", "lokr_", "oft_", "boft_", "vera_", "fourierft_", "ranklora")
+ADAPTER_PARTS = ("lora_", "ia3_", "hada_", "lokr_", "oft_", "boft_", "vera_", "fourierft_")
 DISPLAY_NAMES = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "IA3": "IA3"}
 
 
@@ -297,6 +298,21 @@ def adapter_modules(names: Iterable[str]) -> tuple[list[str], list[str]]:
     return list(modules), whole
 
 
+def adapter_parts(names: Iterable[str]) -> list[str]:
+    """The adapter's own name components, in first-seen order (``lora_A``, ``lora_B`` ...).
+
+    Example:
+        >>> adapter_parts(["m.q.lora_A.weight", "m.q.lora_B.weight", "m.k.lora_A.weight", "m.score.weight"])
+        ['lora_A', 'lora_B']
+    """
+    found: dict[str, None] = {}
+    for name in names:
+        part = next((p for p in name.split(".") if p.startswith(ADAPTER_PARTS)), None)
+        if part is not None:
+            found[part] = None
+    return list(found)
+
+
 def matched_modules(modules: Iterable[str], target_names: Iterable[str]) -> list[str]:
     """The adapter's modules that the target holds: the same dotted path, or one that ends the
     other's (``transformer.h.0.attn`` against a target built without ``transformer.``).
@@ -333,6 +349,7 @@ def adapter_explanation(
     """
     config = adapter_config(ckpt.metadata)
     modules, whole = adapter_modules(records)
+    parts = adapter_parts(records)
     target_names = list(target)
     matched = matched_modules(modules, target_names)
     base = config.get("base_model_name_or_path")
@@ -341,8 +358,8 @@ def adapter_explanation(
     alarm = (
         f"This is {article} {name} adapter for {base or 'a base model it does not name'}, not a full "
         f"checkpoint: its {len(records)} tensors update {len(modules)} modules of the base model, "
-        f"{len(matched)} of which are in the target (matched by stripping `{PEFT_PREFIX}` and the "
-        f"adapter's own parts, `.lora_A`/`.lora_B` ...)"
+        f"{len(matched)} of which are in the target (matched by stripping `{PEFT_PREFIX}` and "
+        f"{_names(['`.' + p + '`' for p in parts], 4) or 'the adapter parts'})"
         + (f", and store {len(whole)} whole ({_names(whole)})" if whole else "")
         + ". Load the base model's weights, then the adapter with peft "
         f"(PeftModel.from_pretrained(model, {str(ckpt.path)!r})), or merge it into the base weights "
@@ -352,7 +369,10 @@ def adapter_explanation(
         f"As saved: {loadable} of {total} would load: the file holds an adapter's tensors, "
         "not the model's weights; diff the base model's own checkpoint to check that it loads."
     )
-    return dataclasses.replace(explanation, message=message, alarm=alarm, filter_idiom="", fix_commands=())
+    # the config's names and the path may hold anything: escaped, as the report escapes the file's keys
+    return dataclasses.replace(
+        explanation, message=message, alarm=printable(alarm), filter_idiom="", fix_commands=()
+    )
 
 
 def _names(names: list[str], limit: int = 3) -> str:
