@@ -82,7 +82,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     peft = pytest.importorskip("peft")
     root = tmp_path_factory.mktemp("adapters")
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(**_kwargs(GPT2_CONFIG)))
-    gpt2.name_or_path = "tiny-gpt2"  # what from_pretrained sets, and peft records
+    gpt2.name_or_path = _local_base(root / "tiny-gpt2", gpt2)  # what from_pretrained sets; peft records it
     gpt2_config = peft.LoraConfig(
         r=4,
         lora_alpha=8,
@@ -101,7 +101,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         vocab_size=100,
     )
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_kwargs))
-    llama.name_or_path = "org/tiny-llama"
+    llama.name_or_path = _local_base(root / "tiny-llama", llama)
     llama_config = peft.LoraConfig(
         r=8,
         lora_alpha=16,
@@ -122,6 +122,13 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             for name, model in (("gpt2", gpt2_peft), ("llama", llama_peft))
         },
     }
+
+
+def _local_base(folder: Path, model: Any) -> str:
+    """A base model folder holding the config: peft looks a base model's config.json up on the Hub
+    when it is not on disk, and the tests run without a network."""
+    model.config.save_pretrained(folder)
+    return str(folder)
 
 
 def _kwargs(text: str) -> dict[str, int]:
@@ -173,7 +180,7 @@ def test_inspect_table_and_markdown_show_the_adapter(adapters: dict[str, Any]) -
     lines = {line.split("  ")[0]: line for line in table.splitlines()}
     assert "PEFT adapter folder" in lines["format"]
     assert lines["adapter"].endswith("LoRA, r=8, lora_alpha=16, use_rslora, use_dora")
-    assert lines["base model"].endswith("org/tiny-llama")
+    assert lines["base model"].endswith(str(adapters["root"] / "tiny-llama"))
     assert lines["targets"].endswith("q_proj, v_proj")
     assert lines["rank pattern"].endswith('{"layers.0.self_attn.q_proj": 2}')
     assert lines["prefix"].endswith(
@@ -184,7 +191,7 @@ def test_inspect_table_and_markdown_show_the_adapter(adapters: dict[str, Any]) -
         cells[0]: cells[1] for cells in (_cells(line) for line in markdown.splitlines()) if len(cells) == 2
     }
     assert rows["adapter"] == "LoRA, r=4, lora_alpha=8, fan_in_fan_out"
-    assert rows["base model"] == "tiny-gpt2"
+    assert rows["base model"] == str(adapters["root"] / "tiny-gpt2")
     assert rows["targets"] == "c_attn, c_proj"
     assert rows["modules to save"] == "lm_head  (stored whole)"
 
@@ -200,8 +207,9 @@ def test_diff_of_an_adapter_against_its_base_says_what_it_is(adapters: dict[str,
     assert "NOTHING WOULD LOAD" not in result.stdout
     modules = adapters["lora_modules"]["gpt2"]  # peft's own LoRA layers: 2 layers x (c_attn, 2 c_proj)
     assert len(modules) == 6
+    base = adapters["root"] / "tiny-gpt2"
     assert (
-        f"!! This is a LoRA adapter for tiny-gpt2, not a full checkpoint: its 13 tensors update "
+        f"!! This is a LoRA adapter for {base}, not a full checkpoint: its 13 tensors update "
         f"{len(modules)} modules of the base model, {len(modules)} of which are in the target"
     ) in result.stdout
     assert "(matched by stripping `base_model.model.` and `.lora_A`, `.lora_B`)" in result.stdout
@@ -210,7 +218,9 @@ def test_diff_of_an_adapter_against_its_base_says_what_it_is(adapters: dict[str,
     assert "Fix:" not in result.stdout  # adapt or rename cannot make an adapter a checkpoint
     report = json.loads(run_cli("diff", folder, GPT2_TARGET, "--format", "json").stdout)
     assert report["status"] == "mismatch"
-    assert report["diagnosis"]["alarm"].startswith("This is a LoRA adapter for tiny-gpt2")
+    assert report["diagnosis"]["alarm"].startswith(
+        f"This is a LoRA adapter for {base}, not a full checkpoint"
+    )
     assert report["diagnosis"]["fix_commands"] == []
 
 
