@@ -54,6 +54,14 @@ def test_folder_candidates_are_capped_and_include_checkpoint_subfolders(tmp_path
     )
 
 
+def test_folder_with_one_candidate_names_its_path(tmp_path: Path) -> None:
+    _save_tiny(tmp_path / "last.ckpt")
+    assert_one_line_error(
+        run_cli("inspect", tmp_path),
+        f"a folder, not a checkpoint; it holds one candidate: pass its path, {tmp_path / 'last.ckpt'}",
+    )
+
+
 def test_empty_folder_still_says_what_was_looked_for(tmp_path: Path) -> None:
     (tmp_path / "readme.md").write_text("x")
     assert_one_line_error(

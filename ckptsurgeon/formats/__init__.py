@@ -259,10 +259,14 @@ def folder_refusal(path: Path, names: set[str] | None = None, limit: int = 5) ->
             f"{path}: a folder without a checkpoint (no *.index.json, model.safetensors, pytorch_model.bin, "
             "adapter_config.json or .metadata); give a file inside it"
         )
+    if len(found) == 1:
+        return InputError(
+            f"{path}: a folder, not a checkpoint; it holds one candidate: pass its path, {path / found[0]}"
+        )
     shown = ", ".join(found[:limit]) + (f" and {len(found) - limit} more" if len(found) > limit else "")
     return InputError(
-        f"{path}: a folder holding {len(found)} checkpoint candidate{'s' if len(found) > 1 else ''} "
-        f"({shown}), not one checkpoint; pass the path of the one you mean, e.g. {path / found[0]}"
+        f"{path}: a folder holding {len(found)} checkpoint candidates ({shown}), not one checkpoint; "
+        f"pass the path of the one you mean, e.g. {path / found[0]}"
     )
 
 
