@@ -34,6 +34,11 @@ WEIGHT_KEYS = (
 )
 # Path components that mark optimizer or other training state, never the default weights.
 TRAINING_STATE_MARKERS = ("optim", "scheduler", "lr_sched", "scaler", "loops", "callbacks")
+# Words (between dots and underscores) that name a moving average of the weights.
+AVERAGE_WORDS = ("ema", "swa")
+# Lightning's WeightAveraging callback saves the averaged weights as ``state_dict`` and moves the
+# training weights to ``current_model_state`` (the averager's own counters go to ``averaging_state``).
+LIGHTNING_CURRENT = "current_model_state"
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,32 @@ class StateDictCandidate:
     def is_training_state(self) -> bool:
         parts = [p.lower() for p in self.key.split(".")]
         return any(marker in p for p in parts for marker in TRAINING_STATE_MARKERS)
+
+
+@dataclass(frozen=True)
+class AveragedCopy:
+    """An entry holding a moving average (EMA, SWA) of the weights, who saved it that way, and
+    (when the file says) the entry holding the training weights before averaging."""
+
+    key: str
+    saved_by: str
+    training_key: str | None = None
+
+    def describe(self) -> str:
+        """One line for ``inspect``, with the ``--key`` that selects each copy.
+
+        Example:
+            >>> AveragedCopy("state_dict_ema", "an EMA copy").describe()
+            "'state_dict_ema' is an EMA copy: --key state_dict_ema"
+        """
+        from .explain import shell_quote
+
+        text = f"{self.key!r} is {self.saved_by}: --key {shell_quote(self.key)}"
+        if self.training_key is not None:
+            text += (
+                f"; the training weights are {self.training_key!r}: --key {shell_quote(self.training_key)}"
+            )
+        return text
 
 
 @dataclass(frozen=True)
@@ -122,6 +153,33 @@ class Checkpoint:
             raise KeySelectionError(f"{self.path}: entry {key!r} holds no tensors")
         return StateDictCandidate(key, tensors)
 
+    def averaged_copies(self) -> list[AveragedCopy]:
+        """The entries that hold averaged weights: Lightning's WeightAveraging ``state_dict`` (beside
+        ``current_model_state``), and any tensor dict named for an EMA or SWA (timm's ``state_dict_ema``).
+
+        Example:
+            >>> rec = TensorRecord("", "float32", (2,))
+            >>> tree = {"state_dict": {"w": rec}, "state_dict_ema": {"w": rec}, "epoch": 3}
+            >>> ckpt = Checkpoint(Path("t.pth"), "torch-zip", tree)
+            >>> [c.key for c in ckpt.averaged_copies()]
+            ['state_dict_ema']
+        """
+        keys = [c.key for c in self.candidates()]
+        found: list[AveragedCopy] = []
+        if "state_dict" in keys and LIGHTNING_CURRENT in keys:
+            found.append(
+                AveragedCopy(
+                    "state_dict",
+                    "the averaged copy (Lightning's WeightAveraging, EMA or SWA)",
+                    LIGHTNING_CURRENT,
+                )
+            )
+        for key in keys:
+            words = {w for part in key.lower().split(".") for w in part.replace("-", "_").split("_")}
+            if words & set(AVERAGE_WORDS) and key not in (f.key for f in found):
+                found.append(AveragedCopy(key, _averaged_by(key)))
+        return found
+
     # -- everything else --------------------------------------------------------------------
     def top_level(self, weights_key: str | None = None) -> list[TopLevelEntry]:
         """Each top-level entry with its tensor count and bytes (empty when the root is the state dict)."""
@@ -144,6 +202,13 @@ class Checkpoint:
                 kind = "value"
             entries.append(TopLevelEntry(key, kind, len(records), unique_nbytes(records), short_repr(value)))
         return entries
+
+
+def _averaged_by(key: str) -> str:
+    if key == "state_dict_ema":
+        return "the EMA copy (timm's CheckpointSaver; timm's load_checkpoint picks it by default)"
+    kind = "SWA" if "swa" in key.lower() else "EMA"
+    return f"the {kind} copy"
 
 
 def choose_weights(candidates: list[StateDictCandidate]) -> StateDictCandidate:

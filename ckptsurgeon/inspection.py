@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint, StateDictCandidate, TopLevelEntry, unique_nbytes
+from .checkpoint import AveragedCopy, Checkpoint, StateDictCandidate, TopLevelEntry, unique_nbytes
 from .formats import ReadOptions, open_checkpoint
 from .grouping import collapse, natural_sorted
-from .prefixes import wrapper_prefix
+from .prefixes import common_prefix, wrapper_prefix
 from .record import TensorRecord
 from .report import dump_json, format_shape, human_bytes, human_count, render_fields, render_table
 
@@ -28,6 +28,7 @@ FORMAT_NAMES = {
     "safetensors": "safetensors",
     "sharded": "sharded checkpoint",
     "dcp": "torch.distributed.checkpoint folder",
+    "peft": "PEFT adapter folder",
 }
 
 
@@ -52,6 +53,7 @@ class InspectReport:
     metadata: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     sha256: str | None = None
+    averaged: list[AveragedCopy] = field(default_factory=list)
 
     # -- derived facts ----------------------------------------------------------------------
     @property
@@ -91,6 +93,20 @@ class InspectReport:
         return wrapper_prefix(self.weights.tensors)
 
     @property
+    def shared_prefix(self) -> str:
+        """The dotted prefix every key shares, wrapper or not (``net.``, ``base_model.model.``)."""
+        return common_prefix(self.weights.tensors)
+
+    @property
+    def adapter(self) -> dict[str, Any] | None:
+        """A PEFT adapter's recorded config fields (rank, alpha, targets, base model ...), else None."""
+        if self.format != "peft":
+            return None
+        from .formats.peft import adapter_config
+
+        return adapter_config(self.metadata)
+
+    @property
     def devices(self) -> list[str]:
         found = {r.storage.location for r in self.tensors if r.storage is not None}
         return sorted(found)
@@ -111,8 +127,13 @@ class InspectReport:
                 "tensor_bytes": self.tensor_bytes,
                 "dtypes": {k: {"count": c, "bytes": b} for k, (c, b) in self.dtypes.items()},
                 "wrapper_prefix": self.wrapper_prefix,
+                "shared_prefix": self.shared_prefix,
                 "devices": self.devices,
             },
+            "averaged": [
+                {"key": a.key, "saved_by": a.saved_by, "training_key": a.training_key} for a in self.averaged
+            ],
+            "adapter": self.adapter,
             "entries": [
                 {
                     "key": e.key,
@@ -167,8 +188,12 @@ class InspectReport:
             ("tensor data", human_bytes(self.tensor_bytes)),
             ("dtypes", ", ".join(f"{k} {human_bytes(b)} ({c})" for k, (c, b) in self.dtypes.items()) or "-"),
         ]
-        prefix = self.wrapper_prefix
-        fields.append(("prefix", f"{prefix}  (every key starts with it)" if prefix else "none"))
+        fields.append(("prefix", self._prefix_line()))
+        fields += [("averaged", copy.describe()) for copy in self.averaged]
+        if self.adapter is not None:
+            from .formats.peft import summary_fields
+
+            fields += summary_fields(self.adapter)
         if self.devices and self.devices != ["cpu"]:
             fields.append(("saved on", ", ".join(self.devices) + "  (opens on CPU)"))
         if self.metadata and self.format in ("safetensors", "sharded"):
@@ -177,6 +202,16 @@ class InspectReport:
         if self.sha256:
             fields.append(("sha256", self.sha256))
         return fields
+
+    def _prefix_line(self) -> str:
+        wrapper, shared = self.wrapper_prefix, self.shared_prefix
+        if wrapper and len(shared) > len(wrapper):
+            return f"{wrapper}  (every key starts with it; all keys share {shared})"
+        if wrapper:
+            return f"{wrapper}  (every key starts with it)"
+        if shared:
+            return f"{shared}  (shared by all keys; not a known wrapper)"
+        return "none"
 
     def _weights_line(self) -> str:
         where = repr(self.weights.key) if self.weights.key else "the top level"
@@ -252,6 +287,7 @@ def inspect(
         entries=ckpt.top_level(weights.key),
         metadata=dict(ckpt.metadata),
         notes=list(ckpt.notes),
+        averaged=ckpt.averaged_copies(),
         sha256=_sha256_files(ckpt.files or (ckpt.path,), options) if with_hash else None,
     )
 

@@ -190,13 +190,19 @@ def diff(
         >>> r.diagnosis.transform.strip, r.diagnosis.loads_after                      # doctest: +SKIP
         ('module.', 120)
     """
-    label, chosen_key, records = _source_records(source, key, read_options)
+    label, chosen_key, records, opened = _source_records(source, key, read_options)
     resolved = _target(target, read_options, target_key)
     comparison = compare(records, resolved.tensors, resolved.tied)
     diagnosis = diagnose(records, resolved.tensors, resolved.tied, comparison)
     source_label = source_label or label
     target_spec = target if isinstance(target, str) else target_label
     explanation = explain(diagnosis, source_label, target_spec, key, threshold(min_coverage))
+    if opened is not None and opened.format == "peft" and not comparison.ok:  # an adapter, not a checkpoint
+        from .formats.peft import adapter_explanation
+
+        explanation = adapter_explanation(
+            explanation, opened, records, resolved.tensors, comparison.loadable, comparison.total
+        )
     return DiffResult(
         source=source_label,
         target=resolved.description,
@@ -213,21 +219,22 @@ def diff(
 
 def _source_records(
     source: Any, key: str | None, read_options: ReadOptions | None
-) -> tuple[str, str | None, dict[str, TensorRecord]]:
+) -> tuple[str, str | None, dict[str, TensorRecord], Checkpoint | None]:
     from .checkpoint import Checkpoint
 
     if isinstance(source, str | Path):
         from .formats import open_checkpoint
 
-        candidate = open_checkpoint(source, read_options).weights(key)
-        return str(source), candidate.key, dict(candidate.tensors)
+        opened = open_checkpoint(source, read_options)
+        candidate = opened.weights(key)
+        return str(source), candidate.key, dict(candidate.tensors), opened
     if isinstance(source, Checkpoint):
         candidate = source.weights(key)
-        return str(source.path), candidate.key, dict(candidate.tensors)
+        return str(source.path), candidate.key, dict(candidate.tensors), source
     if _is_module(source):
-        return type(source).__name__, None, dict(target_from_module(source).tensors)
+        return type(source).__name__, None, dict(target_from_module(source).tensors), None
     if isinstance(source, Mapping):
-        return "SOURCE", None, as_records(source)
+        return "SOURCE", None, as_records(source), None
     raise TypeError(f"diff: cannot read a source of type {type(source).__name__}")
 
 

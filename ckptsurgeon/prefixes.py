@@ -58,3 +58,25 @@ def wrapper_prefix(names: Iterable[str]) -> str:
             break
         stack.append(part)
     return "".join(p + "." for p in stack)
+
+
+def common_prefix(names: Iterable[str]) -> str:
+    """The dotted prefix every key shares, as far as it is a container of several modules: cut back
+    until some key keeps a module name below it, so one module's own ``fc.weight``/``fc.bias`` show
+    no prefix. ``""`` for fewer than two keys.
+
+    Example:
+        >>> common_prefix(["net.conv.weight", "net.fc.weight", "net.fc.bias"])
+        'net.'
+        >>> common_prefix(["base_model.model.h.0.q.lora_A.weight", "base_model.model.h.1.q.lora_A.weight"])
+        'base_model.model.h.'
+        >>> common_prefix(["fc.weight", "fc.bias"]), common_prefix(["net.fc.weight", "net.fc.bias"])
+        ('', 'net.')
+    """
+    names = list(names)
+    if len(names) < 2:
+        return ""
+    parts = shared_prefix(names).split(".")[:-1]
+    while parts and all(name.count(".") <= len(parts) for name in names):
+        parts.pop()  # every key is a leaf right below it: the prefix names one module, not a container
+    return "".join(p + "." for p in parts)

@@ -29,7 +29,8 @@ def COMMAND(
 
     Reads headers only (no tensor data): a multi-GB file is described in well under a second.
     PATH is a torch.save file (.pth .pt .bin .ckpt), a .safetensors file, a sharded folder or
-    index, or a torch.distributed.checkpoint folder.
+    index, a model folder, a PEFT adapter folder (rank, alpha, targets and base model shown),
+    or a torch.distributed.checkpoint folder.
 
     \b
     Examples:

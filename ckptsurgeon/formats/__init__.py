@@ -42,11 +42,13 @@ READERS: dict[str, str] = {
     "safetensors": "ckptsurgeon.formats.safetensors:read",
     "sharded": "ckptsurgeon.formats.sharded:read",
     "dcp": "ckptsurgeon.formats.dcp:read",
+    "peft": "ckptsurgeon.formats.peft:read",
 }
 
 SUPPORTED = (
     "torch.save files (.pth .pt .bin .ckpt .tar, zip or legacy), .safetensors, "
-    "sharded folders with a *.index.json, model folders, torch.distributed.checkpoint folders"
+    "sharded folders with a *.index.json, model folders, PEFT adapter folders, "
+    "torch.distributed.checkpoint folders"
 )
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -319,7 +321,55 @@ def _detect_directory(path: Path) -> str:
     for single in ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt"):
         if single in names:
             return "sharded"  # the sharded reader also opens a folder holding one weights file
-    raise InputError(
-        f"{path}: a folder without a checkpoint (no *.index.json, model.safetensors, "
-        "pytorch_model.bin or .metadata); give a file inside it"
+    from .peft import is_adapter_folder
+
+    if is_adapter_folder(names, path):
+        return "peft"
+    raise folder_refusal(path, names)
+
+
+# What a file inside a folder is named when it may be a checkpoint of its own.
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".safetensors")
+# A subfolder holding one of these is itself a checkpoint folder (a Trainer's checkpoint-500/ ...).
+FOLDER_MARKERS = (".metadata", "model.safetensors", "pytorch_model.bin", "adapter_config.json")
+
+
+def folder_refusal(path: Path, names: set[str] | None = None, limit: int = 5) -> InputError:
+    """The one-line refusal for a folder no reader opens whole: the checkpoints inside it, in
+    natural order, and how to pick one; or, when it holds none, what was looked for.
+
+    Example:
+        >>> folder_refusal(Path("runs"), set()).message[:39]
+        'runs: a folder without a checkpoint (no'
+    """
+    from ..grouping import natural_sorted
+
+    names = set(os.listdir(path)) if names is None else names
+    found = natural_sorted(n for n in names if _may_be_checkpoint(path, n))
+    if not found:
+        return InputError(
+            f"{path}: a folder without a checkpoint (no *.index.json, model.safetensors, pytorch_model.bin, "
+            "adapter_config.json or .metadata); give a file inside it"
+        )
+    if len(found) == 1:
+        return InputError(
+            f"{path}: a folder, not a checkpoint; it holds one candidate: pass its path, {path / found[0]}"
+        )
+    shown = ", ".join(found[:limit]) + (f" and {len(found) - limit} more" if len(found) > limit else "")
+    return InputError(
+        f"{path}: a folder holding {len(found)} checkpoint candidates ({shown}), not one checkpoint; "
+        f"pass the path of the one you mean, e.g. {path / found[0]}"
     )
+
+
+def _may_be_checkpoint(folder: Path, name: str) -> bool:
+    full = folder / name
+    if name.lower().endswith(CHECKPOINT_SUFFIXES):
+        return full.is_file()
+    if name.startswith(".") or not full.is_dir():
+        return False
+    try:
+        inner = os.listdir(full)
+    except OSError:
+        return False
+    return any(n in FOLDER_MARKERS or n.endswith(".index.json") for n in inner)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, InputError, KeySelectionError
 from ..record import TensorRecord
-from . import ReadOptions, open_checkpoint
+from . import ReadOptions, folder_refusal, open_checkpoint
 from .safetensors import DuplicateKeyError, no_duplicate_keys, parse_aliases
 
 if TYPE_CHECKING:
@@ -88,10 +88,7 @@ def _read_single(folder: Path, options: ReadOptions) -> Checkpoint:
             ckpt = open_checkpoint(candidate, options)
             ckpt.notes.insert(0, f"{folder}: a model folder; opened {name}")
             return ckpt
-    raise InputError(
-        f"{folder}: a folder without a checkpoint (no *.index.json, model.safetensors or "
-        "pytorch_model.bin); give a file inside it"
-    )
+    raise folder_refusal(folder)
 
 
 def _read_index(index: Path, options: ReadOptions) -> Checkpoint:
