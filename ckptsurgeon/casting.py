@@ -1,23 +1,31 @@
-"""``--dtype``: floating tensors cast as they are written, one storage at a time.
+"""``--dtype``: floating tensors cast as they are written, a bounded piece at a time.
 
-A cast record keeps pointing at its source; its bytes are converted (with torch,
-imported only then) when the writer reads them. Tensors that shared a storage share
-one cast storage, so tied weights stay tied.
+A cast record keeps pointing at its source: its storage is a :class:`CastReader` over the
+source storage, which converts the bytes of whatever range a writer (or verification) asks
+for, reading the matching source bytes in pieces of at most :data:`CAST_PIECE` and
+converting each with torch (imported only then; ``Tensor.copy_`` rounds exactly as
+``Tensor.to`` does). Nothing is cached: memory stays flat in the size of the file, and
+verification recomputes the cast from the source to check the written bytes. Tensors that
+shared a storage share one cast storage, so tied weights stay tied.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
 from .dtypes import DTYPES, get_dtype
 from .errors import OutputError
-from .record import Storage, TensorRecord, tensor_to_bytes
+from .record import Storage, TensorRecord
+from .spans import file_identity, pread_buffer, recorded_crc, remember_span_crc
+
+CAST_PIECE = 4 << 20  # source bytes converted at a time
 
 
 def cast_tensors(tensors: Mapping[str, TensorRecord], dtype: str) -> dict[str, TensorRecord]:
-    """Floating tensors as ``dtype`` (records whose bytes are cast when read, one storage at a time).
+    """Floating tensors as ``dtype`` (records whose bytes are cast when read, a piece at a time).
 
     Integer, bool and complex tensors are unchanged. Tensors sharing a storage still share
     one (cast) storage, so tied weights stay tied.
@@ -29,7 +37,7 @@ def cast_tensors(tensors: Mapping[str, TensorRecord], dtype: str) -> dict[str, T
         'bfloat16'
     """
     target = cast_dtype(dtype)
-    cache: dict[int, Storage] = {}
+    cache: dict[Any, Storage] = {}
     out: dict[str, TensorRecord] = {}
     for name, rec in tensors.items():
         source = DTYPES.get(rec.dtype)
@@ -38,9 +46,10 @@ def cast_tensors(tensors: Mapping[str, TensorRecord], dtype: str) -> dict[str, T
         elif rec.storage is None and rec.loader is None:
             out[name] = replace(rec, dtype=target)  # no data (meta): the writer says so, by name
         elif rec.storage is not None and rec.loader is None and _storage_castable(rec):
-            storage = cache.get(id(rec.storage))
+            key = _storage_key(rec.storage)
+            storage = cache.get(key)
             if storage is None:
-                storage = cache[id(rec.storage)] = _cast_storage(rec.storage, target)
+                storage = cache[key] = cast_storage(rec.storage, target)
             out[name] = replace(rec, dtype=target, storage=storage)
         else:
             out[name] = replace(rec, dtype=target, loader=_cast_loader(rec, target))
@@ -63,25 +72,102 @@ def cast_dtype(dtype: str) -> str:
     return target.name
 
 
+def cast_storage(storage: Storage, target: str) -> Storage:
+    """``storage`` (of a floating dtype) as ``target``: a storage whose bytes are cast as read.
+
+    Example:
+        >>> src = Storage("0", "float32", 8, loader=lambda: bytes.fromhex("0000803f000000c0"))
+        >>> cast_storage(src, "bfloat16").read().hex()  # 1.0, -2.0
+        '803f00c0'
+    """
+    reader = CastReader(storage, target)
+    nbytes = reader.count * DTYPES[target].itemsize
+    return Storage(key=storage.key, dtype=target, nbytes=nbytes, location="cpu", reader=reader)
+
+
+class CastReader:
+    """Reads any byte range of a storage cast to ``target``: the matching source elements, read
+    and converted :data:`CAST_PIECE` bytes at a time into the result.
+
+    A source span whose CRC-32 its archive records is checked when it has been read whole, in
+    order (as streaming it uncast would check it), so a damaged source is still named.
+
+    Example:
+        >>> src = Storage("0", "float32", 8, loader=lambda: bytes.fromhex("0000803f000000c0"))
+        >>> CastReader(src, "float16")(2, 2).hex()  # the second element, -2.0
+        '00c0'
+    """
+
+    def __init__(self, source: Storage, target: str) -> None:
+        self.source = source
+        self.target = target
+        self.source_size = DTYPES[source.dtype].itemsize
+        self.target_size = DTYPES[target].itemsize
+        self.count = source.nbytes // self.source_size
+        self._crc: tuple[int, int] | None = None  # (source bytes read in order from 0, their CRC)
+
+    def __call__(self, start: int, length: int) -> bytes:
+        """The cast storage's ``length`` bytes from byte ``start``."""
+        import torch
+
+        size = self.target_size
+        first, stop = start // size, -(-(start + length) // size)
+        if start < 0 or length < 0 or stop > self.count:
+            raise ValueError(f"storage {self.source.key}: read {start}+{length} outside the cast storage")
+        out = bytearray((stop - first) * size)
+        target = getattr(torch, self.target)
+        step = max(1, CAST_PIECE // self.source_size)
+        for elem in range(first, stop, step):
+            count = min(step, stop - elem)
+            piece = self._source_elements(elem, count)
+            dest = torch.frombuffer(out, dtype=target, count=count, offset=(elem - first) * size)
+            dest.copy_(piece)
+        skip = start - first * size
+        return out if skip == 0 and len(out) == length else bytes(out[skip : skip + length])  # type: ignore[return-value]
+
+    def _source_elements(self, elem: int, count: int) -> Any:
+        """``count`` source elements from element ``elem``, as a torch tensor (native byte order)."""
+        import torch
+
+        source, itemsize = self.source, self.source_size
+        at, nbytes = elem * itemsize, count * itemsize
+        raw = pread_buffer(source.path, source.offset + at, nbytes) if source.path else None
+        if raw is None:
+            raw = bytearray(source.read(at, nbytes))
+        else:
+            self._check_crc(at, raw)
+        flat = torch.frombuffer(raw, dtype=torch.uint8)
+        if source.byteorder == "big" and itemsize > 1:
+            flat = flat.view(-1, itemsize).flip(1).contiguous().view(-1)
+        return flat.view(getattr(torch, source.dtype))
+
+    def _check_crc(self, at: int, raw: bytearray) -> None:
+        """Follow the source span read in order; once whole, check its CRC-32 against the archive's."""
+        source = self.source
+        if at == 0:
+            known = recorded_crc(source.path, source.offset, source.nbytes)  # type: ignore[arg-type]
+            self._crc = (0, 0) if known is not None else None
+        if self._crc is None or self._crc[0] != at:
+            self._crc = None
+            return
+        done, crc = at + len(raw), zlib.crc32(raw, self._crc[1])
+        self._crc = (done, crc)
+        if done == source.nbytes:
+            self._crc = None
+            key = (*file_identity(source.path), source.offset, source.nbytes)  # type: ignore[arg-type]
+            remember_span_crc(key, crc)  # raises a one-line error when the archive says otherwise
+
+
+def _storage_key(storage: Storage) -> Any:
+    """What identifies a source storage: its file span, else the object."""
+    if storage.path is not None:
+        return (str(storage.path), storage.offset, storage.nbytes, storage.dtype)
+    return id(storage)
+
+
 def _storage_castable(rec: TensorRecord) -> bool:
     storage = rec.storage
     return storage is not None and storage.dtype == rec.dtype and storage.nbytes % rec.itemsize == 0
-
-
-def _cast_storage(storage: Storage, target: str) -> Storage:
-    count = storage.nbytes // DTYPES[storage.dtype].itemsize
-    whole = TensorRecord(storage.key, storage.dtype, (count,), storage)
-    cached: list[bytes] = []
-
-    def load() -> bytes:
-        if not cached:  # keep the last cast storage: its views are read one after another
-            import torch
-
-            cached.append(tensor_to_bytes(whole.to_torch().to(getattr(torch, target))))
-        return cached[0]
-
-    nbytes = count * DTYPES[target].itemsize
-    return Storage(key=storage.key, dtype=target, nbytes=nbytes, location="cpu", loader=load)
 
 
 def _cast_loader(rec: TensorRecord, target: str) -> Callable[[], Any]:

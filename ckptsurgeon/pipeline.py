@@ -1,8 +1,8 @@
 """The write pipeline every writing command shares: open, choose weights, plan, cast, write, verify.
 
 ``rename``, ``strip-head``, ``convert`` and ``adapt`` differ only in the plan they make;
-:func:`write_checkpoint` does the rest. Data is streamed record by record (a cast holds
-one storage at a time, see :mod:`ckptsurgeon.casting`); the output goes through
+:func:`write_checkpoint` does the rest. Data is streamed record by record (a cast converts
+a bounded piece at a time, see :mod:`ckptsurgeon.casting`); the output goes through
 :func:`~ckptsurgeon.writing.atomic_output`; then the written file is reopened and every
 tensor compared bit for bit (:mod:`ckptsurgeon.verify`) before it replaces anything.
 The tree around the weights is rebuilt by :mod:`ckptsurgeon.trees`.

@@ -81,6 +81,25 @@ def pread_exact(path: Path, offset: int, length: int) -> bytes:
     return b"".join(parts) if len(parts) != 1 else parts[0]
 
 
+def pread_buffer(path: Path, offset: int, length: int) -> bytearray:
+    """:func:`pread_exact` into a fresh writable buffer (torch can view it without a copy).
+
+    Example:
+        >>> len(pread_buffer(Path("model.safetensors"), 8, 1024))   # doctest: +SKIP
+        1024
+    """
+    fd = FD_CACHE.get(path)
+    buf = bytearray(length)
+    view = memoryview(buf)
+    got = 0
+    while got < length:
+        n = os.preadv(fd, [view[got : got + (1 << 30)]], offset + got)
+        if n <= 0:
+            raise EOFError(f"{path}: file ends at byte {offset + got}, expected {offset + length}")
+        got += n
+    return buf
+
+
 _LOCAL = threading.local()
 
 

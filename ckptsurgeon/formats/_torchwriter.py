@@ -143,7 +143,8 @@ def _write_storage(zw: ZipWriter, name: str, nbytes: int, chunks: Iterable[bytes
 
 
 def iter_storage(storage: Storage, nbytes: int) -> Iterable[bytes | memoryview]:
-    """Stream a whole storage's bytes in chunks (a file span through the reused aligned buffer)."""
+    """Stream a whole storage's bytes in chunks (a file span through the reused aligned buffer; a
+    cast storage converted a chunk at a time)."""
     if storage.path is not None:
         return FileSpan(storage.path, storage.offset, nbytes)
     return (storage.read(pos, min(CHUNK_SIZE, nbytes - pos)) for pos in range(0, nbytes, CHUNK_SIZE))
@@ -260,11 +261,7 @@ class StoragePlan:
 
     def _share_whole(self, storage: Storage) -> bool:
         group = self.groups.get(id(storage), [])
-        if (
-            len(group) < 2
-            or storage.byteorder != "little"
-            or (storage.path is None and storage.loader is None)
-        ):
+        if len(group) < 2 or storage.byteorder != "little" or not storage.has_data:
             return False
         dtype = group[0].dtype
         return (
