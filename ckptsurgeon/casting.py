@@ -11,6 +11,7 @@ shared a storage share one cast storage, so tied weights stay tied.
 
 from __future__ import annotations
 
+import threading
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -19,9 +20,9 @@ from typing import Any
 from .dtypes import DTYPES, get_dtype
 from .errors import OutputError
 from .record import Storage, TensorRecord
-from .spans import file_identity, pread_buffer, recorded_crc, remember_span_crc
+from .spans import file_identity, pread_into, recorded_crc, remember_span_crc
 
-CAST_PIECE = 4 << 20  # source bytes converted at a time
+CAST_PIECE = 1 << 20  # source bytes read and converted at a time
 
 
 def cast_tensors(tensors: Mapping[str, TensorRecord], dtype: str) -> dict[str, TensorRecord]:
@@ -87,10 +88,10 @@ def cast_storage(storage: Storage, target: str) -> Storage:
 
 class CastReader:
     """Reads any byte range of a storage cast to ``target``: the matching source elements, read
-    and converted :data:`CAST_PIECE` bytes at a time into the result.
+    :data:`CAST_PIECE` bytes at a time into a reused buffer and converted into the result.
 
-    A source span whose CRC-32 its archive records is checked when it has been read whole, in
-    order (as streaming it uncast would check it), so a damaged source is still named.
+    A source span whose CRC-32 its archive records is checked the first time it has been read
+    whole, in order (as streaming it uncast would check it), so a damaged source is named.
 
     Example:
         >>> src = Storage("0", "float32", 8, loader=lambda: bytes.fromhex("0000803f000000c0"))
@@ -105,6 +106,7 @@ class CastReader:
         self.target_size = DTYPES[target].itemsize
         self.count = source.nbytes // self.source_size
         self._crc: tuple[int, int] | None = None  # (source bytes read in order from 0, their CRC)
+        self._checked = source.path is None  # spans of a file: checked once against their archive
 
     def __call__(self, start: int, length: int) -> bytes:
         """The cast storage's ``length`` bytes from byte ``start``."""
@@ -115,47 +117,73 @@ class CastReader:
         if start < 0 or length < 0 or stop > self.count:
             raise ValueError(f"storage {self.source.key}: read {start}+{length} outside the cast storage")
         out = bytearray((stop - first) * size)
-        target = getattr(torch, self.target)
-        step = max(1, CAST_PIECE // self.source_size)
+        if not out:
+            return b""
+        dest = torch.frombuffer(out, dtype=getattr(torch, self.target))
+        step = CAST_PIECE // self.source_size
         for elem in range(first, stop, step):
             count = min(step, stop - elem)
-            piece = self._source_elements(elem, count)
-            dest = torch.frombuffer(out, dtype=target, count=count, offset=(elem - first) * size)
-            dest.copy_(piece)
+            _convert(dest[elem - first : elem - first + count], self._source_elements(elem, count))
         skip = start - first * size
         return out if skip == 0 and len(out) == length else bytes(out[skip : skip + length])  # type: ignore[return-value]
 
     def _source_elements(self, elem: int, count: int) -> Any:
-        """``count`` source elements from element ``elem``, as a torch tensor (native byte order)."""
+        """``count`` source elements from element ``elem``, as a torch tensor in native byte order
+        (a view of this thread's piece buffer, valid until the next piece is read)."""
         import torch
 
         source, itemsize = self.source, self.source_size
         at, nbytes = elem * itemsize, count * itemsize
-        raw = pread_buffer(source.path, source.offset + at, nbytes) if source.path else None
-        if raw is None:
-            raw = bytearray(source.read(at, nbytes))
+        buf = _piece_buffer()
+        view = memoryview(buf)[:nbytes]
+        if source.path is not None:
+            pread_into(source.path, source.offset + at, view)
+            if not self._checked:
+                self._check_crc(at, view)
         else:
-            self._check_crc(at, raw)
-        flat = torch.frombuffer(raw, dtype=torch.uint8)
+            view[:] = source.read(at, nbytes)
+        flat = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes)
         if source.byteorder == "big" and itemsize > 1:
             flat = flat.view(-1, itemsize).flip(1).contiguous().view(-1)
         return flat.view(getattr(torch, source.dtype))
 
-    def _check_crc(self, at: int, raw: bytearray) -> None:
+    def _check_crc(self, at: int, data: memoryview) -> None:
         """Follow the source span read in order; once whole, check its CRC-32 against the archive's."""
         source = self.source
         if at == 0:
             known = recorded_crc(source.path, source.offset, source.nbytes)  # type: ignore[arg-type]
-            self._crc = (0, 0) if known is not None else None
+            self._checked = known is None  # nothing recorded: nothing to check
+            self._crc = None if self._checked else (0, 0)
         if self._crc is None or self._crc[0] != at:
             self._crc = None
             return
-        done, crc = at + len(raw), zlib.crc32(raw, self._crc[1])
+        done, crc = at + len(data), zlib.crc32(data, self._crc[1])
         self._crc = (done, crc)
         if done == source.nbytes:
             self._crc = None
             key = (*file_identity(source.path), source.offset, source.nbytes)  # type: ignore[arg-type]
             remember_span_crc(key, crc)  # raises a one-line error when the archive says otherwise
+            self._checked = True
+
+
+# torch copies this many elements or more on several threads; with two cores shared with other
+# work, waking them cost ~1 ms per call here, ten times the copy: smaller copies run serially.
+_SERIAL_ELEMENTS = 1 << 15
+_LOCAL = threading.local()
+
+
+def _convert(dest: Any, source: Any) -> None:
+    """``dest.copy_(source)`` (torch's rounding, as ``Tensor.to``) in serial slices."""
+    for at in range(0, source.numel(), _SERIAL_ELEMENTS):
+        dest[at : at + _SERIAL_ELEMENTS].copy_(source[at : at + _SERIAL_ELEMENTS])
+
+
+def _piece_buffer() -> bytearray:
+    """This thread's reused buffer for one piece of source bytes."""
+    buf = getattr(_LOCAL, "piece", None)
+    if buf is None:
+        buf = _LOCAL.piece = bytearray(CAST_PIECE)
+    return buf
 
 
 def _storage_key(storage: Storage) -> Any:

@@ -81,23 +81,21 @@ def pread_exact(path: Path, offset: int, length: int) -> bytes:
     return b"".join(parts) if len(parts) != 1 else parts[0]
 
 
-def pread_buffer(path: Path, offset: int, length: int) -> bytearray:
-    """:func:`pread_exact` into a fresh writable buffer (torch can view it without a copy).
+def pread_into(path: Path, offset: int, view: memoryview) -> None:
+    """Fill ``view`` with the bytes at ``offset`` of ``path`` (:func:`pread_exact` into a buffer
+    the caller reuses), or raise ``EOFError`` (a truncated file).
 
     Example:
-        >>> len(pread_buffer(Path("model.safetensors"), 8, 1024))   # doctest: +SKIP
-        1024
+        >>> buf = bytearray(1024)
+        >>> pread_into(Path("model.safetensors"), 8, memoryview(buf))   # doctest: +SKIP
     """
     fd = FD_CACHE.get(path)
-    buf = bytearray(length)
-    view = memoryview(buf)
-    got = 0
+    got, length = 0, len(view)
     while got < length:
         n = os.preadv(fd, [view[got : got + (1 << 30)]], offset + got)
         if n <= 0:
             raise EOFError(f"{path}: file ends at byte {offset + got}, expected {offset + length}")
         got += n
-    return buf
 
 
 _LOCAL = threading.local()
