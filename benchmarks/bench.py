@@ -47,7 +47,7 @@ class Op:
     name: str
     ours: list[str]
     baseline: list[str] | None
-    target: str  # "help" | "instant" | "listing" | "stream" | "meta" | "many"
+    target: str  # "help" | "instant" | "listing" | "stream" | "cast" | "meta" | "many"
     cp_src: Path | None = None
     outputs: tuple[Path, Path] | None = None  # (ours, baseline) to compare
     startup: list[str] | None = None  # "many": the same command on a one-tensor file
@@ -280,6 +280,14 @@ def operations(f: Files) -> list[Op]:
             (o_pth, b_pth),
         ),
         Op(
+            "convert-cast",
+            [*ckpt, "convert", str(f.pth), "-o", str(o_pth), "--dtype", "bf16"],
+            [*py, recipes.CAST_BF16, str(f.pth), str(b_pth)],
+            "cast",
+            f.pth,
+            (o_pth, b_pth),
+        ),
+        Op(
             "rename",
             [*ckpt, "rename", str(f.pth), "-o", str(o_pth), "--strip-prefix", "module."],
             [*py, recipes.RENAME, str(f.pth), str(b_pth)],
@@ -330,6 +338,7 @@ NEEDS_PTH = {
     "inspect-pth-full",
     "convert-pth",
     "convert-pth-noverify",
+    "convert-cast",
     "rename",
     "strip-head",
     "adapt",
@@ -344,6 +353,7 @@ OP_NAMES = (
     "convert-pth",
     "convert-pth-noverify",
     "convert-st",
+    "convert-cast",
     "rename",
     "strip-head",
     "adapt",

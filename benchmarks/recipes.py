@@ -58,6 +58,12 @@ sd = torch.load(sys.argv[1], weights_only=True)
 torch.save({k: v for k, v in sd.items() if ".lm_head." not in "." + k}, sys.argv[2])
 """
 
+CAST_BF16 = """
+import sys, torch
+sd = torch.load(sys.argv[1], weights_only=True)
+torch.save({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}, sys.argv[2])
+"""
+
 _BUILD = """
 import sys, torch
 sys.path.insert(0, sys.argv[3])

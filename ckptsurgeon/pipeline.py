@@ -1,8 +1,8 @@
 """The write pipeline every writing command shares: open, choose weights, plan, cast, write, verify.
 
 ``rename``, ``strip-head``, ``convert`` and ``adapt`` differ only in the plan they make;
-:func:`write_checkpoint` does the rest. Data is streamed record by record (a cast holds
-one storage at a time, see :mod:`ckptsurgeon.casting`); the output goes through
+:func:`write_checkpoint` does the rest. Data is streamed record by record (a cast converts
+a bounded piece at a time, see :mod:`ckptsurgeon.casting`); the output goes through
 :func:`~ckptsurgeon.writing.atomic_output`; then the written file is reopened and every
 tensor compared bit for bit (:mod:`ckptsurgeon.verify`) before it replaces anything.
 The tree around the weights is rebuilt by :mod:`ckptsurgeon.trees`.
@@ -35,10 +35,25 @@ LISTED = 5  # names listed in a note before "..."
 
 @dataclass(frozen=True)
 class Source:
-    """An opened checkpoint and the weights chosen in it."""
+    """An opened checkpoint, the weights chosen in it, and how it was read (``read_options``:
+    the globals it was allowed, which verification of an output then allows too)."""
 
     checkpoint: Checkpoint
     weights: StateDictCandidate
+    read_options: ReadOptions = field(default_factory=ReadOptions)
+
+    @property
+    def verify_options(self) -> ReadOptions:
+        """How to reopen an output to verify it: the source's ``--allow-global`` classes (the
+        output holds them as they were read), never full trust.
+
+        Example:
+            >>> read = ReadOptions(allow_globals=frozenset({"mylib.Config"}), unsafe=True)
+            >>> checking = Source(None, None, read).verify_options
+            >>> checking.allow_globals, checking.unsafe
+            (frozenset({'mylib.Config'}), False)
+        """
+        return ReadOptions(allow_globals=self.read_options.allow_globals)
 
     @property
     def tensors(self) -> dict[str, TensorRecord]:
@@ -123,7 +138,7 @@ def open_source(
         ('', 122)
     """
     ckpt = open_checkpoint(path, read_options)
-    return Source(ckpt, ckpt.weights(key))
+    return Source(ckpt, ckpt.weights(key), read_options or ReadOptions())
 
 
 # -- choosing the output ----------------------------------------------------------------------
@@ -204,9 +219,9 @@ def write_checkpoint(source: Source, plan: Plan | None, options: WriteOptions) -
     else:
         payload = weights_payload(source, tensors, plan, kind)
     if kind.startswith("sharded-"):
-        files = _write_sharded(tensors, options, kind.removeprefix("sharded-"))
+        files = _write_sharded(tensors, options, kind.removeprefix("sharded-"), source.verify_options)
     else:
-        files = [_write_single(payload, options, kind)]
+        files = [_write_single(payload, options, kind, source.verify_options)]
     output_size = sum(f.stat().st_size for f in files)
     size = source.checkpoint.file_size
     if left_out:
@@ -269,7 +284,7 @@ def _storages_shared(tensors: Mapping[str, TensorRecord]) -> bool:
     return False
 
 
-def _write_single(payload: Any, options: WriteOptions, kind: str) -> Path:
+def _write_single(payload: Any, options: WriteOptions, kind: str, verify_options: ReadOptions) -> Path:
     from .readback import checksumming_sources, reading_back
     from .verify import verify_open_file
 
@@ -301,7 +316,7 @@ def _write_single(payload: Any, options: WriteOptions, kind: str) -> Path:
             bar.complete()  # the total is an estimate; verification follows
         with _syncing(fh):
             if options.verify:
-                verify_open_file(fh, payload, out)
+                verify_open_file(fh, payload, out, verify_options)
     FD_CACHE.forget(out)  # the path now names the new file; cached descriptors see the old one
     return out
 
@@ -335,7 +350,9 @@ def _syncing(fh: BinaryIO) -> Iterator[None]:
         raise errors[0]
 
 
-def _write_sharded(tensors: dict[str, TensorRecord], options: WriteOptions, fmt: str) -> list[Path]:
+def _write_sharded(
+    tensors: dict[str, TensorRecord], options: WriteOptions, fmt: str, verify_options: ReadOptions
+) -> list[Path]:
     from .formats.sharded import write as write_shards
 
     inputs = {r.storage.path.parent for r in tensors.values() if r.storage is not None and r.storage.path}
@@ -360,7 +377,7 @@ def _write_sharded(tensors: dict[str, TensorRecord], options: WriteOptions, fmt:
         from .verify import verify
 
         try:
-            verify(options.output, tensors)
+            verify(options.output, tensors, read_options=verify_options)
         except OutputError:
             for f in files:
                 with contextlib.suppress(OSError):

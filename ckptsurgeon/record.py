@@ -64,7 +64,8 @@ class Storage:
     """A contiguous run of bytes that one or more tensors view.
 
     Either ``path`` + ``offset`` locate the bytes in a file (they can be streamed
-    without torch), or ``loader`` produces them (formats with no raw span, live tensors).
+    without torch), or ``reader(start, length)`` produces any range of them (a cast, converted
+    as it is read, see :mod:`ckptsurgeon.casting`), or ``loader`` produces them all at once.
 
     Example:
         >>> s = Storage(key="data/0", dtype="float32", nbytes=16, path=None, loader=lambda: bytes(16))
@@ -80,11 +81,17 @@ class Storage:
     location: str = "cpu"
     byteorder: str = "little"
     loader: Callable[[], bytes] | None = field(default=None, repr=False)
+    reader: Callable[[int, int], bytes] | None = field(default=None, repr=False)
 
     @property
     def is_raw(self) -> bool:
         """True when the bytes sit in a file span and can be streamed directly."""
         return self.path is not None and self.byteorder == "little"
+
+    @property
+    def has_data(self) -> bool:
+        """True when the bytes can be read (a file span, a reader or a loader)."""
+        return self.path is not None or self.reader is not None or self.loader is not None
 
     def read(self, start: int = 0, length: int | None = None) -> bytes:
         """Return ``length`` bytes from ``start`` (the whole storage by default)."""
@@ -96,6 +103,8 @@ class Storage:
             data = pread_exact(self.path, self.offset + start, length)
             check_span(self.path, self.offset + start, length, data)  # a zip member read whole
             return data
+        if self.reader is not None:
+            return self.reader(start, length)
         if self.loader is not None:
             return bytes(memoryview(self.loader())[start : start + length])
         raise ValueError(f"storage {self.key}: no data (built on the meta device)")
@@ -158,6 +167,15 @@ class TensorRecord:
         """True when this tensor's bytes are one contiguous little-endian span of a file."""
         return self.storage is not None and self.storage.is_raw and self.is_contiguous and self.loader is None
 
+    @property
+    def is_ranged(self) -> bool:
+        """True when the bytes can be read a range at a time without materialising the tensor:
+        a raw file span, or a contiguous view of a storage with a ``reader`` (a cast)."""
+        storage = self.storage
+        if storage is None or self.loader is not None or not self.is_contiguous:
+            return False
+        return storage.reader is not None or storage.is_raw
+
     def file_span(self) -> tuple[Path, int, int] | None:
         """``(path, offset, length)`` of the bytes in their file when the record is raw and not
         empty (``is_raw and numel``, then ``byte_span``), else None: one call instead of four
@@ -196,15 +214,16 @@ class TensorRecord:
         """The tensor's bytes, contiguous, little-endian, in row-major order."""
         if self.numel == 0:
             return b""
-        if self.is_raw:
+        if self.is_ranged:
             start, length = self.byte_span
             return self.storage.read(start, length)  # type: ignore[union-attr]
         tensor = self.to_torch()
         return tensor_to_bytes(tensor)
 
     def iter_bytes(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-        """Yield the tensor's bytes in chunks (streamed from the file when possible)."""
-        if not self.is_raw:
+        """Yield the tensor's bytes in chunks (streamed from the file, or cast, a chunk at a time
+        when :attr:`is_ranged`)."""
+        if not self.is_ranged:
             data = self.read_bytes()
             for pos in range(0, len(data), chunk_size):
                 yield data[pos : pos + chunk_size]
@@ -216,7 +235,8 @@ class TensorRecord:
     def write_to(self, fh: Any, crc: int = 0, hasher: Any = None) -> int:
         """Write the tensor's bytes to ``fh`` (streamed when raw); return the running CRC-32.
 
-        ``fh`` may be None to only checksum/hash. Memory does not grow with the tensor when raw.
+        ``fh`` may be None to only checksum/hash. Memory does not grow with the tensor when
+        :attr:`is_ranged` (a raw span, or a cast read a chunk at a time).
         """
         if self.numel == 0:
             return crc
@@ -224,12 +244,14 @@ class TensorRecord:
             start, length = self.byte_span
             storage = self.storage
             return copy_span(storage.path, storage.offset + start, length, fh, crc, hasher)  # type: ignore[union-attr,arg-type]
-        data = self.read_bytes()
-        if fh is not None:
-            fh.write(data)
-        if hasher is not None:
-            hasher.update(data)
-        return zlib.crc32(data, crc)
+        chunks = self.iter_bytes() if self.is_ranged else (self.read_bytes(),)
+        for data in chunks:
+            if fh is not None:
+                fh.write(data)
+            if hasher is not None:
+                hasher.update(data)
+            crc = zlib.crc32(data, crc)
+        return crc
 
     def to_torch(self) -> torch.Tensor:
         """Materialise this record as a CPU ``torch.Tensor`` (a fresh copy)."""

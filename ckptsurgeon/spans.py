@@ -81,6 +81,23 @@ def pread_exact(path: Path, offset: int, length: int) -> bytes:
     return b"".join(parts) if len(parts) != 1 else parts[0]
 
 
+def pread_into(path: Path, offset: int, view: memoryview) -> None:
+    """Fill ``view`` with the bytes at ``offset`` of ``path`` (:func:`pread_exact` into a buffer
+    the caller reuses), or raise ``EOFError`` (a truncated file).
+
+    Example:
+        >>> buf = bytearray(1024)
+        >>> pread_into(Path("model.safetensors"), 8, memoryview(buf))   # doctest: +SKIP
+    """
+    fd = FD_CACHE.get(path)
+    got, length = 0, len(view)
+    while got < length:
+        n = os.preadv(fd, [view[got : got + (1 << 30)]], offset + got)
+        if n <= 0:
+            raise EOFError(f"{path}: file ends at byte {offset + got}, expected {offset + length}")
+        got += n
+
+
 _LOCAL = threading.local()
 
 

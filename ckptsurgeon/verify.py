@@ -18,19 +18,26 @@ from .spans import FD_CACHE, span_crcs
 from .trees import leaves
 
 
-def verify(output: str | os.PathLike[str], expected: Any, *, label: str | None = None) -> None:
+def verify(
+    output: str | os.PathLike[str],
+    expected: Any,
+    *,
+    label: str | None = None,
+    read_options: ReadOptions | None = None,
+) -> None:
     """Reopen ``output`` and compare every tensor (and plain value) with ``expected``, bit for bit.
 
     ``expected`` is what was written: a state dict of records, or a whole tree. The output is
     read once; what was written is fingerprinted from the CRCs computed while writing or
     recorded by the source archive (re-read only to explain a difference). Raises
-    OutputError naming the first difference.
+    OutputError naming the first difference. ``read_options``: how to reopen the output (the
+    source's ``--allow-global`` classes, which the output holds too).
 
     Example:
         >>> verify("fixed.safetensors", plan.apply(src.tensors))      # doctest: +SKIP
     """
     label = label or str(output)
-    ckpt = open_checkpoint(output, ReadOptions())
+    ckpt = open_checkpoint(output, read_options or ReadOptions())
     got_tree = ckpt.weights("").tensors if _is_flat_state_dict(expected) else ckpt.tree
     want = dict(leaves(expected))
     got = dict(leaves(got_tree))
@@ -55,7 +62,7 @@ def verify(output: str | os.PathLike[str], expected: Any, *, label: str | None =
             )
 
 
-def verify_open_file(fh: BinaryIO, payload: Any, out: Path) -> None:
+def verify_open_file(fh: BinaryIO, payload: Any, out: Path, read_options: ReadOptions | None = None) -> None:
     """Verify a written temporary file before it replaces anything (through /proc when available).
 
     Example:
@@ -66,7 +73,7 @@ def verify_open_file(fh: BinaryIO, payload: Any, out: Path) -> None:
     if not proc.exists():
         return
     try:
-        verify(proc, payload, label=str(out))
+        verify(proc, payload, label=str(out), read_options=read_options)
     except OutputError:
         raise
     except CkptError as exc:

@@ -46,6 +46,7 @@ def test_bench_prints_every_operation(tmp_path: Path) -> None:
         assert "byte-identical" in rows[name], rows[name]
     for name in (
         "convert-st",
+        "convert-cast",
         "rename",
         "strip-head",
         "adapt",

@@ -50,7 +50,7 @@ def write(tree: Any, fh: BinaryIO, archive_name: str = "archive") -> None:
     try:
         emitter.dump(tree)
     except (TypeError, RecursionError) as exc:
-        raise OutputError(f"cannot write this object as a checkpoint: {exc}") from None
+        raise unwritable(tree, exc) from None
     prefix = archive_name.strip("/") + "/"
     zw = ZipWriter(fh, ALIGNMENT)
     zw.add(prefix + "data.pkl", emitter.out)
@@ -60,6 +60,37 @@ def write(tree: Any, fh: BinaryIO, archive_name: str = "archive") -> None:
     _write_storages(zw, prefix, plan.jobs())
     zw.add(prefix + "version", b"3\n")
     zw.close()
+
+
+def unwritable(tree: Any, exc: BaseException) -> OutputError:
+    """The one-line error for a tree the pickle writer refused: which top-level entry, what in
+    it, and ``--weights-only`` (which writes the weights without the other entries).
+
+    Example:
+        >>> error = unwritable({"config": object()}, TypeError("cannot write a builtins.object"))
+        >>> print(error.message.split(" (")[0])
+        cannot write entry 'config' to a .pth: cannot write a builtins.object
+    """
+    what = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+    entry = _unwritable_entry(tree)
+    where = f"entry {entry!r}" if entry is not None else "this checkpoint"
+    return OutputError(
+        f"cannot write {where} to a .pth: {what} (only data ckpt reads without running code can be "
+        "written back); pass --weights-only to write the weights without it"
+    )
+
+
+def _unwritable_entry(tree: Any) -> str | None:
+    """The first top-level entry of a dict ``tree`` the pickle writer refuses, if one is."""
+    if not isinstance(tree, dict):
+        return None
+    for key, value in tree.items():
+        probe = Emitter(hook=lambda _em, obj: isinstance(obj, TensorRecord))
+        try:
+            probe.dump(value)
+        except (TypeError, RecursionError):
+            return str(key)
+    return None
 
 
 def _write_storages(zw: ZipWriter, prefix: str, jobs: Iterable[tuple[str, int, Any]]) -> None:
@@ -143,7 +174,8 @@ def _write_storage(zw: ZipWriter, name: str, nbytes: int, chunks: Iterable[bytes
 
 
 def iter_storage(storage: Storage, nbytes: int) -> Iterable[bytes | memoryview]:
-    """Stream a whole storage's bytes in chunks (a file span through the reused aligned buffer)."""
+    """Stream a whole storage's bytes in chunks (a file span through the reused aligned buffer; a
+    cast storage converted a chunk at a time)."""
     if storage.path is not None:
         return FileSpan(storage.path, storage.offset, nbytes)
     return (storage.read(pos, min(CHUNK_SIZE, nbytes - pos)) for pos in range(0, nbytes, CHUNK_SIZE))
@@ -260,11 +292,7 @@ class StoragePlan:
 
     def _share_whole(self, storage: Storage) -> bool:
         group = self.groups.get(id(storage), [])
-        if (
-            len(group) < 2
-            or storage.byteorder != "little"
-            or (storage.path is None and storage.loader is None)
-        ):
+        if len(group) < 2 or storage.byteorder != "little" or not storage.has_data:
             return False
         dtype = group[0].dtype
         return (
