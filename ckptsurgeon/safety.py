@@ -376,7 +376,7 @@ def _data_globals() -> list[GlobalRef]:
         ),
         GlobalRef("numpy", "dtype", call=lambda a: NumpyDType("numpy", "dtype", a)),
         GlobalRef("torch", "Size", call=lambda a: tuple(*_iterable_args(a))),
-        GlobalRef("torch", "device", call=lambda a: Reduced("torch", "device", a)),
+        GlobalRef("torch", "device", call=lambda a: Reduced("torch", "device", _device_args(a))),
         GlobalRef(
             "torch.serialization",
             "_get_layout",
@@ -401,6 +401,16 @@ def _iterable_args(args: tuple) -> tuple:
     if len(args) > 1 or (args and not isinstance(args[0], list | tuple | set | frozenset | dict | str)):
         raise PickleError("malformed pickle (a set/Size built from something that is not a sequence)")
     return args
+
+
+def _device_args(args: tuple) -> tuple:
+    """``torch.device(type)``, ``(type, index)`` or ``(index)``, as torch takes them."""
+    small = [type(a) is int and -(1 << 63) <= a < 1 << 63 for a in args]
+    if (len(args) == 1 and (type(args[0]) is str or small[0])) or (
+        len(args) == 2 and type(args[0]) is str and (small[1] or args[1] is None)
+    ):
+        return args
+    raise PickleError(f"malformed pickle (a torch.device of {bounded_repr(args, 60)})")
 
 
 def _bytearray(args: tuple) -> bytearray:
