@@ -338,7 +338,9 @@ def short_repr(value: Any, limit: int = 60) -> str:
         text = f"dict of {len(value)}"
     elif isinstance(value, list | tuple):
         text = f"{type(value).__name__} of {len(value)}"
-    else:  # built piece by piece and cut: a 2**40-path tuple or a 5000-digit int costs nothing
+    elif isinstance(value, int) and value.bit_length() > 256:  # repr of a huge int: slow, or refused
+        text = f"int of {value.bit_length():,} bits"
+    else:  # built piece by piece and cut: a 2**40-path tuple costs nothing
         text = bounded_repr(value, 4 * limit)
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -47,6 +47,9 @@ class NotLoaded:
     def __repr__(self) -> str:
         return f"<non-tensor value ({self.what}, not loaded)>"
 
+    def __bounded_repr__(self, render: Any, add: Any) -> None:
+        add(repr(self))
+
 
 BYTES_PLACEHOLDER = NotLoaded("DCP bytes entry")
 _STRING_OPS = frozenset(
