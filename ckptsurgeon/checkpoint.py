@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bounds import bounded_repr
 from .errors import KeySelectionError
 from .record import TensorRecord
 
@@ -339,7 +340,7 @@ def short_repr(value: Any, limit: int = 60) -> str:
         text = f"{type(value).__name__} of {len(value)}"
     elif isinstance(value, int) and value.bit_length() > 256:  # repr of a huge int: slow, or refused
         text = f"int of {value.bit_length():,} bits"
-    else:
-        text = repr(value)
+    else:  # built piece by piece and cut: a 2**40-path tuple costs nothing
+        text = bounded_repr(value, 4 * limit)
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -19,6 +19,8 @@ import struct
 from collections import OrderedDict
 from typing import Any, Protocol
 
+from .bounds import BoundError, check_depth, check_keys
+
 _unpack_from = struct.unpack_from
 _u32 = struct.Struct("<I").unpack_from  # compiled once: the loop's most frequent argument
 
@@ -95,12 +97,17 @@ class Unpickler:
         self.memo: dict[int, Any] = {}
 
     def load(self) -> Any:
+        """The object, once its containers are known to nest at most ``bounds.MAX_DEPTH`` deep."""
         try:
-            return self._run()
+            result = self._run()
+            check_depth(result)
+            return result
         except PickleError:
             raise
         except BlockedGlobal:
             raise
+        except BoundError as exc:
+            raise PickleError(f"the pickle holds {exc}") from None
         except (IndexError, struct.error) as exc:
             if self.pos >= len(self.data) or isinstance(exc, struct.error):
                 raise PickleTruncated(_TRUNCATED) from None
@@ -255,6 +262,8 @@ class Unpickler:
                 elif op == 0x92:  # NEWOBJ_EX
                     kwargs = stack.pop()
                     args = stack.pop()
+                    if type(kwargs) is not dict:  # dict(pairs) would hash untrusted keys
+                        raise PickleError("malformed pickle (NEWOBJ_EX keyword arguments are not a dict)")
                     stack[-1] = res.new(stack[-1], _as_tuple(args), dict(kwargs))
                 elif op == 0x6F:  # OBJ
                     items = stack
@@ -412,17 +421,11 @@ def _as_tuple(args: Any) -> tuple:
     return args
 
 
-_ATOMS = (str, bytes, int, float, bool, complex, type(None))
-
-
 def _flat_keys(keys: Any) -> Any:
-    """``keys`` (dict keys, set members), refused when one is a tuple or frozenset holding another:
-    hashing a container that nests one tuple twice at each of 40 levels takes 2**40 steps (and a
-    checkpoint keys by names and numbers)."""
-    for key in keys:
-        if type(key) in (tuple, frozenset) and not all(type(part) in _ATOMS for part in key):
-            raise PickleError("malformed pickle (a dict key or set member that nests containers)")
-    return keys
+    """``keys`` (dict keys, set members), refused when hashing one could be unbounded work
+    (:func:`ckptsurgeon.bounds.check_key`): a tuple nesting one tuple twice at each of 40 levels
+    takes 2**40 steps to hash, a tuple nested a million deep overflows the C stack."""
+    return check_keys(keys)
 
 
 def _setitems(target: Any, items: list[Any], res: Any) -> None:

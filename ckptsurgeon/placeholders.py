@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from .bounds import bounded_repr
 from .pickles import PickleError
 
 
@@ -36,8 +37,19 @@ class Reduced:
     dictitems: list[tuple[Any, Any]] = field(default_factory=list)
 
     def __repr__(self) -> str:
-        args = ", ".join(repr(a) for a in self.args)
-        return f"{self.module}.{self.name}({args})"
+        return bounded_repr(self, 200)
+
+    def __bounded_repr__(self, render: Any, add: Any) -> None:
+        """``module.name(arg, ...)``, each argument rendered within the caller's budget."""
+        add(f"{self.module}.{self.name}(")
+        for i, arg in enumerate(self.args):
+            if i:
+                add(", ")
+            render(arg)
+        add(")")
+
+    def __bounded_children__(self) -> list[Any]:
+        return [*self.args, self.state, *self.listitems, *(part for pair in self.dictitems for part in pair)]
 
     def _ckpt_build(self, state: Any) -> None:
         self.state = state
@@ -69,13 +81,18 @@ class PathValue(Reduced):
     def __repr__(self) -> str:
         return f"{self.name}({str(self)!r})"
 
+    def __bounded_repr__(self, render: Any, add: Any) -> None:
+        add(f"{self.name}(")
+        render(str(self))
+        add(")")
+
 
 class NumpyDType(Reduced):
     """``numpy.dtype('f8', False, True)`` with its pickled state (byte order ...)."""
 
     @property
     def typestr(self) -> str:
-        return str(self.args[0]) if self.args else ""
+        return self.args[0] if self.args and type(self.args[0]) is str else ""
 
     @property
     def byteorder(self) -> str:
@@ -83,7 +100,10 @@ class NumpyDType(Reduced):
         return ">" if order == ">" else "<"
 
     def __repr__(self) -> str:
-        return f"numpy.dtype({self.typestr!r})"
+        return f"numpy.dtype({bounded_repr(self.typestr, 40)})"
+
+    def __bounded_repr__(self, render: Any, add: Any) -> None:
+        add(repr(self))
 
 
 class _NumpyValue:

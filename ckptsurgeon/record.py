@@ -202,6 +202,11 @@ class TensorRecord:
         itemsize = known.itemsize if known is not None else get_dtype(self.dtype).itemsize
         return storage.path, storage.offset + self.storage_offset * itemsize, numel * itemsize
 
+    def __bounded_repr__(self, render: Any, add: Any) -> None:
+        """``tensor float32[2, 4]``, for :func:`ckptsurgeon.bounds.bounded_repr`."""
+        add(f"tensor {self.dtype}")
+        render(list(self.shape))
+
     def renamed(self, name: str) -> TensorRecord:
         """A copy of this record under another name (the data stays where it is)."""
         copy = object.__new__(type(self))  # what dataclasses.replace does, at a fifth of the cost

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .bounds import bounded_repr, check_key, check_keys
 from .errors import UnsafeCheckpointError
 from .pickles import BlockedGlobal, PickleError
 from .placeholders import NumpyBool as NumpyBool
@@ -223,6 +224,9 @@ class GlobalRef:
     def __repr__(self) -> str:
         return self.full
 
+    def __bounded_repr__(self, render: Callable[[Any], None], add: Callable[[str], None]) -> None:
+        add(self.full)
+
     def __ckpt_reduce__(self) -> tuple[str, str, tuple, dict[str, Any]]:
         raise TypeError(f"{self.full} is a class or function, not data")
 
@@ -268,25 +272,38 @@ class DataResolver:
     def call(self, func: Any, args: tuple) -> Any:
         if isinstance(func, GlobalRef) and func.call is not None:
             return func.call(args)
-        raise PickleError(f"malformed pickle (a call to {func!r}, which cannot be called here)")
+        raise PickleError(
+            f"malformed pickle (a call to {bounded_repr(func, 80)}, which cannot be called here)"
+        )
 
     def new(self, cls: Any, args: tuple, kwargs: dict) -> Any:
         if isinstance(cls, GlobalRef) and cls.new is not None:
             return cls.new(args, kwargs)
-        raise PickleError(f"malformed pickle (an instance of {cls!r}, which cannot be built here)")
+        raise PickleError(
+            f"malformed pickle (an instance of {bounded_repr(cls, 80)}, which cannot be built here)"
+        )
 
     def build(self, inst: Any, state: Any) -> None:
+        if isinstance(inst, GlobalRef):  # pickle would set attributes of the class (or function) itself
+            raise PickleError(
+                f"malformed pickle (BUILD or SETSTATE on the class or function {inst.full} itself, "
+                "not on an instance)"
+            )
         if hasattr(inst, "_ckpt_build"):
             inst._ckpt_build(state)
             return
         if type(inst) in (OrderedDict, Counter, argparse.Namespace):
             if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
+                if not all(isinstance(part, dict | None) for part in state):
+                    raise PickleError(
+                        f"malformed pickle (BUILD of a {type(inst).__name__} with a non-dict state)"
+                    )
                 state = {**(state[0] or {}), **(state[1] or {})}
             if not isinstance(state, dict):
                 raise PickleError(
                     f"malformed pickle (BUILD of a {type(inst).__name__} with a non-dict state)"
                 )
-            inst.__dict__.update(state)
+            inst.__dict__.update(_attributes(inst, state))
             return
         raise PickleError(f"malformed pickle (BUILD on a {type(inst).__name__}, which holds no state)")
 
@@ -301,14 +318,53 @@ class DataResolver:
         target.listitems.extend(items)
 
 
+def _attributes(inst: Any, state: dict[Any, Any]) -> dict[str, Any]:
+    """BUILD's attributes for ``inst``: names only, none that shadows what its class defines
+    (``items`` on an OrderedDict would break every walk over it)."""
+    for name in state:
+        if type(name) is not str:
+            raise PickleError(
+                f"malformed pickle (an attribute name {bounded_repr(name, 40)} that is not a string)"
+            )
+        if hasattr(type(inst), name):
+            raise PickleError(
+                f"malformed pickle (BUILD sets {bounded_repr(name, 40)} on a {type(inst).__name__}, "
+                "which would hide its own attribute of that name)"
+            )
+    return state
+
+
+def _keyed(args: tuple) -> tuple:
+    """The arguments of ``OrderedDict(...)``/``Counter(...)``/``set(...)``: keys checked before
+    anything hashes them (:func:`ckptsurgeon.bounds.check_key`)."""
+    _iterable_args(args)
+    if args and type(args[0]) in (list, tuple):
+        check_keys(args[0])
+    return args
+
+
+def _pairs(args: tuple) -> tuple:
+    """``OrderedDict(pairs)``: each pair a 2-tuple whose key is checked before it is hashed."""
+    _iterable_args(args)
+    if args and type(args[0]) in (list, tuple):
+        for pair in args[0]:
+            if type(pair) not in (list, tuple) or len(pair) != 2:
+                raise PickleError("malformed pickle (an OrderedDict built from something that is not pairs)")
+            check_key(pair[0])
+    return args
+
+
 def _data_globals() -> list[GlobalRef]:
     refs = [
         GlobalRef(
-            "collections", "OrderedDict", call=lambda a: OrderedDict(*a), new=lambda a, kw: OrderedDict()
+            "collections",
+            "OrderedDict",
+            call=lambda a: OrderedDict(*_pairs(a)),
+            new=lambda a, kw: OrderedDict(),
         ),
-        GlobalRef("collections", "Counter", call=lambda a: Counter(*a), new=lambda a, kw: Counter()),
-        GlobalRef("builtins", "set", call=lambda a: set(*_iterable_args(a))),
-        GlobalRef("builtins", "frozenset", call=lambda a: frozenset(*_iterable_args(a))),
+        GlobalRef("collections", "Counter", call=lambda a: Counter(*_keyed(a)), new=lambda a, kw: Counter()),
+        GlobalRef("builtins", "set", call=lambda a: set(*_keyed(a))),
+        GlobalRef("builtins", "frozenset", call=lambda a: frozenset(*_keyed(a))),
         GlobalRef("builtins", "bytearray", call=_bytearray),
         GlobalRef("builtins", "complex", call=_complex),
         GlobalRef("_codecs", "encode", call=_encode),
@@ -320,7 +376,7 @@ def _data_globals() -> list[GlobalRef]:
         ),
         GlobalRef("numpy", "dtype", call=lambda a: NumpyDType("numpy", "dtype", a)),
         GlobalRef("torch", "Size", call=lambda a: tuple(*_iterable_args(a))),
-        GlobalRef("torch", "device", call=lambda a: Reduced("torch", "device", a)),
+        GlobalRef("torch", "device", call=lambda a: Reduced("torch", "device", _device_args(a))),
         GlobalRef(
             "torch.serialization",
             "_get_layout",
@@ -345,6 +401,16 @@ def _iterable_args(args: tuple) -> tuple:
     if len(args) > 1 or (args and not isinstance(args[0], list | tuple | set | frozenset | dict | str)):
         raise PickleError("malformed pickle (a set/Size built from something that is not a sequence)")
     return args
+
+
+def _device_args(args: tuple) -> tuple:
+    """``torch.device(type)``, ``(type, index)`` or ``(index)``, as torch takes them."""
+    small = [type(a) is int and -(1 << 63) <= a < 1 << 63 for a in args]
+    if (len(args) == 1 and (type(args[0]) is str or small[0])) or (
+        len(args) == 2 and type(args[0]) is str and (small[1] or args[1] is None)
+    ):
+        return args
+    raise PickleError(f"malformed pickle (a torch.device of {bounded_repr(args, 60)})")
 
 
 def _bytearray(args: tuple) -> bytearray:

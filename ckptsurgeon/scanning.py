@@ -306,6 +306,12 @@ def _validated(result: FileScan, options: ReadOptions) -> FileScan:
     """Open a file whose pickles are safe with the restricted reader, to check its structure."""
     if result.status != SAFE:
         return result
+    if result.path.name == ".metadata" and result.format == "pickle":  # a DCP folder's metadata
+        from .formats._dcpmeta import read_metadata
+
+        read_metadata(result.path)  # the restricted reader with DCP's classes (a refusal is an error)
+        result.notes.append("structure checked (DCP metadata)")
+        return result
     try:
         # the same options (--check, --allow-global, progress), never full trust
         checkpoint = open_checkpoint(result.path, replace(options, unsafe=False))

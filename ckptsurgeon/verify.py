@@ -125,6 +125,8 @@ def _is_flat_state_dict(node: Any) -> bool:
 def _fingerprint(value: Any) -> Any:
     if isinstance(value, TensorRecord):  # CRC-32 of the bytes, streamed (zip's own check, ~6 GB/s)
         return ("tensor", value.dtype, tuple(value.shape), value.nbytes, value.write_to(None))
-    if value is None or isinstance(value, bool | int | float | str | bytes):
+    if value is None or isinstance(value, bool | float):  # by repr: a NaN equals itself
         return ("value", type(value).__name__, repr(value))
+    if isinstance(value, int | str | bytes):  # by value: str() of a 5000-digit int raises
+        return ("value", type(value).__name__, value)
     return ("object", type(value).__name__)

@@ -240,6 +240,7 @@ def build_corpus(root: Path, dry: bool = False) -> list[Case]:
         _archives,
         _file_bounds,
         _parser_disagreements,
+        _pickle_bounds,
     ):
         build(b)
     return b.cases
@@ -1011,3 +1012,91 @@ def fingerprint(path: Path) -> object:
     if path.is_fifo():
         return ("fifo",)
     return ("file", hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+# -- bounded work: pickles whose hashing, printing or walking would never end (issue 13) ---------
+def deep_tuple(depth: int) -> bytes:
+    """A tuple nested ``depth`` deep: ``((((),),),)`` (one TUPLE1 per level)."""
+    return b")" + b"\x85" * depth
+
+
+def dag(levels: int = 40) -> bytes:
+    """``x = ()``, then ``levels`` times ``x = (x, x)``: 6 bytes a level, 2**levels paths. Uses memo
+    slots 0..levels; leaves x on the stack."""
+    out = b")q\x000"
+    for i in range(levels):
+        out += b"h" + bytes([i]) + b"h" + bytes([i]) + b"\x86q" + bytes([i + 1]) + b"0"
+    return out + b"h" + bytes([levels])
+
+
+def big_int(digits: int = 5000) -> bytes:
+    """LONG4: an integer of ``digits`` decimal digits (beyond Python's int-to-str limit)."""
+    value = 10 ** (digits - 1)
+    raw = value.to_bytes(value.bit_length() // 8 + 1, "little", signed=True)
+    return b"\x8b" + struct.pack("<i", len(raw)) + raw
+
+
+def _tensor_with_size(size: bytes) -> bytes:
+    persid = tup(s("storage"), glob("torch", "FloatStorage"), s("0"), s("cpu"), n(4)) + b"Q"
+    hooks = call(glob("collections", "OrderedDict"))
+    return call(glob("torch._utils", "_rebuild_tensor_v2"), persid, n(0), size, tup(n(1)), b"\x89", hooks)
+
+
+def bounds_payloads() -> dict[str, tuple[bytes, str]]:
+    """Expressions (inside a state dict beside a real tensor) that each used to crash, hang or end in
+    an internal error; with the text the refusal must hold."""
+    ordered = glob("collections", "OrderedDict")
+    return {
+        "set_of_deep_tuple": (call(glob("builtins", "set"), b"]" + deep_tuple(1_000_000) + b"a"), "nests"),
+        "dag_set": (call(glob("builtins", "set"), b"]" + dag() + b"a"), "nests"),
+        "dag_frozenset": (call(glob("builtins", "frozenset"), b"]" + dag() + b"a"), "nests"),
+        "dag_frozenset_opcode": (b"(" + dag() + b"\x91", "nests"),
+        "dag_ordereddict": (call(ordered, b"](" + dag() + n(1) + b"ta"), "nests"),
+        "dag_counter": (call(glob("collections", "Counter"), b"]" + dag() + b"a"), "nests"),
+        "dag_newobj_ex_kwargs": (ordered + b")](" + dag() + n(1) + b"ta\x92", "keyword"),
+        "dag_persistent_id": (dag() + b"Q", "persistent id"),
+        "dag_tensor_size": (_tensor_with_size(dag()), "size"),
+        "dag_torch_device": (call(glob("torch", "device"), dag()), "torch.device"),
+        "dag_error_message": (dag() + b")R", "call to"),
+        "int_5000_digits_size": (_tensor_with_size(b"(" + big_int() + b"t"), "size"),
+        "int_5000_digits_key": (b"}" + big_int() + n(1) + b"s", "integer of"),
+        "deep_torch_device": (call(glob("torch", "device"), deep_tuple(100_000)), "torch.device"),
+        "deep_list": (_deep_list(100_000), "nested more than"),
+        "build_shadows_items": (call(ordered) + b"}" + s("items") + n(1) + b"sb", "items"),
+        "build_on_class": (
+            glob("pathlib", "Path")
+            + b"N}"
+            + s("is_relative_to")
+            + glob("pathlib", "PurePosixPath")
+            + b"s\x86b",
+            "class",
+        ),
+    }
+
+
+def _deep_list(depth: int) -> bytes:
+    """A list nested ``depth`` deep, built inside out with APPEND."""
+    return b"]" + b"]" * (depth - 1) + b"a" * (depth - 1)
+
+
+def _pickle_bounds(b: _Builder) -> None:
+    for name, (expr, fragment) in bounds_payloads().items():
+        pkl = state_dict_pickle(("a.weight", tensor_expr()), ("x", expr), proto=4)
+        b.add(f"pb_{name}", None if b.dry else torch_zip_bytes(pkl), "bounds", fragment=fragment)
+    attack = (
+        glob("pathlib", "Path") + b"N}" + s("is_relative_to") + glob("pathlib", "PurePosixPath") + b"s\x86b0"
+    )
+    b.add(
+        "pb_dcp_metadata_build_on_path_class",
+        lambda p: _dcp_folder(p, b"\x80\x02" + attack + b"}."),
+        "bounds",
+        suffix="",
+        fragment="class",
+    )
+    b.add(
+        "pb_dcp_metadata_dag_set",
+        lambda p: _dcp_folder(p, b"\x80\x02" + call(glob("builtins", "set"), b"]" + dag() + b"a") + b"."),
+        "bounds",
+        suffix="",
+        fragment="nests",
+    )

@@ -16,6 +16,7 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
+from ..bounds import bounded_repr
 from ..dtypes import BY_STORAGE_CLASS, DTYPES
 from ..errors import FormatError
 from ..pickles import BlockedGlobal, PickleError, PickleTruncated, PickleUnsupported, Unpickler
@@ -81,7 +82,9 @@ class TorchResolver(DataResolver):
 
     def persistent_load(self, pid: Any) -> Any:
         if type(pid) is not tuple or not pid or pid[0] not in ("storage", b"storage"):
-            raise PickleError(f"malformed pickle (a persistent id {str(pid)[:40]!r} that is not a storage)")
+            raise PickleError(
+                f"malformed pickle (a persistent id {bounded_repr(pid, 40)} that is not a storage)"
+            )
         return self.storage_slot(pid)
 
     def _rebuilder(self, name: str) -> Callable[[tuple], Any]:
@@ -118,19 +121,34 @@ def storage_dtype(ref: GlobalRef) -> str:
 
 
 _INT_ONLY = frozenset({int})  # bool is not int here: ``type(v) is int``, as torch checks
+INT64 = 1 << 63  # sizes, strides and offsets are int64 in torch
 
 
 def _ints(value: Any) -> tuple[int, ...]:
-    if type(value) is not tuple or not _INT_ONLY.issuperset(map(type, value)):
+    if (
+        type(value) is not tuple
+        or not _INT_ONLY.issuperset(map(type, value))
+        or not all(-INT64 <= v < INT64 for v in value)
+    ):
         raise PickleError(
-            f"malformed pickle (a tensor size or stride {str(value)[:40]} is not a tuple of ints)"
+            f"malformed pickle (a tensor size or stride {bounded_repr(value, 40)} is not a tuple of int64s)"
         )
     return value
 
 
+def storage_key(value: Any, what: str = "storage key") -> str:
+    """A storage key or location from a persistent id as text: a string or an int64, nothing
+    whose ``str()`` could be unbounded work."""
+    if type(value) is str or (type(value) is int and -INT64 <= value < INT64):
+        return str(value)
+    if type(value) is bytes:
+        return value.decode("latin-1")
+    raise PickleError(f"malformed pickle (a {what} {bounded_repr(value, 40)} that is not a string)")
+
+
 def _dtype_of(ref: Any) -> str:
     if not isinstance(ref, GlobalRef) or ref.extra is None:
-        raise PickleError(f"malformed pickle (expected a torch dtype, got {str(ref)[:40]})")
+        raise PickleError(f"malformed pickle (expected a torch dtype, got {bounded_repr(ref, 40)})")
     if ref.extra not in DTYPES:
         raise PickleUnsupported(
             f"the checkpoint holds tensors of dtype torch.{ref.extra}, which ckptsurgeon cannot read"
@@ -141,7 +159,7 @@ def _dtype_of(ref: Any) -> str:
 def _tensor(
     slot: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, *, dtype: str | None = None
 ) -> TensorRecord:
-    if not isinstance(slot, StorageSlot) or type(offset) is not int or offset < 0:
+    if not isinstance(slot, StorageSlot) or type(offset) is not int or not 0 <= offset < INT64:
         raise PickleError("malformed pickle (a tensor without a storage and a storage offset)")
     dtype = dtype or slot.dtype
     if dtype not in DTYPES:
@@ -150,7 +168,10 @@ def _tensor(
         )
     shape, strides = _ints(size), _ints(stride)
     if len(shape) != len(strides) or (shape and min(shape) < 0):
-        raise PickleError(f"malformed pickle (a tensor of shape {shape} with stride {strides})")
+        raise PickleError(
+            f"malformed pickle (a tensor of shape {bounded_repr(shape, 60)} "
+            f"with stride {bounded_repr(strides, 60)})"
+        )
     return _record(dtype, shape, slot.open(dtype), offset, strides, bool(requires_grad))
 
 
@@ -189,7 +210,9 @@ def _from_type_v2(args: tuple) -> Any:
         return _parameter(result, result.requires_grad)
     if isinstance(new_type, GlobalRef) and new_type.full == "torch.Tensor":
         return result
-    raise PickleUnsupported(f"the checkpoint holds a tensor subclass ({new_type!r}); open it with torch.load")
+    raise PickleUnsupported(
+        f"the checkpoint holds a tensor subclass ({bounded_repr(new_type, 60)}); open it with torch.load"
+    )
 
 
 # -- unpickling with one-line errors --------------------------------------------------------

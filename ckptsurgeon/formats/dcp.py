@@ -1,31 +1,31 @@
 """``torch.distributed.checkpoint`` folders: a ``.metadata`` pickle plus ``*.distcp`` data files.
 
-The ``.metadata`` pickle is scanned with :mod:`pickletools` first (nothing executed):
-only DCP's own metadata classes, torch dtypes/sizes/layouts, paths and plain containers
-may appear. Then torch's own ``FileSystemReader`` reads it for names, shapes and dtypes.
-Each tensor becomes a record whose ``loader`` loads that one tensor with
-``torch.distributed.checkpoint.load(..., no_dist=True)``: no process group needed.
-Non-tensor values (``BytesStorageMetadata``) stay in the tree as a short placeholder.
+The ``.metadata`` pickle is scanned with :mod:`pickletools` first (nothing executed): only
+DCP's own metadata classes, torch dtypes/sizes/layouts, paths and plain containers may appear.
+Then the restricted unpickler reads it (:mod:`._dcpmeta`: DCP's classes as data-only
+placeholders; torch's ``pickle.load`` never sees it) for names, shapes, dtypes and the byte
+span of each chunk. Each tensor becomes a record whose ``loader`` reads its chunks, each a
+``torch.save`` archive inside a ``.distcp`` file, with the torch zip reader's checks
+(:mod:`._dcpchunk`). Non-tensor values (``BytesStorageMetadata``) stay in the tree as a short
+placeholder.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
-import functools
-import importlib
-import os
 import pickletools
-import warnings
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ..bounds import MAX_DEPTH, bounded_repr
 from ..checkpoint import Checkpoint
-from ..dtypes import DTYPES
 from ..errors import FormatError, InputError, UnsafeCheckpointError
 from ..record import TensorRecord
 from . import ReadOptions
+from ._dcpchunk import read_chunk
+from ._dcpmeta import DcpMetadata, DcpTensor, read_metadata
+from ._dcpmeta import is_allowed as is_allowed
 
 FORMAT = "dcp"
 METADATA_FILE = ".metadata"
@@ -47,30 +47,11 @@ class NotLoaded:
     def __repr__(self) -> str:
         return f"<non-tensor value ({self.what}, not loaded)>"
 
+    def __bounded_repr__(self, render: Any, add: Any) -> None:
+        add(repr(self))
+
 
 BYTES_PLACEHOLDER = NotLoaded("DCP bytes entry")
-DCP_PACKAGE = "torch.distributed.checkpoint."
-# Globals a DCP .metadata pickle may import besides DCP's own dataclasses and enums.
-PLAIN_GLOBALS = frozenset(
-    {
-        "torch.Size",
-        "torch.serialization._get_layout",
-        "pathlib.Path",
-        "pathlib.PosixPath",
-        "pathlib.WindowsPath",
-        "pathlib.PurePosixPath",
-        "pathlib.PureWindowsPath",
-        "builtins.set",
-        "builtins.frozenset",
-        "builtins.dict",
-        "builtins.list",
-        "builtins.tuple",
-        "collections.OrderedDict",
-        # metadata written by torch 1.13-2.0 used the sharded-tensor property class
-        "torch.distributed._shard.sharded_tensor.metadata.TensorProperties",
-        "torch.distributed._shard.sharded_tensor.metadata.MEM_FORMAT_ENCODING",
-    }
-)
 _STRING_OPS = frozenset(
     {
         "SHORT_BINUNICODE",
@@ -100,11 +81,11 @@ def read(path: Path, options: ReadOptions | None = None) -> Checkpoint:
     if not meta_file.is_file():
         raise InputError(f"{folder}: not a torch.distributed.checkpoint folder (no {METADATA_FILE} file)")
     used = scan_metadata(meta_file, options)
-    metadata = _read_metadata(folder)
+    metadata = read_metadata(meta_file)
     files = _check_data_files(folder, metadata)
     items, notes = _records(folder, metadata)
-    tree = nest(items, getattr(metadata, "planner_data", None))
-    version = getattr(metadata, "version", None)
+    tree = nest(items, metadata.planner_data)
+    version = metadata.version
     return Checkpoint(
         path=folder,
         format=FORMAT,
@@ -184,66 +165,12 @@ def scan_metadata(meta_file: Path, options: ReadOptions) -> list[str]:
     return used
 
 
-def is_allowed(qualified: str) -> bool:
-    """True for DCP dataclasses/enums, torch dtypes/layouts/memory formats and plain containers.
-
-    Example:
-        >>> is_allowed("torch.float32"), is_allowed("os.system")
-        (True, False)
-    """
-    if qualified in PLAIN_GLOBALS:
-        return True
-    module, _, attr = qualified.rpartition(".")
-    if module == "torch":
-        return _is_torch_constant(attr)
-    if module.startswith(DCP_PACKAGE):
-        return _is_dcp_data_class(module, attr)
-    return False
-
-
-@functools.cache
-def _is_torch_constant(attr: str) -> bool:
-    import torch
-
-    value = getattr(torch, attr, None)
-    return isinstance(value, torch.dtype | torch.layout | torch.memory_format)
-
-
-@functools.cache
-def _is_dcp_data_class(module: str, attr: str) -> bool:
-    try:
-        value = getattr(importlib.import_module(module), attr, None)
-    except ImportError:
-        return False
-    if not isinstance(value, type) or not value.__module__.startswith(DCP_PACKAGE):
-        return False
-    return dataclasses.is_dataclass(value) or issubclass(value, enum.Enum)
-
-
-# -- torch's reader --------------------------------------------------------------------------
-def _read_metadata(folder: Path) -> Any:
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    try:
-        metadata = FileSystemReader(folder).read_metadata()
-    except Exception as exc:  # torch raises many types for a damaged pickle
-        raise FormatError(
-            f"{folder / METADATA_FILE}: torch could not read the DCP metadata ({exc.__class__.__name__}: "
-            f"{' '.join(str(exc).split())[:200]}); the checkpoint is damaged or from an incompatible torch"
-        ) from None
-    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, Mapping):
-        raise FormatError(f"{folder / METADATA_FILE}: does not hold DCP Metadata; not a DCP checkpoint")
-    return metadata
-
-
-def _check_data_files(folder: Path, metadata: Any) -> list[Path]:
+def _check_data_files(folder: Path, metadata: DcpMetadata) -> list[Path]:
     """Every ``*.distcp`` the metadata names must be inside the folder and hold the bytes it claims."""
     needed: dict[str, int] = {}
     counts: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        rel = str(getattr(info, "relative_path", ""))
-        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+    for rel, offset, length in metadata.spans:
+        end = offset + length
         needed[rel] = max(needed.get(rel, 0), end)
         counts[rel] = counts.get(rel, 0) + 1
     files = []
@@ -276,27 +203,15 @@ def _data_path(folder: Path, rel: str) -> Path:
     return full
 
 
-def _records(folder: Path, metadata: Any) -> tuple[dict[str, Any], list[str]]:
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-
-    storage = _storage_by_fqn(metadata)
+def _records(folder: Path, metadata: DcpMetadata) -> tuple[dict[str, Any], list[str]]:
     items: dict[str, Any] = {}
     placeholders = 0
-    for fqn, entry in metadata.state_dict_metadata.items():
-        if isinstance(entry, TensorStorageMetadata):
-            dtype = str(entry.properties.dtype).removeprefix("torch.")
-            if dtype not in DTYPES:
-                raise FormatError(
-                    f"{folder}: tensor {fqn!r} has dtype {dtype}, which ckptsurgeon cannot handle"
-                )
-            shape = tuple(int(d) for d in entry.size)
-            loader = DcpLoader(folder, fqn, dtype, shape, metadata, storage.get(fqn, {}))
-            items[fqn] = TensorRecord(fqn, dtype, shape, loader=loader)
-        elif isinstance(entry, BytesStorageMetadata):
+    for fqn, entry in metadata.entries.items():
+        if entry is None:
             items[fqn] = BYTES_PLACEHOLDER
             placeholders += 1
         else:
-            raise FormatError(f"{folder}: entry {fqn!r} has unknown DCP storage type {type(entry).__name__}")
+            items[fqn] = TensorRecord(fqn, entry.dtype, entry.shape, loader=DcpLoader(folder, entry))
     notes = []
     if placeholders:
         notes.append(
@@ -305,19 +220,10 @@ def _records(folder: Path, metadata: Any) -> tuple[dict[str, Any], list[str]]:
     return items, notes
 
 
-def _storage_by_fqn(metadata: Any) -> dict[str, dict[Any, Any]]:
-    grouped: dict[str, dict[Any, Any]] = {}
-    for index, info in (metadata.storage_data or {}).items():
-        grouped.setdefault(getattr(index, "fqn", None), {})[index] = info
-    return grouped
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class DcpLoader:
-    """Loads one tensor of a DCP folder into a fresh CPU tensor (no process group).
-
-    Torch is handed metadata trimmed to this one tensor, so each load costs the same
-    whatever the number of tensors in the checkpoint.
+    """Loads one tensor of a DCP folder into a fresh CPU tensor: each chunk read from its
+    ``.distcp`` span with the restricted torch zip reader, copied into place.
 
     Example:
         >>> ckpt = read(Path("step_1000"))                             # doctest: +SKIP
@@ -326,49 +232,41 @@ class DcpLoader:
     """
 
     folder: Path
-    fqn: str
-    dtype: str
-    shape: tuple[int, ...]
-    metadata: Any = dataclasses.field(repr=False)
-    storage: Mapping[Any, Any] = dataclasses.field(repr=False, default_factory=dict)
+    tensor: DcpTensor = dataclasses.field(repr=False)
 
     def __call__(self) -> Any:
         import torch
-        import torch.distributed.checkpoint as dcp
 
-        tensor = torch.empty(self.shape, dtype=getattr(torch, self.dtype))
-        reader = _cached_reader_class()(self.folder, self._trimmed_metadata())
-        with warnings.catch_warnings():  # "torch.distributed is disabled ...": single process is the intent
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({self.fqn: tensor}, storage_reader=reader, no_dist=True)
-        return tensor
+        t = self.tensor
+        whole = len(t.chunks) == 1 and t.chunks[0].sizes == t.shape
+        out = None if whole else torch.empty(t.shape, dtype=getattr(torch, t.dtype))
+        covered = None if whole else torch.zeros(t.shape, dtype=torch.bool)
+        for chunk in t.chunks:
+            piece = self._piece(chunk)
+            if out is None:
+                return piece
+            where = tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes, strict=True))
+            if covered[where].any():  # type: ignore[index]
+                raise FormatError(
+                    f"{self.folder}: two chunks of tensor {t.fqn!r} overlap; the checkpoint is damaged"
+                )
+            covered[where] = True  # type: ignore[index]
+            out[where] = piece
+        if covered is not None and not bool(covered.all()):
+            raise FormatError(
+                f"{self.folder}: the chunks of tensor {t.fqn!r} leave gaps; the checkpoint is damaged"
+            )
+        return out
 
-    def _trimmed_metadata(self) -> Any:
-        planner_data = self.metadata.planner_data
-        if isinstance(planner_data, Mapping) and self.fqn in planner_data:
-            planner_data = {self.fqn: planner_data[self.fqn]}
-        return dataclasses.replace(
-            self.metadata,
-            state_dict_metadata={self.fqn: self.metadata.state_dict_metadata[self.fqn]},
-            storage_data=dict(self.storage),
-            planner_data=planner_data,
-        )
-
-
-@functools.cache
-def _cached_reader_class() -> type:
-    """A FileSystemReader that reuses the metadata already scanned and read (no second unpickling)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    class ScannedMetadataReader(FileSystemReader):
-        def __init__(self, path: os.PathLike[str], metadata: Any) -> None:
-            super().__init__(path)
-            self._metadata = metadata
-
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            return self._metadata
-
-    return ScannedMetadataReader
+    def _piece(self, chunk: Any) -> Any:
+        rec = read_chunk(self.folder / chunk.file, chunk.offset, chunk.length)
+        if rec.dtype != self.tensor.dtype or tuple(rec.shape) != chunk.sizes:
+            want = f"{self.tensor.dtype}{list(chunk.sizes)}"
+            raise FormatError(
+                f"{self.folder / chunk.file}: a chunk of tensor {bounded_repr(self.tensor.fqn, 80)} holds "
+                f"{rec.dtype}{list(rec.shape)} where the metadata says {want}; the checkpoint is damaged"
+            )
+        return rec.renamed(self.tensor.fqn).to_torch()
 
 
 # -- the tree --------------------------------------------------------------------------------
@@ -390,7 +288,11 @@ def nest(items: dict[str, Any], planner_data: Any) -> Any:
 
 
 def _is_key_path(path: Any) -> bool:
-    return isinstance(path, tuple) and bool(path) and all(type(p) in (str, int) for p in path)
+    return (
+        isinstance(path, tuple)
+        and 0 < len(path) <= MAX_DEPTH
+        and all(type(p) is str or (type(p) is int and p.bit_length() <= 64) for p in path)
+    )
 
 
 def _place(root: dict[Any, Any], path: tuple[Any, ...], value: Any) -> bool:

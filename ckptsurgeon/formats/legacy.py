@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from ..bounds import bounded_repr
 from ..dtypes import DTYPES
 from ..errors import CkptError, FormatError
 from ..globalscan import PickleGlobals, scan_globals
@@ -36,6 +37,7 @@ from ._torchpickle import (
     check_tree,
     locations_note,
     storage_dtype,
+    storage_key,
     unpickle,
 )
 from ._torchpickle import blocked_error as blocked_error
@@ -113,7 +115,10 @@ def _walk_storages(
     found: dict[str, tuple[int, int]] = {}
     order = "<q" if byteorder == "little" else ">q"
     for raw_key in keys:
-        key = str(raw_key)
+        try:
+            key = storage_key(raw_key)
+        except PickleError as exc:
+            raise FormatError(f"{path}: {exc}; the file is damaged") from None
         slot = slots.get(key)
         if slot is None:
             raise FormatError(f"{path}: storage {key} is listed but no tensor uses it; the file is damaged")
@@ -149,8 +154,8 @@ class _LegacyStorages:
             or pid[1].extra is None
             or type(pid[4]) is not int
         ):
-            raise PickleError(f"malformed pickle (storage id {str(pid)[:60]})")
-        key, location, numel = str(pid[2]), str(pid[3]), pid[4]
+            raise PickleError(f"malformed pickle (storage id {bounded_repr(pid, 60)})")
+        key, location, numel = storage_key(pid[2]), storage_key(pid[3], "storage location"), pid[4]
         root = self.slots.get(key)
         if root is None:
             dtype = storage_dtype(pid[1])
@@ -159,7 +164,7 @@ class _LegacyStorages:
         if view is None:
             return root
         if type(view) is not tuple or len(view) != 3 or not all(type(v) is int for v in view[1:]):
-            raise PickleError(f"malformed pickle (storage view {str(view)[:60]})")
+            raise PickleError(f"malformed pickle (storage view {bounded_repr(view, 60)})")
         if view[1] < 0 or view[2] < 0:  # would view bytes before the storage (its length field ...)
             raise PickleError(
                 f"a view of storage {key} at element offset {view[1]}, {view[2]} elements: "

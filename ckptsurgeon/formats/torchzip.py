@@ -20,6 +20,7 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..bounds import bounded_repr
 from ..errors import FormatError
 from ..pickles import PickleError
 from ..progress import Bar, progress_bar
@@ -39,6 +40,7 @@ from .legacy import (
     locations_note,
     read_unsafe,
     storage_dtype,
+    storage_key,
     unpickle,
 )
 from .zipio import check_names, open_checked, read_directory, read_stored
@@ -242,10 +244,10 @@ class _ZipStorages:
 
     def slot(self, pid: tuple) -> StorageSlot:
         if len(pid) < 5 or not isinstance(pid[1], GlobalRef) or pid[1].extra is None:
-            raise PickleError(f"malformed pickle (storage id {str(pid)[:60]})")
-        key, location, numel = str(pid[2]), str(pid[3]), pid[4]
+            raise PickleError(f"malformed pickle (storage id {bounded_repr(pid, 60)})")
+        key, location, numel = storage_key(pid[2]), storage_key(pid[3], "storage location"), pid[4]
         if type(numel) is not int or numel < 0:
-            raise PickleError(f"malformed pickle (storage {key} has size {numel!r})")
+            raise PickleError(f"malformed pickle (storage {key} has size {bounded_repr(numel, 40)})")
         found = self.slots.get(key)
         if found is None:
             dtype = storage_dtype(pid[1])
