@@ -128,9 +128,13 @@ def scan(path: str | os.PathLike[str], options: ReadOptions | None = None) -> Sc
     if not os.path.isdir(path):
         return ScanResult(path, [scan_file(path, options, st.st_size)])
     files = []
+    dcp_spans = _dcp_spans(path)
     for file in _folder_files(path):
         try:
-            files.append(scan_file(file, options, os.path.getsize(file), in_folder=True))
+            if file in dcp_spans:
+                files.append(_scan_dcp_data(file, dcp_spans[file], options))
+            else:
+                files.append(scan_file(file, options, os.path.getsize(file), in_folder=True))
         except CkptError as exc:
             files.append(FileScan(file, "unknown", UNREADABLE, error=exc.message))
     if all(f.format == "other" for f in files):
@@ -144,6 +148,52 @@ def _folder_files(folder: Path) -> list[Path]:
         dirs.sort()
         found.extend(Path(root) / n for n in sorted(names) if os.path.isfile(Path(root) / n))
     return found
+
+
+def _dcp_spans(folder: Path) -> dict[Path, list[tuple[int, int]]]:
+    """The byte spans of each data file a DCP folder's ``.metadata`` names (each span a
+    ``torch.save`` archive torch loads on its own), or {} when there is no metadata the
+    restricted reader accepts (the ``.metadata`` is then scanned and reported as a file)."""
+    from .formats._dcpmeta import read_metadata
+    from .formats.dcp import data_path
+
+    meta_file = folder / ".metadata"
+    if not meta_file.is_file():
+        return {}
+    try:
+        metadata = read_metadata(meta_file)
+        found: dict[Path, list[tuple[int, int]]] = {}
+        for rel, offset, length in metadata.spans:
+            found.setdefault(data_path(folder, rel), []).append((offset, length))
+    except CkptError:
+        return {}
+    return {path: sorted(set(spans)) for path, spans in found.items()}
+
+
+def _scan_dcp_data(path: Path, spans: list[tuple[int, int]], options: ReadOptions) -> FileScan:
+    """A DCP data file (``.distcp``): the pickles of every ``torch.save`` archive the metadata
+    places in it. torch loads its non-tensor entries with ``weights_only=False``, so a
+    payload there runs on ``dcp.load``."""
+    from .formats._dcpchunk import chunk_label, chunk_pickles
+
+    size = os.path.getsize(path)
+    found, extra = [], []
+    for offset, length in spans:
+        label = chunk_label(path, offset, length)
+        if offset + length > size:
+            raise FormatError(f"{label}: runs past the end of the file ({size:,} bytes); it is truncated")
+        pickles = chunk_pickles(path, offset, length)
+        try:
+            scanned = [(name, scan_globals(data)) for name, data in pickles]
+        except PickleError as exc:
+            raise FormatError(f"{label}: {exc}; the file is damaged") from None
+        found.append(scanned[0][1])
+        extra.extend(f"{label} also holds {name}, which torch.load does not read" for name, _ in scanned[1:])
+        found.extend(globals_ for _, globals_ in scanned[1:])
+    result = _classified(path, "dcp-data", found, options)
+    result.notes.append(f"the {len(spans)} torch.save archive(s) its .metadata places in it, each scanned")
+    result.notes.extend(extra)
+    return result
 
 
 def scan_file(path: Path, options: ReadOptions, size: int, *, in_folder: bool = False) -> FileScan:
@@ -190,7 +240,7 @@ def _scan_zip(path: Path, options: ReadOptions) -> FileScan:
         names = zf.namelist()
         fmt = classify_zip_names(path, names)
         main = archive_prefix(path, names) + "data.pkl"  # the one torch reads
-        pickles = [main, *sorted(n for n in names if n.endswith(".pkl") and n != main)]
+        pickles = [main, *sorted(n for n in names if n.lower().endswith(".pkl") and n != main)]
         try:
             found = {name: scan_globals(read_member(zf, path, name)) for name in pickles}
         except PickleError as exc:

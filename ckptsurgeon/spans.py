@@ -36,15 +36,23 @@ WRITEBACK_PIECE = 32 << 20
 
 
 class _FdCache:
-    """A few read-only file descriptors kept open, so 20,000 small reads do not reopen a file."""
+    """A few read-only file descriptors kept open, so 20,000 small reads do not reopen a file.
+
+    Keyed by absolute path (a relative path means another file after a ``chdir``); a file
+    replaced at its path since its descriptor was cached is reopened by :meth:`refresh`,
+    which every open of a checkpoint calls.
+    """
 
     def __init__(self, limit: int = 32) -> None:
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._limit = limit
         self._lock = threading.Lock()
+        # Descriptors of replaced files: a record read before the replacement may still hold
+        # the number, so it is never closed and reused for another file under a reader's feet.
+        self._retired: list[int] = []
 
     def get(self, path: Path) -> int:
-        key = os.fspath(path)
+        key = os.path.abspath(path)
         with self._lock:
             fd = self._fds.pop(key, None)
             if fd is None:
@@ -57,9 +65,26 @@ class _FdCache:
 
     def forget(self, path: Path) -> None:
         with self._lock:
-            fd = self._fds.pop(os.fspath(path), None)
+            fd = self._fds.pop(os.path.abspath(path), None)
             if fd is not None:
                 os.close(fd)
+
+    def refresh(self, path: Path, st: os.stat_result) -> None:
+        """Drop the cached descriptor of ``path`` if it is not the file ``st`` describes
+        (the file was replaced, or rewritten in place, since it was opened)."""
+        key = os.path.abspath(path)
+        with self._lock:
+            fd = self._fds.get(key)
+            if fd is None:
+                return
+            held = os.fstat(fd)
+            if _identity(held) != _identity(st):
+                del self._fds[key]
+                self._retired.append(fd)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 FD_CACHE = _FdCache()

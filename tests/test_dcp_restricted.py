@@ -151,9 +151,8 @@ def test_scan_safe_means_plain_pickle_imports_only_allowed_globals(tmp_path: Pat
     from ckptsurgeon.formats._dcpmeta import is_allowed
     from ckptsurgeon.scanning import scan
 
-    # one tensor: scan reads each .distcp as one zip, and a .distcp of several chunks is several
-    # zips end to end (scan refuses it as ambiguous, on main too: a scan of chunks is still to do)
-    folder = save({"model": {"w": torch.ones(2, 3)}}, tmp_path / "c")
+    # a .distcp of several entries is several zips end to end: scan reads the spans .metadata names
+    folder = save({"model": {"w": torch.ones(2, 3), "b": torch.zeros(4)}, "step": 7}, tmp_path / "c")
     assert scan(folder).safe
     seen: list[str] = []
 
@@ -164,3 +163,61 @@ def test_scan_safe_means_plain_pickle_imports_only_allowed_globals(tmp_path: Pat
 
     Recording(io.BytesIO((folder / ".metadata").read_bytes())).load()
     assert seen and all(is_allowed(g) for g in seen), seen
+
+
+class _MakesADir:
+    """Pickles as a call to ``os.mkdir``: harmless, and visible when torch runs it."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return os.mkdir, (str(self.target),)
+
+
+def _chunk_globals(folder: Path) -> list[str]:
+    """What CPython's unpickler (recording, importing nothing) meets in every chunk torch's
+    reader would load: the spans from torch's own metadata, each opened with zipfile."""
+    import io
+    import zipfile
+
+    seen: list[str] = []
+
+    class Recording(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> type:
+            seen.append(f"{module}.{name}")
+            return _Anything
+
+        def persistent_load(self, pid: object) -> object:
+            return None
+
+    for info in torch_metadata(folder).storage_data.values():  # type: ignore[attr-defined]
+        data = (folder / info.relative_path).read_bytes()[info.offset : info.offset + info.length]
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            main = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
+            Recording(io.BytesIO(zf.read(main))).load()
+    return seen
+
+
+def test_scan_reads_every_chunk_of_a_data_file(tmp_path: Path) -> None:
+    """A payload in a non-tensor entry runs on ``dcp.load`` (torch loads those with
+    weights_only=False): ``scan`` names it, and says safe only when no chunk imports anything unsafe."""
+    from ckptsurgeon.safety import UNSAFE, classify
+    from ckptsurgeon.scanning import scan
+
+    ran = tmp_path / "ran"
+    folder = save({"w": torch.ones(3), "b": torch.zeros(2), "extra": _MakesADir(ran)}, tmp_path / "c")
+    assert "posix.mkdir" in _chunk_globals(folder)  # the reference, read by CPython's pickle
+    result = scan(folder)
+    data_file = next(f for f in result.files if f.path.suffix == ".distcp")
+    assert result.status == UNSAFE and data_file.unsafe_globals == ["posix.mkdir"]
+    assert not ran.exists()  # scan ran nothing ...
+    out = {"w": torch.empty(3), "b": torch.empty(2), "extra": None}
+    dcp.load(out, checkpoint_id=folder, no_dist=True)
+    assert ran.is_dir()  # ... where torch's own load does run it
+
+    clean = save({"w": torch.ones(3), "b": torch.zeros(2), "step": 3}, tmp_path / "clean")
+    assert scan(clean).safe
+    assert not [g for g in _chunk_globals(clean) if classify(g).kind == UNSAFE]

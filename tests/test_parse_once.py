@@ -47,6 +47,9 @@ from ckptsurgeon.scanning import SAFE, scan
 torch = pytest.importorskip("torch")
 
 PLAIN = b"\x80\x02}" + s("a") + n(1) + b"s."
+_HOSTILE = state_dict_pickle(
+    ("a.weight", tensor_expr()), ("evil", payloads(Path("/nonexistent/m"))["os_system_global"][0])
+)
 
 
 # -- the references ---------------------------------------------------------------------------
@@ -112,16 +115,21 @@ def canonical(name: str) -> str:
     return "/".join(p for p in name.split("/") if p not in ("", ".")).lower()
 
 
-def zip_candidates(path: Path) -> list[bytes]:
+def zip_candidates(path: Path, *, main_only: bool = False) -> list[bytes]:
     """Every data.pkl some reader could pick: each directory entry whose name is data.pkl to
     some reader (read at its local header, as miniz does), zipfile's choice for each such
-    name, and torch's own record."""
+    name, and torch's own record. ``main_only`` keeps the entries that are, to some reader,
+    the data.pkl in the folder of the first member (the one torch reads); otherwise every
+    data.pkl in any folder counts (what a scan must look at)."""
     found: list[bytes] = []
     raw = path.read_bytes()
     try:
         with zipfile.ZipFile(path) as zf:
+            first = canonical(zf.infolist()[0].orig_filename)
+            main = first.split("/")[0] + "/data.pkl"
             for info in zf.infolist():
-                if not canonical(info.orig_filename).endswith("data.pkl"):
+                name = canonical(info.orig_filename)
+                if not (name == main if main_only else name.endswith("data.pkl")):
                     continue
                 at = info.header_offset
                 if raw[at : at + 4] == b"PK\x03\x04":
@@ -209,6 +217,32 @@ def test_zipfile_and_torch_pick_different_twins(tmp_path: Path) -> None:
 def test_torch_reads_the_folder_of_the_first_member(tmp_path: Path) -> None:
     members = [("m/version", b"3\n"), ("m/data.pkl", PLAIN), ("other/data.pkl", PLAIN)]
     assert torch_data_pkl(_write(tmp_path, "two.pth", raw_zip(members))) is None  # torch refuses it too
+
+
+@pytest.mark.parametrize(
+    ("members", "torch_reads", "why"),
+    [
+        # a folder entry with the data.pkl name and a payload: one name with the file to unzip tools
+        ([("archive/data.pkl", PLAIN), ("archive/data.pkl/", _HOSTILE)], True, "'archive/data.pkl/'"),
+        # a data.pkl in no folder beside the folder torch reads: torch refuses, and so do we
+        ([("archive/DATA.PKL", PLAIN), ("data.pkl", _HOSTILE)], False, "in no folder"),
+        # torch finds DATA.PKL without regard to case; zipfile and unzip tools do not
+        ([("archive/DATA.PKL", PLAIN)], True, "spelled 'archive/DATA.PKL'"),
+    ],
+)
+def test_names_some_reader_folds_are_refused_by_scan_and_inspect(
+    tmp_path: Path, members: list[tuple[str, bytes]], torch_reads: bool, why: str
+) -> None:
+    """Found by an attacker run and by the generated zips below: ``scan`` said safe on the first."""
+    body = [("archive/version", b"3\n"), *members, ("archive/data/0", bytes(16))]
+    path = _write(tmp_path, "folded.pth", raw_zip(body))
+    assert (torch_data_pkl(path) is not None) is torch_reads  # the reference, as built
+    before = path.read_bytes()
+    for command in ("scan", "inspect"):
+        result = run_cli(command, str(path))
+        assert result.exit_code == 2, (command, result.stdout)
+        assert len(result.stderr.splitlines()) == 1 and why in result.stderr, result.stderr
+    assert path.read_bytes() == before
 
 
 def test_torch_load_tries_tar_before_pickle(tmp_path: Path) -> None:
@@ -325,9 +359,6 @@ def test_our_data_pkl_is_zipfiles_and_torchs(corpus_files: tuple[Path, list[Path
 
 
 # -- (a) and (b) over generated zips ---------------------------------------------------------------
-_HOSTILE = state_dict_pickle(
-    ("a.weight", tensor_expr()), ("evil", payloads(Path("/nonexistent/m"))["os_system_global"][0])
-)
 _NAMES = [
     "archive/data.pkl",
     "archive/data.pkl\0x",
@@ -377,7 +408,7 @@ def test_generated_zips(
         return  # refused: fine whatever the others read
     theirs = torch_data_pkl(path)
     assert theirs is None or theirs == ours  # (b): what torch.load unpickles, if it reads any
-    assert all(c == ours for c in zip_candidates(path))  # and nothing zipfile could pick instead
+    assert all(c == ours for c in zip_candidates(path, main_only=True))  # nor any zipfile could pick
 
 
 def test_a_clean_torch_save_is_still_read(tmp_path: Path) -> None:

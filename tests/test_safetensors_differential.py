@@ -255,3 +255,26 @@ def test_the_deliberate_differences_are_real(tmp_path: Path) -> None:
         path = tmp_path / "d.safetensors"
         path.write_bytes(struct.pack("<Q", len(text)) + text.encode() + data)
         assert reference_accepts(path) and not we_accept(path)
+
+
+@pytest.mark.parametrize("before", [b" ", b"\n", b" \t\r\n"])
+@pytest.mark.parametrize("name", ["w.safetensors", "w.bin"])
+def test_a_header_after_whitespace_is_detected_as_the_reference_reads_it(
+    tmp_path: Path, before: bytes, name: str
+) -> None:
+    """JSON may begin with whitespace; the reference reads such a file, so detection (not only
+    the reader) must take it, whatever the file is called."""
+    import torch
+
+    from ckptsurgeon.formats import open_checkpoint
+    from ckptsurgeon.trees import records
+
+    text = before + json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path / name
+    path.write_bytes(struct.pack("<Q", len(text)) + text + struct.pack("<2f", 1.5, -2.0))
+    assert reference_accepts(path)
+    checkpoint = open_checkpoint(path)
+    assert checkpoint.format == "safetensors"
+    [record] = records(checkpoint.tree)
+    assert torch.equal(record.to_torch(), torch.tensor([1.5, -2.0]))

@@ -95,7 +95,12 @@ def check_input_path(path: Path) -> os.stat_result:
         raise InputError(f"{path}: permission denied") from None
     except OSError as exc:  # ELOOP, ENAMETOOLONG ...
         raise InputError(f"{path}: cannot be opened ({exc.strerror or exc})") from None
-    if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+    if stat.S_ISREG(st.st_mode):
+        from ..spans import FD_CACHE
+
+        FD_CACHE.refresh(path, st)  # a file replaced at this path since it was last read
+        return st
+    if stat.S_ISDIR(st.st_mode):
         return st
     kind = "a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
     raise InputError(f"{path}: {kind}; give the path of a checkpoint file or folder")
@@ -203,7 +208,8 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
     header_len = int.from_bytes(head[:8], "little")
     if head[:1] == b"\x80" and header_len + 8 > size:  # a pickle whose 9th byte happens to be "{"
         return False
-    return head[8:9] == b"{" and header_len > 0  # the reader names a length past the end
+    # JSON may start with whitespace, and the safetensors library accepts it (0.8 does)
+    return head[8:].lstrip(b" \t\n\r")[:1] == b"{" and header_len > 0  # a length past the end: named
 
 
 def _not_a_checkpoint(path: Path, head: bytes) -> FormatError:
@@ -262,8 +268,12 @@ def archive_prefix(path: Path, names: list[str]) -> str:
     """
     found = [n for n in names if n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1)]
     if not found:
+        spelled = [n for n in names if n.lower().rsplit("/", 1)[-1] == "data.pkl"]
         raise FormatError(
-            f"{path}: a zip archive without data.pkl: not a torch.save checkpoint (or a damaged one)"
+            f"{path}: an ambiguous zip archive: its data.pkl is spelled {spelled[0][:80]!r}, which torch "
+            "reads without regard to case and other readers do not; refusing to read it"
+            if spelled
+            else f"{path}: a zip archive without data.pkl: not a torch.save checkpoint (or a damaged one)"
         )
     if len(found) > 1:
         raise FormatError(
@@ -274,10 +284,16 @@ def archive_prefix(path: Path, names: list[str]) -> str:
     prefix = found[0][: -len("data.pkl")]
     first = names[0]
     torch_prefix = first[: first.index("/") + 1] if "/" in first else ""
-    if prefix and prefix != torch_prefix:
+    if not torch_prefix:
         raise FormatError(
-            f"{path}: an ambiguous zip archive: its data.pkl is in {prefix} but its first member "
-            f"{first[:80]} names the folder torch.load reads ({torch_prefix or 'none'}); refusing to read it"
+            f"{path}: a zip archive whose first member {first[:80]!r} is in no folder: torch.load refuses "
+            "it (torch.save puts every member in one folder); refusing to read it"
+        )
+    if prefix != torch_prefix:
+        raise FormatError(
+            f"{path}: an ambiguous zip archive: its data.pkl is in {prefix or 'no folder'} but its first "
+            f"member {first[:80]} names the folder torch.load reads ({torch_prefix or 'none'}); "
+            "refusing to read it"
         )
     return prefix
 
@@ -301,7 +317,7 @@ def classify_zip_names(path: Path, names: list[str]) -> str:
             f"{path}: a torch.export archive (.pt2), not a state dict; load it with torch.export.load "
             "and save exported.state_dict with torch.save"
         )
-    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+    if any(n.lower() == "data.pkl" or n.lower().endswith("/data.pkl") for n in names):
         return "torch-zip"
     if names and all(n.endswith(".npy") for n in names):
         raise NotAStateDictError(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import struct
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,21 +65,10 @@ def read_chunk(path: Path, offset: int, length: int) -> TensorRecord:
         >>> read_chunk(Path("step_1/__0_0.distcp"), 0, 1261).shape     # doctest: +SKIP
         (2, 3)
     """
-    label = f"{path} (bytes {offset:,}+{length:,})"
+    label = chunk_label(path, offset, length)
     with open(path, "rb") as fh:
         window = FileWindow(fh, offset, length)
-        try:
-            zf = zipfile.ZipFile(window)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError):
-            raise FormatError(f"{label}: not a torch.save archive; the checkpoint is damaged") from None
-        with zf:
-            infos = {info.filename: info for info in zf.infolist()}
-            problem = name_problem([info.orig_filename for info in zf.infolist()]) or _layout_problem(
-                zf, window
-            )
-            if problem:
-                raise FormatError(f"{label}: an ambiguous zip archive: {problem}; refusing to read it")
-            prefix = archive_prefix(Path(label), list(infos))
+        with _open_chunk(window, label) as (zf, infos, prefix):
             data = _member(zf, label, prefix + "data.pkl")
             order = _member(zf, label, prefix + "byteorder") if prefix + "byteorder" in infos else b"little"
         byteorder = order.decode("ascii", "replace").strip()
@@ -89,6 +80,41 @@ def read_chunk(path: Path, offset: int, length: int) -> TensorRecord:
     if not isinstance(tree, TensorRecord):
         raise FormatError(f"{label}: holds no tensor; the checkpoint is damaged")
     return tree
+
+
+def chunk_label(path: Path, offset: int, length: int) -> str:
+    """How messages name one chunk: ``step_1/__0_0.distcp (bytes 1,261+1,024)``."""
+    return f"{path} (bytes {offset:,}+{length:,})"
+
+
+def chunk_pickles(path: Path, offset: int, length: int) -> list[tuple[str, bytes]]:
+    """(member name, bytes) of every pickle in the chunk, its ``data.pkl`` (the one torch
+    loads) first: what ``ckpt scan`` reads, after the same checks as :func:`read_chunk`.
+
+    Example:
+        >>> [name for name, _ in chunk_pickles(Path("step_1/__0_0.distcp"), 0, 1261)]  # doctest: +SKIP
+        ['__0_0/data.pkl']
+    """
+    label = chunk_label(path, offset, length)
+    with open(path, "rb") as fh, _open_chunk(FileWindow(fh, offset, length), label) as (zf, infos, prefix):
+        main = prefix + "data.pkl"
+        others = sorted(name for name in infos if name.lower().endswith(".pkl") and name != main)
+        return [(name, _member(zf, label, name)) for name in (main, *others)]
+
+
+@contextmanager
+def _open_chunk(window: FileWindow, label: str) -> Iterator[tuple[zipfile.ZipFile, dict[str, Any], str]]:
+    """The chunk as (zip, members by name, archive prefix), checked as a whole torch zip is."""
+    try:
+        zf = zipfile.ZipFile(window)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError):
+        raise FormatError(f"{label}: not a torch.save archive; the checkpoint is damaged") from None
+    with zf:
+        infos = {info.filename: info for info in zf.infolist()}
+        problem = name_problem([info.orig_filename for info in zf.infolist()]) or _layout_problem(zf, window)
+        if problem:
+            raise FormatError(f"{label}: an ambiguous zip archive: {problem}; refusing to read it")
+        yield zf, infos, archive_prefix(Path(label), list(infos))
 
 
 def _member(zf: zipfile.ZipFile, label: str, name: str) -> bytes:

@@ -175,7 +175,7 @@ def _check_data_files(folder: Path, metadata: DcpMetadata) -> list[Path]:
         counts[rel] = counts.get(rel, 0) + 1
     files = []
     for rel, end in needed.items():
-        path = _data_path(folder, rel)
+        path = data_path(folder, rel)
         if not path.is_file():
             raise FormatError(
                 f"{folder}: data file {rel} is missing; it holds {counts[rel]} stored item(s); "
@@ -190,7 +190,7 @@ def _check_data_files(folder: Path, metadata: DcpMetadata) -> list[Path]:
     return sorted(files)
 
 
-def _data_path(folder: Path, rel: str) -> Path:
+def data_path(folder: Path, rel: str) -> Path:
     pure = PurePosixPath(rel)
     full = folder / rel
     if (

@@ -153,15 +153,19 @@ def _parse_entries(data: bytes, count: int, limit: int) -> dict[str, Member] | N
 def canonical_name(name: str) -> str:
     """The one name a member has for every zip reader: cut at a NUL byte (where :mod:`zipfile`
     cuts it), ``\\`` as ``/`` (zipfile on Windows), no ``.`` or empty segments (unzip tools),
-    in lower case (torch's miniz looks names up without regard to case).
+    in lower case (torch's miniz looks names up without regard to case), and no trailing
+    ``/``: a folder entry ``data.pkl/`` is one name with the file ``data.pkl`` to an unzip tool
+    that makes the folder and then cannot write the file, or writes it in its place.
 
     Example:
         >>> canonical_name("Archive/./data.pkl\\x00x"), canonical_name("archive\\\\DATA.pkl")
         ('archive/data.pkl', 'archive/data.pkl')
+        >>> canonical_name("archive/data.pkl/")
+        'archive/data.pkl'
     """
     name = name.split("\0", 1)[0].replace("\\", "/")
     kept = [part for part in name.split("/") if part not in ("", ".")]
-    return "/".join(kept).lower() + ("/" if name.endswith("/") else "")
+    return "/".join(kept).lower()
 
 
 def name_problem(names: list[str]) -> str | None:
@@ -207,7 +211,7 @@ def _plain_names(names: list[str]) -> bool:
     joined = "\n" + "\n".join(names) + "\n"
     if joined.count("\n") != len(names) + 1 or any(part in joined for part in _ODD_PARTS):
         return False
-    return len(set(joined.lower().split("\n"))) == len(names) + 1  # and "", from both ends
+    return len(set(joined.lower().replace("/\n", "\n").split("\n"))) == len(names) + 1  # and ""
 
 
 def _shown(name: str) -> str:
