@@ -119,11 +119,18 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     globals_used: tuple[str, ...] = ()
+    # (the tree they were found in, the candidates): found once, not once per question (inspect
+    # asks five times, and a header of a million entries took 4 s each time)
+    _found: tuple[Any, list[StateDictCandidate]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     # -- the weights ------------------------------------------------------------------------
     def candidates(self) -> list[StateDictCandidate]:
         """Every tensor-bearing dict in the tree (outermost ones; their nested dicts are flattened)."""
-        return list(_find_candidates(self.tree, ""))
+        if self._found is None or self._found[0] is not self.tree:
+            self._found = (self.tree, list(_find_candidates(self.tree, "")))
+        return list(self._found[1])
 
     def weights(self, key: str | None = None) -> StateDictCandidate:
         """The chosen state dict: ``key`` if given (dotted path), else the most likely one."""

@@ -208,7 +208,10 @@ class TensorRecord:
         render(list(self.shape))
 
     def renamed(self, name: str) -> TensorRecord:
-        """A copy of this record under another name (the data stays where it is)."""
+        """A copy of this record under another name (the data stays where it is); the record
+        itself if it already has that name (records are frozen)."""
+        if name == self.name:
+            return self
         copy = object.__new__(type(self))  # what dataclasses.replace does, at a fifth of the cost
         copy.__dict__.update(self.__dict__)
         copy.__dict__["name"] = name
