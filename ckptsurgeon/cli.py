@@ -78,9 +78,9 @@ def _terminate(signum: int, _frame: Any) -> None:
 
 
 def _committed() -> list[Any]:
-    """The outputs this command renamed into place (:data:`ckptsurgeon.writing.COMMITTED`), without
+    """The outputs this command renamed into place (:data:`ckptsurgeon.fileio.writing.COMMITTED`), without
     importing the writer for a command that writes nothing."""
-    writing = sys.modules.get("ckptsurgeon.writing")
+    writing = sys.modules.get("ckptsurgeon.fileio.writing")
     return writing.COMMITTED if writing is not None else []
 
 
@@ -95,7 +95,7 @@ def _interrupted() -> str:
 
 
 def _fail(message: str) -> None:
-    from .report import printable  # a name quoted in the message may hold a newline: still one line
+    from .core.report import printable  # a name quoted in the message may hold a newline: still one line
 
     click.echo(f"ckpt: error: {printable(message)}", err=True)
     sys.exit(EXIT_ERROR)

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import AveragedCopy, Checkpoint, StateDictCandidate, TopLevelEntry, unique_nbytes
+from .core.checkpoint import AveragedCopy, Checkpoint, StateDictCandidate, TopLevelEntry, unique_nbytes
+from .core.grouping import collapse, natural_sorted
+from .core.prefixes import common_prefix, wrapper_prefix
+from .core.record import TensorRecord
+from .core.report import dump_json, format_shape, human_bytes, human_count, render_fields, render_table
 from .formats import ReadOptions, open_checkpoint
-from .grouping import collapse, natural_sorted
-from .prefixes import common_prefix, wrapper_prefix
-from .record import TensorRecord
-from .report import dump_json, format_shape, human_bytes, human_count, render_fields, render_table
 
 # Buffers that are state, not learned parameters.
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -311,7 +311,7 @@ def _sha256_files(files: Sequence[Path], options: ReadOptions | None = None) -> 
     stderr as ``options.progress`` says (default: on a TTY, for big files)."""
     import hashlib  # only for --hash: its OpenSSL module costs ~5 ms of start-up
 
-    from .progress import progress_bar
+    from .fileio.progress import progress_bar
 
     names = natural_sorted(os.fspath(f) for f in files)
     total = sum(os.path.getsize(name) for name in names)

@@ -10,9 +10,9 @@ import torch
 from conftest import FIXTURES, REAL, sha256
 
 import ckptsurgeon
+from ckptsurgeon.core.report import human_bytes
 from ckptsurgeon.errors import LoadError, OutputError, SurgeryError
-from ckptsurgeon.report import human_bytes
-from ckptsurgeon.results import AdaptResult, SurgeryResult
+from ckptsurgeon.surgery.results import AdaptResult, SurgeryResult
 
 RESNET_TARGET = f"{FIXTURES / 'models.py'}:resnet_like(num_classes=2)"
 
@@ -24,7 +24,7 @@ def small(tmp_path: Path) -> Path:
 
 
 def test_public_names_resolve_even_after_the_pipeline_is_imported() -> None:
-    import ckptsurgeon.pipeline
+    import ckptsurgeon.surgery.pipeline
 
     for name in ckptsurgeon.__all__:
         assert getattr(ckptsurgeon, name) is not None, name

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 
-from ckptsurgeon.casting import CAST_PIECE, cast_storage, cast_tensors
+from ckptsurgeon.core.record import Storage, TensorRecord
 from ckptsurgeon.formats import open_checkpoint
-from ckptsurgeon.record import Storage, TensorRecord
+from ckptsurgeon.surgery.casting import CAST_PIECE, cast_storage, cast_tensors
 
 MIB = 1 << 20
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES, REAL
 
-from ckptsurgeon.checkpoint import Checkpoint
+from ckptsurgeon.core.checkpoint import Checkpoint
+from ckptsurgeon.core.grouping import collapse, natural_sorted
+from ckptsurgeon.core.prefixes import shared_prefix, wrapper_prefix
+from ckptsurgeon.core.record import TensorRecord
 from ckptsurgeon.errors import KeySelectionError
 from ckptsurgeon.formats import open_checkpoint
-from ckptsurgeon.grouping import collapse, natural_sorted
-from ckptsurgeon.prefixes import shared_prefix, wrapper_prefix
-from ckptsurgeon.record import TensorRecord
 
 
 def rec(*shape: int, dtype: str = "float32") -> TensorRecord:
@@ -88,7 +88,7 @@ def test_no_tensors_at_all() -> None:
 
 
 def test_shared_storage_counted_once() -> None:
-    from ckptsurgeon.record import Storage
+    from ckptsurgeon.core.record import Storage
 
     storage = Storage("0", "float32", 400, loader=lambda: bytes(400))
     a = TensorRecord("", "float32", (100,), storage)

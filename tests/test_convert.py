@@ -13,8 +13,8 @@ from conftest import FIXTURES, REAL, assert_one_line_error, run_cli, sha256
 
 from ckptsurgeon.errors import OutputError
 from ckptsurgeon.formats import open_checkpoint
-from ckptsurgeon.pipeline import WriteOptions, open_source, output_kind, write_checkpoint
-from ckptsurgeon.surgery import make_plan, strip_prefix
+from ckptsurgeon.surgery.pipeline import WriteOptions, open_source, output_kind, write_checkpoint
+from ckptsurgeon.surgery.plan import make_plan, strip_prefix
 
 
 def bits(t: torch.Tensor) -> bytes:

@@ -20,7 +20,7 @@ from conftest import REPO
 # (counted over all the files it writes).
 SLOW_WRITER = """
 import sys, time
-import ckptsurgeon.writing as writing
+import ckptsurgeon.fileio.writing as writing
 from ckptsurgeon.cli import main
 
 marker, limit = sys.argv[1], int(sys.argv[2])

@@ -12,10 +12,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from conftest import assert_one_line_error, run_cli
 
+from ckptsurgeon.core.record import TensorRecord, tensor_to_bytes
 from ckptsurgeon.errors import FormatError, UnsafeCheckpointError
 from ckptsurgeon.formats import ReadOptions, open_checkpoint
 from ckptsurgeon.formats import dcp as dcp_reader
-from ckptsurgeon.record import TensorRecord, tensor_to_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

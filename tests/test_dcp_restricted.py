@@ -13,10 +13,10 @@ from corpus import glob, s
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 
+from ckptsurgeon.core.record import tensor_to_bytes
+from ckptsurgeon.core.trees import records
 from ckptsurgeon.errors import FormatError
 from ckptsurgeon.formats import open_checkpoint
-from ckptsurgeon.record import tensor_to_bytes
-from ckptsurgeon.trees import records
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -149,7 +149,7 @@ def test_scan_safe_means_plain_pickle_imports_only_allowed_globals(tmp_path: Pat
     import io
 
     from ckptsurgeon.formats._dcpmeta import is_allowed
-    from ckptsurgeon.scanning import scan
+    from ckptsurgeon.pickling.scan import scan
 
     # a .distcp of several entries is several zips end to end: scan reads the spans .metadata names
     folder = save({"model": {"w": torch.ones(2, 3), "b": torch.zeros(4)}, "step": 7}, tmp_path / "c")
@@ -204,8 +204,8 @@ def _chunk_globals(folder: Path) -> list[str]:
 def test_scan_reads_every_chunk_of_a_data_file(tmp_path: Path) -> None:
     """A payload in a non-tensor entry runs on ``dcp.load`` (torch loads those with
     weights_only=False): ``scan`` names it, and says safe only when no chunk imports anything unsafe."""
-    from ckptsurgeon.safety import UNSAFE, classify
-    from ckptsurgeon.scanning import scan
+    from ckptsurgeon.pickling.safety import UNSAFE, classify
+    from ckptsurgeon.pickling.scan import scan
 
     ran = tmp_path / "ran"
     folder = save({"w": torch.ones(3), "b": torch.zeros(2), "extra": _MakesADir(ran)}, tmp_path / "c")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ckptsurgeon.core.trees import records
 from ckptsurgeon.formats import open_checkpoint
-from ckptsurgeon.trees import records
 
 
 def _values(path: Path | str) -> dict[str, torch.Tensor]:

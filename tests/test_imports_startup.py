@@ -48,8 +48,8 @@ def test_inspect_sharded_folder_imports_no_writer(tmp_path) -> None:
     import safetensors.torch
     import torch
 
+    from ckptsurgeon.core.record import TensorRecord
     from ckptsurgeon.formats import sharded
-    from ckptsurgeon.record import TensorRecord
 
     tensors = {f"layer.{i}.weight": torch.full((64,), float(i)) for i in range(6)}
     sharded.write(
@@ -58,6 +58,6 @@ def test_inspect_sharded_folder_imports_no_writer(tmp_path) -> None:
     assert len(list((tmp_path / "m").glob("*.safetensors"))) > 1
     new = new_modules("inspect", str(tmp_path / "m"), "--format", "json")
     assert "ckptsurgeon.formats.sharded" in new  # the probe did read the folder
-    writer = ("ckptsurgeon.formats.shardwriter", "ckptsurgeon.writing", "tempfile", "decimal")
+    writer = ("ckptsurgeon.formats.shardwriter", "ckptsurgeon.fileio.writing", "tempfile", "decimal")
     assert [m for m in (*NOT_NEEDED, *writer) if m in new] == []
     assert safetensors.torch.load_file(next((tmp_path / "m").glob("*.safetensors")))  # a real shard

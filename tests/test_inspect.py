@@ -100,7 +100,7 @@ def test_markdown_summary_is_a_table_with_a_header(monkeypatch: pytest.MonkeyPat
 
 
 def test_markdown_fields_escape_pipes() -> None:
-    from ckptsurgeon.report import render_fields
+    from ckptsurgeon.core.report import render_fields
 
     text = render_fields([("metadata", "note=a|b")], "markdown")
     assert text == "| field    | value     |\n|----------|-----------|\n| metadata | note=a\\|b |"
@@ -185,7 +185,7 @@ def test_legacy_file(tmp_path: Path) -> None:
 
 def test_inspect_reads_no_tensor_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.save({"w": torch.zeros(1000, 1000)}, tmp_path / "m.pth")
-    from ckptsurgeon import record
+    from ckptsurgeon.core import record
 
     def refuse(*_args: object, **_kwargs: object) -> bytes:
         raise AssertionError("tensor data was read")

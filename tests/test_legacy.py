@@ -13,7 +13,7 @@ from test_torchzip import CASES, assert_same
 
 from ckptsurgeon.errors import FormatError, UnsafeCheckpointError
 from ckptsurgeon.formats import ReadOptions, open_checkpoint
-from ckptsurgeon.pickles import Emitter
+from ckptsurgeon.pickling.pickles import Emitter
 
 
 def save_legacy(tmp_path: Path, obj: Any, name: str = "old.pth") -> Path:
@@ -91,8 +91,8 @@ def test_bare_pickle_of_plain_data(tmp_path: Path, protocol: int) -> None:
 
 
 def test_protocol_0_and_1_opcodes_are_interpreted(tmp_path: Path) -> None:
-    from ckptsurgeon.pickles import Unpickler
-    from ckptsurgeon.safety import DataResolver
+    from ckptsurgeon.pickling.pickles import Unpickler
+    from ckptsurgeon.pickling.safety import DataResolver
 
     obj = {"a": [1, 2.5, "x", None, True], "b": (1,), "c": {"d": -(2**70)}}
     for protocol in (0, 1):

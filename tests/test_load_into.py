@@ -11,7 +11,7 @@ from conftest import FIXTURES, REAL
 
 import ckptsurgeon
 from ckptsurgeon.errors import LoadError
-from ckptsurgeon.loading import LoadReport, load_into
+from ckptsurgeon.surgery.adapting import LoadReport, load_into
 
 
 def models():

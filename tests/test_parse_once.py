@@ -41,8 +41,8 @@ from hypothesis import strategies as st
 
 from ckptsurgeon.errors import CkptError
 from ckptsurgeon.formats.torchzip import data_pickle
-from ckptsurgeon.safety import classify
-from ckptsurgeon.scanning import SAFE, scan
+from ckptsurgeon.pickling.safety import classify
+from ckptsurgeon.pickling.scan import SAFE, scan
 
 torch = pytest.importorskip("torch")
 

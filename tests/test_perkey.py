@@ -15,10 +15,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ckptsurgeon
+from ckptsurgeon.core.grouping import natural_key
+from ckptsurgeon.core.record import Storage, TensorRecord
 from ckptsurgeon.errors import FormatError, OutputError
 from ckptsurgeon.formats import _torchwriter, torchzip, zipio
-from ckptsurgeon.grouping import natural_key
-from ckptsurgeon.record import Storage, TensorRecord
 
 N = 300  # small tensors: a few windows of small storages
 
@@ -115,7 +115,7 @@ def test_a_source_truncated_inside_a_run_names_the_storage(tmp_path: Path) -> No
     cut = member_data_start(src, "many/data/250") + 10
     with open(src, "r+b") as fh:
         fh.truncate(cut)
-    ckptsurgeon.record.FD_CACHE.forget(src)
+    ckptsurgeon.core.record.FD_CACHE.forget(src)
     with pytest.raises(OutputError, match=r"archive/data/250: the source file ends inside this storage"):
         torchzip.write(records, io.BytesIO())
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO
 from corpus import build_corpus, fingerprint, write_valid
 
-from ckptsurgeon.bounds import BoundError, bounded_repr, check_depth, check_key
+from ckptsurgeon.core.bounds import BoundError, bounded_repr, check_depth, check_key
 from ckptsurgeon.formats import open_checkpoint
 
 CASES = [c for c in build_corpus(Path("/corpus"), dry=True) if c.category == "bounds"]

@@ -15,9 +15,9 @@ torch = pytest.importorskip("torch")
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from ckptsurgeon.core.record import TensorRecord  # noqa: E402
 from ckptsurgeon.errors import SurgeryError  # noqa: E402
 from ckptsurgeon.formats import open_checkpoint  # noqa: E402
-from ckptsurgeon.record import TensorRecord  # noqa: E402
 
 BOUNDED = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int8", "uint8", "bool")
@@ -148,7 +148,7 @@ PREFIX = st.lists(SEGMENT, min_size=1, max_size=2).map(lambda parts: ".".join(pa
 @BOUNDED
 @given(names=st.lists(NAME, min_size=1, max_size=8, unique=True), prefix=PREFIX, other=PREFIX)
 def test_rename_plans_compose_and_invert(names: list[str], prefix: str, other: str) -> None:
-    surgery = module_or_skip("ckptsurgeon.surgery")
+    surgery = module_or_skip("ckptsurgeon.surgery.plan")
     src = [prefix + n for n in names]
     steps = [surgery.strip_prefix(prefix), surgery.add_prefix(other)]
     whole = surgery.make_plan(src, steps)
@@ -163,7 +163,7 @@ def test_rename_plans_compose_and_invert(names: list[str], prefix: str, other: s
 @given(names=st.lists(NAME, min_size=2, max_size=8, unique=True), prefix=PREFIX)
 def test_strip_prefix_inverts_on_mixed_names(names: list[str], prefix: str) -> None:
     """As documented: the inverse is of the plan, so names without the prefix round-trip too."""
-    surgery = module_or_skip("ckptsurgeon.surgery")
+    surgery = module_or_skip("ckptsurgeon.surgery.plan")
     src = [prefix + n for n in names[: len(names) // 2]] + names[len(names) // 2 :]
     assume(len(set(src)) == len(src))
     try:
@@ -178,7 +178,7 @@ def test_strip_prefix_inverts_on_mixed_names(names: list[str], prefix: str) -> N
 @BOUNDED
 @given(names=st.lists(NAME, min_size=2, max_size=8, unique=True))
 def test_a_plan_that_drops_has_no_inverse(names: list[str]) -> None:
-    surgery = module_or_skip("ckptsurgeon.surgery")
+    surgery = module_or_skip("ckptsurgeon.surgery.plan")
     plan = surgery.make_plan(names, [surgery.drop_names({names[0]: "test"})])
     assert plan.dropped_names == [names[0]]
     with pytest.raises(SurgeryError):
@@ -189,7 +189,7 @@ def test_a_plan_that_drops_has_no_inverse(names: list[str]) -> None:
 @BOUNDED
 @given(sd=state_dicts())
 def test_diff_of_a_state_dict_with_itself_is_ok(sd: dict[str, Any]) -> None:
-    match = module_or_skip("ckptsurgeon.match")
+    match = module_or_skip("ckptsurgeon.diffing.result")
     recs = records(sd)
     result = match.diff(recs, dict(recs))
     assert result.ok

@@ -15,7 +15,8 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 
-from ckptsurgeon import readback, spans, verify
+from ckptsurgeon.fileio import readback, spans
+from ckptsurgeon.surgery import verify
 
 BIG = (512, 1024)  # 2 MiB of float32: above BIG_SPAN, so the helper follows it
 
@@ -155,8 +156,8 @@ def test_a_read_error_in_the_helper_is_one_line_and_leaves_nothing(
 
 def test_library_writes_outside_a_follower_are_unchanged(tmp_path: Path) -> None:
     """Writers used directly (no pipeline) still work: nothing follows their file."""
+    from ckptsurgeon.core.record import TensorRecord
     from ckptsurgeon.formats.torchzip import write as write_torchzip
-    from ckptsurgeon.record import TensorRecord
 
     recs = {"w": TensorRecord.from_torch("w", torch.arange(600_000, dtype=torch.float32))}
     path = tmp_path / "w.pth"
@@ -341,8 +342,8 @@ def test_the_source_helper_does_not_use_the_shared_descriptor_cache(
 
 def test_more_source_shards_than_the_descriptor_cache_holds(tmp_path: Path) -> None:
     """40 safetensors shards (the cache keeps 32 descriptors) into one verified .pth and back."""
+    from ckptsurgeon.core.record import TensorRecord
     from ckptsurgeon.formats import sharded
-    from ckptsurgeon.record import TensorRecord
 
     gen = torch.Generator().manual_seed(2)
     tensors = {f"layer.{i:02d}.weight": torch.randn(BIG, generator=gen) for i in range(40)}

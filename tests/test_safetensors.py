@@ -15,10 +15,10 @@ import safetensors.torch
 import torch
 from conftest import REAL, REPO, assert_one_line_error, run_cli
 
+from ckptsurgeon.core.record import TensorRecord, tensor_to_bytes
 from ckptsurgeon.errors import FormatError, OutputError
 from ckptsurgeon.formats import ReadOptions, open_checkpoint
 from ckptsurgeon.formats import safetensors as st
-from ckptsurgeon.record import TensorRecord, tensor_to_bytes
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:

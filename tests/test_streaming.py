@@ -15,13 +15,14 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 
-from ckptsurgeon import readback, record, spans
 from ckptsurgeon.commands.convert import _rename_rows
+from ckptsurgeon.core import record
+from ckptsurgeon.core.grouping import collapse
+from ckptsurgeon.core.record import TensorRecord, span_crcs
+from ckptsurgeon.fileio import readback, spans
 from ckptsurgeon.formats import zipio
 from ckptsurgeon.formats.torchzip import write as write_torchzip
-from ckptsurgeon.grouping import collapse
-from ckptsurgeon.record import TensorRecord, span_crcs
-from ckptsurgeon.surgery import make_plan, strip_prefix
+from ckptsurgeon.surgery.plan import make_plan, strip_prefix
 
 BIG = (512, 1024)  # 2 MiB of float32: above BIG_SPAN
 

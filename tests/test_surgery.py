@@ -10,11 +10,10 @@ from conftest import REAL, assert_one_line_error, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckptsurgeon.api import rename_steps
+from ckptsurgeon.core.record import TensorRecord
 from ckptsurgeon.errors import SurgeryError
-from ckptsurgeon.planreport import plan_json, render_plan
-from ckptsurgeon.record import TensorRecord
-from ckptsurgeon.surgery import (
+from ckptsurgeon.surgery.operations import rename_steps
+from ckptsurgeon.surgery.plan import (
     Plan,
     add_prefix,
     drop,
@@ -27,6 +26,7 @@ from ckptsurgeon.surgery import (
     replace,
     strip_prefix,
 )
+from ckptsurgeon.surgery.planreport import plan_json, render_plan
 
 
 def recs(spec: dict[str, tuple[int, ...]]) -> dict[str, TensorRecord]:
@@ -318,7 +318,7 @@ def test_plan_is_a_value() -> None:
 
 def test_a_rename_that_empties_a_name_is_a_clear_error() -> None:
     from ckptsurgeon.errors import SurgeryError
-    from ckptsurgeon.surgery import make_plan, replace
+    from ckptsurgeon.surgery.plan import make_plan, replace
 
     with pytest.raises(SurgeryError, match="leaves an empty name"):
         make_plan(["a.b"], [replace(r".*", "")])

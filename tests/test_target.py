@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import FIXTURES, REAL
 
-from ckptsurgeon.architecture import build_architecture
+from ckptsurgeon.diffing.architecture import build_architecture
+from ckptsurgeon.diffing.target import resolve_target, target_from_module
 from ckptsurgeon.errors import TargetError
-from ckptsurgeon.target import resolve_target, target_from_module
 
 MODELS = FIXTURES / "models.py"
 
@@ -172,7 +172,7 @@ def test_torchvision_target_when_installed() -> None:
 
 
 def test_target_key_picks_the_entry_of_a_nested_target() -> None:
-    from ckptsurgeon.target import resolve_target
+    from ckptsurgeon.diffing.target import resolve_target
 
     target = resolve_target("fixtures/real/lightning_tinynet.ckpt", key="optimizer_states.0.state.0")
     assert set(target.tensors) == {"step", "exp_avg", "exp_avg_sq"}
@@ -180,8 +180,8 @@ def test_target_key_picks_the_entry_of_a_nested_target() -> None:
 
 
 def test_a_json_target_must_be_inspect_output(tmp_path: Path) -> None:
+    from ckptsurgeon.diffing.target import resolve_target
     from ckptsurgeon.errors import TargetError
-    from ckptsurgeon.target import resolve_target
 
     (tmp_path / "t.json").write_text('{"a": 1}')
     with pytest.raises(TargetError, match="ckpt inspect --format json"):

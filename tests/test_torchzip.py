@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from ckptsurgeon.core.record import TensorRecord, tensor_to_bytes
 from ckptsurgeon.errors import FormatError, OutputError, UnsafeCheckpointError
 from ckptsurgeon.formats import ReadOptions, open_checkpoint
 from ckptsurgeon.formats.torchzip import write
-from ckptsurgeon.record import TensorRecord, tensor_to_bytes
-from ckptsurgeon.safety import Reduced
+from ckptsurgeon.pickling.safety import Reduced
 
 REAL = Path(__file__).resolve().parent.parent / "fixtures" / "real"
 

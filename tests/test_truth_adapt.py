@@ -17,11 +17,11 @@ import torch
 from conftest import assert_one_line_error, run_cli
 
 import ckptsurgeon
-from ckptsurgeon.coverage import DEFAULT_MIN_COVERAGE, enough
-from ckptsurgeon.diagnosis import diagnose, is_wrapper_prefix
+from ckptsurgeon.core.coverage import DEFAULT_MIN_COVERAGE, enough
+from ckptsurgeon.diffing.diagnosis import diagnose, is_wrapper_prefix
+from ckptsurgeon.diffing.result import as_records
 from ckptsurgeon.errors import LoadError
-from ckptsurgeon.loading import DEFAULT_MIN_COVERAGE as LOADING_DEFAULT
-from ckptsurgeon.match import as_records
+from ckptsurgeon.surgery.adapting import DEFAULT_MIN_COVERAGE as LOADING_DEFAULT
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = "vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37"
@@ -392,5 +392,5 @@ def test_docs_state_the_rule(two_implementations: tuple[Path, str, object]) -> N
     assert _documented_fields(diff_json, "One JSON object") == list(doc)
     assert _documented_fields(diff_json, "`diagnosis`:") == list(doc["diagnosis"])
     assert f"or the default {DEFAULT_MIN_COVERAGE:g}" in diff_json
-    assert "ckptsurgeon/coverage.py" in readme and f"(default {DEFAULT_MIN_COVERAGE:g}," in readme
+    assert "ckptsurgeon/core/coverage.py" in readme and f"(default {DEFAULT_MIN_COVERAGE:g}," in readme
     assert f"The bar is {DEFAULT_MIN_COVERAGE:g}% by default" in readme

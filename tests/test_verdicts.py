@@ -12,10 +12,10 @@ import torch
 from conftest import REPO, assert_one_line_error, run_cli
 
 from ckptsurgeon import diff
-from ckptsurgeon.diagnosis import diagnose
+from ckptsurgeon.core.record import TensorRecord
+from ckptsurgeon.diffing.diagnosis import diagnose
+from ckptsurgeon.diffing.target import resolve_target
 from ckptsurgeon.errors import TargetError
-from ckptsurgeon.record import TensorRecord
-from ckptsurgeon.target import resolve_target
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def _build(spec: str) -> torch.nn.Module:
     """The spec built for real, as a training script would (a fixed seed: equal weights)."""
     import ast
 
-    from ckptsurgeon.architecture import _Builder, _replace_file_callees
+    from ckptsurgeon.diffing.architecture import _Builder, _replace_file_callees
 
     torch.manual_seed(0)
     source, files = _replace_file_callees(spec)
@@ -452,7 +452,7 @@ def test_a_target_that_reads_tensor_values_is_built_on_the_cpu(workdir: Path, re
 
 
 def test_a_cpu_build_over_the_limit_is_one_line(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ckptsurgeon import architecture
+    from ckptsurgeon.diffing import architecture
 
     _write(workdir / "nets.py", DATA_DEPENDENT)
     torch.save({"fc.weight": torch.zeros(7, 24)}, workdir / "w.pth")

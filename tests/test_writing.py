@@ -9,7 +9,7 @@ import pytest
 from conftest import FIXTURES, run_cli
 
 from ckptsurgeon.errors import OutputError
-from ckptsurgeon.writing import atomic_output
+from ckptsurgeon.fileio.writing import atomic_output
 
 
 def test_writes_and_leaves_no_temporary_file(tmp_path: Path) -> None:
@@ -64,7 +64,7 @@ def test_an_interrupt_says_whether_the_output_was_written(
 ) -> None:
     """Ctrl-C before the rename: nothing written; between the rename and the end of the command:
     the output is complete, and ckpt names it (only this command's outputs)."""
-    import ckptsurgeon.writing as writing
+    import ckptsurgeon.fileio.writing as writing
 
     def interrupt(*args: object) -> None:
         raise KeyboardInterrupt

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..coverage import DEFAULT_MIN_COVERAGE
+from ..core.coverage import DEFAULT_MIN_COVERAGE
 from ._options import output_format, read_options, write_options
 from .convert import conversion_options, run
 
@@ -54,6 +54,6 @@ def COMMAND(src: str, target: str, output: str | None, **flags: Any) -> None:
         -o /tmp/ckpt-readme/vgg_2.pth
       ckpt adapt last.ckpt model.safetensors -o fixed.safetensors --dry-run --min-coverage 90
     """
-    from ..api import adapt
+    from ..surgery.operations import adapt
 
     run(adapt, src, target, output, trust_target=True, **flags)

@@ -1,7 +1,7 @@
 """``ckpt convert``, and what every writing command shares: the options, the call, the printing.
 
 ``rename``, ``strip-head`` and ``adapt`` are the same few lines over their library function
-(:mod:`ckptsurgeon.api`): :func:`run` calls it with the parsed flags and prints the result
+(:mod:`ckptsurgeon.surgery.operations`): :func:`run` calls it with the parsed flags and prints the result
 (the plan as table, markdown or JSON; notes on stderr).
 """
 
@@ -12,11 +12,11 @@ from typing import Any, TypeVar
 
 import click
 
-from ..planreport import _rename_rows as _rename_rows  # re-exported: tests render rows directly
-from ..planreport import plan_json as plan_json
-from ..planreport import render_plan as render_plan
-from ..report import printable
-from ..results import SurgeryResult
+from ..core.report import printable
+from ..surgery.planreport import _rename_rows as _rename_rows  # re-exported: tests render rows directly
+from ..surgery.planreport import plan_json as plan_json
+from ..surgery.planreport import render_plan as render_plan
+from ..surgery.results import SurgeryResult
 from ._options import make_read_options, output_format, read_options, write_options
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -116,6 +116,6 @@ def COMMAND(src: str, output: str | None, **flags: Any) -> None:
       ckpt convert last.ckpt -o weights.pth --weights-only
       ckpt convert big.pth -o big-hf/ --max-shard-size 5GB
     """
-    from ..api import convert
+    from ..surgery.operations import convert
 
     run(convert, src, output, **flags)

@@ -58,8 +58,8 @@ def COMMAND(
       ckpt diff model.pth 'torchvision.models.resnet50(num_classes=2)' --format json
       ckpt diff last.ckpt other.safetensors --key state_dict --min-coverage 90
     """
-    from ..diffreport import render
-    from ..match import diff
+    from ..diffing.render import render
+    from ..diffing.result import diff
 
     options = make_read_options(allow_globals, unsafe, target=True)
     result = diff(

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..api import rename_steps as rename_steps  # re-exported: the order is documented here too
+from ..surgery.operations import rename_steps as rename_steps  # re-exported: the order is documented here too
 from ._options import output_format, read_options, write_options
 from .convert import conversion_options, run
 
@@ -53,7 +53,7 @@ def COMMAND(
       ckpt rename last.ckpt -o bb.pth --keep 'model.backbone.*' --strip-prefix model.backbone.
       ckpt rename model.pth -o out.pth --replace '^encoder\\.' 'backbone.' --dry-run
     """
-    from ..api import rename
+    from ..surgery.operations import rename
 
     steps = {"strip_prefix": strip, "add_prefix": add, "replace": replacements, "drop": drops, "keep": keeps}
     run(rename, src, output, **steps, **flags)

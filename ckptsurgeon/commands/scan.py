@@ -8,7 +8,7 @@ import click
 
 from ..errors import CkptError
 from ..formats import ReadOptions
-from ..scanning import UNREADABLE, scan
+from ..pickling.scan import UNREADABLE, scan
 
 EXIT_UNSAFE = 1
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..api import target_misfit_plan as target_misfit_plan  # re-exported: --target's plan
+from ..surgery.operations import target_misfit_plan as target_misfit_plan  # re-exported: --target's plan
 from ._options import output_format, read_options, write_options
 from .convert import conversion_options, run
 
@@ -54,6 +54,6 @@ def COMMAND(src: str, output: str | None, **flags: Any) -> None:
         -o /tmp/ckpt-readme/vgg_headless.pth
       ckpt strip-head fixtures/vgg_1000.pth -o /tmp/ckpt-readme/vgg.pth --head classifier.6 --dry-run
     """
-    from ..api import strip_head
+    from ..surgery.operations import strip_head
 
     run(strip_head, src, output, **flags)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ..errors import FormatError, InputError, NotAStateDictError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..checkpoint import Checkpoint
+    from ..core.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def check_input_path(path: Path) -> os.stat_result:
     except OSError as exc:  # ELOOP, ENAMETOOLONG ...
         raise InputError(f"{path}: cannot be opened ({exc.strerror or exc})") from None
     if stat.S_ISREG(st.st_mode):
-        from ..spans import FD_CACHE
+        from ..fileio.spans import FD_CACHE
 
         FD_CACHE.refresh(path, st)  # a file replaced at this path since it was last read
         return st
@@ -358,7 +358,7 @@ def folder_refusal(path: Path, names: set[str] | None = None, limit: int = 5) ->
         >>> folder_refusal(Path("runs"), set()).message[:39]
         'runs: a folder without a checkpoint (no'
     """
-    from ..grouping import natural_sorted
+    from ..core.grouping import natural_sorted
 
     names = set(os.listdir(path)) if names is None else names
     found = natural_sorted(n for n in names if _may_be_checkpoint(path, n))

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..core.record import Storage, TensorRecord, expect_crc, file_identity
 from ..errors import FormatError
-from ..record import Storage, TensorRecord, expect_crc, file_identity
 from . import archive_prefix
 from ._torchpickle import StorageSlot, TorchResolver, check_tree, storage_dtype, storage_key, unpickle
 from .zipio import name_problem
@@ -161,9 +161,9 @@ class _ChunkStorages:
         self.problems: dict[int, str] = {}
 
     def slot(self, pid: tuple) -> StorageSlot:
-        from ..bounds import bounded_repr
-        from ..pickles import PickleError
-        from ..safety import GlobalRef
+        from ..core.bounds import bounded_repr
+        from ..pickling.pickles import PickleError
+        from ..pickling.safety import GlobalRef
 
         if (
             len(pid) < 5

@@ -16,11 +16,11 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
-from ..bounds import MAX_KEY_ITEMS, bounded_repr
-from ..dtypes import DTYPES
+from ..core.bounds import MAX_KEY_ITEMS, bounded_repr
+from ..core.dtypes import DTYPES
 from ..errors import FormatError
-from ..pickles import BlockedGlobal, PickleError
-from ..safety import DCP_METADATA_GLOBALS, DTYPE_GLOBALS, DataResolver, GlobalRef
+from ..pickling.pickles import BlockedGlobal, PickleError
+from ..pickling.safety import DCP_METADATA_GLOBALS, DTYPE_GLOBALS, DataResolver, GlobalRef
 from ._torchpickle import INT64, unpickle
 
 DCP_MODULE = "torch.distributed.checkpoint.metadata"

@@ -12,18 +12,18 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..core.record import TensorRecord
 from ..errors import FormatError
-from ..record import TensorRecord
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..checkpoint import Checkpoint
+    from ..core.checkpoint import Checkpoint
 
 
 def read_unsafe(path: Path, fmt: str) -> Checkpoint:
     """``torch.load(weights_only=False)``: runs the file's code. Only behind --unsafe-trust-pickle."""
     import torch
 
-    from ..checkpoint import Checkpoint
+    from ..core.checkpoint import Checkpoint
 
     try:
         if fmt == "pickle":

@@ -1,6 +1,6 @@
 """The torch pickle semantics the zip and legacy readers share, as records instead of tensors.
 
-:class:`TorchResolver` gives the restricted unpickler (:mod:`ckptsurgeon.pickles`) the
+:class:`TorchResolver` gives the restricted unpickler (:mod:`ckptsurgeon.pickling.pickles`) the
 meaning of what ``torch.load(weights_only=True)`` accepts: each ``torch._utils._rebuild_*``
 call becomes a :class:`TensorRecord` whose storage is a :class:`StorageSlot` named by a
 persistent id. :func:`unpickle` runs it with one-line errors (a refusal lists every blocked
@@ -16,12 +16,12 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
-from ..bounds import bounded_repr
-from ..dtypes import BY_STORAGE_CLASS, DTYPES
+from ..core.bounds import bounded_repr
+from ..core.dtypes import BY_STORAGE_CLASS, DTYPES
+from ..core.record import Storage, TensorRecord, contiguous_stride
 from ..errors import FormatError
-from ..pickles import BlockedGlobal, PickleError, PickleTruncated, PickleUnsupported, Unpickler
-from ..record import Storage, TensorRecord, contiguous_stride
-from ..safety import (
+from ..pickling.pickles import BlockedGlobal, PickleError, PickleTruncated, PickleUnsupported, Unpickler
+from ..pickling.safety import (
     DTYPE_GLOBALS,
     QSCHEME_GLOBALS,
     REBUILD_FUNCTIONS,
@@ -251,7 +251,7 @@ def blocked_error(data: bytes, path: Path, resolver: DataResolver, start: int, f
         >>> blocked_error(evil, Path("x.pth"), DataResolver(), 0, "os.system").blocked_globals
         ('os.system',)
     """
-    from ..globalscan import scan_globals  # pickletools, only for a refusal
+    from ..pickling.globalscan import scan_globals  # pickletools, only for a refusal
 
     try:
         found = scan_globals(data, start)

@@ -15,10 +15,8 @@ import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
-from ..dtypes import DTYPES
-from ..errors import OutputError
-from ..pickles import Emitter
-from ..record import (
+from ..core.dtypes import DTYPES
+from ..core.record import (
     CHUNK_SIZE,
     COPY_CHUNK,
     FileSpan,
@@ -28,7 +26,9 @@ from ..record import (
     file_identity,
     pread_exact,
 )
-from ..spans import remember_span_crc
+from ..errors import OutputError
+from ..fileio.spans import remember_span_crc
+from ..pickling.pickles import Emitter
 from .zipio import ZipWriter
 
 ALIGNMENT = 64
@@ -155,7 +155,7 @@ def _write_member(zw: ZipWriter, name: str, nbytes: int, chunks: Iterable[bytes 
 
 def _write_storage(zw: ZipWriter, name: str, nbytes: int, chunks: Iterable[bytes | memoryview]) -> None:
     """One storage member: a small file span read at once, a big one copied without a CRC pass
-    when its CRC is known (see :func:`~ckptsurgeon.record.vouched_copies`), anything else streamed."""
+    when its CRC is known (see :func:`~ckptsurgeon.core.record.vouched_copies`), anything else streamed."""
     if not isinstance(chunks, FileSpan):
         zw.add_stream(name, nbytes, chunks)
         return

@@ -18,10 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..bounds import MAX_DEPTH, bounded_repr
-from ..checkpoint import Checkpoint
+from ..core.bounds import MAX_DEPTH, bounded_repr
+from ..core.checkpoint import Checkpoint
+from ..core.record import TensorRecord
 from ..errors import FormatError, InputError, UnsafeCheckpointError
-from ..record import TensorRecord
 from . import ReadOptions
 from ._dcpchunk import read_chunk
 from ._dcpmeta import DcpMetadata, DcpTensor, read_metadata

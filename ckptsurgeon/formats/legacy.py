@@ -22,13 +22,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from ..bounds import bounded_repr
-from ..dtypes import DTYPES
+from ..core.bounds import bounded_repr
+from ..core.dtypes import DTYPES
+from ..core.record import Storage, pread_exact
 from ..errors import CkptError, FormatError
-from ..globalscan import PickleGlobals, scan_globals
-from ..pickles import PickleError, PickleTruncated
-from ..record import Storage, pread_exact
-from ..safety import DataResolver, GlobalRef
+from ..pickling.globalscan import PickleGlobals, scan_globals
+from ..pickling.pickles import PickleError, PickleTruncated
+from ..pickling.safety import DataResolver, GlobalRef
 from . import LEGACY_MAGIC_NUMBER
 from ._fulltrust import read_unsafe
 from ._torchpickle import (
@@ -43,7 +43,7 @@ from ._torchpickle import (
 from ._torchpickle import blocked_error as blocked_error
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..checkpoint import Checkpoint
+    from ..core.checkpoint import Checkpoint
     from . import ReadOptions
 
 MAGIC_NUMBER = LEGACY_MAGIC_NUMBER
@@ -81,7 +81,7 @@ def read(path: Path, options: ReadOptions) -> Checkpoint:
 
 
 def _read_legacy(path: Path, options: ReadOptions, start: int, file_size: int, byteorder: str) -> Checkpoint:
-    from ..checkpoint import Checkpoint
+    from ..core.checkpoint import Checkpoint
 
     probe = _LegacyStorages(path, byteorder, None)
     _, obj_end, data = _load_growing(
@@ -235,7 +235,7 @@ def _is_legacy(path: Path, file_size: int) -> bool:
 
 
 def _bare_pickle(path: Path, tree: Any, resolver: DataResolver, file_size: int) -> Checkpoint:
-    from ..checkpoint import Checkpoint
+    from ..core.checkpoint import Checkpoint
 
     check_tree(tree, path, {})
     checkpoint = Checkpoint(

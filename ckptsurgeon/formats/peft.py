@@ -4,7 +4,7 @@ What ``PeftModel.save_pretrained`` writes is not a model's checkpoint: the tenso
 adapter's own (``base_model.model.<module>.lora_A.weight`` ...) plus full copies of any
 ``modules_to_save``. The reader opens the weights file with its own reader (the restricted
 unpickler for ``.bin``), validates the config (one line per fault) and records the fields a
-user asks about in the :class:`~ckptsurgeon.checkpoint.Checkpoint`'s metadata: strings as they
+user asks about in the :class:`~ckptsurgeon.core.checkpoint.Checkpoint`'s metadata: strings as they
 are, everything else as JSON (:func:`adapter_config` decodes them). :func:`adapter_explanation`
 is what ``diff`` says instead of its "nothing would load" alarm.
 """
@@ -17,15 +17,15 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..checkpoint import Checkpoint
+from ..core.checkpoint import Checkpoint
+from ..core.report import printable
 from ..errors import FormatError, InputError
-from ..report import printable
 from . import ReadOptions, open_checkpoint
 from .safetensors import DuplicateKeyError, no_duplicate_keys
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..explain import Explanation
-    from ..record import TensorRecord
+    from ..core.record import TensorRecord
+    from ..diffing.explain import Explanation
 
 FORMAT = "peft"
 CONFIG_NAME = "adapter_config.json"

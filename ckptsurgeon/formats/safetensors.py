@@ -25,10 +25,10 @@ from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..checkpoint import Checkpoint
-from ..dtypes import BY_SAFETENSORS, DTYPES, DType
+from ..core.checkpoint import Checkpoint
+from ..core.dtypes import BY_SAFETENSORS, DTYPES, DType
+from ..core.record import FileSpan, Storage, TensorRecord, contiguous_stride
 from ..errors import FormatError, OutputError
-from ..record import FileSpan, Storage, TensorRecord, contiguous_stride
 from . import ReadOptions, check_input_path
 
 FORMAT = "safetensors"

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
-from ..checkpoint import Checkpoint
+from ..core.checkpoint import Checkpoint
+from ..core.record import TensorRecord
 from ..errors import FormatError, InputError, KeySelectionError
-from ..record import TensorRecord
 from . import ReadOptions, folder_refusal, open_checkpoint
 from .safetensors import DuplicateKeyError, no_duplicate_keys, parse_aliases
 

@@ -17,10 +17,10 @@ from collections.abc import Iterator, Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from ..core.record import TensorRecord
 from ..errors import CkptError, OutputError
-from ..progress import Bar, counting, progress_bar
-from ..record import TensorRecord
-from ..writing import COMMITTED, atomic_output, check_output_path, fsync_dir
+from ..fileio.progress import Bar, counting, progress_bar
+from ..fileio.writing import COMMITTED, atomic_output, check_output_path, fsync_dir
 from .safetensors import ALIASES_KEY, find_aliases
 
 LAYOUT = {  # fmt -> (single file, shard pattern, index file)
@@ -112,9 +112,9 @@ def write(
     with no index, as ``save_pretrained`` does. Each file is written atomically, the index
     last, so an interrupted write leaves no index. Tied names are stored once (safetensors:
     recorded in the shard's metadata and left out of the weight_map). ``read_back``: checksum each
-    big span from the shard as it is written (see :mod:`ckptsurgeon.readback`), for a verification
+    big span from the shard as it is written (see :mod:`ckptsurgeon.fileio.readback`), for a verification
     that follows; write-back starts early either way. ``progress``: one bar on stderr over all
-    shards (default: on a TTY, for big writes; see :mod:`ckptsurgeon.progress`).
+    shards (default: on a TTY, for big writes; see :mod:`ckptsurgeon.fileio.progress`).
 
     Example:
         >>> write(ckpt.weights().tensors, Path("out"), max_shard_bytes=parse_size("5GB"))  # doctest: +SKIP
@@ -294,7 +294,7 @@ def _write_shard(
     read_back: bool,
     bar: Bar | None = None,
 ) -> Path:
-    from ..readback import checksumming_sources, reading_back
+    from ..fileio.readback import checksumming_sources, reading_back
 
     # the read-back helper follows the file itself; the writers write through the bar's counter;
     # big source spans with no recorded CRC are checksummed by another helper meanwhile

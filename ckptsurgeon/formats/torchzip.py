@@ -4,7 +4,7 @@ A torch.save file is a zip (members stored, not compressed) holding ``<archive>/
 -- the object pickled with protocol 2, tensors as ``torch._utils._rebuild_tensor_v2``
 calls whose storages are persistent ids ``('storage', FloatStorage, key, location,
 numel)`` -- and one member ``<archive>/data/<key>`` per storage, aligned to 64 bytes.
-The reader runs data.pkl through the restricted unpickler (:mod:`ckptsurgeon.pickles`)
+The reader runs data.pkl through the restricted unpickler (:mod:`ckptsurgeon.pickling.pickles`)
 with :class:`TorchResolver`, which turns each tensor into a :class:`TensorRecord`
 pointing at its member's bytes in the file. The writer is :mod:`._torchwriter`'s
 (:func:`write`, re-exported here).
@@ -20,17 +20,17 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..bounds import bounded_repr
-from ..errors import FormatError
-from ..pickles import PickleError
-from ..progress import Bar, progress_bar
-from ..record import (
+from ..core.bounds import bounded_repr
+from ..core.record import (
     CHUNK_SIZE,
     Storage,
     expect_crc,
     file_identity,
 )
-from ..safety import GlobalRef
+from ..errors import FormatError
+from ..fileio.progress import Bar, progress_bar
+from ..pickling.pickles import PickleError
+from ..pickling.safety import GlobalRef
 from . import archive_prefix
 from ._torchwriter import ALIGNMENT, StoragePlan, iter_storage, write
 from .legacy import (
@@ -46,7 +46,7 @@ from .legacy import (
 from .zipio import check_names, open_checked, read_directory, read_stored
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..checkpoint import Checkpoint
+    from ..core.checkpoint import Checkpoint
     from . import ReadOptions
 
 
@@ -59,7 +59,7 @@ def read(path: Path, options: ReadOptions) -> Checkpoint:
         >>> ckpt.weights().tensors["_orig_mod.fc.weight"].shape                     # doctest: +SKIP
         (6, 32)
     """
-    from ..checkpoint import Checkpoint
+    from ..core.checkpoint import Checkpoint
 
     if options.unsafe:
         return read_unsafe(path, "torch-zip")

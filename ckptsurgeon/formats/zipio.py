@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
-from ..spans import WritebackPieces, start_writeback
+from ..fileio.spans import WritebackPieces, start_writeback
 
 _EOCD = struct.Struct("<4sHHHHIIH")  # end of central directory, 22 bytes
 _CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")  # central directory entry, 46 bytes
@@ -215,7 +215,7 @@ def _plain_names(names: list[str]) -> bool:
 
 
 def _shown(name: str) -> str:
-    from ..report import printable
+    from ..core.report import printable
 
     return printable(repr(name[:80]))
 

@@ -1,0 +1,272 @@
+"""``diff()``: will this checkpoint load into that model, how much of it, and what fixes it.
+
+Example:
+    >>> import ckptsurgeon
+    >>> result = ckptsurgeon.diff("fixtures/vgg_1000.pth",
+    ...     "torch.nn.DataParallel(fixtures/models.py:vgg_like(num_classes=2))")   # doctest: +SKIP
+    >>> result.headline                                                         # doctest: +SKIP
+    '0 of 38 target tensors would load (0%)'
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..core.coverage import coverage_percent, enough, threshold
+from ..core.record import TensorRecord
+from .compare import Comparison, DtypeDifference, ShapeMismatch, compare
+from .diagnosis import Diagnosis, diagnose
+from .explain import Explanation, explain
+from .target import Target, resolve_target, target_from_module, target_from_records
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..core.checkpoint import Checkpoint
+    from ..formats import ReadOptions
+
+__all__ = ["Comparison", "DiffResult", "DtypeDifference", "ShapeMismatch", "diff", "percent"]
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    """The answer: PyTorch's four lists for the file as saved, and the diagnosis.
+
+    ``ok`` is True when the file loads with strict loading as is (a tied alias the file
+    stores once is not missing, but strict loading raises on it: ``comparison.status`` is then
+    ``"tied"``). ``coverage`` is the percentage of target tensors that load.
+    ``min_coverage`` is the bar the caller set (``--min-coverage``; ``None``: strict loading
+    decides :meth:`passes`, and the alarm uses the default of :mod:`ckptsurgeon.core.coverage`).
+
+    Example:
+        >>> r = diff({"w": TensorRecord("w", "float32", (2,))}, {"w": TensorRecord("w", "float32", (2,))})
+        >>> r.ok, r.headline
+        (True, '1 of 1 target tensors would load (100%)')
+    """
+
+    source: str
+    target: str
+    target_kind: str
+    source_key: str | None
+    source_count: int
+    comparison: Comparison
+    diagnosis: Diagnosis
+    explanation: Explanation
+    target_notes: tuple[str, ...] = ()
+    min_coverage: float | None = None
+
+    # -- PyTorch's lists, as saved ------------------------------------------------------------------
+    @property
+    def matched(self) -> tuple[str, ...]:
+        return self.comparison.matched
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        return self.comparison.missing
+
+    @property
+    def unexpected(self) -> tuple[str, ...]:
+        return self.comparison.unexpected
+
+    @property
+    def shape_mismatched(self) -> tuple[ShapeMismatch, ...]:
+        return self.comparison.shape_mismatched
+
+    @property
+    def dtype_differences(self) -> tuple[DtypeDifference, ...]:
+        return self.comparison.dtype_differences
+
+    @property
+    def tied(self) -> dict[str, str]:
+        return self.comparison.tied
+
+    # -- verdict ---------------------------------------------------------------------------------
+    @property
+    def ok(self) -> bool:
+        return self.comparison.ok
+
+    @property
+    def loadable(self) -> int:
+        return self.comparison.loadable
+
+    @property
+    def total(self) -> int:
+        return self.comparison.total
+
+    @property
+    def coverage(self) -> float:
+        """Percent of target tensors that load as saved (100 for an empty target)."""
+        return coverage_percent(self.loadable, self.total)
+
+    @property
+    def coverage_low(self) -> bool:
+        """True when less than the bar (``min_coverage``, or the default 50%) loads as saved,
+        or nothing does: the report's alarm is raised exactly then."""
+        return not enough(self.loadable, self.total, threshold(self.min_coverage))
+
+    @property
+    def headline(self) -> str:
+        share = percent(self.loadable, self.total)
+        return f"{self.loadable} of {self.total} target tensors would load ({share})"
+
+    def passes(self, min_coverage: float | None = None) -> bool:
+        """What ``ckpt diff`` exits 0 on: without a bar (``min_coverage`` here or on the result),
+        ``ok``; with one, at least that percent of target tensors load as saved, and something
+        does (:func:`ckptsurgeon.core.coverage.enough`, the rule ``adapt`` and ``load_into`` use).
+
+        Example:
+            >>> r = diff({"a": TensorRecord("a", "float32", (2,))},
+            ...          {"a": TensorRecord("a", "float32", (2,)), "b": TensorRecord("b", "float32", (2,))})
+            >>> r.passes(), r.passes(50), r.passes(51), r.coverage_low
+            (False, True, False, False)
+        """
+        bar = self.min_coverage if min_coverage is None else min_coverage
+        if bar is None:
+            return self.ok
+        return enough(self.loadable, self.total, bar)
+
+    def render(self, fmt: str = "table", verbose: bool = False) -> str:
+        """The report as ``ckpt diff`` prints it: ``table``, ``markdown`` or ``json``."""
+        from .render import render
+
+        return render(self, fmt, verbose)
+
+    def to_json(self) -> dict[str, Any]:
+        """The documented JSON object (README, "The JSON shape of ckpt diff")."""
+        from .render import to_json
+
+        return to_json(self)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts, as in the JSON ``summary``."""
+        return {
+            "source_tensors": self.source_count,
+            "target_tensors": self.total,
+            **self.comparison.counts(),
+            "coverage_percent": round(self.coverage, 2),
+        }
+
+
+def percent(part: int, whole: int) -> str:
+    """``36/38`` -> ``"94.7%"``; never rounds up to 100% or down to 0% when it is not.
+
+    Example:
+        >>> percent(36, 38), percent(0, 38), percent(38, 38), percent(1999, 2000)
+        ('94.7%', '0%', '100%', '99.9%')
+    """
+    if whole == 0 or part == whole:
+        return "100%"
+    if part == 0:
+        return "0%"
+    value = math.floor(1000 * part / whole) / 10
+    return f"{max(value, 0.1):.1f}%"
+
+
+def diff(
+    source: str | Path | Checkpoint | Mapping[str, Any] | Any,
+    target: str | Target | Mapping[str, Any] | Any,
+    *,
+    key: str | None = None,
+    read_options: ReadOptions | None = None,
+    source_label: str | None = None,
+    target_key: str | None = None,
+    target_label: str | None = None,
+    min_coverage: float | None = None,
+) -> DiffResult:
+    """Compare ``source`` with ``target`` by name and shape, and diagnose the difference.
+
+    ``source``: a path (any checkpoint ``open_checkpoint`` reads; ``key`` picks a nested entry),
+    a :class:`Checkpoint`, a state dict (records or tensors), or an ``nn.Module``.
+    ``target``: a spec string (a path, inspect JSON, or an architecture call expression),
+    a :class:`Target`, an ``nn.Module``, or a mapping; ``target_key`` picks the entry of a
+    nested target checkpoint. ``source_label`` / ``target_label`` name them in the suggested
+    commands. ``min_coverage`` (percent) is the bar for :meth:`DiffResult.passes` and the alarm
+    (``None``: strict loading passes, the alarm uses the default of :mod:`ckptsurgeon.core.coverage`).
+
+    Example:
+        >>> r = diff("fixtures/resnet_dp_6.pth", "fixtures/models.py:resnet_like(2)")  # doctest: +SKIP
+        >>> r.diagnosis.transform.strip, r.diagnosis.loads_after                      # doctest: +SKIP
+        ('module.', 120)
+    """
+    label, chosen_key, records, opened = _source_records(source, key, read_options)
+    resolved = _target(target, read_options, target_key)
+    comparison = compare(records, resolved.tensors, resolved.tied)
+    diagnosis = diagnose(records, resolved.tensors, resolved.tied, comparison)
+    source_label = source_label or label
+    target_spec = target if isinstance(target, str) else target_label
+    explanation = explain(diagnosis, source_label, target_spec, key, threshold(min_coverage))
+    if opened is not None and opened.format == "peft" and not comparison.ok:  # an adapter, not a checkpoint
+        from ..formats.peft import adapter_explanation
+
+        explanation = adapter_explanation(
+            explanation, opened, records, resolved.tensors, comparison.loadable, comparison.total
+        )
+    return DiffResult(
+        source=source_label,
+        target=resolved.description,
+        target_kind=resolved.kind,
+        source_key=chosen_key,
+        source_count=len(records),
+        comparison=comparison,
+        diagnosis=diagnosis,
+        explanation=explanation,
+        target_notes=resolved.notes,
+        min_coverage=min_coverage,
+    )
+
+
+def _source_records(
+    source: Any, key: str | None, read_options: ReadOptions | None
+) -> tuple[str, str | None, dict[str, TensorRecord], Checkpoint | None]:
+    from ..core.checkpoint import Checkpoint
+
+    if isinstance(source, str | Path):
+        from ..formats import open_checkpoint
+
+        opened = open_checkpoint(source, read_options)
+        candidate = opened.weights(key)
+        return str(source), candidate.key, dict(candidate.tensors), opened
+    if isinstance(source, Checkpoint):
+        candidate = source.weights(key)
+        return str(source.path), candidate.key, dict(candidate.tensors), source
+    if _is_module(source):
+        return type(source).__name__, None, dict(target_from_module(source).tensors), None
+    if isinstance(source, Mapping):
+        return "SOURCE", None, as_records(source), None
+    raise TypeError(f"diff: cannot read a source of type {type(source).__name__}")
+
+
+def _target(target: Any, read_options: ReadOptions | None, key: str | None = None) -> Target:
+    if isinstance(target, Target):
+        return target
+    if isinstance(target, str | Path):
+        return resolve_target(str(target), read_options, key)
+    if _is_module(target):
+        return target_from_module(target, type(target).__name__, "module")
+    if isinstance(target, Mapping):
+        return target_from_records(as_records(target), "TARGET", "mapping")
+    raise TypeError(f"diff: cannot use a target of type {type(target).__name__}")
+
+
+def _is_module(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "named_modules", None))
+
+
+def as_records(state: Mapping[str, Any]) -> dict[str, TensorRecord]:
+    """Records for a state dict of records or tensors (tensors are not copied).
+
+    Example:
+        >>> as_records({"w": TensorRecord("w", "float32", (2,))})["w"].shape
+        (2,)
+    """
+    out: dict[str, TensorRecord] = {}
+    for name, value in state.items():
+        if isinstance(value, TensorRecord):
+            out[str(name)] = value.renamed(str(name)) if value.name != name else value
+        elif hasattr(value, "shape") and hasattr(value, "dtype"):
+            out[str(name)] = TensorRecord.from_torch(str(name), value)
+        elif isinstance(value, Mapping):
+            out.update({f"{name}.{k}": v for k, v in as_records(value).items()})
+    return out

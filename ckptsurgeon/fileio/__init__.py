@@ -1,0 +1,1 @@
+"""Bytes on disk: span reads with CRCs, read-back while writing, atomic durable output, progress."""

@@ -1,0 +1,398 @@
+"""The write pipeline every writing command shares: open, choose weights, plan, cast, write, verify.
+
+``rename``, ``strip-head``, ``convert`` and ``adapt`` differ only in the plan they make;
+:func:`write_checkpoint` does the rest. Data is streamed record by record (a cast converts
+a bounded piece at a time, see :mod:`ckptsurgeon.surgery.casting`); the output goes through
+:func:`~ckptsurgeon.fileio.writing.atomic_output`; then the written file is reopened and every
+tensor compared bit for bit (:mod:`ckptsurgeon.surgery.verify`) before it replaces anything.
+The tree around the weights is rebuilt by :mod:`ckptsurgeon.core.trees`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..core.checkpoint import Checkpoint, StateDictCandidate
+from ..core.record import TensorRecord
+from ..core.report import human_bytes, printable
+from ..core.trees import dropped_entries, has_unread_values, rebuilt_tree, records, weights_payload
+from ..errors import OutputError, SurgeryError
+from ..fileio.progress import counting, progress_bar
+from ..fileio.spans import FD_CACHE, vouched_copies
+from ..fileio.writing import atomic_output, refuse_special_file
+from ..formats import ReadOptions, open_checkpoint
+from .plan import Plan
+
+PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+LISTED = 5  # names listed in a note before "..."
+
+
+@dataclass(frozen=True)
+class Source:
+    """An opened checkpoint, the weights chosen in it, and how it was read (``read_options``:
+    the globals it was allowed, which verification of an output then allows too)."""
+
+    checkpoint: Checkpoint
+    weights: StateDictCandidate
+    read_options: ReadOptions = field(default_factory=ReadOptions)
+
+    @property
+    def verify_options(self) -> ReadOptions:
+        """How to reopen an output to verify it: the source's ``--allow-global`` classes (the
+        output holds them as they were read), never full trust.
+
+        Example:
+            >>> read = ReadOptions(allow_globals=frozenset({"mylib.Config"}), unsafe=True)
+            >>> checking = Source(None, None, read).verify_options
+            >>> checking.allow_globals, checking.unsafe
+            (frozenset({'mylib.Config'}), False)
+        """
+        return ReadOptions(allow_globals=self.read_options.allow_globals)
+
+    @property
+    def tensors(self) -> dict[str, TensorRecord]:
+        return self.weights.tensors
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """Where and how to write. ``to``: ``"pth"`` or ``"safetensors"`` (default: from the suffix).
+
+    ``max_shard_size`` (bytes) writes a folder of shards in Hugging Face's layout.
+    ``weights_only``: a ``.pth`` output holds only the weights (no optimizer, epoch ...).
+    """
+
+    output: Path
+    to: str | None = None
+    dtype: str | None = None
+    max_shard_size: int | None = None
+    weights_only: bool = False
+    force: bool = False
+    verify: bool = True
+    progress: bool | None = None  # None: a bar when stderr is a TTY and the work is large
+
+
+@dataclass
+class WriteResult:
+    """What was written: files, format, counts, sizes, and what was left out."""
+
+    output: Path
+    format: str  # "pth", "safetensors", "sharded-safetensors", "sharded-pth"
+    files: list[Path]
+    tensors: int
+    source_size: int
+    output_size: int
+    verified: bool
+    cast: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line: ``wrote out.pth (pth, 36 tensors, 1.2 MiB), verified bit for bit``."""
+        check = "verified bit for bit" if self.verified else "not verified (--no-verify)"
+        cast = f", {self.cast} cast" if self.cast else ""
+        return (
+            f"wrote {printable(str(self.output))} ({self.format}, {counted(self.tensors, 'tensor')}{cast}, "
+            f"{human_bytes(self.output_size)}), {check}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        return data | {"output": str(self.output), "files": [str(f) for f in self.files]}
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 tensor``, ``2 tensors``.
+
+    Example:
+        >>> counted(1, "tensor"), counted(3, "entry", "entries")
+        ('1 tensor', '3 entries')
+    """
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def listing(names: list[str], limit: int = LISTED) -> str:
+    """The first ``limit`` names, comma-separated, then ``...`` when there are more.
+
+    Example:
+        >>> listing(["a", "b", "c"], 2)
+        'a, b, ...'
+    """
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+# -- opening ----------------------------------------------------------------------------------
+def open_source(
+    path: str | os.PathLike[str], key: str | None = None, read_options: ReadOptions | None = None
+) -> Source:
+    """Open any checkpoint and choose its weights (``key``: a dotted entry, else the default).
+
+    Example:
+        >>> src = open_source("fixtures/resnet_dp_6.pth")
+        >>> src.weights.key, len(src.tensors)
+        ('', 122)
+    """
+    ckpt = open_checkpoint(path, read_options)
+    return Source(ckpt, ckpt.weights(key), read_options or ReadOptions())
+
+
+# -- choosing the output ----------------------------------------------------------------------
+def output_kind(options: WriteOptions) -> str:
+    """``pth``, ``safetensors``, ``sharded-pth`` or ``sharded-safetensors`` for these options.
+
+    Example:
+        >>> output_kind(WriteOptions(Path("m.safetensors")))
+        'safetensors'
+        >>> output_kind(WriteOptions(Path("out"), max_shard_size=10**9))
+        'sharded-safetensors'
+    """
+    to = options.to
+    if to not in (None, "pth", "safetensors"):
+        raise OutputError(f"--to {to}: unknown format; use pth or safetensors")
+    refuse_special_file(options.output)
+    suffix = options.output.suffix.lower()
+    if options.max_shard_size is None and options.output.is_dir():
+        raise OutputError(
+            f"{options.output}: is a folder; name an output file (.pth or .safetensors), "
+            "or pass --max-shard-size to write shards into it"
+        )
+    if options.max_shard_size is not None:
+        if suffix in PTH_SUFFIXES or suffix == ".safetensors":
+            raise OutputError(
+                f"{options.output}: --max-shard-size writes a folder; name a folder, not a file"
+            )
+        return f"sharded-{to or 'safetensors'}"
+    if to is None:
+        if suffix == ".safetensors":
+            return "safetensors"
+        if suffix in PTH_SUFFIXES:
+            return "pth"
+        raise OutputError(
+            f"{options.output}: cannot tell the format from the suffix {suffix or '(none)'!r}; "
+            "use .pth or .safetensors, or pass --to pth|safetensors"
+        )
+    named = {".safetensors": "safetensors", ".pth": "pth", ".pt": "pth"}.get(suffix, to)  # .bin: either
+    if named != to:  # a .safetensors file holding a torch zip (or the reverse) fools every other tool
+        raise OutputError(
+            f"{options.output}: --to {to} contradicts the suffix {suffix!r}; "
+            f"name the output with a {to} suffix, or leave out --to"
+        )
+    return to
+
+
+# -- writing ----------------------------------------------------------------------------------
+def write_checkpoint(source: Source, plan: Plan | None, options: WriteOptions) -> WriteResult:
+    """Apply ``plan`` to the chosen weights, cast, write atomically, reload and verify.
+
+    Example:
+        >>> src = open_source("model.pth")                             # doctest: +SKIP
+        >>> plan = make_plan(src.tensors, [strip_prefix("module.")])   # doctest: +SKIP
+        >>> write_checkpoint(src, plan, WriteOptions(Path("fixed.safetensors"))).summary()  # doctest: +SKIP
+        'wrote fixed.safetensors (safetensors, 122 tensors, 1.1 MiB), verified bit for bit'
+    """
+    kind = output_kind(options)
+    tensors = plan.apply(source.tensors) if plan is not None else dict(source.tensors)
+    if not tensors:
+        raise SurgeryError(
+            f"{source.checkpoint.path}: the plan drops every tensor ({len(source.tensors)}); "
+            "nothing was written"
+        )
+    cast = 0
+    if options.dtype is not None:
+        from .casting import cast_tensors
+
+        before = tensors
+        tensors = cast_tensors(before, options.dtype)
+        cast = sum(1 for name, rec in tensors.items() if rec.dtype != before[name].dtype)
+    unread = has_unread_values(source)
+    keep_tree = kind == "pth" and not options.weights_only and not unread
+    left_out = [] if keep_tree else dropped_entries(source)
+    notes = _left_out_notes(left_out, kind, options.weights_only, unread)
+    notes += _layout_notes(tensors, kind, options.max_shard_size)
+    if keep_tree:
+        payload = rebuilt_tree(source, tensors, plan)
+    else:
+        payload = weights_payload(source, tensors, plan, kind)
+    if kind.startswith("sharded-"):
+        files = _write_sharded(tensors, options, kind.removeprefix("sharded-"), source.verify_options)
+    else:
+        files = [_write_single(payload, options, kind, source.verify_options)]
+    output_size = sum(f.stat().st_size for f in files)
+    size = source.checkpoint.file_size
+    if left_out:
+        notes.append(f"size: {human_bytes(size)} -> {human_bytes(output_size)}")
+    return WriteResult(
+        options.output, kind, files, len(tensors), size, output_size, options.verify, cast, notes
+    )
+
+
+def _left_out_notes(left_out: list[str], kind: str, weights_only: bool, unread: bool) -> list[str]:
+    if not left_out:
+        return []
+    why = "safetensors holds the weights only" if "safetensors" in kind else "--weights-only"
+    if unread and kind == "pth" and not weights_only:
+        why = "the reader does not load this folder's non-tensor values, so only the weights are written"
+    entries = counted(len(left_out), "non-weight entry", "non-weight entries")
+    return [f"left out {entries} ({why}): " + ", ".join(left_out)]
+
+
+def _layout_notes(tensors: Mapping[str, TensorRecord], kind: str, max_shard: int | None) -> list[str]:
+    """What a reader of the output should know: tied names stored once, oversized shards."""
+    notes: list[str] = []
+    aliases: dict[str, str] = {}
+    if "safetensors" in kind or max_shard is not None:
+        from ..formats.safetensors import ALIASES_KEY, find_aliases
+
+        aliases = find_aliases(tensors) if _storages_shared(tensors) else {}
+        if aliases and "safetensors" in kind:
+            pairs = [f"{alias} -> {kept}" for alias, kept in aliases.items()]
+            whose = "its alias" if len(aliases) == 1 else "their aliases"
+            notes.append(
+                f"{counted(len(aliases), 'tied tensor')} written once, {whose} recorded in the metadata "
+                f"({ALIASES_KEY!r}, as safetensors' save_model does): {listing(pairs)}; ckpt reads "
+                "aliases back, plain safetensors.load_file returns only the kept name"
+            )
+    if max_shard is not None:
+        big = [n for n, r in tensors.items() if r.nbytes > max_shard and n not in aliases]
+        if big:
+            sizes = [f"{n} ({human_bytes(tensors[n].nbytes)})" for n in big]
+            which = "it" if len(big) == 1 else "each"
+            notes.append(
+                f"{counted(len(big), 'tensor')} {'is' if len(big) == 1 else 'are'} bigger than the "
+                f"shard size limit ({human_bytes(max_shard)}), so {which} got a shard of its own: "
+                f"{listing(sizes)}"
+            )
+    return notes
+
+
+def _storages_shared(tensors: Mapping[str, TensorRecord]) -> bool:
+    """True when two records read the same storage: the cheap test before looking for tied names."""
+    seen: set[Any] = set()
+    for rec in tensors.values():
+        storage = rec.storage
+        if storage is None:
+            continue
+        where = (storage.path, storage.offset) if storage.path is not None else id(storage)
+        if where in seen:
+            return True
+        seen.add(where)
+    return False
+
+
+def _write_single(payload: Any, options: WriteOptions, kind: str, verify_options: ReadOptions) -> Path:
+    from ..fileio.readback import checksumming_sources, reading_back
+    from .verify import verify_open_file
+
+    out = options.output
+    total = sum(r.nbytes for r in records(payload))
+    with (
+        atomic_output(out, force=options.force) as fh,
+        progress_bar(total, options.progress, f"writing {out.name}") as bar,
+    ):
+        sink = counting(fh, bar)
+        # verified outputs may copy big archive members without a CRC pass: verification checks them;
+        # a helper thread reads big spans back for their CRC and starts their writeback meanwhile,
+        # and another checksums big source spans that have no recorded CRC while they are copied
+        with (
+            vouched_copies() if options.verify else contextlib.nullcontext(),
+            reading_back(fh, checksum=options.verify),
+            checksumming_sources(),
+        ):
+            if kind == "safetensors":
+                from ..formats.safetensors import write as write_safetensors
+
+                write_safetensors(payload, sink, {"format": "pt"})
+            else:
+                from ..formats.torchzip import write as write_torchzip
+
+                write_torchzip(payload, sink, archive_name=_archive_name(out))
+        fh.flush()
+        if bar is not None:
+            bar.complete()  # the total is an estimate; verification follows
+        with _syncing(fh):
+            if options.verify:
+                verify_open_file(fh, payload, out, verify_options)
+    FD_CACHE.forget(out)  # the path now names the new file; cached descriptors see the old one
+    return out
+
+
+@contextlib.contextmanager
+def _syncing(fh: BinaryIO) -> Iterator[None]:
+    """fsync ``fh`` in a background thread while the body runs (verification reads the page cache
+    meanwhile), so atomic_output's own fsync finds nothing left to write. An error is re-raised.
+
+    Example:
+        >>> with _syncing(fh):                                        # doctest: +SKIP
+        ...     verify(...)
+    """
+    import threading
+
+    errors: list[OSError] = []
+
+    def run() -> None:
+        try:
+            os.fsync(fh.fileno())
+        except OSError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="ckpt-fsync", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _write_sharded(
+    tensors: dict[str, TensorRecord], options: WriteOptions, fmt: str, verify_options: ReadOptions
+) -> list[Path]:
+    from ..formats.sharded import write as write_shards
+
+    inputs = {r.storage.path.parent for r in tensors.values() if r.storage is not None and r.storage.path}
+    if options.output.is_dir() and any(_same_dir(options.output, p) for p in inputs):
+        raise OutputError(
+            f"{options.output}: holds the input's shards; write the new shards to another folder"
+        )
+
+    files = write_shards(
+        tensors,
+        options.output,
+        max_shard_bytes=options.max_shard_size or 1,
+        fmt=fmt,
+        force=options.force,
+        metadata={"format": "pt"},
+        read_back=options.verify,
+        progress=options.progress,
+    )
+    for f in files:
+        FD_CACHE.forget(f)
+    if options.verify:
+        from .verify import verify
+
+        try:
+            verify(options.output, tensors, read_options=verify_options)
+        except OutputError:
+            for f in files:
+                with contextlib.suppress(OSError):
+                    f.unlink()
+            raise
+    return files
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _archive_name(out: Path) -> str:
+    stem = out.name.split(".", 1)[0]
+    return stem if stem.isidentifier() else "archive"
