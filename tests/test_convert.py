@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import FIXTURES, REAL, assert_one_line_error, run_cli, sha256
 
+from ckptsurgeon.core.source import open_source
 from ckptsurgeon.errors import OutputError
 from ckptsurgeon.formats import open_checkpoint
-from ckptsurgeon.surgery.pipeline import WriteOptions, open_source, output_kind, write_checkpoint
+from ckptsurgeon.surgery.pipeline import WriteOptions, output_kind, write_checkpoint
 from ckptsurgeon.surgery.plan import make_plan, strip_prefix
 
 

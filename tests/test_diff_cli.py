@@ -348,7 +348,7 @@ def test_control_characters_in_names_cannot_forge_report_lines(tmp_path: Path) -
 
 @pytest.mark.parametrize("text", ["module.", "a b", "it's", "x\n\x1b[2K'\\y", "a\x85b", "nb\u00a0sp"])
 def test_suggested_names_are_quoted_so_bash_reads_them_back_exactly(text: str) -> None:
-    from ckptsurgeon.diffing.explain import shell_quote
+    from ckptsurgeon.core.report import shell_quote
 
     quoted = shell_quote(text)
     assert not [c for c in quoted if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0]  # one line, no escapes

@@ -233,7 +233,8 @@ def test_diff_of_an_adapter_against_its_base_says_what_it_is(adapters: dict[str,
 
 
 def test_diff_counts_target_modules_by_peft_names(adapters: dict[str, Any]) -> None:
-    from ckptsurgeon.formats.peft import adapter_modules, matched_modules
+    from ckptsurgeon.diffing.adapters import matched_modules
+    from ckptsurgeon.formats.peft import adapter_modules
 
     records = open_checkpoint(adapters["root"] / "llama").weights().tensors
     modules, whole = adapter_modules(records)

@@ -12,9 +12,10 @@ import torch
 from conftest import FIXTURES, REAL
 
 from ckptsurgeon.core.record import TensorRecord
+from ckptsurgeon.core.report import percent
 from ckptsurgeon.diffing.compare import compare
 from ckptsurgeon.diffing.diagnosis import KeyTransform, best_transform, candidate_prefixes, diagnose
-from ckptsurgeon.diffing.result import DiffResult, diff, percent
+from ckptsurgeon.diffing.result import DiffResult, diff
 
 _spec = importlib.util.spec_from_file_location("story_models", FIXTURES / "models.py")
 models = importlib.util.module_from_spec(_spec)

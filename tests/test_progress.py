@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import run_cli
 
+from ckptsurgeon.core.source import open_source
 from ckptsurgeon.fileio import progress
 from ckptsurgeon.fileio.progress import Bar, progress_bar, wants_bar
 from ckptsurgeon.formats import ReadOptions, open_checkpoint
@@ -17,7 +18,7 @@ from ckptsurgeon.formats import sharded as sharded_format
 from ckptsurgeon.formats.torchzip import open_zip, verify_crcs
 from ckptsurgeon.inspection import inspect
 from ckptsurgeon.pickling.scan import scan
-from ckptsurgeon.surgery.pipeline import WriteOptions, open_source, write_checkpoint
+from ckptsurgeon.surgery.pipeline import WriteOptions, write_checkpoint
 
 
 def save_model(tmp_path: Path, name: str = "src.pth") -> Path:

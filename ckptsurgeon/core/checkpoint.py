@@ -79,7 +79,7 @@ class AveragedCopy:
             >>> AveragedCopy("state_dict_ema", "an EMA copy").describe()
             "'state_dict_ema' is an EMA copy: --key state_dict_ema"
         """
-        from ..diffing.explain import shell_quote
+        from .report import shell_quote
 
         text = f"{self.key!r} is {self.saved_by}: --key {shell_quote(self.key)}"
         if self.training_key is not None:

@@ -7,6 +7,8 @@ itself through these helpers, so the table/markdown/json switch is written once.
 from __future__ import annotations
 
 import json
+import math
+import shlex
 from collections.abc import Sequence
 from typing import Any
 
@@ -113,3 +115,35 @@ def render_fields(pairs: Sequence[tuple[str, str]], fmt: str = "table") -> str:
 def dump_json(data: Any) -> str:
     """Stable, indented JSON (keys in insertion order, non-ASCII kept)."""
     return json.dumps(data, indent=2, ensure_ascii=False, default=str)
+
+
+def percent(part: int, whole: int) -> str:
+    """``36/38`` -> ``"94.7%"``; never rounds up to 100% or down to 0% when it is not.
+
+    Example:
+        >>> percent(36, 38), percent(0, 38), percent(38, 38), percent(1999, 2000)
+        ('94.7%', '0%', '100%', '99.9%')
+    """
+    if whole == 0 or part == whole:
+        return "100%"
+    if part == 0:
+        return "0%"
+    value = math.floor(1000 * part / whole) / 10
+    return f"{max(value, 0.1):.1f}%"
+
+
+def shell_quote(text: str) -> str:
+    """``text`` quoted for bash or zsh: as ``shlex.quote`` does, or, when it holds control
+    characters (a newline, a terminal escape), as ``$'...'`` with those escaped, so a suggested
+    command stays on one line and shows what it holds.
+
+    Example:
+        >>> shell_quote("module."), shell_quote("a b"), shell_quote("x\\n\\x1b[2K'")
+        ('module.', "'a b'", "$'x\\\\n\\\\x1b[2K\\\\''")
+    """
+    if text.isprintable():
+        return shlex.quote(text)
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'")
+    # bash reads $'\x85' as the byte 0x85; a C1 character is \u0085 (UTF-8 in a UTF-8 locale)
+    escaped = "".join(f"\\u{ord(c):04x}" if 0x80 <= ord(c) < 0xA0 else c for c in escaped)
+    return "$'" + printable(escaped) + "'"

@@ -15,8 +15,8 @@ from .checkpoint import resolve_key
 from .record import TensorRecord
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..surgery.pipeline import Source
     from ..surgery.plan import Plan
+    from .source import Source
 
 
 def rebuilt_tree(source: Source, tensors: dict[str, TensorRecord], plan: Plan | None = None) -> Any:

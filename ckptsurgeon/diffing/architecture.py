@@ -18,12 +18,10 @@ import importlib.util
 import re
 import socket
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import CkptError, TargetError
-from .target import Target, stat_error, target_from_module
 
 OPTIONAL_PACKAGES = {"torchvision": "torchvision", "timm": "timm", "transformers": "transformers"}
 # Modules whose callables run commands or touch files, never a model factory: refused outright.
@@ -55,12 +53,15 @@ REFUSED_MODULES = frozenset(
 _FILE_CALLEE = re.compile(r"(?P<path>[^\s(),=:'\"]+\.py):(?P<func>[A-Za-z_][\w.]*)\s*(?=\()")
 
 
-def build_architecture(spec: str) -> Target:
-    """Parse ``spec`` with :mod:`ast`, build the model on the meta device, and describe it.
+def build_module(spec: str) -> tuple[Any, tuple[str, ...]]:
+    """Parse ``spec`` with :mod:`ast` and build the model on the meta device (on the CPU, with a
+    note saying so, when its code reads tensor values): ``(module, notes)``.
+    :func:`~ckptsurgeon.diffing.target.resolve_target` describes it as a target.
 
     Example:
-        >>> build_architecture("torch.nn.Linear(4, 2)").shapes()        # doctest: +SKIP
-        {'weight': (2, 4), 'bias': (2,)}
+        >>> model, notes = build_module("torch.nn.Linear(4, 2)")        # doctest: +SKIP
+        >>> model.weight.device, notes                                  # doctest: +SKIP
+        (device(type='meta'), ())
     """
     source, files = _replace_file_callees(spec)
     try:
@@ -84,7 +85,7 @@ def build_architecture(spec: str) -> Target:
         notes = (note,)
     if not isinstance(model, torch.nn.Module):
         raise TargetError(f"{spec}: the call returned a {type(model).__name__}, not a torch.nn.Module")
-    return replace(target_from_module(model, spec, "architecture"), notes=notes)
+    return model, notes
 
 
 # Above this many bytes of tensors, a target that cannot be built on the meta device is not built
@@ -457,3 +458,24 @@ class _NetworkGuard:
         for owner, attr, original in reversed(self._saved):
             setattr(owner, attr, original)
         self._saved.clear()
+
+
+def stat_error(path: Path) -> str | None:
+    """None when ``path`` exists, else why not ("no such file or folder", "File name too long" ...):
+    a call expression longer than a file name may be must not crash the test for a path.
+
+    Example:
+        >>> stat_error(Path(".")), stat_error(Path("no/such")), stat_error(Path("a" * 300))
+        (None, 'no such file or folder', 'File name too long')
+        >>> stat_error(Path("a\\0b"))
+        'not a valid path'
+    """
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return "no such file or folder"
+    except OSError as exc:
+        return exc.strerror or exc.__class__.__name__
+    except ValueError:  # an embedded NUL byte
+        return "not a valid path"
+    return None

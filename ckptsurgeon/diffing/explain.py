@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 from ..core.coverage import DEFAULT_MIN_COVERAGE, enough
 from ..core.grouping import collapse
 from ..core.prefixes import KNOWN_WRAPPERS
-from ..core.report import printable
+from ..core.report import percent, shell_quote
 from .compare import Comparison, FilterIdiom, ShapeMismatch
 from .diagnosis import Diagnosis, Head, Vocabulary
 
@@ -251,7 +250,7 @@ def _low_coverage_sentence(d: Diagnosis, final: Comparison, min_coverage: float)
     after = " after the key fix" if d.improves else ""
     if final.loadable == 0:
         return f"Nothing loads{after}: is the file a checkpoint of this architecture?"
-    share = _percent(final.loadable, final.total)
+    share = percent(final.loadable, final.total)
     return (
         f"{final.loadable} of {final.total} loading{after} ({share}) is below "
         f"the {min_coverage:g}% minimum coverage: ckpt adapt and load_into refuse it (--min-coverage / "
@@ -273,7 +272,7 @@ def _alarm(c: Comparison, min_coverage: float = DEFAULT_MIN_COVERAGE) -> str | N
         what = "NOTHING WOULD LOAD"
     else:
         return (
-            f"ONLY {_percent(c.loadable, c.total)} WOULD LOAD: {c.loadable} of {c.total} target tensors are "
+            f"ONLY {percent(c.loadable, c.total)} WOULD LOAD: {c.loadable} of {c.total} target tensors are "
             f"in the file under the same name and shape, below the {min_coverage:g}% minimum coverage. "
             "Loaded with strict=False (or after a name filter), the rest of the model keeps its random "
             "weights, silently."
@@ -282,12 +281,6 @@ def _alarm(c: Comparison, min_coverage: float = DEFAULT_MIN_COVERAGE) -> str | N
         f"{what}: {c.loadable} of {c.total} target tensors are in the file under the same name and shape. "
         "Loaded with strict=False (or after a name filter), the model keeps its random weights, silently."
     )
-
-
-def _percent(part: int, whole: int) -> str:
-    from .result import percent
-
-    return percent(part, whole)
 
 
 # Keys with no place in the target that the step-by-step rename drops by name; beyond this, adapt only.
@@ -410,23 +403,6 @@ def _coverage_option(loads: int, total: int, min_coverage: float) -> str:
     if min_coverage >= DEFAULT_MIN_COVERAGE or enough(loads, total):
         return ""
     return f" --min-coverage {min_coverage:g}"
-
-
-def shell_quote(text: str) -> str:
-    """``text`` quoted for bash or zsh: as ``shlex.quote`` does, or, when it holds control
-    characters (a newline, a terminal escape), as ``$'...'`` with those escaped, so a suggested
-    command stays on one line and shows what it holds.
-
-    Example:
-        >>> shell_quote("module."), shell_quote("a b"), shell_quote("x\\n\\x1b[2K'")
-        ('module.', "'a b'", "$'x\\\\n\\\\x1b[2K\\\\''")
-    """
-    if text.isprintable():
-        return shlex.quote(text)
-    escaped = text.replace("\\", "\\\\").replace("'", "\\'")
-    # bash reads $'\x85' as the byte 0x85; a C1 character is \u0085 (UTF-8 in a UTF-8 locale)
-    escaped = "".join(f"\\u{ord(c):04x}" if 0x80 <= ord(c) < 0xA0 else c for c in escaped)
-    return "$'" + printable(escaped) + "'"
 
 
 def _output(source: str, tag: str) -> str:

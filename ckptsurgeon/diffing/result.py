@@ -10,7 +10,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.coverage import coverage_percent, enough, threshold
 from ..core.record import TensorRecord
+from ..core.report import percent
 from .compare import Comparison, DtypeDifference, ShapeMismatch, compare
 from .diagnosis import Diagnosis, diagnose
 from .explain import Explanation, explain
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..core.checkpoint import Checkpoint
     from ..formats import ReadOptions
 
-__all__ = ["Comparison", "DiffResult", "DtypeDifference", "ShapeMismatch", "diff", "percent"]
+__all__ = ["Comparison", "DiffResult", "DtypeDifference", "ShapeMismatch", "diff"]
 
 
 @dataclass(frozen=True)
@@ -149,21 +149,6 @@ class DiffResult:
         }
 
 
-def percent(part: int, whole: int) -> str:
-    """``36/38`` -> ``"94.7%"``; never rounds up to 100% or down to 0% when it is not.
-
-    Example:
-        >>> percent(36, 38), percent(0, 38), percent(38, 38), percent(1999, 2000)
-        ('94.7%', '0%', '100%', '99.9%')
-    """
-    if whole == 0 or part == whole:
-        return "100%"
-    if part == 0:
-        return "0%"
-    value = math.floor(1000 * part / whole) / 10
-    return f"{max(value, 0.1):.1f}%"
-
-
 def diff(
     source: str | Path | Checkpoint | Mapping[str, Any] | Any,
     target: str | Target | Mapping[str, Any] | Any,
@@ -198,7 +183,7 @@ def diff(
     target_spec = target if isinstance(target, str) else target_label
     explanation = explain(diagnosis, source_label, target_spec, key, threshold(min_coverage))
     if opened is not None and opened.format == "peft" and not comparison.ok:  # an adapter, not a checkpoint
-        from ..formats.peft import adapter_explanation
+        from .adapters import adapter_explanation
 
         explanation = adapter_explanation(
             explanation, opened, records, resolved.tensors, comparison.loadable, comparison.total

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.record import TensorRecord
 from ..errors import TargetError
+from .architecture import build_module, stat_error
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..formats import ReadOptions
@@ -70,30 +71,8 @@ def resolve_target(spec: str, read_options: ReadOptions | None = None, key: str 
         return _from_path(path, read_options, key)
     if key is not None:
         raise TargetError(f"{spec}: --target-key applies to a target checkpoint, not to an architecture")
-    from .architecture import build_architecture
-
-    return build_architecture(spec)
-
-
-def stat_error(path: Path) -> str | None:
-    """None when ``path`` exists, else why not ("no such file or folder", "File name too long" ...):
-    a call expression longer than a file name may be must not crash the test for a path.
-
-    Example:
-        >>> stat_error(Path(".")), stat_error(Path("no/such")), stat_error(Path("a" * 300))
-        (None, 'no such file or folder', 'File name too long')
-        >>> stat_error(Path("a\\0b"))
-        'not a valid path'
-    """
-    try:
-        path.stat()
-    except FileNotFoundError:
-        return "no such file or folder"
-    except OSError as exc:
-        return exc.strerror or exc.__class__.__name__
-    except ValueError:  # an embedded NUL byte
-        return "not a valid path"
-    return None
+    model, notes = build_module(spec)
+    return replace(target_from_module(model, spec, "architecture"), notes=notes)
 
 
 def target_from_module(model: Any, description: str = "model", kind: str = "architecture") -> Target:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -337,11 +338,35 @@ def _detect_directory(path: Path) -> str:
     for single in ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt"):
         if single in names:
             return "sharded"  # the sharded reader also opens a folder holding one weights file
-    from .peft import is_adapter_folder
-
     if is_adapter_folder(names, path):
         return "peft"
     raise folder_refusal(path, names)
+
+
+# A PEFT adapter folder (read by formats/peft.py): its config, and the weights beside it.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+MAX_ADAPTER_CONFIG_BYTES = 16 << 20  # a config is a few KiB; refuse to parse anything absurd
+
+
+def is_adapter_folder(names: Iterable[str], folder: Path) -> bool:
+    """Whether a folder holding ``names`` is a PEFT adapter: its ``adapter_config.json`` names a
+    ``peft_type`` (or, to report a damaged config, sits beside an ``adapter_model`` file).
+
+    Example:
+        >>> is_adapter_folder(["config.json", "model.safetensors"], Path("."))
+        False
+    """
+    names = set(names)
+    if ADAPTER_CONFIG not in names:
+        return False
+    if any(n in names for n in ADAPTER_WEIGHTS):
+        return True
+    try:
+        with open(folder / ADAPTER_CONFIG, "rb") as fh:
+            return b'"peft_type"' in fh.read(MAX_ADAPTER_CONFIG_BYTES)
+    except OSError:
+        return False
 
 
 # What a file inside a folder is named when it may be a checkpoint of its own.

@@ -11,26 +11,20 @@ is what ``diff`` says instead of its "nothing would load" alarm.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.checkpoint import Checkpoint
-from ..core.report import printable
 from ..errors import FormatError, InputError
-from . import ReadOptions, open_checkpoint
+from . import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_ADAPTER_CONFIG_BYTES, ReadOptions, open_checkpoint
 from .safetensors import DuplicateKeyError, no_duplicate_keys
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..core.record import TensorRecord
-    from ..diffing.explain import Explanation
+    pass
 
 FORMAT = "peft"
-CONFIG_NAME = "adapter_config.json"
-WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-MAX_CONFIG_BYTES = 16 << 20  # a config is a few KiB; refuse to parse anything absurd
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts in front of the base model's names
 
 # config field -> what it must hold; only these are recorded (in this order)
@@ -64,7 +58,7 @@ def read(path: Path, options: ReadOptions | None = None) -> Checkpoint:
         (8, 'peft')
     """
     folder = Path(path)
-    config = load_config(folder / CONFIG_NAME)
+    config = load_config(folder / ADAPTER_CONFIG)
     weights_file = _weights_file(folder)
     inner = open_checkpoint(weights_file, options)
     metadata = {**inner.metadata, **record_fields(config)}
@@ -76,40 +70,20 @@ def read(path: Path, options: ReadOptions | None = None) -> Checkpoint:
         file_size=inner.file_size,
         metadata=metadata,
         notes=[
-            f"{folder}: a PEFT adapter folder; opened {weights_file.name} and {CONFIG_NAME}",
+            f"{folder}: a PEFT adapter folder; opened {weights_file.name} and {ADAPTER_CONFIG}",
             *inner.notes,
         ],
         globals_used=inner.globals_used,
     )
 
 
-def is_adapter_folder(names: Iterable[str], folder: Path) -> bool:
-    """Whether a folder holding ``names`` is a PEFT adapter: its ``adapter_config.json`` names a
-    ``peft_type`` (or, to report a damaged config, sits beside an ``adapter_model`` file).
-
-    Example:
-        >>> is_adapter_folder(["config.json", "model.safetensors"], Path("."))
-        False
-    """
-    names = set(names)
-    if CONFIG_NAME not in names:
-        return False
-    if any(n in names for n in WEIGHT_NAMES):
-        return True
-    try:
-        with open(folder / CONFIG_NAME, "rb") as fh:
-            return b'"peft_type"' in fh.read(MAX_CONFIG_BYTES)
-    except OSError:
-        return False
-
-
 def _weights_file(folder: Path) -> Path:
-    for name in WEIGHT_NAMES:
+    for name in ADAPTER_WEIGHTS:
         if (folder / name).is_file():
             return folder / name
     raise InputError(
-        f"{folder}: a PEFT adapter folder ({CONFIG_NAME}) without its weights "
-        f"({' or '.join(WEIGHT_NAMES)}); download or save the adapter again"
+        f"{folder}: a PEFT adapter folder ({ADAPTER_CONFIG}) without its weights "
+        f"({' or '.join(ADAPTER_WEIGHTS)}); download or save the adapter again"
     )
 
 
@@ -122,11 +96,11 @@ def load_config(path: Path) -> dict[str, Any]:
     """
     try:
         with open(path, "rb") as fh:
-            data = fh.read(MAX_CONFIG_BYTES + 1)
+            data = fh.read(MAX_ADAPTER_CONFIG_BYTES + 1)
     except OSError as exc:
         raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise FormatError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB: not an adapter config")
+    if len(data) > MAX_ADAPTER_CONFIG_BYTES:
+        raise FormatError(f"{path}: larger than {MAX_ADAPTER_CONFIG_BYTES >> 20} MiB: not an adapter config")
     config = _parse_json(path, data)
     for name in FIELDS:
         if config.get(name) is not None:
@@ -311,74 +285,3 @@ def adapter_parts(names: Iterable[str]) -> list[str]:
         if part is not None:
             found[part] = None
     return list(found)
-
-
-def matched_modules(modules: Iterable[str], target_names: Iterable[str]) -> list[str]:
-    """The adapter's modules that the target holds: the same dotted path, or one that ends the
-    other's (``transformer.h.0.attn`` against a target built without ``transformer.``).
-
-    Example:
-        >>> matched_modules(["transformer.h.0.attn", "x.y"], ["h.0.attn.weight", "h.0.attn.bias"])
-        ['transformer.h.0.attn']
-    """
-    target_modules = {name.rsplit(".", 1)[0] for name in target_names if "." in name}
-    target_tails = {".".join(m.split(".")[i:]) for m in target_modules for i in range(len(m.split(".")))}
-    found = []
-    for module in modules:
-        parts = module.split(".")
-        if module in target_tails or any(".".join(parts[i:]) in target_modules for i in range(len(parts))):
-            found.append(module)
-    return found
-
-
-def adapter_explanation(
-    explanation: Explanation,
-    ckpt: Checkpoint,
-    records: Mapping[str, TensorRecord],
-    target: Iterable[str],
-    loadable: int,
-    total: int,
-) -> Explanation:
-    """What ``diff`` says for an adapter folder instead of "nothing would load": what it is, for
-    which base model, how many of the target's modules it updates, and how to use it.
-
-    Example:
-        >>> e = adapter_explanation(explanation, ckpt, records, target_names)   # doctest: +SKIP
-        >>> e.alarm                                                            # doctest: +SKIP
-        'This is a LoRA adapter for gpt2, not a full checkpoint: ...'
-    """
-    config = adapter_config(ckpt.metadata)
-    modules, whole = adapter_modules(records)
-    parts = adapter_parts(records)
-    target_names = list(target)
-    matched = matched_modules(modules, target_names)
-    base = config.get("base_model_name_or_path")
-    name = kind(config)
-    article = "an" if name[:1].upper() in "AEIOU" else "a"
-    alarm = (
-        f"This is {article} {name} adapter for {base or 'a base model it does not name'}, not a full "
-        f"checkpoint: its {len(records)} tensors update {len(modules)} modules of the base model, "
-        f"{len(matched)} of which are in the target (matched by stripping `{PEFT_PREFIX}` and "
-        f"{_names(['`.' + p + '`' for p in parts], 4) or 'the adapter parts'})"
-        + (f", and store {len(whole)} whole ({_names(whole)})" if whole else "")
-        + ". Load the base model's weights, then the adapter with peft "
-        f"(PeftModel.from_pretrained(model, {str(ckpt.path)!r})), or merge it into the base weights "
-        "(peft's merge_and_unload(); a `ckpt merge-lora` command is planned)."
-    )
-    message = (
-        f"As saved: {loadable} of {total} would load: the file holds an adapter's tensors, "
-        "not the model's weights; diff the base model's own checkpoint to check that it loads."
-    )
-    # the config's names and the path may hold anything: escaped, as the report escapes the file's keys
-    return dataclasses.replace(
-        explanation,
-        message=message,
-        alarm=printable(alarm),
-        filter_idiom="",
-        fix_commands=(),
-        proposal_commands=(),
-    )
-
-
-def _names(names: list[str], limit: int = 3) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")

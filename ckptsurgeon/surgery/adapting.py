@@ -71,7 +71,7 @@ class LoadReport:
 
     @property
     def headline(self) -> str:
-        from ..diffing.result import percent
+        from ..core.report import percent
 
         loaded = len(self.loaded)
         noun = "target tensor loads" if self.total == 1 else "target tensors load"
@@ -245,7 +245,7 @@ class Adaptation:
         """
         if self.accepted:
             return None
-        from ..diffing.result import percent
+        from ..core.report import percent
 
         report, loaded = self.report, len(self.report.loaded)
         if loaded:

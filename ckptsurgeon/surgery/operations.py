@@ -18,10 +18,11 @@ from pathlib import Path
 
 from ..core.coverage import DEFAULT_MIN_COVERAGE
 from ..core.report import format_shape
+from ..core.source import Source, open_source
 from ..core.trees import has_unread_values, optimizer_entries
 from ..errors import LoadError, OutputError, SurgeryError
 from ..formats import ReadOptions
-from .pipeline import Source, WriteOptions, counted, listing, open_source, output_kind, write_checkpoint
+from .pipeline import WriteOptions, counted, listing, output_kind, write_checkpoint
 from .plan import Plan, Step, drop_names, head_plan, make_plan
 from .plan import add_prefix as _add_prefix
 from .plan import drop as _drop

@@ -18,46 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..core.checkpoint import Checkpoint, StateDictCandidate
 from ..core.record import TensorRecord
 from ..core.report import human_bytes, printable
+from ..core.source import Source
 from ..core.trees import dropped_entries, has_unread_values, rebuilt_tree, records, weights_payload
 from ..errors import OutputError, SurgeryError
 from ..fileio.progress import counting, progress_bar
 from ..fileio.spans import FD_CACHE, vouched_copies
 from ..fileio.writing import atomic_output, refuse_special_file
-from ..formats import ReadOptions, open_checkpoint
+from ..formats import ReadOptions
 from .plan import Plan
 
 PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 LISTED = 5  # names listed in a note before "..."
-
-
-@dataclass(frozen=True)
-class Source:
-    """An opened checkpoint, the weights chosen in it, and how it was read (``read_options``:
-    the globals it was allowed, which verification of an output then allows too)."""
-
-    checkpoint: Checkpoint
-    weights: StateDictCandidate
-    read_options: ReadOptions = field(default_factory=ReadOptions)
-
-    @property
-    def verify_options(self) -> ReadOptions:
-        """How to reopen an output to verify it: the source's ``--allow-global`` classes (the
-        output holds them as they were read), never full trust.
-
-        Example:
-            >>> read = ReadOptions(allow_globals=frozenset({"mylib.Config"}), unsafe=True)
-            >>> checking = Source(None, None, read).verify_options
-            >>> checking.allow_globals, checking.unsafe
-            (frozenset({'mylib.Config'}), False)
-        """
-        return ReadOptions(allow_globals=self.read_options.allow_globals)
-
-    @property
-    def tensors(self) -> dict[str, TensorRecord]:
-        return self.weights.tensors
 
 
 @dataclass(frozen=True)
@@ -124,21 +97,6 @@ def listing(names: list[str], limit: int = LISTED) -> str:
         'a, b, ...'
     """
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
-
-
-# -- opening ----------------------------------------------------------------------------------
-def open_source(
-    path: str | os.PathLike[str], key: str | None = None, read_options: ReadOptions | None = None
-) -> Source:
-    """Open any checkpoint and choose its weights (``key``: a dotted entry, else the default).
-
-    Example:
-        >>> src = open_source("fixtures/resnet_dp_6.pth")
-        >>> src.weights.key, len(src.tensors)
-        ('', 122)
-    """
-    ckpt = open_checkpoint(path, read_options)
-    return Source(ckpt, ckpt.weights(key), read_options or ReadOptions())
 
 
 # -- choosing the output ----------------------------------------------------------------------
