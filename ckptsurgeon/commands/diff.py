@@ -58,12 +58,11 @@ def COMMAND(
       ckpt diff model.pth 'torchvision.models.resnet50(num_classes=2)' --format json
       ckpt diff last.ckpt other.safetensors --key state_dict --min-coverage 90
     """
-    from ..diffing.render import render
     from ..diffing.result import diff
 
     options = make_read_options(allow_globals, unsafe, target=True)
     result = diff(
         source, target, key=key, read_options=options, target_key=target_key, min_coverage=min_coverage
     )
-    click.echo(render(result, output_format, verbose=verbose), nl=False)
+    click.echo(result.render(output_format, verbose=verbose), nl=False)
     raise click.exceptions.Exit(0 if result.passes() else 1)

@@ -1,4 +1,6 @@
-"""Render a :class:`~ckptsurgeon.diffing.result.DiffResult` as a table, markdown or JSON.
+"""The human report of a diff (table or markdown), from its parts: a header (the two sides and the
+headline), the comparison, the diagnosis and its explanation. ``DiffResult.render`` calls it;
+``DiffResult.to_json`` is the JSON.
 
 By default the lists are grouped and collapsed (``layer{1..4}.*.bn1.weight``,
 ``conv1.{bias,weight}``) and matched keys are only counted: a short summary, not a
@@ -8,116 +10,75 @@ per-key log. ``verbose`` lists every key of the four lists, one per row.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-from ..core.coverage import threshold
 from ..core.grouping import collapse, natural_key, natural_sorted
-from ..core.report import dump_json, format_shape, printable, render_table
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .result import DiffResult
+from ..core.report import format_shape, printable, render_table
+from .compare import Comparison
+from .diagnosis import Diagnosis
+from .explain import Explanation
 
 HEADERS = ("status", "count", "keys", "file → target")
 
 
-def render(result: DiffResult, fmt: str = "table", verbose: bool = False) -> str:
-    """The report in ``fmt`` ("table", "markdown" or "json").
+@dataclass(frozen=True)
+class DiffHeader:
+    """What the report's header says: the file, the target, and the headline."""
+
+    source: str
+    source_key: str | None
+    source_count: int
+    target: str
+    target_kind: str
+    target_notes: tuple[str, ...]
+    headline: str
+
+
+def render_text(
+    header: DiffHeader,
+    comparison: Comparison,
+    diagnosis: Diagnosis,
+    explanation: Explanation,
+    fmt: str = "table",
+    verbose: bool = False,
+) -> str:
+    """The human report (``fmt`` "table" or "markdown"): header, headline, alarm, the lists, the
+    diagnosis and the fix.
 
     Example:
-        >>> print(render(diff(sd, "models.py:build(num_classes=2)")))     # doctest: +SKIP
+        >>> print(diff(sd, "models.py:build(num_classes=2)").render())     # doctest: +SKIP
     """
-    if fmt == "json":
-        return dump_json(to_json(result))
-    return render_text(result, fmt, verbose)
-
-
-def to_json(result: DiffResult) -> dict[str, Any]:
-    """The documented JSON shape (see docs/diff-json.md).
-
-    Example:
-        >>> to_json(result)["status"]                                       # doctest: +SKIP
-        'mismatch'
-    """
-    d, e = result.diagnosis, result.explanation
-    mismatched = sorted(result.shape_mismatched, key=lambda m: natural_key(m.name))
-    return {
-        "status": result.comparison.status,
-        "passes": result.passes(),
-        "min_coverage": threshold(result.min_coverage),
-        "headline": result.headline,
-        "source": {"path": result.source, "key": result.source_key, "tensors": result.source_count},
-        "target": {
-            "spec": result.target,
-            "kind": result.target_kind,
-            "notes": list(result.target_notes),
-            "tensors": len(result.matched)
-            + len(result.missing)
-            + len(result.shape_mismatched)
-            + len(result.tied),
-        },
-        "summary": result.summary(),
-        "matched": natural_sorted(result.matched),
-        "missing": natural_sorted(result.missing),
-        "unexpected": natural_sorted(result.unexpected),
-        "shape_mismatched": [m.to_dict() for m in mismatched],
-        "dtype_differences": [
-            x.to_dict() for x in sorted(result.dtype_differences, key=lambda x: natural_key(x.name))
-        ],
-        "tied": [{"name": alias, "tied_to": held} for alias, held in result.tied.items()],
-        "diagnosis": {
-            "message": e.message,
-            "alarm": e.alarm,
-            "transform": None if d.transform.is_identity else d.transform.to_dict(),
-            "loads_after_transform": d.loads_after,
-            "after_transform": d.after.counts(),
-            "head": d.head.to_dict() if d.head else None,
-            "vocabulary": d.vocabulary.to_dict() if d.vocabulary else None,
-            "filter_idiom": {
-                "message": e.filter_idiom,
-                "as_saved": d.filter_as_saved.to_dict(),
-                "after_transform": d.filter_after.to_dict(),
-            },
-            "proposed_mapping": [{"source": s, "target": t} for s, t in d.proposed_mapping],
-            "ambiguous": list(d.ambiguous),
-            "drop": list(d.drop),
-            "extra": list(d.extra),
-            "fix_commands": list(e.fix_commands),
-            "proposal_commands": list(e.proposal_commands),
-        },
-    }
-
-
-def render_text(result: DiffResult, fmt: str = "table", verbose: bool = False) -> str:
-    """The human report: header, headline, alarm, the lists, the diagnosis and the fix."""
     md = fmt == "markdown"
-    parts = [_header(result, md)]
-    alarm = result.explanation.alarm
+    parts = [_header(header, comparison, md)]
+    alarm = explanation.alarm
     if alarm:
         parts.append(f"> **{alarm}**" if md else f"!! {alarm}")
-    parts.append(_table(_rows(result, verbose), fmt, verbose))
-    parts.append(_diagnosis(result, md))
-    commands = result.explanation.fix_commands
+    parts.append(_table(_rows(comparison, verbose), fmt, verbose))
+    parts.append(_diagnosis(diagnosis, explanation, md))
+    commands = explanation.fix_commands
     if commands:
         parts.append(_fix(commands, md))
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
-def _header(result: DiffResult, md: bool) -> str:
-    key = f", key {result.source_key!r}" if result.source_key else ""
+def _header(header: DiffHeader, comparison: Comparison, md: bool) -> str:
+    key = f", key {header.source_key!r}" if header.source_key else ""
+    target_tensors = comparison.total + len(comparison.tied)
     fields = [
-        ("Source", result.source, f"{result.source_count} tensors{key}"),
-        ("Target", result.target, f"{result.target_kind}, {result.total + len(result.tied)} tensors"),
+        ("Source", header.source, f"{header.source_count} tensors{key}"),
+        ("Target", header.target, f"{header.target_kind}, {target_tensors} tensors"),
     ]
-    notes = "".join(f"\nnote: {printable(note)}" for note in result.target_notes)
+    notes = "".join(f"\nnote: {printable(note)}" for note in header.target_notes)
     if md:
         head = "  \n".join(f"**{label}:** `{value}` ({detail})" for label, value, detail in fields)
-        return f"{head}{notes}\n\n**{result.headline}** ({_tally(result)})"
+        return f"{head}{notes}\n\n**{header.headline}** ({_tally(comparison)})"
     head = "\n".join(f"{label + ':':<7} {value} ({detail})" for label, value, detail in fields)
-    return f"{head}{notes}\n\n{result.headline} ({_tally(result)})"
+    return f"{head}{notes}\n\n{header.headline} ({_tally(comparison)})"
 
 
-def _tally(result: DiffResult) -> str:
-    counts = result.comparison.counts()
+def _tally(comparison: Comparison) -> str:
+    counts = comparison.counts()
     shown = ["matched", "missing", "unexpected", "shape_mismatched"]
     shown += [k for k in ("tied", "dtype_differences") if counts[k]]
     return ", ".join(f"{counts[k]} {k.replace('_', '-')}" for k in shown)
@@ -131,16 +92,16 @@ def _table(rows: list[tuple[str, str, str, str]], fmt: str, verbose: bool) -> st
     return render_table([HEADERS[i] for i in columns], [[row[i] for i in columns] for row in rows], fmt)
 
 
-def _rows(result: DiffResult, verbose: bool) -> list[tuple[str, str, str, str]]:
-    mismatch = {m.name: m for m in result.shape_mismatched}
+def _rows(comparison: Comparison, verbose: bool) -> list[tuple[str, str, str, str]]:
+    mismatch = {m.name: m for m in comparison.shape_mismatched}
     lists: list[tuple[str, Sequence[str]]] = [
-        ("missing", result.missing),
-        ("unexpected", result.unexpected),
+        ("missing", comparison.missing),
+        ("unexpected", comparison.unexpected),
         ("shape-mismatched", list(mismatch)),
     ]
     if verbose:
-        lists.insert(0, ("matched", result.matched))
-    lists.append(("tied", list(result.tied)))  # strict loading raises on them: always shown
+        lists.insert(0, ("matched", comparison.matched))
+    lists.append(("tied", list(comparison.tied)))  # strict loading raises on them: always shown
     rows: list[tuple[str, str, str, str]] = []
     for status, names in lists:
         rows += _status_rows(status, names, verbose, _shapes_of(mismatch))
@@ -170,13 +131,12 @@ def _status_rows(
     return rows
 
 
-def _diagnosis(result: DiffResult, md: bool) -> str:
-    e = result.explanation
+def _diagnosis(diagnosis: Diagnosis, e: Explanation, md: bool) -> str:
     message = printable(e.message)  # it quotes the file's keys and prefixes, which may hold anything
     lines = [f"**Diagnosis:** {message}" if md else f"Diagnosis: {message}"]
     if e.filter_idiom:
         lines.append(printable(e.filter_idiom))
-    proposal = result.diagnosis.proposed_mapping
+    proposal = diagnosis.proposed_mapping
     if proposal:
         rows = [(s, t) for s, t in sorted(proposal, key=lambda p: natural_key(p[1]))]
         table = render_table(("file key (proposed)", "target key"), rows, "markdown" if md else "table")

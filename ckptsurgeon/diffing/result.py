@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.coverage import coverage_percent, enough, threshold
+from ..core.grouping import natural_key, natural_sorted
 from ..core.record import TensorRecord
-from ..core.report import percent
+from ..core.report import dump_json, percent
 from .compare import Comparison, DtypeDifference, ShapeMismatch, compare
 from .diagnosis import Diagnosis, diagnose
 from .explain import Explanation, explain
+from .render import DiffHeader, render_text
 from .target import Target, resolve_target, target_from_module, target_from_records
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -129,15 +131,68 @@ class DiffResult:
 
     def render(self, fmt: str = "table", verbose: bool = False) -> str:
         """The report as ``ckpt diff`` prints it: ``table``, ``markdown`` or ``json``."""
-        from .render import render
-
-        return render(self, fmt, verbose)
+        if fmt == "json":
+            return dump_json(self.to_json())
+        header = DiffHeader(
+            self.source,
+            self.source_key,
+            self.source_count,
+            self.target,
+            self.target_kind,
+            self.target_notes,
+            self.headline,
+        )
+        return render_text(header, self.comparison, self.diagnosis, self.explanation, fmt, verbose)
 
     def to_json(self) -> dict[str, Any]:
         """The documented JSON object (README, "The JSON shape of ckpt diff")."""
-        from .render import to_json
-
-        return to_json(self)
+        d, e = self.diagnosis, self.explanation
+        mismatched = sorted(self.shape_mismatched, key=lambda m: natural_key(m.name))
+        return {
+            "status": self.comparison.status,
+            "passes": self.passes(),
+            "min_coverage": threshold(self.min_coverage),
+            "headline": self.headline,
+            "source": {"path": self.source, "key": self.source_key, "tensors": self.source_count},
+            "target": {
+                "spec": self.target,
+                "kind": self.target_kind,
+                "notes": list(self.target_notes),
+                "tensors": len(self.matched)
+                + len(self.missing)
+                + len(self.shape_mismatched)
+                + len(self.tied),
+            },
+            "summary": self.summary(),
+            "matched": natural_sorted(self.matched),
+            "missing": natural_sorted(self.missing),
+            "unexpected": natural_sorted(self.unexpected),
+            "shape_mismatched": [m.to_dict() for m in mismatched],
+            "dtype_differences": [
+                x.to_dict() for x in sorted(self.dtype_differences, key=lambda x: natural_key(x.name))
+            ],
+            "tied": [{"name": alias, "tied_to": held} for alias, held in self.tied.items()],
+            "diagnosis": {
+                "message": e.message,
+                "alarm": e.alarm,
+                "transform": None if d.transform.is_identity else d.transform.to_dict(),
+                "loads_after_transform": d.loads_after,
+                "after_transform": d.after.counts(),
+                "head": d.head.to_dict() if d.head else None,
+                "vocabulary": d.vocabulary.to_dict() if d.vocabulary else None,
+                "filter_idiom": {
+                    "message": e.filter_idiom,
+                    "as_saved": d.filter_as_saved.to_dict(),
+                    "after_transform": d.filter_after.to_dict(),
+                },
+                "proposed_mapping": [{"source": s, "target": t} for s, t in d.proposed_mapping],
+                "ambiguous": list(d.ambiguous),
+                "drop": list(d.drop),
+                "extra": list(d.extra),
+                "fix_commands": list(e.fix_commands),
+                "proposal_commands": list(e.proposal_commands),
+            },
+        }
 
     def summary(self) -> dict[str, Any]:
         """Counts, as in the JSON ``summary``."""
