@@ -474,6 +474,17 @@ def _hostile(b: _Builder) -> None:
         suffix="",
         fragment=fragment,
     )
+    # 2,000 distinct globals: the refusal names 20 of them and counts the rest, on one line
+    # (tests/test_pickle_bounds.py scans 200,000, which took time quadratic in their number)
+    many = b"(" + b"".join(glob(f"m{i}", "x") + b"0" for i in range(2_000)) + b"N"
+    b.add(
+        "zip_many_distinct_globals",
+        torch_zip_bytes(state_dict_pickle(("a.weight", tensor_expr()), ("x", many))),
+        "hostile",
+        UNSAFE,
+        fragment="m19.x and 1,980 more",
+        scan_fragment="m1999.x",
+    )
     user = state_dict_pickle(
         ("a.weight", tensor_expr()), ("config", call(glob("mytrainer.config", "TrainConfig")))
     )

@@ -152,3 +152,18 @@ def test_bounded_repr_never_builds_the_whole_string() -> None:
     assert bounded_repr(10**5000) == "an integer of 16,610 bits"
     assert bounded_repr(deep(100_000), 30).startswith("[[[[")
     assert bounded_repr("a" * 10**6, 10) == "'aaaaaaaa…"
+
+
+def test_a_scan_of_many_distinct_globals_is_linear() -> None:
+    """200,000 distinct globals (2.3 MB) were listed with a membership test on a list: about
+    400 s here, time quadratic in their number. A set makes it linear (about 1 s); the
+    subprocess's timeout is the bound, at sixty times that."""
+    import subprocess
+    import sys
+
+    code = (
+        "from ckptsurgeon.pickling.globalscan import scan_globals\n"
+        "data = b'\\x80\\x02(' + b''.join(b'cm%d\\nx\\n0' % i for i in range(200_000)) + b'N.'\n"
+        "assert len(scan_globals(data).globals) == 200_000\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)

@@ -13,7 +13,6 @@ placeholder.
 from __future__ import annotations
 
 import dataclasses
-import pickletools
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -22,10 +21,11 @@ from ..core.bounds import MAX_DEPTH, bounded_repr
 from ..core.checkpoint import Checkpoint
 from ..core.record import TensorRecord
 from ..errors import FormatError, InputError, UnsafeCheckpointError
+from ..pickling.globalscan import scan_globals
+from ..pickling.pickles import PickleError
 from . import ReadOptions
 from ._dcpchunk import read_chunk
-from ._dcpmeta import DcpMetadata, DcpTensor, read_metadata
-from ._dcpmeta import is_allowed as is_allowed
+from ._dcpmeta import DcpMetadata, DcpTensor, is_allowed, read_metadata
 
 FORMAT = "dcp"
 METADATA_FILE = ".metadata"
@@ -52,19 +52,6 @@ class NotLoaded:
 
 
 BYTES_PLACEHOLDER = NotLoaded("DCP bytes entry")
-_STRING_OPS = frozenset(
-    {
-        "SHORT_BINUNICODE",
-        "BINUNICODE",
-        "BINUNICODE8",
-        "UNICODE",
-        "SHORT_BINSTRING",
-        "BINSTRING",
-        "STRING",
-    }
-)
-_NEUTRAL_OPS = frozenset({"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "FRAME", "PROTO"})
-_REFUSED_OPS = frozenset({"EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID"})
 
 
 def read(path: Path, options: ReadOptions | None = None) -> Checkpoint:
@@ -99,47 +86,14 @@ def read(path: Path, options: ReadOptions | None = None) -> Checkpoint:
 
 
 # -- the pickle scan -------------------------------------------------------------------------
-def pickle_globals(data: bytes, where: str) -> list[str]:
-    """Every global (``module.name``) a pickle would import, found without executing it.
-
-    A ``STACK_GLOBAL`` whose operands are not plain strings is reported as
-    ``<unresolvable STACK_GLOBAL>`` (so it is refused), as are extension codes and persistent ids.
-
-    Example:
-        >>> import pickle, collections
-        >>> pickle_globals(pickle.dumps(collections.OrderedDict()), "x")
-        ['collections.OrderedDict']
-    """
-    found: list[str] = []
-    memo: dict[int, str | None] = {}
-    pushed: list[str | None] = []  # what the last ops pushed, None when not a known string
+def _metadata_globals(meta_file: Path) -> list[str]:
+    """Every global ``.metadata`` would import (the one scanner ``ckpt scan`` uses, executing
+    nothing), and its persistent ids, which DCP metadata never holds, named so they are refused."""
     try:
-        for op, arg, _pos in pickletools.genops(data):
-            name = op.name
-            if name in _STRING_OPS:
-                pushed.append(arg if isinstance(arg, str) else None)
-            elif name in ("GET", "BINGET", "LONG_BINGET"):
-                pushed.append(memo.get(arg))
-            elif name == "MEMOIZE":
-                memo[len(memo)] = pushed[-1] if pushed else None
-            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[arg] = pushed[-1] if pushed else None
-            elif name in ("GLOBAL", "INST"):
-                found.append(".".join(str(arg).split(" ", 1)))
-                pushed.append(None)
-            elif name == "STACK_GLOBAL":
-                module, attr = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else (None, None)
-                found.append(f"{module}.{attr}" if module and attr else "<unresolvable STACK_GLOBAL>")
-                pushed.append(None)
-            elif name in _REFUSED_OPS:
-                found.append(f"<pickle opcode {name}>")
-            elif name not in _NEUTRAL_OPS:
-                pushed.append(None)
-    except (ValueError, IndexError, UnicodeDecodeError) as exc:
-        raise FormatError(
-            f"{where}: not a valid pickle ({exc}); the checkpoint is damaged, fetch it again"
-        ) from None
-    return list(dict.fromkeys(found))
+        found = scan_globals(meta_file.read_bytes())
+    except PickleError as exc:
+        raise FormatError(f"{meta_file}: not a valid pickle ({exc}); the checkpoint is damaged") from None
+    return found.globals + [f"<persistent id {kind}>" for kind in dict.fromkeys(found.persistent_kinds)]
 
 
 def scan_metadata(meta_file: Path, options: ReadOptions) -> list[str]:
@@ -149,7 +103,7 @@ def scan_metadata(meta_file: Path, options: ReadOptions) -> list[str]:
         >>> scan_metadata(Path("ckpt/.metadata"), ReadOptions())  # doctest: +SKIP
         ['torch.distributed.checkpoint.metadata.Metadata', 'torch.Size', ...]
     """
-    used = pickle_globals(meta_file.read_bytes(), str(meta_file))
+    used = _metadata_globals(meta_file)
     if options.unsafe:
         return used
     # --allow-global is not honoured here: torch unpickles .metadata with full trust, so an

@@ -74,6 +74,7 @@ class _ScanState:
         self.recent: list[Any] = []  # values pushed, as far as a scan can know them (None = unknown)
         self.mark_heads: list[Any] = []  # first string after each open MARK
         self.last_head: Any = None
+        self.seen: set[str] = set()  # the globals found, for a constant-time "already listed?"
 
     def step(self, name: str, arg: Any) -> None:
         recent = self.recent
@@ -128,5 +129,6 @@ class _ScanState:
 
     def _add(self, module: str, name: str) -> None:
         full = f"{module}.{name}"
-        if full not in self.found.globals:
+        if full not in self.seen:
+            self.seen.add(full)
             self.found.globals.append(full)

@@ -184,6 +184,10 @@ def _unsafe_reason(name: str) -> str:
     return "a class or function not on the allowlist: can run code"
 
 
+# A refusal names this many blocked globals, then how many more (the exception keeps them all).
+MAX_NAMED = 20
+
+
 def refusal(path: Any, blocked: list[str], *, model: bool = False) -> UnsafeCheckpointError:
     """The one-line error for a pickle that names ``blocked`` globals.
 
@@ -191,7 +195,8 @@ def refusal(path: Any, blocked: list[str], *, model: bool = False) -> UnsafeChec
         >>> refusal("x.pth", ["builtins.exec", "os.system"]).message.split(";")[0]
         'x.pth: refusing to load: the pickle imports builtins.exec, os.system, which can run code'
     """
-    names = ", ".join(blocked)
+    shown = blocked[:MAX_NAMED]
+    names = ", ".join(shown) + (f" and {len(blocked) - len(shown):,} more" if len(blocked) > len(shown) else "")
     if model:
         return UnsafeCheckpointError(
             f"{path}: this file is a whole pickled model object, not a state dict (it imports {names}); "
