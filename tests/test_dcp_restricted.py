@@ -14,7 +14,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 
 from ckptsurgeon.core.record import tensor_to_bytes
-from ckptsurgeon.core.trees import records
+from ckptsurgeon.core.walk import records
 from ckptsurgeon.errors import FormatError
 from ckptsurgeon.formats import open_checkpoint
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckptsurgeon.core.trees import records
+from ckptsurgeon.core.walk import records
 from ckptsurgeon.formats import open_checkpoint
 
 

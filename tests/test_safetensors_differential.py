@@ -266,7 +266,7 @@ def test_a_header_after_whitespace_is_detected_as_the_reference_reads_it(
     the reader) must take it, whatever the file is called."""
     import torch
 
-    from ckptsurgeon.core.trees import records
+    from ckptsurgeon.core.walk import records
     from ckptsurgeon.formats import open_checkpoint
 
     text = before + json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()

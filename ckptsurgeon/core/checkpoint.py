@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import KeySelectionError
 from .bounds import bounded_repr
 from .record import TensorRecord
+from .walk import named_records
 
 # Entries that usually hold the model's weights, most likely first.
 WEIGHT_KEYS = (
@@ -156,7 +157,7 @@ class Checkpoint:
             raise KeySelectionError(f"{self.path}: no entry {key!r}; entries that hold tensors: {available}")
         if isinstance(node, TensorRecord):
             return StateDictCandidate(key, {key.rsplit(".", 1)[-1]: node.renamed(key.rsplit(".", 1)[-1])})
-        tensors = dict(_flatten(node, "")) if isinstance(node, Mapping | list | tuple) else {}
+        tensors = dict(named_records(node)) if isinstance(node, Mapping | list | tuple) else {}
         if not tensors:
             raise KeySelectionError(f"{self.path}: entry {key!r} holds no tensors")
         return StateDictCandidate(key, tensors)
@@ -199,7 +200,7 @@ class Checkpoint:
             key = str(raw_key)
             if weights_key == "" and isinstance(value, TensorRecord):
                 continue  # one of the weights themselves, listed in the tensor table
-            records = [r for _, r in _flatten(value, "")]
+            records = [r for _, r in named_records(value)]
             if key == chosen_root:
                 kind = "weights"
             elif any(m in key.lower() for m in ("optim",)):
@@ -304,7 +305,7 @@ def _is_state_dict(node: Any) -> bool:
 
 def _find_candidates(node: Any, path: str) -> Iterator[StateDictCandidate]:
     if _is_state_dict(node):
-        yield StateDictCandidate(path, dict(_flatten(node, "")))
+        yield StateDictCandidate(path, dict(named_records(node)))
         return
     if isinstance(node, Mapping):
         # a state dict saved beside plain values ({"fc.weight": t, "epoch": 3}): its tensors count
@@ -320,21 +321,6 @@ def _find_candidates(node: Any, path: str) -> Iterator[StateDictCandidate]:
         return
     for k, v in children:
         yield from _find_candidates(v, f"{path}.{k}" if path else k)
-
-
-def _flatten(node: Any, prefix: str) -> Iterator[tuple[str, TensorRecord]]:
-    """Every record below ``node`` with its dotted name, named accordingly."""
-    if isinstance(node, TensorRecord):
-        yield prefix, node.renamed(prefix)
-        return
-    if isinstance(node, Mapping):
-        items = ((str(k), v) for k, v in node.items())
-    elif isinstance(node, list | tuple):
-        items = ((str(i), v) for i, v in enumerate(node))
-    else:
-        return
-    for k, v in items:
-        yield from _flatten(v, f"{prefix}.{k}" if prefix else k)
 
 
 def short_repr(value: Any, limit: int = 60) -> str:

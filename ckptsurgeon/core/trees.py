@@ -1,18 +1,17 @@
-"""The checkpoint tree around the weights: rebuilt with new weights, walked leaf by leaf.
+"""The checkpoint tree around the weights, rebuilt with new weights.
 
 A ``.pth`` rewrite keeps everything a training checkpoint holds besides the weights
 (epoch, optimizer, hyper-parameters) and the nesting exactly as it was; only the chosen
-weights entry is replaced. :func:`leaves` is the one walk over a tree that verification
-and the writers share.
+weights entry is replaced. The walk over a tree is :mod:`ckptsurgeon.core.walk`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import resolve_key
 from .record import TensorRecord
+from .walk import leaves
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..surgery.plan import Plan
@@ -145,34 +144,3 @@ def has_unread_values(source: Source) -> bool:
     from ..formats.dcp import NotLoaded
 
     return any(isinstance(leaf, NotLoaded) for _path, leaf in leaves(source.checkpoint.tree))
-
-
-# -- walking ----------------------------------------------------------------------------------
-def leaves(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
-    """Every leaf of a tree of dicts, lists and tuples, with its path of keys (as strings).
-
-    Example:
-        >>> list(leaves({"a": [1, 2], "b": 3}))
-        [(('a', '0'), 1), (('a', '1'), 2), (('b',), 3)]
-    """
-    if isinstance(node, TensorRecord) or not isinstance(node, dict | list | tuple):
-        yield path, node
-        return
-    items = node.items() if isinstance(node, dict) else enumerate(node)
-    for k, v in items:
-        if isinstance(v, TensorRecord):  # most leaves: no generator of their own
-            yield (*path, str(k)), v
-        else:
-            yield from leaves(v, (*path, str(k)))
-
-
-def records(node: Any) -> Iterator[TensorRecord]:
-    """The tensor records among a tree's leaves.
-
-    Example:
-        >>> len(list(records({"w": TensorRecord("w", "float32", (1,)), "epoch": 3})))
-        1
-    """
-    for _path, leaf in leaves(node):
-        if isinstance(leaf, TensorRecord):
-            yield leaf

@@ -196,7 +196,9 @@ def refusal(path: Any, blocked: list[str], *, model: bool = False) -> UnsafeChec
         'x.pth: refusing to load: the pickle imports builtins.exec, os.system, which can run code'
     """
     shown = blocked[:MAX_NAMED]
-    names = ", ".join(shown) + (f" and {len(blocked) - len(shown):,} more" if len(blocked) > len(shown) else "")
+    names = ", ".join(shown) + (
+        f" and {len(blocked) - len(shown):,} more" if len(blocked) > len(shown) else ""
+    )
     if model:
         return UnsafeCheckpointError(
             f"{path}: this file is a whole pickled model object, not a state dict (it imports {names}); "

@@ -21,7 +21,8 @@ from typing import Any, BinaryIO
 from ..core.record import TensorRecord
 from ..core.report import human_bytes, printable
 from ..core.source import Source
-from ..core.trees import dropped_entries, has_unread_values, rebuilt_tree, records, weights_payload
+from ..core.trees import dropped_entries, has_unread_values, rebuilt_tree, weights_payload
+from ..core.walk import records
 from ..errors import OutputError, SurgeryError
 from ..fileio.progress import counting, progress_bar
 from ..fileio.spans import FD_CACHE, vouched_copies

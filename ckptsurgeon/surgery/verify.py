@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..core.record import TensorRecord
-from ..core.trees import leaves
+from ..core.walk import leaves
 from ..errors import CkptError, OutputError
 from ..fileio.spans import FD_CACHE, span_crcs
 from ..formats import ReadOptions, open_checkpoint
