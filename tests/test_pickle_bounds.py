@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from corpus import build_corpus, fingerprint, write_valid
+from conftest import REPO, run_cli
+from corpus import build_corpus, fingerprint, torch_zip_bytes, write_valid
 
 from ckptsurgeon.core.bounds import BoundError, bounded_repr, check_depth, check_key
 from ckptsurgeon.formats import open_checkpoint
@@ -115,11 +115,30 @@ def test_a_5000_digit_value_is_data(tmp_path: Path, target: Path) -> None:
 
 # -- the bounds themselves -----------------------------------------------------------------------
 def test_keys() -> None:
-    for ok in ("w", 3, 2**1000, ("layer", 3), frozenset({1, 2}), None, 1.5, b"x"):
+    for ok in ("w", 3, -(2**59), ("layer", 3), frozenset({1, 2}), None, 1.5, -(2.0**59), float("nan"), b"x"):
         check_key(ok)
-    for bad in (((1,),), (1,) * 65, 2**2000, ("a", 2**2000), [1]):
+    bad_keys = (((1,),), (1,) * 65, 2**61, 2**2000, ("a", 2**70), 2.0**61, float("inf"), 1j, [1])
+    for bad in bad_keys:
         with pytest.raises(BoundError):
             check_key(bad)
+
+
+def test_keys_that_share_one_hash_are_refused_before_a_dict_is_built(tmp_path: Path) -> None:
+    """Python hashes an int modulo 2**61 - 1, so k * (2**61 - 1) + 7 are all one hash (the reference,
+    asked below), and a dict of 20,000 of them takes CPython's unpickler seconds, quadratic in their
+    number; the restricted reader refuses the first such key in one line, before any dict is built."""
+    keys = [k * ((1 << 61) - 1) + 7 for k in range(1, 20_001)]
+    assert len({hash(k) for k in keys}) == 1
+    parts = [b"\x80\x02}("]
+    for value in keys:
+        raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+        parts.append(b"\x8a" + bytes([len(raw)]) + raw + b"N")
+    path = tmp_path / "flood.pth"
+    path.write_bytes(torch_zip_bytes(b"".join([*parts, b"u."])))
+    for command in ("inspect", "scan"):
+        result = run_cli(command, str(path))
+        assert result.exit_code == 2 and "share one hash" in result.stderr, (command, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_depth_is_linear_in_distinct_objects() -> None:

@@ -5,8 +5,13 @@ C stack), a tuple DAG with 2**40 paths (hashing or ``repr()`` of it never ends) 
 integer (``str()`` of it raises). So:
 
 * :func:`check_key` -- a dict key or set member built from a pickle is an atom (``str``, ``bytes``,
-  ``float``, ``bool``, ``None``, an ``int`` of at most ``MAX_KEY_BITS`` bits), an object hashed by
-  identity (a placeholder), or a tuple/frozenset of at most ``MAX_KEY_ITEMS`` such atoms.
+  ``bool``, ``None``, an ``int`` or a ``float`` below ``2**MAX_KEY_BITS`` in size), an object hashed
+  by identity (a placeholder), or a tuple/frozenset of at most ``MAX_KEY_ITEMS`` such atoms. The
+  size bound also keeps keys from sharing a hash: Python hashes an integer modulo ``2**61 - 1``, so
+  ``k * (2**61 - 1) + c`` are all one hash and a dict of 20,000 of them takes seconds to build,
+  quadratic in their number; below ``2**60`` an integer is its own hash (a float of that size
+  shares its hash with at most a few dozen others). ``complex`` keys, whose hashes can be made to
+  collide from their parts, are refused.
 * :func:`check_depth` -- containers nest at most ``MAX_DEPTH`` deep and never contain themselves;
   one walk, linear in the number of distinct objects. Every later tree walk may then recurse.
 * :func:`bounded_repr` -- what a message, a table cell or a note shows of an untrusted value:
@@ -23,7 +28,7 @@ from typing import Any
 
 MAX_DEPTH = 100
 MAX_KEY_ITEMS = 64
-MAX_KEY_BITS = 1024
+MAX_KEY_BITS = 60  # an int or float key below 2**60: no two share a hash (see above)
 # an int wider than this is shown by its size (str() of a 5000-digit int raises; it is slow before that)
 MAX_SHOWN_BITS = 1024
 
@@ -32,7 +37,7 @@ class BoundError(Exception):
     """An untrusted object is beyond a bound; the message is one line (no file name)."""
 
 
-_ATOMS = (str, bytes, float, bool, type(None), complex)
+_ATOMS = (str, bytes, bool, type(None))
 
 
 def check_key(key: Any) -> None:
@@ -48,25 +53,37 @@ def check_key(key: Any) -> None:
     kind = type(key)
     if kind in _ATOMS:
         return
-    if isinstance(key, int):
-        if key.bit_length() > MAX_KEY_BITS:
-            raise BoundError(f"a dict key or set member that is an integer of {key.bit_length():,} bits")
-        return
     if kind is tuple or kind is frozenset:
         if len(key) > MAX_KEY_ITEMS:
             raise BoundError(f"a dict key or set member that is a {kind.__name__} of {len(key):,} items")
         for part in key:
-            if type(part) in _ATOMS:
-                continue
-            if isinstance(part, int) and part.bit_length() <= MAX_KEY_BITS:
-                continue
-            if isinstance(part, int):
-                raise BoundError(f"a dict key or set member holding an integer of {part.bit_length():,} bits")
-            raise BoundError("a dict key or set member that nests containers")
+            if type(part) not in _ATOMS:
+                _check_number(part, "holding", nested=True)
         return
     if kind.__hash__ is object.__hash__:  # hashed by identity: constant time
         return
-    raise BoundError(f"a dict key or set member of type {kind.__name__}")
+    _check_number(key, "that is")
+
+
+def _check_number(value: Any, how: str, *, nested: bool = False) -> None:
+    """An int or float small enough that its hash is its own (see the module's docstring)."""
+    if isinstance(value, int):
+        if value.bit_length() > MAX_KEY_BITS:
+            raise BoundError(
+                f"a dict key or set member {how} an integer of {value.bit_length():,} bits (at most "
+                f"{MAX_KEY_BITS}: larger ones can be made to share one hash)"
+            )
+        return
+    if isinstance(value, float):
+        if not abs(value) < 2.0**MAX_KEY_BITS and value == value:  # NaN hashes by identity
+            raise BoundError(
+                f"a dict key or set member {how} a float of size 2**{MAX_KEY_BITS} or more "
+                "(such floats can be made to share one hash)"
+            )
+        return
+    if nested:
+        raise BoundError("a dict key or set member that nests containers")
+    raise BoundError(f"a dict key or set member of type {type(value).__name__}")
 
 
 def check_keys(keys: Any) -> Any:
