@@ -201,13 +201,14 @@ class SourceCrcs:
         """Read the span through this thread's own descriptor (the shared descriptor cache may
         close one while the writer opens another file), CRC it, and remember the CRC under the
         file's identity, checked against the archive's record if there is one."""
-        if path != self._path:
+        fd = self._fd
+        if fd is None or path != self._path:
             self._close()
-            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             self._path = path
         crc = 0
         try:
-            for chunk in spans.read_fd_span(self._fd, offset, length):
+            for chunk in spans.read_fd_span(fd, offset, length):
                 crc = zlib.crc32(chunk, crc)
         except EOFError:
             from ..errors import FormatError
@@ -215,7 +216,7 @@ class SourceCrcs:
             raise FormatError(
                 f"{path}: the file ends inside a tensor (bytes {offset}-{offset + length}); it is truncated"
             ) from None
-        st = os.fstat(self._fd)
+        st = os.fstat(fd)
         spans.remember_span_crc((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, offset, length), crc)
         return crc
 

@@ -163,8 +163,8 @@ def copy_span(path: Path, offset: int, length: int, fh: Any, crc: int | None = 0
             crc = zlib.crc32(chunk, crc)
         if hasher is not None:
             hasher.update(chunk)
-    if key is not None:
-        _remember_crc(key, crc)  # type: ignore[arg-type]
+    if key is not None and crc is not None:  # a key only when checksumming from 0
+        _remember_crc(key, crc)
     if start is not None:
         start_writeback(fh, start, length)
     return crc or 0
@@ -295,7 +295,7 @@ def span_crcs(path: Path, spans: list[tuple[int, int]], *, recorded: bool = Fals
     fd = FD_CACHE.get(path)
     st = os.fstat(fd)
     identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    result: list[int | None] = [None] * len(spans)
+    result = [0] * len(spans)  # every span not known yet is in todo, and CRC-ed below
     todo: list[int] = []
     for i, (offset, length) in enumerate(spans):
         key = (*identity, offset, length)
@@ -311,7 +311,7 @@ def span_crcs(path: Path, spans: list[tuple[int, int]], *, recorded: bool = Fals
     pos = 0
     while pos < len(todo):
         pos = _crc_window(fd, path, identity, spans, todo, pos, result)
-    return result  # type: ignore[return-value]
+    return result
 
 
 def _crc_window(
@@ -321,7 +321,7 @@ def _crc_window(
     spans: list[tuple[int, int]],
     todo: list[int],
     pos: int,
-    result: list[int | None],
+    result: list[int],
 ) -> int:
     """CRC the spans ``todo[pos:]`` that fit in one read window; return the next position."""
     start, length = spans[todo[pos]]

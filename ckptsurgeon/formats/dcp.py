@@ -16,7 +16,7 @@ import dataclasses
 import pickletools
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..core.bounds import MAX_DEPTH, bounded_repr
 from ..core.checkpoint import Checkpoint
@@ -119,11 +119,12 @@ def pickle_globals(data: bytes, where: str) -> list[str]:
             if name in _STRING_OPS:
                 pushed.append(arg if isinstance(arg, str) else None)
             elif name in ("GET", "BINGET", "LONG_BINGET"):
-                pushed.append(memo.get(arg))
+                pushed.append(memo.get(arg) if isinstance(arg, int) else None)  # genops gives an int
             elif name == "MEMOIZE":
                 memo[len(memo)] = pushed[-1] if pushed else None
             elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[arg] = pushed[-1] if pushed else None
+                if isinstance(arg, int):  # always, from genops
+                    memo[arg] = pushed[-1] if pushed else None
             elif name in ("GLOBAL", "INST"):
                 found.append(".".join(str(arg).split(" ", 1)))
                 pushed.append(None)
@@ -243,14 +244,14 @@ class DcpLoader:
         covered = None if whole else torch.zeros(t.shape, dtype=torch.bool)
         for chunk in t.chunks:
             piece = self._piece(chunk)
-            if out is None:
+            if out is None or covered is None:  # one chunk, the whole tensor
                 return piece
             where = tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes, strict=True))
-            if covered[where].any():  # type: ignore[index]
+            if covered[where].any():
                 raise FormatError(
                     f"{self.folder}: two chunks of tensor {t.fqn!r} overlap; the checkpoint is damaged"
                 )
-            covered[where] = True  # type: ignore[index]
+            covered[where] = True
             out[where] = piece
         if covered is not None and not bool(covered.all()):
             raise FormatError(
@@ -287,7 +288,7 @@ def nest(items: dict[str, Any], planner_data: Any) -> Any:
     return _lists(root)
 
 
-def _is_key_path(path: Any) -> bool:
+def _is_key_path(path: Any) -> TypeGuard[tuple[str | int, ...]]:
     return (
         isinstance(path, tuple)
         and 0 < len(path) <= MAX_DEPTH
