@@ -2,7 +2,7 @@
 """Set up and run ckptsurgeon with nothing but Python 3.10+.
 
     python3 dev.py demo    # create .venv, install, run the story on the bundled fixtures
-    python3 dev.py test    # create .venv, install, run the whole test suite (what CI runs)
+    python3 dev.py test    # create .venv, install, lint, type-check, run the whole test suite (what CI runs)
 
 The virtual environment lives in .venv next to this file and is reused while
 pyproject.toml and constraints.txt are unchanged. constraints.txt pins torch==2.13.0, which
@@ -103,10 +103,12 @@ def demo() -> int:
 
 
 def test() -> int:
-    """Lint, then the whole test suite."""
+    """Lint, type-check the package (mypy, configured in pyproject.toml), then the whole test suite."""
     sources = ("ckptsurgeon", "tests", "fixtures", "benchmarks", "docs", "dev.py")
-    code = run(str(PYTHON), "-m", "ruff", "check", *sources) or run(
-        str(PYTHON), "-m", "ruff", "format", "--check", *sources
+    code = (
+        run(str(PYTHON), "-m", "ruff", "check", *sources)
+        or run(str(PYTHON), "-m", "ruff", "format", "--check", *sources)
+        or run(str(PYTHON), "-m", "mypy")
     )
     if code:
         return code

@@ -13,6 +13,7 @@ import importlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -116,7 +117,7 @@ def cli() -> None:
     """
 
 
-class _LazyCommands(dict):  # type: ignore[type-arg]
+class _LazyCommands(dict[str, click.Command]):
     """``cli.commands``, importing a command's module only when that command is looked up.
 
     ``ckpt inspect`` then imports nothing the other commands need; listing or iterating
@@ -139,7 +140,7 @@ class _LazyCommands(dict):  # type: ignore[type-arg]
         while self._pending:
             self._load(self._pending.popitem()[1])
 
-    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, name: str, default: Any = None) -> Any:
         module = self._pending.pop(name, None)
         if module is not None:
             self._load(module)
@@ -147,7 +148,7 @@ class _LazyCommands(dict):  # type: ignore[type-arg]
             self._load_all()  # a command not named like its module
         return dict.get(self, name, default)
 
-    def __getitem__(self, name: str) -> Any:
+    def __getitem__(self, name: str) -> click.Command:
         self._load_all()
         return dict.__getitem__(self, name)
 
@@ -155,7 +156,7 @@ class _LazyCommands(dict):  # type: ignore[type-arg]
         self._load_all()
         return dict.__contains__(self, name)
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[str]:
         self._load_all()
         return dict.__iter__(self)
 

@@ -151,7 +151,7 @@ def test_a_read_error_in_the_helper_is_one_line_and_leaves_nothing(
     result = run_cli("convert", src, "-o", out_dir / "o.pth")
     assert_one_line_error(result, "could not be written", "Input/output error", "nothing was written")
     assert list(out_dir.iterdir()) == []
-    assert spans.FOLLOWERS == {}  # the helper is gone, whatever happened
+    assert spans.current_context().followers == {}  # the helper is gone, whatever happened
 
 
 def test_library_writes_outside_a_follower_are_unchanged(tmp_path: Path) -> None:
@@ -245,7 +245,7 @@ def test_safetensors_source_spans_are_checksummed_beside_the_copy(
     loaded = load(out)
     for name, tensor in tensors.items():
         assert torch.equal(loaded[name.removeprefix("module.")], tensor)
-    assert spans.SOURCE_CRCS == []
+    assert spans.current_context().source_crcs == []
 
 
 def test_a_pth_source_needs_no_source_helper_when_verified(tmp_path: Path, source_checked: list[int]) -> None:
@@ -294,7 +294,7 @@ def test_a_read_error_in_the_source_helper_is_one_line_and_leaves_nothing(
         result = run_cli("convert", src, "-o", out_dir / f"o{suffix}")
         assert_one_line_error(result, "Input/output error", "nothing was written")
         assert list(out_dir.iterdir()) == []
-        assert spans.SOURCE_CRCS == []
+        assert spans.current_context().source_crcs == []
 
 
 def test_a_truncated_source_under_the_source_helper_is_one_line(

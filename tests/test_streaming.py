@@ -185,3 +185,22 @@ def test_grouped_rename_table_for_many_names() -> None:
     assert _rename_rows(plan, verbose=False) == [
         ["module.blocks.{0..999}.{bias,weight}", "blocks.{0..999}.{bias,weight}"]
     ]
+
+
+def test_each_write_keeps_its_crcs_to_itself(tmp_path: Path) -> None:
+    """CRCs a write computes live in its own context: another write, and the reads after it, do not
+    see them; the CRCs its sources' archives recorded before it are seen by every write."""
+    path = tmp_path / "data.bin"
+    data = bytes(range(256)) * 64
+    path.write_bytes(data)
+    key = (*spans.file_identity(path), 0, len(data))
+    spans.expect_crc(spans.file_identity(path), 0, 256, zlib.crc32(data[:256]), "data.bin: member data/0")
+    with spans.write_scope() as first:
+        spans.copy_span(path, 0, len(data), None)
+        assert first.crcs.known_crc(key) == zlib.crc32(data)
+        assert spans.recorded_crc(path, 0, 256) == zlib.crc32(data[:256])  # recorded before the write
+    with spans.write_scope() as second:
+        assert second.crcs.known_crc(key) is None
+        assert spans.recorded_crc(path, 0, len(data)) is None
+        assert spans.recorded_crc(path, 0, 256) == zlib.crc32(data[:256])
+    assert spans.current_context().crcs.known_crc(key) is None

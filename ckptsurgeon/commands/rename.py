@@ -55,5 +55,14 @@ def COMMAND(
     """
     from ..surgery.operations import rename
 
-    steps = {"strip_prefix": strip, "add_prefix": add, "replace": replacements, "drop": drops, "keep": keeps}
-    run(rename, src, output, **steps, **flags)
+    run(
+        rename,
+        src,
+        output,
+        strip_prefix=strip,
+        add_prefix=add,
+        replace=replacements,
+        drop=drops,
+        keep=keeps,
+        **flags,
+    )

@@ -223,12 +223,15 @@ def _render(value: Any, out: _Out, depth: int) -> None:
             out.add(f"<{kind.__name__}>")
 
 
+_BRACKETS: dict[type, tuple[str, str]] = {list: ("[", "]"), tuple: ("(", ")")}
+
+
 def _render_container(value: Any, out: _Out, depth: int) -> None:
     kind = type(value)
     if isinstance(value, dict):
         opener, closer = "{", "}"
     else:
-        opener, closer = {list: ("[", "]"), tuple: ("(", ")")}.get(kind, (f"{kind.__name__}({{", "})"))
+        opener, closer = _BRACKETS.get(kind, (f"{kind.__name__}({{", "})"))
     if depth <= 0:
         out.add(opener + ("..." if value else "") + closer)
         return

@@ -73,7 +73,7 @@ def collapse(
         ['conv1.{bias,weight}']
     """
     attr = attribute or (lambda _name: None)
-    buckets: dict[tuple[object, ...], list[_Split]] = {}
+    buckets: dict[tuple[tuple[str, ...], object], list[_Split]] = {}  # (text runs, attribute) -> names
     split = _DIGITS.split
     for name in names:
         parts = split(name)
@@ -86,7 +86,7 @@ def collapse(
     groups: list[Group] = []
     for (texts, _attr), members in buckets.items():
         members.sort(key=_VALUES)  # natural order: the text runs are the same
-        groups.extend(_product_groups(texts, members))  # type: ignore[arg-type]
+        groups.extend(_product_groups(texts, members))
     if merge_leaves:
         groups = _merge_leaves(groups, attr)
     if natural:

@@ -222,23 +222,24 @@ class TensorRecord:
         """The tensor's bytes, contiguous, little-endian, in row-major order."""
         if self.numel == 0:
             return b""
-        if self.is_ranged:
+        if self.is_ranged and self.storage is not None:  # is_ranged: it has a storage
             start, length = self.byte_span
-            return self.storage.read(start, length)  # type: ignore[union-attr]
+            return self.storage.read(start, length)
         tensor = self.to_torch()
         return tensor_to_bytes(tensor)
 
     def iter_bytes(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         """Yield the tensor's bytes in chunks (streamed from the file, or cast, a chunk at a time
         when :attr:`is_ranged`)."""
-        if not self.is_ranged:
+        storage = self.storage
+        if storage is None or not self.is_ranged:  # is_ranged: it has a storage
             data = self.read_bytes()
             for pos in range(0, len(data), chunk_size):
                 yield data[pos : pos + chunk_size]
             return
         start, length = self.byte_span
         for pos in range(0, length, chunk_size):
-            yield self.storage.read(start + pos, min(chunk_size, length - pos))  # type: ignore[union-attr]
+            yield storage.read(start + pos, min(chunk_size, length - pos))
 
     def write_to(self, fh: Any, crc: int = 0, hasher: Any = None) -> int:
         """Write the tensor's bytes to ``fh`` (streamed when raw); return the running CRC-32.
@@ -248,10 +249,10 @@ class TensorRecord:
         """
         if self.numel == 0:
             return crc
-        if self.is_raw:
+        storage = self.storage
+        if self.is_raw and storage is not None and storage.path is not None:  # is_raw: a file span
             start, length = self.byte_span
-            storage = self.storage
-            return copy_span(storage.path, storage.offset + start, length, fh, crc, hasher)  # type: ignore[union-attr,arg-type]
+            return copy_span(storage.path, storage.offset + start, length, fh, crc, hasher)
         chunks = self.iter_bytes() if self.is_ranged else (self.read_bytes(),)
         for data in chunks:
             if fh is not None:
@@ -292,7 +293,7 @@ class TensorRecord:
             name,
             dtype,
             shape,
-            loader=lambda t=tensor: t.detach().to("cpu").contiguous().clone(),
+            loader=lambda: tensor.detach().to("cpu").contiguous().clone(),
             is_parameter=type(tensor).__name__ == "Parameter",
         )
 

@@ -44,7 +44,8 @@ def weights_node(original: Any, tensors: dict[str, TensorRecord], plan: Plan | N
         (1,)
     """
     metadata = getattr(original, "_metadata", None)
-    node = _copy_dict(original, dict(tensors)) if isinstance(original, dict) else dict(tensors)
+    # a dict, or a copy of original's dict subclass (an OrderedDict), which can carry attributes
+    node: Any = _copy_dict(original, dict(tensors)) if isinstance(original, dict) else dict(tensors)
     if isinstance(metadata, dict) and hasattr(node, "__dict__"):
         node._metadata = type(metadata)(_renamed_modules(metadata, plan))
     return node

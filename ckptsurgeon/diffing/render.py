@@ -121,6 +121,7 @@ def _status_rows(
 ) -> list[tuple[str, str, str, str]]:
     if not names:
         return []
+    groups: list[tuple[str, tuple[str, ...]]]
     if verbose:
         groups = [(name, (name,)) for name in natural_sorted(names)]
     else:

@@ -23,6 +23,7 @@ import queue
 import threading
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from . import spans
@@ -112,19 +113,20 @@ def reading_back(fh: Any, *, checksum: bool) -> Iterator[ReadBack]:
     """
     fd = fh.fileno()
     follower = ReadBack(fd, checksum=checksum)
-    spans.FOLLOWERS[fd] = follower
+    context = spans.current_context()
+    context.followers[fd] = follower
     try:
         yield follower
         fh.flush()
         crcs = follower.finish()
     finally:
-        spans.FOLLOWERS.pop(fd, None)
+        context.followers.pop(fd, None)
         follower.cancel()  # after finish(), nothing is left to drop
     if crcs:
         st = os.fstat(fd)
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         for (offset, length), crc in crcs.items():
-            spans.remember_span_crc((*identity, offset, length), crc)
+            context.crcs.remember((*identity, offset, length), crc)
 
 
 class SourceCrcs:
@@ -146,16 +148,18 @@ class SourceCrcs:
     """
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Any, int, int] | None] = queue.SimpleQueue()
-        self._crcs: dict[tuple[Any, int, int], int] = {}
+        self._queue: queue.SimpleQueue[tuple[Path, int, int] | None] = queue.SimpleQueue()
+        self._crcs: dict[tuple[Path, int, int], int] = {}
         self._ready = threading.Condition()
         self._error: BaseException | None = None
         self._fd: int | None = None  # this thread's own descriptor of the file it reads
-        self._path: Any = None
+        self._path: Path | None = None
+        # the CRCs of the write that started it (its thread does not see the writer's context)
+        self._span_crcs = spans.current_context().crcs
         self._thread = threading.Thread(target=self._run, name="ckpt-source-crc", daemon=True)
         self._thread.start()
 
-    def submit(self, path: Any, offset: int, length: int) -> Callable[[], int]:
+    def submit(self, path: Path, offset: int, length: int) -> Callable[[], int]:
         """Queue the span; return a function that waits for its CRC-32 (re-raising an error)."""
         key = (path, offset, length)
         self._queue.put(key)
@@ -173,7 +177,7 @@ class SourceCrcs:
             self._queue.put(None)
             self._thread.join()
 
-    def _wait(self, key: tuple[Any, int, int]) -> int:
+    def _wait(self, key: tuple[Path, int, int]) -> int:
         with self._ready:
             while key not in self._crcs and self._error is None and self._thread.is_alive():
                 self._ready.wait()
@@ -197,17 +201,18 @@ class SourceCrcs:
             with self._ready:
                 self._ready.notify_all()
 
-    def _checksum(self, path: Any, offset: int, length: int) -> int:
+    def _checksum(self, path: Path, offset: int, length: int) -> int:
         """Read the span through this thread's own descriptor (the shared descriptor cache may
         close one while the writer opens another file), CRC it, and remember the CRC under the
         file's identity, checked against the archive's record if there is one."""
-        if path != self._path:
+        fd = self._fd
+        if fd is None or path != self._path:
             self._close()
-            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             self._path = path
         crc = 0
         try:
-            for chunk in spans.read_fd_span(self._fd, offset, length):
+            for chunk in spans.read_fd_span(fd, offset, length):
                 crc = zlib.crc32(chunk, crc)
         except EOFError:
             from ..errors import FormatError
@@ -215,8 +220,8 @@ class SourceCrcs:
             raise FormatError(
                 f"{path}: the file ends inside a tensor (bytes {offset}-{offset + length}); it is truncated"
             ) from None
-        st = os.fstat(self._fd)
-        spans.remember_span_crc((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, offset, length), crc)
+        st = os.fstat(fd)
+        self._span_crcs.remember((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, offset, length), crc)
         return crc
 
     def _close(self) -> None:
@@ -235,10 +240,11 @@ def checksumming_sources() -> Iterator[SourceCrcs]:
         ...     write_torchzip(payload, fh)
     """
     helper = SourceCrcs()
-    spans.SOURCE_CRCS.append(helper)
+    context = spans.current_context()
+    context.source_crcs.append(helper)
     try:
         yield helper
         helper.finish()
     finally:
-        spans.SOURCE_CRCS.remove(helper)
+        context.source_crcs.remove(helper)
         helper.stop()  # after finish() the thread is gone already

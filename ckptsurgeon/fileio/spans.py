@@ -7,6 +7,12 @@ verification never reads a source twice. Big spans whose CRC the archive vouches
 copied without checksumming them on the way (:func:`vouched_copies`: the output is checked
 against that CRC instead), and big outputs start their writeback early
 (:func:`start_writeback`). :mod:`ckptsurgeon.core.record` builds its records on these.
+
+The CRCs known and expected, the read-back helpers following outputs and the helper checksumming
+sources live in a :class:`SpanContext`. Each write runs in its own (:func:`write_scope`, which
+the write pipeline opens), so two writes in one process never see each other's CRCs or helpers;
+a write sees the CRCs its sources' archives recorded when they were opened (the context outside
+it), and adds nothing to them.
 """
 
 from __future__ import annotations
@@ -19,9 +25,14 @@ import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+# A file span's key: (device, inode, size, mtime_ns) of its file (see file_identity), offset, length.
+SpanKey = tuple[int, ...]
 
 CHUNK_SIZE = 8 * 1024 * 1024
 # copy_span's step: read and written while still in the CPU cache (8 MiB steps ran up to 3x slower).
@@ -149,8 +160,11 @@ def copy_span(path: Path, offset: int, length: int, fh: Any, crc: int | None = 0
     """
     fd = FD_CACHE.get(path)
     key = _span_key(fd, offset, length) if crc == 0 else None
-    if fh is None and hasher is None and key in _SPAN_CRCS:
-        return _SPAN_CRCS[key]
+    crcs = current_context().crcs
+    if fh is None and hasher is None and key is not None:
+        known = crcs.known_crc(key)
+        if known is not None:
+            return known
     start = _tell(fh) if fh is not None and length >= BIG_SPAN else None
     pieces = WritebackPieces(fh, start, length)
     written = 0
@@ -163,8 +177,8 @@ def copy_span(path: Path, offset: int, length: int, fh: Any, crc: int | None = 0
             crc = zlib.crc32(chunk, crc)
         if hasher is not None:
             hasher.update(chunk)
-    if key is not None:
-        _remember_crc(key, crc)  # type: ignore[arg-type]
+    if key is not None and crc is not None:  # a key only when checksumming from 0
+        crcs.remember(key, crc)
     if start is not None:
         start_writeback(fh, start, length)
     return crc or 0
@@ -199,14 +213,14 @@ class FileSpan:
 
     def remember_crc(self, crc: int) -> None:
         """Record the CRC-32 of the whole span (as :func:`copy_span` would compute it)."""
-        _remember_crc(_span_key(FD_CACHE.get(self.path), self.offset, self.length), crc)
+        current_context().crcs.remember(_span_key(FD_CACHE.get(self.path), self.offset, self.length), crc)
 
     def read(self) -> tuple[bytes, int]:
         """The span's bytes and their CRC-32 (checked against the archive's record, remembered)."""
         fd = FD_CACHE.get(self.path)
         data = pread_exact(self.path, self.offset, self.length)
         crc = zlib.crc32(data)
-        _remember_crc(_span_key(fd, self.offset, self.length), crc)
+        current_context().crcs.remember(_span_key(fd, self.offset, self.length), crc)
         return data, crc
 
     def vouched_crc(self) -> int | None:
@@ -223,7 +237,7 @@ class FileSpan:
     def checksummed_elsewhere(self) -> bool:
         """Whether :meth:`copy_to` will leave this span's CRC to a
         :class:`~ckptsurgeon.fileio.readback.SourceCrcs` helper."""
-        return bool(SOURCE_CRCS) and self.length >= BIG_SPAN and self.vouched_crc() is None
+        return bool(current_context().source_crcs) and self.length >= BIG_SPAN and self.vouched_crc() is None
 
     def copy_to(self, fh: Any) -> Callable[[], int]:
         """Stream the span to ``fh`` through the aligned buffer; return a function giving its
@@ -239,8 +253,9 @@ class FileSpan:
         if vouched is not None:
             copy_span(self.path, self.offset, self.length, fh, crc=None)
             return lambda: vouched
-        if SOURCE_CRCS and self.length >= BIG_SPAN:
-            later = SOURCE_CRCS[-1].submit(self.path, self.offset, self.length)  # read meanwhile
+        source_crcs = current_context().source_crcs
+        if source_crcs and self.length >= BIG_SPAN:
+            later = source_crcs[-1].submit(self.path, self.offset, self.length)  # read meanwhile
             copy_span(self.path, self.offset, self.length, fh, crc=None)
             return later
         crc = copy_span(self.path, self.offset, self.length, fh)
@@ -273,10 +288,11 @@ def recorded_crc(path: Path, offset: int, length: int) -> int | None:
         2846725331
     """
     key = _span_key(FD_CACHE.get(path), offset, length)
-    found = _SPAN_CRCS.get(key)
+    crcs = current_context().crcs
+    found = crcs.known_crc(key)
     if found is not None:
         return found
-    expected = _EXPECTED_CRCS.get(key)
+    expected = crcs.expected_crc(key)
     return expected[0] if expected is not None else None
 
 
@@ -295,13 +311,14 @@ def span_crcs(path: Path, spans: list[tuple[int, int]], *, recorded: bool = Fals
     fd = FD_CACHE.get(path)
     st = os.fstat(fd)
     identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    result: list[int | None] = [None] * len(spans)
+    crcs = current_context().crcs
+    result = [0] * len(spans)  # every span not known yet is in todo, and CRC-ed below
     todo: list[int] = []
     for i, (offset, length) in enumerate(spans):
         key = (*identity, offset, length)
-        known = _SPAN_CRCS.get(key)
+        known = crcs.known_crc(key)
         if known is None and recorded:
-            expected = _EXPECTED_CRCS.get(key)
+            expected = crcs.expected_crc(key)
             known = expected[0] if expected is not None else None
         if known is not None:
             result[i] = known
@@ -310,8 +327,8 @@ def span_crcs(path: Path, spans: list[tuple[int, int]], *, recorded: bool = Fals
     todo.sort(key=lambda i: spans[i][0])
     pos = 0
     while pos < len(todo):
-        pos = _crc_window(fd, path, identity, spans, todo, pos, result)
-    return result  # type: ignore[return-value]
+        pos = _crc_window(fd, path, identity, spans, todo, pos, result, crcs)
+    return result
 
 
 def _crc_window(
@@ -321,7 +338,8 @@ def _crc_window(
     spans: list[tuple[int, int]],
     todo: list[int],
     pos: int,
-    result: list[int | None],
+    result: list[int],
+    crcs: SpanCrcs,
 ) -> int:
     """CRC the spans ``todo[pos:]`` that fit in one read window; return the next position."""
     start, length = spans[todo[pos]]
@@ -340,12 +358,9 @@ def _crc_window(
     for i in todo[pos:end]:
         offset, size = spans[i]
         crc = zlib.crc32(window[offset - start : offset - start + size])
-        _remember_crc((*identity, offset, size), crc)
+        crcs.remember((*identity, offset, size), crc)
         result[i] = crc
     return end
-
-
-_SYNC_FILE_RANGE: list[Any] = []  # libc's sync_file_range, looked up once (None: not available)
 
 
 def start_writeback(fh: Any, offset: int, length: int, *, upto: int | None = None) -> None:
@@ -369,7 +384,7 @@ def start_writeback(fh: Any, offset: int, length: int, *, upto: int | None = Non
     except (AttributeError, OSError, ValueError):
         return
     end = offset + length if upto is None else upto
-    follower = FOLLOWERS.get(fd)
+    follower = current_context().followers.get(fd)
     if follower is not None:
         follower.submit(offset, length, end)
     elif not getattr(_LOCAL, "vouched", False):
@@ -398,23 +413,17 @@ class WritebackPieces:
             self.next = written + WRITEBACK_PIECE
 
 
-# Output file descriptor -> the helper reading it back while it is written (ckptsurgeon.fileio.readback).
-FOLLOWERS: dict[int, Any] = {}
-# The helper checksumming big source spans while they are copied, when one runs (readback.SourceCrcs).
-SOURCE_CRCS: list[Any] = []
-
-
 def sync_range(fd: int, offset: int, length: int) -> None:
     """Start writing ``length`` bytes at ``offset`` of ``fd`` to disk without waiting (Linux
     ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; elsewhere, or on an error, the fsync does it)."""
-    if not _SYNC_FILE_RANGE:
-        _SYNC_FILE_RANGE.append(_load_sync_file_range())
-    call = _SYNC_FILE_RANGE[0]
+    call = _sync_file_range()
     if call is not None:
         call(fd, offset, length, 2)  # errors (a return of -1) leave it to the fsync
 
 
-def _load_sync_file_range() -> Any:
+@cache  # looked up once
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range``, or None where it is not available."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -445,12 +454,6 @@ def read_fd_span(fd: int, offset: int, length: int) -> Iterator[memoryview]:
     return _read_span(fd, f"file descriptor {fd}", offset, length)
 
 
-# CRC-32 of whole file spans already streamed, keyed by (device, inode, size, mtime, offset, length).
-_SPAN_CRCS: dict[tuple[int, ...], int] = {}
-# CRC-32 a span must have (a zip member's recorded CRC), and what to call it when it does not.
-_EXPECTED_CRCS: dict[tuple[int, ...], tuple[int, str]] = {}
-
-
 def file_identity(path: Path) -> tuple[int, ...]:
     """(device, inode, size, mtime) of ``path``: the first half of a span's key."""
     st = os.fstat(FD_CACHE.get(path))
@@ -466,9 +469,7 @@ def expect_crc(identity: tuple[int, ...], offset: int, length: int, crc: int, wh
     """Declare the CRC-32 a file span must have (a zip member's): whenever the span is streamed
     whole (converting, verifying), a different CRC raises a one-line FormatError naming ``what``.
     Checking costs nothing extra: the CRC is computed while the bytes are copied anyway."""
-    if len(_EXPECTED_CRCS) >= 1_000_000:
-        _EXPECTED_CRCS.clear()
-    _EXPECTED_CRCS[(*identity, offset, length)] = (crc, what)
+    current_context().crcs.expect((*identity, offset, length), crc, what)
 
 
 def check_span(path: Path, offset: int, length: int, data: bytes | memoryview) -> None:
@@ -477,28 +478,134 @@ def check_span(path: Path, offset: int, length: int, data: bytes | memoryview) -
     Materialising a tensor (``to_torch``, ``load_into``) goes through here, so a flipped byte in
     a zip member is caught there too, not only when streaming.
     """
-    if not _EXPECTED_CRCS:
+    crcs = current_context().crcs
+    if not crcs.expects_any():
         return
     key = _span_key(FD_CACHE.get(path), offset, length)
-    if key in _EXPECTED_CRCS:
-        _remember_crc(key, zlib.crc32(data))
+    if crcs.expected_crc(key) is not None:
+        crcs.remember(key, zlib.crc32(data))
 
 
-def remember_span_crc(key: tuple[int, ...], crc: int) -> None:
+def remember_span_crc(key: SpanKey, crc: int) -> None:
     """Record the CRC-32 of the file span ``key`` (see :func:`file_identity`) computed elsewhere
     (a helper thread reading an output back), checked against the archive's record if any."""
-    _remember_crc(key, crc)
+    current_context().crcs.remember(key, crc)
 
 
-def _remember_crc(key: tuple[int, ...], crc: int) -> None:
-    expected = _EXPECTED_CRCS.get(key)
-    if expected is not None and expected[0] != crc:
-        from ..errors import FormatError
+class SpanCrcs:
+    """CRC-32s of file spans by :data:`SpanKey`: those computed (``known``) and those an archive
+    records (``expected``, with what to call the span when its bytes differ), over ``parent``'s,
+    which it reads but never changes.
 
-        raise FormatError(
-            f"{expected[1]}: its bytes do not match the CRC-32 recorded in the archive; "
-            "the file is damaged (flipped bytes), fetch it again"
-        )
-    if len(_SPAN_CRCS) >= 1_000_000:
-        _SPAN_CRCS.clear()
-    _SPAN_CRCS[key] = crc
+    Example:
+        >>> crcs = SpanCrcs()
+        >>> crcs.expect((1, 2, 3, 4, 0, 8), 99, "model.pth: member data/0")
+        >>> try:
+        ...     SpanCrcs(parent=crcs).remember((1, 2, 3, 4, 0, 8), 98)
+        ... except Exception as exc:
+        ...     print(type(exc).__name__)
+        FormatError
+    """
+
+    LIMIT = 1_000_000  # entries of each kind; past it the oldest are forgotten (all at once)
+
+    def __init__(self, parent: SpanCrcs | None = None) -> None:
+        self.parent = parent
+        self.known: dict[SpanKey, int] = {}
+        self.expected: dict[SpanKey, tuple[int, str]] = {}
+
+    def known_crc(self, key: SpanKey) -> int | None:
+        """The CRC-32 computed for the span, or None."""
+        found = self.known.get(key)
+        if found is None and self.parent is not None:
+            return self.parent.known_crc(key)
+        return found
+
+    def expected_crc(self, key: SpanKey) -> tuple[int, str] | None:
+        """The CRC-32 the span's archive records and the span's name, or None."""
+        found = self.expected.get(key)
+        if found is None and self.parent is not None:
+            return self.parent.expected_crc(key)
+        return found
+
+    def expects_any(self) -> bool:
+        """Whether any span has an expected CRC-32 (else reads need not look theirs up)."""
+        return bool(self.expected) or (self.parent is not None and self.parent.expects_any())
+
+    def expect(self, key: SpanKey, crc: int, what: str) -> None:
+        """Declare the CRC-32 the span must have (see :func:`expect_crc`)."""
+        if len(self.expected) >= self.LIMIT:
+            self.expected.clear()
+        self.expected[key] = (crc, what)
+
+    def remember(self, key: SpanKey, crc: int) -> None:
+        """Record the span's CRC-32; raise a one-line FormatError when its archive records another."""
+        expected = self.expected_crc(key)
+        if expected is not None and expected[0] != crc:
+            from ..errors import FormatError
+
+            raise FormatError(
+                f"{expected[1]}: its bytes do not match the CRC-32 recorded in the archive; "
+                "the file is damaged (flipped bytes), fetch it again"
+            )
+        if len(self.known) >= self.LIMIT:
+            self.known.clear()
+        self.known[key] = crc
+
+
+class Follower(Protocol):
+    """What follows an output file while it is written (:class:`~ckptsurgeon.fileio.readback.ReadBack`)."""
+
+    def submit(self, offset: int, length: int, upto: int | None = None) -> None: ...
+
+
+class SourceChecksummer(Protocol):
+    """What checksums big source spans while they are copied
+    (:class:`~ckptsurgeon.fileio.readback.SourceCrcs`)."""
+
+    def submit(self, path: Path, offset: int, length: int) -> Callable[[], int]: ...
+
+
+@dataclass
+class SpanContext:
+    """The span state one write (or the reads outside any write) works with: the CRC-32s known and
+    expected, the helper following each output file descriptor while it is written, and the
+    helpers checksumming big source spans (the innermost last)."""
+
+    crcs: SpanCrcs
+    followers: dict[int, Follower] = field(default_factory=dict)
+    source_crcs: list[SourceChecksummer] = field(default_factory=list)
+
+
+# The context of the reads outside any write: opening a checkpoint records its archive's CRCs
+# there, and reads (and the writes after) check against them.
+_READS = SpanContext(SpanCrcs())
+# The write running now, inside write_scope(); None outside any.
+_CURRENT: ContextVar[SpanContext | None] = ContextVar("ckpt_span_context", default=None)
+
+
+def current_context() -> SpanContext:
+    """The :class:`SpanContext` of the write running in this thread (or of the reads outside any).
+
+    Helper threads do not inherit it: they take the writer's when they are created.
+    """
+    return _CURRENT.get() or _READS
+
+
+@contextlib.contextmanager
+def write_scope() -> Iterator[SpanContext]:
+    """Run one write in a :class:`SpanContext` of its own: CRCs it computes or learns, and the
+    helpers it starts, are seen by it alone and dropped at the end; it sees the CRCs known before
+    it (its sources' archives', recorded when they were opened).
+
+    Example:
+        >>> with write_scope() as context:
+        ...     context.followers
+        {}
+    """
+    context = SpanContext(SpanCrcs(parent=current_context().crcs))
+    token = _CURRENT.set(context)
+    try:
+        yield context
+    finally:
+        _CURRENT.reset(token)

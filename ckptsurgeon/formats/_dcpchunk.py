@@ -21,7 +21,7 @@ from ..core.record import Storage, TensorRecord, expect_crc, file_identity
 from ..errors import FormatError
 from . import archive_prefix
 from ._torchpickle import StorageSlot, TorchResolver, check_tree, storage_dtype, storage_key, unpickle
-from .zipio import name_problem
+from .zipio import name_problem, zipfile_end_record
 
 _LOCAL_START = struct.Struct("<4s22xHH")
 
@@ -136,15 +136,12 @@ def _layout_problem(zf: zipfile.ZipFile, window: FileWindow) -> str | None:
         if info.compress_type != zipfile.ZIP_STORED:
             return f"member {info.filename} is compressed (torch.save stores every member)"
     window.seek(0)
-    end = zipfile._EndRecData(window)
-    if not end:
+    end = zipfile_end_record(window)
+    if end is None:
         return "no end of central directory record"
-    before = end[zipfile._ECD_LOCATION] - end[zipfile._ECD_SIZE] - end[zipfile._ECD_OFFSET]
-    if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
-        before -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
-    if before:
-        return f"{before} bytes before the archive that its offsets do not count"
-    if end[zipfile._ECD_ENTRIES_TOTAL] != len(zf.infolist()):
+    if end.bytes_before:
+        return f"{end.bytes_before} bytes before the archive that its offsets do not count"
+    if end.entries_total != len(zf.infolist()):
         return "its end record and its directory count different members"
     return None
 

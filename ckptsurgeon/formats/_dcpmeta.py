@@ -12,6 +12,7 @@ plain tensors, chunks and the byte spans that hold them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -120,13 +121,13 @@ class DcpResolver(DataResolver):
         for full in DCP_CLASSES:
             module, name = full.rsplit(".", 1)
             if name in _ENUMS:
-                self.table[full] = GlobalRef(module, name, call=lambda a, n=name: DcpObject(n, {"value": a}))
+                self.table[full] = GlobalRef(module, name, call=partial(_enum_member, name))
             else:
                 self.table[full] = GlobalRef(
                     module,
                     name,
-                    call=lambda a, n=name: _positional(n, a),
-                    new=lambda a, kw, n=name: DcpObject(n),
+                    call=partial(_positional, name),
+                    new=partial(_instance, name),
                 )
         for full in DTYPE_GLOBALS | LAYOUTS | MEMORY_FORMATS:
             module, name = full.rsplit(".", 1)
@@ -144,6 +145,14 @@ class DcpResolver(DataResolver):
 
     def accepts(self, full: str) -> bool:
         return full in self.table
+
+
+def _enum_member(kind: str, args: tuple) -> DcpObject:
+    return DcpObject(kind, {"value": args})
+
+
+def _instance(kind: str, args: tuple, kwargs: dict) -> DcpObject:
+    return DcpObject(kind)
 
 
 def _positional(kind: str, args: tuple) -> DcpObject:

@@ -322,7 +322,7 @@ def _check(
     total = 1
     for key, value in children:
         if type(value) is TensorRecord:  # the common leaf: its name is spelled out only on error
-            if value.storage is not None and not _record_fits(value, problems):
+            if value.storage is not None and not _record_fits(value, value.storage, problems):
                 _check_record(value, _child(name, key), path, problems)
             total += 1
         elif isinstance(value, TensorRecord | dict | list | tuple):
@@ -339,9 +339,9 @@ def _child(name: str, key: Any) -> str:
     return f"{name}.{key}" if name else key
 
 
-def _record_fits(rec: TensorRecord, problems: dict[int, str]) -> bool:
-    """The quiet form of :func:`_check_record`: True when there is nothing to report."""
-    storage = rec.storage
+def _record_fits(rec: TensorRecord, storage: Storage, problems: dict[int, str]) -> bool:
+    """The quiet form of :func:`_check_record` (``storage``: the record's): True when there is
+    nothing to report."""
     if problems and id(storage) in problems:
         return False
     shape = rec.shape
@@ -357,7 +357,7 @@ def _record_fits(rec: TensorRecord, problems: dict[int, str]) -> bool:
             if s < 0:
                 return False
             last += (d - 1) * s
-    return (last + 1) * rec.itemsize <= storage.nbytes  # type: ignore[union-attr]
+    return (last + 1) * rec.itemsize <= storage.nbytes
 
 
 def _check_record(rec: TensorRecord, name: str, path: Path, problems: dict[int, str]) -> None:

@@ -163,9 +163,9 @@ def _write_storage(zw: ZipWriter, name: str, nbytes: int, chunks: Iterable[bytes
         data, crc = chunks.read()
         zw.add(name, data, align=True, crc=crc)
         return
-    crc = chunks.vouched_crc()
-    if crc is not None:
-        zw.add_copied(name, nbytes, crc, chunks.copy_to)
+    vouched = chunks.vouched_crc()
+    if vouched is not None:
+        zw.add_copied(name, nbytes, vouched, chunks.copy_to)
         return
     if chunks.checksummed_elsewhere():
         zw.add_deferred(name, nbytes, chunks.copy_to)  # its CRC comes from a helper, at close
@@ -267,11 +267,17 @@ class StoragePlan:
         if not storage_class:
             em.save_global("torch", rec.dtype)
         em.out += b"tR"
-        refs = [em.global_ref(*rebuild), em.global_ref(*storage), em.global_ref("collections", "OrderedDict")]
+        rebuild_ref, storage_ref = em.global_ref(*rebuild), em.global_ref(*storage)
+        hooks_ref = em.global_ref("collections", "OrderedDict")
         dtype_ref = em.global_ref("torch", rec.dtype) if not storage_class else b""
-        if None not in refs and dtype_ref is not None:
-            head = refs[0] + b"((" + _STORAGE_STR + refs[1]  # type: ignore[operator]
-            self._parts[rec.dtype] = (head, refs[2] + b")R" + dtype_ref + b"tR")  # type: ignore[operator]
+        if (
+            rebuild_ref is not None
+            and storage_ref is not None
+            and hooks_ref is not None
+            and dtype_ref is not None
+        ):
+            head = rebuild_ref + b"((" + _STORAGE_STR + storage_ref
+            self._parts[rec.dtype] = (head, hooks_ref + b")R" + dtype_ref + b"tR")
 
     def _place(self, rec: TensorRecord) -> tuple[str, int, int, tuple[int, ...]]:
         """(storage key, its size in storage elements, the record's offset, stride) in the output."""

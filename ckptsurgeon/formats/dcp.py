@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..core.bounds import MAX_DEPTH, bounded_repr
 from ..core.checkpoint import Checkpoint
@@ -197,14 +197,14 @@ class DcpLoader:
         covered = None if whole else torch.zeros(t.shape, dtype=torch.bool)
         for chunk in t.chunks:
             piece = self._piece(chunk)
-            if out is None:
+            if out is None or covered is None:  # one chunk, the whole tensor
                 return piece
             where = tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes, strict=True))
-            if covered[where].any():  # type: ignore[index]
+            if covered[where].any():
                 raise FormatError(
                     f"{self.folder}: two chunks of tensor {t.fqn!r} overlap; the checkpoint is damaged"
                 )
-            covered[where] = True  # type: ignore[index]
+            covered[where] = True
             out[where] = piece
         if covered is not None and not bool(covered.all()):
             raise FormatError(
@@ -241,7 +241,7 @@ def nest(items: dict[str, Any], planner_data: Any) -> Any:
     return _lists(root)
 
 
-def _is_key_path(path: Any) -> bool:
+def _is_key_path(path: Any) -> TypeGuard[tuple[str | int, ...]]:
     return (
         isinstance(path, tuple)
         and 0 < len(path) <= MAX_DEPTH

@@ -20,7 +20,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any
 
 from ..core.bounds import bounded_repr
 from ..core.dtypes import DTYPES
@@ -312,13 +312,13 @@ def _tar_members(path: Path, members: list[Any]) -> dict[str, Any]:
     return kept
 
 
-def _walk_one(fh: BinaryIO, size: int, found: list[tuple[str, PickleGlobals]], name: str) -> str | None:
+def _walk_one(fh: IO[bytes], size: int, found: list[tuple[str, PickleGlobals]], name: str) -> str | None:
     found.append((name, scan_globals(fh, 0)))
     return None
 
 
 def _walk_tar_storages(
-    fh: BinaryIO, size: int, found: list[tuple[str, PickleGlobals]], name: str
+    fh: IO[bytes], size: int, found: list[tuple[str, PickleGlobals]], name: str
 ) -> str | None:
     """A count, then per storage (key, location, storage class) and its 8-byte element count
     and bytes, then the list of storage views."""
@@ -337,7 +337,7 @@ def _walk_tar_storages(
 
 
 def _walk_tar_tensors(
-    fh: BinaryIO, size: int, found: list[tuple[str, PickleGlobals]], name: str
+    fh: IO[bytes], size: int, found: list[tuple[str, PickleGlobals]], name: str
 ) -> str | None:
     """A count, then per tensor (key, storage id, type) and its dims, sizes, strides, offset."""
 
@@ -350,7 +350,7 @@ def _walk_tar_tensors(
 
 
 def _walk_records(
-    fh: BinaryIO,
+    fh: IO[bytes],
     size: int,
     found: list[tuple[str, PickleGlobals]],
     name: str,
@@ -374,7 +374,7 @@ def _walk_records(
 
 
 def _scanned_value(
-    fh: BinaryIO, pos: int, found: list[tuple[str, PickleGlobals]], name: str
+    fh: IO[bytes], pos: int, found: list[tuple[str, PickleGlobals]], name: str
 ) -> tuple[Any, int]:
     """Scan the pickle at ``pos`` (recorded in ``found``), then read its value with the restricted
     unpickler: (value, end), the value None when it names anything but data and storage classes."""
@@ -389,7 +389,7 @@ def _scanned_value(
     return value, scanned.end
 
 
-_TAR_WALKERS: dict[str, Callable[[BinaryIO, int, list[tuple[str, PickleGlobals]], str], str | None]] = {
+_TAR_WALKERS: dict[str, Callable[[IO[bytes], int, list[tuple[str, PickleGlobals]], str], str | None]] = {
     "sys_info": _walk_one,
     "storages": _walk_tar_storages,
     "tensors": _walk_tar_tensors,

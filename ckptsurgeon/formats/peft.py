@@ -117,10 +117,12 @@ def _parse_json(path: Path, data: bytes) -> dict[str, Any]:
         raise FormatError(f"{path}: not UTF-8 text; save the adapter again") from None
     except DuplicateKeyError as exc:
         raise FormatError(f"{path}: {exc.key!r} appears twice; save the adapter again") from None
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise FormatError(
             f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); save the adapter again"
         ) from None
+    except ValueError as exc:  # a number too long to convert
+        raise FormatError(f"{path}: not valid JSON ({exc}); save the adapter again") from None
     except RecursionError:
         raise FormatError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(config, dict):

@@ -391,11 +391,12 @@ def parse_aliases(
         raise _fault(path, f"{where} is not a JSON object") from None
     if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
         raise _fault(path, f"{where} must map tied names to stored names (strings)")
-    for dropped, kept in aliases.items() if tensors is not None else ():
-        if kept not in tensors:
-            raise _fault(path, f"{where}: {dropped!r} is tied to {kept!r}, which the file does not hold")
-        if dropped in tensors:
-            raise _fault(path, f"{where}: tied name {dropped!r} is also stored as a tensor")
+    if tensors is not None:
+        for dropped, kept in aliases.items():
+            if kept not in tensors:
+                raise _fault(path, f"{where}: {dropped!r} is tied to {kept!r}, which the file does not hold")
+            if dropped in tensors:
+                raise _fault(path, f"{where}: tied name {dropped!r} is also stored as a tensor")
     return aliases
 
 
@@ -497,6 +498,7 @@ _WRITE_ORDER = {code: rank for rank, code in enumerate(_SAFETENSORS_DTYPE_ORDER)
 
 def _layout_key(item: tuple[str, TensorRecord]) -> tuple[int, str]:
     name, rec = item
+    # only dtypes with a safetensors code get here: the writer refuses the others first
     return (-_WRITE_ORDER[DTYPES[rec.dtype].safetensors], name)  # type: ignore[index]
 
 
@@ -536,10 +538,10 @@ def _encode_header(
 
 
 def _write_tensor(fh: BinaryIO, name: str, rec: TensorRecord) -> None:
-    if rec.is_raw and rec.numel:  # a file span, through one reused aligned buffer
-        start, length = rec.byte_span
+    span = rec.file_span()  # (path, offset, length) when rec.is_raw and rec.numel
+    if span is not None:  # a file span, through one reused aligned buffer
         try:
-            FileSpan(rec.storage.path, rec.storage.offset + start, length).copy_to(fh)  # type: ignore[union-attr,arg-type]
+            FileSpan(*span).copy_to(fh)
         except EOFError:
             raise OutputError(f"{name}: the source file ends inside the tensor; it is truncated") from None
         return

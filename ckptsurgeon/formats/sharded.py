@@ -165,10 +165,12 @@ def load_index(index: Path) -> dict[str, Any]:
         raw = json.loads(text, object_pairs_hook=no_duplicate_keys)
     except DuplicateKeyError as exc:
         raise FormatError(f"{index}: {exc.key!r} appears twice in the index; fetch the index again") from None
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise FormatError(
             f"{index}: not valid JSON ({exc.msg} at line {exc.lineno}); fetch the index again"
         ) from None
+    except ValueError as exc:  # a number too long to convert
+        raise FormatError(f"{index}: not valid JSON ({exc}); fetch the index again") from None
     except RecursionError:
         raise FormatError(f"{index}: not valid JSON (nested too deeply)") from None
     if not isinstance(raw, dict) or "weight_map" not in raw:

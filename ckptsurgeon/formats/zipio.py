@@ -14,6 +14,7 @@ anything else, so the caller falls back to :mod:`zipfile` (which names the fault
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import zlib
@@ -230,29 +231,64 @@ def check_names(path: Path, names: list[str]) -> None:
         raise FormatError(f"{path}: an ambiguous zip archive: {problem}; refusing to read it")
 
 
+class EndRecord(NamedTuple):
+    """A zip's end of central directory record, as :mod:`zipfile` itself parsed it."""
+
+    location: int  # file offset of the end record
+    directory_size: int
+    directory_offset: int  # as declared
+    zip64: bool  # zipfile took the zip64 end record
+    entries_total: int
+
+    @property
+    def bytes_before(self) -> int:
+        """Bytes before the archive that its offsets do not count (zipfile's "concat"): where the
+        record is, minus the directory's size and declared offset, minus any zip64 records between."""
+        before = self.location - self.directory_size - self.directory_offset
+        if self.zip64:
+            before -= _ZIP64_RECORDS_SIZE
+        return before
+
+
+_ZIP64_RECORDS_SIZE = 56 + 20  # zip64 end record and its locator (zipfile.sizeEndCentDir64 + ...Locator)
+
+
+def zipfile_end_record(fh: BinaryIO | io.RawIOBase) -> EndRecord | None:
+    """The end record :mod:`zipfile` finds in ``fh`` (its own parser, so the two cannot disagree),
+    or None when it finds none."""
+    import zipfile
+
+    # zipfile's end-record parser and its field indexes are private: typeshed does not declare them
+    private: Any = zipfile
+    end = private._EndRecData(fh)
+    if not end:
+        return None
+    return EndRecord(
+        location=end[private._ECD_LOCATION],
+        directory_size=end[private._ECD_SIZE],
+        directory_offset=end[private._ECD_OFFSET],
+        zip64=end[private._ECD_SIGNATURE] == private.stringEndArchive64,
+        entries_total=end[private._ECD_ENTRIES_TOTAL],
+    )
+
+
 def zipfile_problem(path: Path, zf: Any) -> str | None:
     """Why an archive :mod:`zipfile` opened could be read differently by torch (miniz), or None:
     bytes before the archive (zipfile shifts every offset past them, miniz does not), or a
     central directory holding more or fewer entries than its end record counts (zipfile
     reads them all, miniz the counted ones)."""
-    import zipfile
-
     with open(path, "rb") as fh:
-        end = zipfile._EndRecData(fh)  # the record zipfile itself found, as zipfile parsed it
-        if not end:
+        end = zipfile_end_record(fh)  # the record zipfile itself found, as zipfile parsed it
+        if end is None:
             return "no end of central directory record"
-        fh.seek(max(end[zipfile._ECD_LOCATION] - 76, 0))
+        fh.seek(max(end.location - 76, 0))
         records = fh.read(76 + 22)
-    problem = _zip64_problem(records, end[zipfile._ECD_LOCATION])
+    problem = _zip64_problem(records, end.location)
     if problem:
         return problem
-    # where the record is, minus the directory's size and declared offset: zipfile's "concat"
-    before = end[zipfile._ECD_LOCATION] - end[zipfile._ECD_SIZE] - end[zipfile._ECD_OFFSET]
-    if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # the zip64 records sit between
-        before -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
-    if before:
-        return f"{before} bytes before the archive that its offsets do not count"
-    counted, listed = end[zipfile._ECD_ENTRIES_TOTAL], len(zf.infolist())
+    if end.bytes_before:
+        return f"{end.bytes_before} bytes before the archive that its offsets do not count"
+    counted, listed = end.entries_total, len(zf.infolist())
     if counted != listed:
         return f"its end record counts {counted} members but its directory lists {listed}"
     return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import pickletools
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from .pickles import PickleError, PickleTruncated, fix_name
 
@@ -39,7 +39,7 @@ _MARK_CLOSERS = frozenset(
 _PENDING = object()
 
 
-def scan_globals(source: bytes | memoryview | BinaryIO, start: int = 0) -> PickleGlobals:
+def scan_globals(source: bytes | memoryview | IO[bytes], start: int = 0) -> PickleGlobals:
     """List every global one pickle would import, executing nothing (``pickletools.genops``).
 
     ``source`` is the bytes, or an open file (read only up to the pickle's STOP).
@@ -83,10 +83,10 @@ class _ScanState:
             self._add(*fix_name(module, attr))
             recent.append(None)
         elif name == "STACK_GLOBAL":
-            attr = recent.pop() if recent else None
-            module = recent.pop() if recent else None
-            if isinstance(module, str) and isinstance(attr, str):
-                self._add(*fix_name(module, attr))
+            pushed_name = recent.pop() if recent else None
+            pushed_module = recent.pop() if recent else None
+            if isinstance(pushed_module, str) and isinstance(pushed_name, str):
+                self._add(*fix_name(pushed_module, pushed_name))
             else:
                 self._add("<computed>", "<a global whose name is built at load time>")
             recent.append(None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import _compat_pickle
 import struct
 from collections import OrderedDict
+from collections.abc import Hashable
 from typing import Any, Protocol
 
 from ..core.bounds import BoundError, check_depth, check_keys
@@ -466,7 +467,8 @@ class Emitter:
 
     def __init__(self, hook: Any = None) -> None:
         self.out = bytearray()
-        self.memo: dict[int, tuple[int, Any]] = {}
+        # id(obj) -> (memo index, obj); objects memoised by value (globals, strings) are their own key
+        self.memo: dict[Hashable, tuple[int, Any]] = {}
         self.hook = hook
 
     def getvalue(self) -> bytes:

@@ -23,6 +23,7 @@ import argparse
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from ..core.bounds import bounded_repr, check_key, check_keys
@@ -259,13 +260,13 @@ class DataResolver:
         if ref is not None:
             return ref
         if is_numpy_dtype_class(full):
-            return GlobalRef(module, name, call=lambda a, m=module, n=name: Reduced(m, n, a))
+            return GlobalRef(module, name, call=partial(_reduced_call, module, name))
         if full in self.allow_globals:
             return GlobalRef(
                 module,
                 name,
-                call=lambda a, m=module, n=name: Reduced(m, n, a),
-                new=lambda a, kw, m=module, n=name: Reduced(m, n, a, newobj=True),
+                call=partial(_reduced_call, module, name),
+                new=partial(_reduced_new, module, name),
             )
         raise BlockedGlobal(full)
 
@@ -391,17 +392,32 @@ def _data_globals() -> list[GlobalRef]:
         ),
     ]
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        refs.append(GlobalRef(module, "scalar", call=lambda a, m=module: numpy_scalar(m, *a)))
+        refs.append(GlobalRef(module, "scalar", call=partial(_numpy_scalar_call, module)))
     for cls in PATH_CLASSES:
-        refs.append(
-            GlobalRef(
-                "pathlib",
-                cls,
-                call=lambda a, c=cls: PathValue("pathlib", c, _path_parts(a)),
-                new=lambda a, kw, c=cls: PathValue("pathlib", c, _path_parts(a), newobj=True),
-            )
-        )
+        refs.append(GlobalRef("pathlib", cls, call=partial(_path_call, cls), new=partial(_path_new, cls)))
     return refs
+
+
+def _reduced_call(module: str, name: str, args: tuple) -> Reduced:
+    """``module.name(*args)`` kept as data (a :class:`GlobalRef`'s ``call``, bound with ``partial``)."""
+    return Reduced(module, name, args)
+
+
+def _reduced_new(module: str, name: str, args: tuple, kwargs: dict) -> Reduced:
+    """``module.name.__new__(*args)`` kept as data (a :class:`GlobalRef`'s ``new``)."""
+    return Reduced(module, name, args, newobj=True)
+
+
+def _numpy_scalar_call(module: str, args: tuple) -> Any:
+    return numpy_scalar(module, *args)
+
+
+def _path_call(cls: str, args: tuple) -> PathValue:
+    return PathValue("pathlib", cls, _path_parts(args))
+
+
+def _path_new(cls: str, args: tuple, kwargs: dict) -> PathValue:
+    return PathValue("pathlib", cls, _path_parts(args), newobj=True)
 
 
 def _iterable_args(args: tuple) -> tuple:

@@ -143,7 +143,7 @@ def scan(path: str | os.PathLike[str], options: ReadOptions | None = None) -> Sc
 
 
 def _folder_files(folder: Path) -> list[Path]:
-    found = []
+    found: list[Path] = []
     for root, dirs, names in os.walk(folder):
         dirs.sort()
         found.extend(Path(root) / n for n in sorted(names) if os.path.isfile(Path(root) / n))
@@ -177,7 +177,8 @@ def _scan_dcp_data(path: Path, spans: list[tuple[int, int]], options: ReadOption
     from ..formats._dcpchunk import chunk_label, chunk_pickles
 
     size = os.path.getsize(path)
-    found, extra = [], []
+    found: list[PickleGlobals] = []
+    extra: list[str] = []
     for offset, length in spans:
         label = chunk_label(path, offset, length)
         if offset + length > size:
@@ -242,12 +243,12 @@ def _scan_zip(path: Path, options: ReadOptions) -> FileScan:
         main = archive_prefix(path, names) + "data.pkl"  # the one torch reads
         pickles = [main, *sorted(n for n in names if n.lower().endswith(".pkl") and n != main)]
         try:
-            found = {name: scan_globals(read_member(zf, path, name)) for name in pickles}
+            scanned = {name: scan_globals(read_member(zf, path, name)) for name in pickles}
         except PickleError as exc:
             raise FormatError(f"{path}: {exc}; the file is damaged") from None
-    main = found.pop(pickles[0])
-    result = _classified(path, fmt, [main], options)
-    for name, other in found.items():
+    main_globals = scanned.pop(pickles[0])
+    result = _classified(path, fmt, [main_globals], options)
+    for name, other in scanned.items():
         bad = [g for g in other.globals if classify(g, options.allow_globals).kind == UNSAFE]
         suffix = f"; it imports {', '.join(bad)}" if bad else ""
         result.notes.append(f"the archive also holds {name}, which torch.load does not read{suffix}")

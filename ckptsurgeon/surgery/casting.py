@@ -15,6 +15,7 @@ import threading
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from ..core.dtypes import DTYPES, get_dtype
@@ -125,6 +126,8 @@ class CastReader:
             count = min(step, stop - elem)
             _convert(dest[elem - first : elem - first + count], self._source_elements(elem, count))
         skip = start - first * size
+        # the bytearray itself, not a copy of up to 1 MiB per read; every reader of a storage's
+        # bytes (write, crc32, frombuffer) takes either, but Storage.reader promises bytes
         return out if skip == 0 and len(out) == length else bytes(out[skip : skip + length])  # type: ignore[return-value]
 
     def _source_elements(self, elem: int, count: int) -> Any:
@@ -139,7 +142,7 @@ class CastReader:
         if source.path is not None:
             pread_into(source.path, source.offset + at, view)
             if not self._checked:
-                self._check_crc(at, view)
+                self._check_crc(source.path, at, view)
         else:
             view[:] = source.read(at, nbytes)
         flat = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes)
@@ -147,11 +150,12 @@ class CastReader:
             flat = flat.view(-1, itemsize).flip(1).contiguous().view(-1)
         return flat.view(getattr(torch, source.dtype))
 
-    def _check_crc(self, at: int, data: memoryview) -> None:
-        """Follow the source span read in order; once whole, check its CRC-32 against the archive's."""
+    def _check_crc(self, path: Path, at: int, data: memoryview) -> None:
+        """Follow the source span (at ``path``) read in order; once whole, check its CRC-32
+        against the archive's."""
         source = self.source
         if at == 0:
-            known = recorded_crc(source.path, source.offset, source.nbytes)  # type: ignore[arg-type]
+            known = recorded_crc(path, source.offset, source.nbytes)
             self._checked = known is None  # nothing recorded: nothing to check
             self._crc = None if self._checked else (0, 0)
         if self._crc is None or self._crc[0] != at:
@@ -161,7 +165,7 @@ class CastReader:
         self._crc = (done, crc)
         if done == source.nbytes:
             self._crc = None
-            key = (*file_identity(source.path), source.offset, source.nbytes)  # type: ignore[arg-type]
+            key = (*file_identity(path), source.offset, source.nbytes)
             remember_span_crc(key, crc)  # raises a one-line error when the archive says otherwise
             self._checked = True
 

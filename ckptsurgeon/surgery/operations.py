@@ -208,7 +208,8 @@ def adapt(
             raise LoadError(alarm)
         plan = adaptation.plan
         notes = optimizer_notes(source, plan, options)
-        written = None if dry_run else write_checkpoint(source, plan, options)  # type: ignore[arg-type]
+        # options is None only on a dry run (_need_output refused anything else)
+        written = None if dry_run or options is None else write_checkpoint(source, plan, options)
     return AdaptResult(
         source=label,
         weights_key=source.weights.key,
@@ -362,7 +363,8 @@ def _surgery(
         source = open_source(src, key, read_options)
         plan = make(source)
         notes += optimizer_notes(source, plan, options)
-        written = None if dry_run else write_checkpoint(source, plan, options)  # type: ignore[arg-type]
+        # options is None only on a dry run (_need_output refused anything else)
+        written = None if dry_run or options is None else write_checkpoint(source, plan, options)
     return SurgeryResult(
         source=os.fspath(src), weights_key=source.weights.key, plan=plan, written=written, notes=tuple(notes)
     )

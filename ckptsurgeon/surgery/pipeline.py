@@ -25,7 +25,7 @@ from ..core.trees import dropped_entries, has_unread_values, rebuilt_tree, weigh
 from ..core.walk import records
 from ..errors import OutputError, SurgeryError
 from ..fileio.progress import counting, progress_bar
-from ..fileio.spans import FD_CACHE, vouched_copies
+from ..fileio.spans import FD_CACHE, vouched_copies, write_scope
 from ..fileio.writing import atomic_output, refuse_special_file
 from ..formats import ReadOptions
 from .plan import Plan
@@ -177,10 +177,11 @@ def write_checkpoint(source: Source, plan: Plan | None, options: WriteOptions) -
         payload = rebuilt_tree(source, tensors, plan)
     else:
         payload = weights_payload(source, tensors, plan, kind)
-    if kind.startswith("sharded-"):
-        files = _write_sharded(tensors, options, kind.removeprefix("sharded-"), source.verify_options)
-    else:
-        files = [_write_single(payload, options, kind, source.verify_options)]
+    with write_scope():  # this write's CRCs and helpers, seen by no other write
+        if kind.startswith("sharded-"):
+            files = _write_sharded(tensors, options, kind.removeprefix("sharded-"), source.verify_options)
+        else:
+            files = [_write_single(payload, options, kind, source.verify_options)]
     output_size = sum(f.stat().st_size for f in files)
     size = source.checkpoint.file_size
     if left_out:

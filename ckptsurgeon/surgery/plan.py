@@ -284,7 +284,7 @@ class Plan:
                 f"the plan drops {len(self.dropped)} tensor(s) (e.g. {self.dropped[0].old!r}); "
                 "only a plan that drops nothing can be inverted"
             )
-        entries = tuple(Entry(e.new, e.old, "", e.dtype, e.shape) for e in self.entries)  # type: ignore[arg-type]
+        entries = tuple(Entry(e.new, e.old, "", e.dtype, e.shape) for e in self.entries if e.new is not None)
         return Plan(entries, (f"inverse of: {'; '.join(self.steps) or 'identity'}",))
 
 
@@ -302,19 +302,20 @@ def make_plan(tensors: Mapping[str, TensorRecord] | Iterable[str], steps: Sequen
     touched = [False] * len(steps)
     entries = []
     for name, rec in records.items():
-        current: str | None = name
+        current = name
+        new_name: str | None = name  # None once a step drops it
         reason = ""
         for i, step in enumerate(steps):
             result = step.apply(current)
             touched[i] = touched[i] or step.matched(current, result)
             if result is None:
                 reason = step.reason(current)
-                current = None
+                new_name = None
                 break
             if not result:
                 raise SurgeryError(f"{name!r}: {step.description} leaves an empty name")
-            current = result
-        entries.append(_entry(name, current, reason, rec))
+            current = new_name = result
+        entries.append(_entry(name, new_name, reason, rec))
     _refuse_idle_steps(steps, touched, records)
     return Plan(tuple(entries), tuple(s.description for s in steps))
 

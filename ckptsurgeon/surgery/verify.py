@@ -99,9 +99,9 @@ def _fingerprints(items: dict[Any, Any], *, recorded: bool = False) -> dict[Any,
             group = by_file[span[0]] = []
         group.append((path, value, (span[1], span[2])))
     for file, group in by_file.items():
-        crcs = span_crcs(file, [span for _p, _v, span in group], recorded=recorded)
-        for (path, value, span), crc in zip(group, crcs, strict=True):
-            result[path] = ("tensor", value.dtype, tuple(value.shape), span[1], crc)
+        crcs = span_crcs(file, [member for _p, _v, member in group], recorded=recorded)
+        for (path, value, (_offset, length)), crc in zip(group, crcs, strict=True):
+            result[path] = ("tensor", value.dtype, tuple(value.shape), length, crc)
     return result
 
 
