@@ -326,6 +326,36 @@ def test_empty_tensors_with_huge_dims_are_accepted_like_the_reference(tmp_path: 
     assert tuple(safetensors_torch.load_file(path)["w"].shape) == tuple(shape)
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        [0, 2, 1 << 62],
+        [0, 1 << 62, 2],
+        [0, 3, 1 << 62],
+        [0, 1 << 40, 1 << 40],
+        [1 << 62, 2, 0],
+        [0, 1 << 31, 1 << 31, 1 << 31],
+        [5, 0, 1 << 62, 2],
+    ],
+)
+def test_empty_tensors_load_exactly_when_torch_can_hold_them(tmp_path: Path, shape: list) -> None:
+    """Found by the differential test: ``[0, 2, 2**62]`` was accepted, but torch cannot compute its
+    strides, so the safetensors library's load fails; the verdicts now agree shape by shape."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    path = raw_file(tmp_path / "z.safetensors", js({"w": entry(shape=shape, offsets=[0, 0])}))
+    try:
+        safetensors_torch.load_file(path)
+        theirs = True
+    except Exception:  # torch's RuntimeError, through the library
+        theirs = False
+    try:
+        st.read(path)
+        ours = True
+    except FormatError:
+        ours = False
+    assert ours == theirs, shape
+
+
 def test_header_may_start_and_end_with_json_whitespace(tmp_path: Path) -> None:
     """As for the reference: whitespace around the object is JSON (a NUL or a BOM is not)."""
     path = raw_file(tmp_path / "ws.safetensors", f" \n{js({'w': entry()})}\t ", bytes(8))

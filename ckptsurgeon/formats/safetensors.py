@@ -274,6 +274,10 @@ def _parse_entry(path: Path, name: str, value: Any) -> tuple[DType, tuple[int, .
             )
     if numel * dtype.itemsize * 8 >= _U64:
         raise _fault(path, f"tensor {_short(name)}: shape {_short(shape)} overflows a 64-bit size in bits")
+    if numel == 0 and len(shape) > 1 and _torch_refuses_empty(shape):
+        raise _fault(
+            path, f"tensor {_short(name)}: shape {_short(shape)} overflows torch's 64-bit sizes or strides"
+        )
     if numel * dtype.itemsize != end - begin:
         raise _fault(
             path,
@@ -281,6 +285,25 @@ def _parse_entry(path: Path, name: str, value: Any) -> tuple[DType, tuple[int, .
             f"but data_offsets span {end - begin}",
         )
     return dtype, tuple(shape), begin, end
+
+
+def _torch_refuses_empty(shape: list[int]) -> bool:
+    """Whether torch refuses an empty tensor of ``shape`` that the safetensors library hands it
+    (its element count, multiplied from the left below 2**64, is checked by the caller): each
+    contiguous stride, multiplied from the right in wrapping 64-bit arithmetic, must not come out
+    negative ("Stride calculation overflowed": ``[0, 2, 2**62]``; ``[0, 2**40, 2**40]`` wraps to 0
+    and loads).
+
+    Example:
+        >>> [_torch_refuses_empty(s) for s in ([0, 2, 2**62], [0, 2**40, 2**40], [2**62, 2, 0])]
+        [True, False, False]
+    """
+    stride = 1
+    for size in reversed(shape[1:]):
+        stride = stride * max(size, 1) % _U64
+        if stride >= 1 << 63:
+            return True
+    return False
 
 
 def _entry_fault(path: Path, name: str, value: Any) -> Any:
