@@ -67,7 +67,7 @@ def render_plan(plan: Plan, fmt: str = "table", verbose: bool = False) -> str:
     parts = [plan_headline(plan)]
     renamed = render_table(["renamed", "to"], _rename_rows(plan, verbose), fmt)
     dropped = render_table(["dropped", "dtype", "shape", "reason"], _drop_rows(plan, verbose), fmt)
-    transformed = render_table(["transformed", "to", "transform"], _transform_rows(plan, verbose), fmt)
+    transformed = _transform_table(plan, verbose, fmt)
     return "\n\n".join(p for p in (*parts, renamed, dropped, transformed) if p)
 
 
@@ -94,6 +94,14 @@ def _rename_rows(plan: Plan, verbose: bool) -> list[list[str]]:
     if verbose:
         return [[old, new] for old, new in new_of.items()]
     return _pair_rows(new_of, lambda _old: ())
+
+
+def _transform_table(plan: Plan, verbose: bool, fmt: str) -> str:
+    """The transformed tensors; without the ``to`` column when every one keeps its name (a cast)."""
+    rows = _transform_rows(plan, verbose)
+    if all(row[0] == row[1] for row in rows):
+        return render_table(["transformed", "transform"], [[row[0], row[2]] for row in rows], fmt)
+    return render_table(["transformed", "to", "transform"], rows, fmt)
 
 
 def _transform_rows(plan: Plan, verbose: bool) -> list[list[str]]:
