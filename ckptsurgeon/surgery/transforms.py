@@ -64,7 +64,8 @@ class Transform:
 
     ``compute(inputs, i)`` gets the input records (in ``inputs`` order; ``record.to_torch()``
     reads one) and returns output ``i`` as a tensor or as its raw little-endian bytes; a result
-    whose dtype, shape or size is not the declared one is refused by name.
+    whose dtype, shape or size is not the declared one is refused by name. Output records are
+    plain tensors (not parameters, no ``requires_grad``).
 
     Example:
         >>> t = Transform("negate", ("w",), (Output("w", "float32", (2,)),),
@@ -115,27 +116,7 @@ class Transform:
 
     def value(self, inputs: tuple[TensorRecord, ...], index: int) -> torch.Tensor:
         """Output ``index`` computed from ``inputs``, checked against its declaration."""
-        import torch
-
-        out = self.outputs[index]
-        result = self.compute(inputs, index)
-        if isinstance(result, bytes | bytearray | memoryview):
-            if len(result) != out.nbytes:
-                raise SurgeryError(
-                    f"{self.description}: output {out.name!r} came out {len(result)} bytes, "
-                    f"declared {out.nbytes}"
-                )
-            if not out.nbytes:
-                return torch.empty(out.shape, dtype=getattr(torch, out.dtype))
-            flat = torch.frombuffer(bytearray(result), dtype=torch.uint8)
-            return flat.view(getattr(torch, out.dtype)).reshape(out.shape)
-        got = (str(result.dtype).removeprefix("torch."), tuple(result.shape))
-        if got != (out.dtype, out.shape):
-            raise SurgeryError(
-                f"{self.description}: output {out.name!r} came out {got[0]}{list(got[1])}, "
-                f"declared {out.dtype}{list(out.shape)}"
-            )
-        return result.detach().to("cpu").contiguous()
+        return _as_declared(self.description, self.outputs[index], self.compute(inputs, index))
 
     # -- derived transforms -----------------------------------------------------------------
     def renamed(self, names: Mapping[str, str]) -> Transform:
@@ -153,7 +134,7 @@ class Transform:
         outputs = tuple(Output(o.name, target, o.shape) if again else o for o, again in pairs)
 
         def compute(inputs: tuple[TensorRecord, ...], index: int) -> Any:
-            value = _declared(self, inner(inputs, index), index)
+            value = _as_declared(self.description, self.outputs[index], inner(inputs, index))
             return value.to(_torch_dtype(target)) if recast[index] else value
 
         description = f"{self.description}, cast to {target}"
@@ -304,12 +285,27 @@ def _input(tensors: Mapping[str, TensorRecord], name: str, what: str) -> TensorR
     return rec
 
 
-def _declared(transform: Transform, result: Any, index: int) -> Any:
-    """``result`` (a tensor or bytes) as the tensor ``transform`` declared for output ``index``."""
-    checking = Transform(
-        transform.description, transform.inputs, transform.outputs, lambda _inputs, _i: result
-    )
-    return checking.value((), index)
+def _as_declared(description: str, out: Output, result: Any) -> torch.Tensor:
+    """``result`` (a tensor, or raw little-endian bytes) as the contiguous CPU tensor ``out``
+    declares; a SurgeryError naming the output when its dtype, shape or size differ."""
+    import torch
+
+    if isinstance(result, bytes | bytearray | memoryview):
+        if len(result) != out.nbytes:
+            raise SurgeryError(
+                f"{description}: output {out.name!r} came out {len(result)} bytes, declared {out.nbytes}"
+            )
+        if not out.nbytes:
+            return torch.empty(out.shape, dtype=getattr(torch, out.dtype))
+        flat = torch.frombuffer(bytearray(result), dtype=torch.uint8)
+        return flat.view(getattr(torch, out.dtype)).reshape(out.shape)
+    got = (str(result.dtype).removeprefix("torch."), tuple(result.shape))
+    if got != (out.dtype, out.shape):
+        raise SurgeryError(
+            f"{description}: output {out.name!r} came out {got[0]}{list(got[1])}, "
+            f"declared {out.dtype}{list(out.shape)}"
+        )
+    return result.detach().to("cpu").contiguous()
 
 
 def _with(transform: Transform, **changes: Any) -> Transform:
