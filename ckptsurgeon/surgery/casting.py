@@ -39,23 +39,32 @@ def cast_tensors(tensors: Mapping[str, TensorRecord], dtype: str) -> dict[str, T
         'bfloat16'
     """
     target = cast_dtype(dtype)
-    cache: dict[Any, Storage] = {}
-    out: dict[str, TensorRecord] = {}
-    for name, rec in tensors.items():
-        source = DTYPES.get(rec.dtype)
-        if source is None or not source.is_floating or rec.dtype == target:
-            out[name] = rec
-        elif rec.storage is None and rec.loader is None:
-            out[name] = replace(rec, dtype=target)  # no data (meta): the writer says so, by name
-        elif rec.storage is not None and rec.loader is None and _storage_castable(rec):
-            key = _storage_key(rec.storage)
-            storage = cache.get(key)
-            if storage is None:
-                storage = cache[key] = cast_storage(rec.storage, target)
-            out[name] = replace(rec, dtype=target, storage=storage)
-        else:
-            out[name] = replace(rec, dtype=target, loader=_cast_loader(rec, target))
-    return out
+    shared: dict[Any, Any] = {}
+    return {name: cast_record(rec, target, shared) for name, rec in tensors.items()}
+
+
+def cast_record(rec: TensorRecord, target: str, shared: dict[Any, Any]) -> TensorRecord:
+    """``rec`` as the floating dtype ``target`` (canonical), its bytes cast when read; ``rec`` itself
+    when it is not floating or already ``target``. Records whose storage is in ``shared`` (one
+    dict for a whole state dict) share its cast storage, so tied weights stay tied.
+
+    Example:
+        >>> storage = Storage("0", "float32", 8, loader=lambda: bytes(8))
+        >>> cast_record(TensorRecord("w", "float32", (2,), storage), "float16", {}).nbytes
+        4
+    """
+    source = DTYPES.get(rec.dtype)
+    if source is None or not source.is_floating or rec.dtype == target:
+        return rec
+    if rec.storage is None and rec.loader is None:
+        return replace(rec, dtype=target)  # no data (meta): the writer says so, by name
+    if rec.storage is not None and rec.loader is None and _storage_castable(rec):
+        key = ("cast", _storage_key(rec.storage), target)
+        storage = shared.get(key)
+        if storage is None:
+            storage = shared[key] = cast_storage(rec.storage, target)
+        return replace(rec, dtype=target, storage=storage)
+    return replace(rec, dtype=target, loader=_cast_loader(rec, target))
 
 
 def cast_dtype(dtype: str) -> str:

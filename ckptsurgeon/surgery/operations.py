@@ -64,7 +64,7 @@ def convert(
         'wrote /tmp/r.safetensors (safetensors, 122 tensors, 189.6 KiB), verified bit for bit'
     """
     options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress)
-    return _surgery(src, key, read_options, options, dry_run, lambda s: make_plan(s.tensors, []))
+    return _surgery(src, key, read_options, options, dry_run, lambda s: make_plan(s.tensors, []), dtype=dtype)
 
 
 def rename(
@@ -103,7 +103,11 @@ def rename(
     if not steps:
         raise SurgeryError("nothing to do: give --strip-prefix, --add-prefix, --replace, --drop or --keep")
     options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress)
-    return _surgery(src, key, read_options, options, dry_run, lambda s: make_plan(s.tensors, steps))
+
+    def make(source: Source) -> Plan:
+        return make_plan(source.tensors, steps)
+
+    return _surgery(src, key, read_options, options, dry_run, make, dtype=dtype)
 
 
 def strip_head(
@@ -149,7 +153,7 @@ def strip_head(
             notes.append("every tensor fits the target; nothing to drop")
         return plan
 
-    return _surgery(src, key, read_options, options, dry_run, make, notes)
+    return _surgery(src, key, read_options, options, dry_run, make, notes, dtype=dtype)
 
 
 def adapt(
@@ -206,7 +210,7 @@ def adapt(
         alarm = adaptation.refusal(outcome)
         if alarm is not None and not dry_run:
             raise LoadError(alarm)
-        plan = adaptation.plan
+        plan = adaptation.plan if dtype is None else adaptation.plan.with_cast(source.tensors, dtype)
         notes = optimizer_notes(source, plan, options)
         # options is None only on a dry run (_need_output refused anything else)
         written = None if dry_run or options is None else write_checkpoint(source, plan, options)
@@ -355,13 +359,17 @@ def _surgery(
     dry_run: bool,
     make: Callable[[Source], Plan],
     notes: list[str] | None = None,
+    dtype: str | None = None,
 ) -> SurgeryResult:
-    """Open, plan, and write unless ``dry_run``: the flow of convert, rename and strip_head."""
+    """Open, plan (with ``dtype``'s cast, so a dry run shows it), and write unless ``dry_run``:
+    the flow of convert, rename and strip_head."""
     _need_output(options, dry_run)
     notes = notes if notes is not None else []
     with gc_paused():
         source = open_source(src, key, read_options)
         plan = make(source)
+        if dtype is not None:
+            plan = plan.with_cast(source.tensors, dtype)
         notes += optimizer_notes(source, plan, options)
         # options is None only on a dry run (_need_output refused anything else)
         written = None if dry_run or options is None else write_checkpoint(source, plan, options)

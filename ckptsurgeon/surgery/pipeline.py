@@ -1,8 +1,9 @@
 """The write pipeline every writing command shares: open, choose weights, plan, cast, write, verify.
 
 ``rename``, ``strip-head``, ``convert`` and ``adapt`` differ only in the plan they make;
-:func:`write_checkpoint` does the rest. Data is streamed record by record (a cast converts
-a bounded piece at a time, see :mod:`ckptsurgeon.surgery.casting`); the output goes through
+:func:`write_checkpoint` does the rest. Data is streamed record by record (a transformed entry
+is computed one output at a time, see :mod:`ckptsurgeon.surgery.transforms`; a cast converts a
+bounded piece at a time, see :mod:`ckptsurgeon.surgery.casting`); the output goes through
 :func:`~ckptsurgeon.fileio.writing.atomic_output`; then the written file is reopened and every
 tensor compared bit for bit (:mod:`ckptsurgeon.surgery.verify`) before it replaces anything.
 The tree around the weights is rebuilt by :mod:`ckptsurgeon.core.trees`.
@@ -28,7 +29,8 @@ from ..fileio.progress import counting, progress_bar
 from ..fileio.spans import FD_CACHE, vouched_copies, write_scope
 from ..fileio.writing import atomic_output, refuse_special_file
 from ..formats import ReadOptions
-from .plan import Plan
+from .plan import Plan, make_plan
+from .transforms import Cast
 
 PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 LISTED = 5  # names listed in a note before "..."
@@ -148,6 +150,10 @@ def output_kind(options: WriteOptions) -> str:
 def write_checkpoint(source: Source, plan: Plan | None, options: WriteOptions) -> WriteResult:
     """Apply ``plan`` to the chosen weights, cast, write atomically, reload and verify.
 
+    ``options.dtype`` adds its cast to the plan (:meth:`Plan.with_cast`) unless the plan already
+    casts so; transformed entries are written as their transforms compute them, one at a time,
+    and verified against that.
+
     Example:
         >>> src = open_source("model.pth")                             # doctest: +SKIP
         >>> plan = make_plan(src.tensors, [strip_prefix("module.")])   # doctest: +SKIP
@@ -155,19 +161,15 @@ def write_checkpoint(source: Source, plan: Plan | None, options: WriteOptions) -
         'wrote fixed.safetensors (safetensors, 122 tensors, 1.1 MiB), verified bit for bit'
     """
     kind = output_kind(options)
+    if options.dtype is not None:  # the cast is a transform of the plan's entries (already there: kept)
+        plan = (plan or make_plan(source.tensors, [])).with_cast(source.tensors, options.dtype)
     tensors = plan.apply(source.tensors) if plan is not None else dict(source.tensors)
     if not tensors:
         raise SurgeryError(
             f"{source.checkpoint.path}: the plan drops every tensor ({len(source.tensors)}); "
             "nothing was written"
         )
-    cast = 0
-    if options.dtype is not None:
-        from .casting import cast_tensors
-
-        before = tensors
-        tensors = cast_tensors(before, options.dtype)
-        cast = sum(1 for name, rec in tensors.items() if rec.dtype != before[name].dtype)
+    cast = sum(1 for e in plan.transformed if isinstance(e.transform, Cast)) if plan is not None else 0
     unread = has_unread_values(source)
     keep_tree = kind == "pth" and not options.weights_only and not unread
     left_out = [] if keep_tree else dropped_entries(source)

@@ -1,8 +1,10 @@
 """Surgery as pure transforms: steps on names produce a :class:`Plan`, shown before it is applied.
 
-A plan lists every tensor of a state dict once: renamed (old -> new), unchanged, or
-dropped with a reason. Nothing is read or written while planning; ``plan.apply``
-returns renamed records that still point at the source's bytes.
+A plan lists every tensor of a state dict once: renamed (old -> new), unchanged, dropped
+with a reason, or transformed (the entry carries a :class:`~ckptsurgeon.surgery.transforms.Transform`
+whose declared outputs replace it: a ``--dtype`` cast, an average, a split). Nothing is read or
+written while planning; ``plan.apply`` returns renamed records that still point at the source's
+bytes, and for a transformed entry records whose data is computed when it is read.
 
 Steps (applied to each name in order; the first step that drops a name ends it):
 :func:`strip_prefix`, :func:`add_prefix`, :func:`replace`, :func:`drop`, :func:`keep`,
@@ -13,7 +15,7 @@ Steps (applied to each name in order; the first step that drops a name ends it):
 Inverses: a plan that drops nothing is a bijection from its input names onto its
 output names (two names that would collide are refused when the plan is made), so
 :meth:`Plan.inverse` exists and ``plan.then(plan.inverse())`` is the identity on exactly
-those input names. A plan that drops anything has no inverse. The inverse is of the plan
+those input names. A plan that drops or transforms anything has no inverse. The inverse is of the plan
 (concrete names), not of its steps: ``strip_prefix("module.")`` over a dict where some
 keys lack the prefix inverts exactly, while a later ``add_prefix("module.")`` would not.
 """
@@ -24,11 +26,13 @@ import fnmatch
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from ..core.record import TensorRecord
 from ..diffing.heads import HEAD_NAMES as HEAD_NAMES
 from ..diffing.heads import find_head
 from ..errors import SurgeryError
+from .transforms import Transform, cast_transform, castable
 
 
 # -- steps ------------------------------------------------------------------------------------
@@ -159,13 +163,18 @@ def drop_names(reasons: Mapping[str, str]) -> Step:
 # -- the plan ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Entry:
-    """One tensor in a plan: ``new`` is ``None`` when it is dropped (``reason`` says why)."""
+    """One tensor in a plan: ``new`` is ``None`` when it is dropped (``reason`` says why).
+
+    An entry with a ``transform`` is replaced by the transform's outputs (``new`` is the first
+    one's name); ``old`` is one of its inputs. ``dtype`` and ``shape`` are the source tensor's.
+    """
 
     old: str
     new: str | None
     reason: str = ""
     dtype: str = ""
     shape: tuple[int, ...] | None = None
+    transform: Transform | None = None
 
     @property
     def dropped(self) -> bool:
@@ -173,7 +182,15 @@ class Entry:
 
     @property
     def renamed(self) -> bool:
-        return self.new is not None and self.new != self.old
+        """True when the name changes (a transformed entry counts as transformed, not renamed)."""
+        return self.new is not None and self.new != self.old and self.transform is None
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The names this entry writes: none (dropped), its new name, or its transform's outputs."""
+        if self.transform is not None:
+            return self.transform.output_names
+        return () if self.new is None else (self.new,)
 
 
 @dataclass(frozen=True)
@@ -192,16 +209,21 @@ class Plan:
 
     def __post_init__(self) -> None:
         seen: dict[str, str] = {}
+        transformed = False
         for entry in self.entries:
             if entry.new is None:
                 continue
-            other = seen.get(entry.new)
-            if other is not None:
-                raise SurgeryError(
-                    f"name collision: {other!r} and {entry.old!r} would both become {entry.new!r}; "
-                    "change the rename (or --drop one of them)"
-                )
-            seen[entry.new] = entry.old
+            transformed = transformed or entry.transform is not None
+            for new in entry.outputs:
+                other = seen.get(new)
+                if other is not None:
+                    raise SurgeryError(
+                        f"name collision: {other!r} and {entry.old!r} would both become {new!r}; "
+                        "change the rename (or --drop one of them)"
+                    )
+                seen[new] = entry.old
+        if transformed:
+            _check_transforms(self.entries)
 
     # -- views ----------------------------------------------------------------------------------
     @property
@@ -215,7 +237,12 @@ class Plan:
 
     @property
     def unchanged(self) -> list[Entry]:
-        return [e for e in self.entries if e.new == e.old]
+        return [e for e in self.entries if e.new == e.old and e.transform is None]
+
+    @property
+    def transformed(self) -> list[Entry]:
+        """The entries that carry a transform (a cast, an average, a split ...)."""
+        return [e for e in self.entries if e.transform is not None]
 
     @property
     def dropped(self) -> list[Entry]:
@@ -227,10 +254,11 @@ class Plan:
 
     @property
     def output_names(self) -> list[str]:
-        return [e.new for e in self.entries if e.new is not None]
+        return [name for e in self.entries for name in e.outputs]
 
     @property
     def is_identity(self) -> bool:
+        """True when no name changes and nothing is dropped (values may still be transformed)."""
         return all(e.new == e.old for e in self.entries)
 
     # -- use --------------------------------------------------------------------------------------
@@ -242,12 +270,103 @@ class Plan:
             missing = next((n for n in by_old if n not in tensors), None)
             which = f"{extra!r} is not in the plan" if extra is not None else f"{missing!r} is missing"
             raise SurgeryError(f"the plan was made for other tensors: {which}; make the plan from this dict")
+        transforms = {e.old: e.transform for e in self.entries if e.transform is not None}
+        shared: dict[object, object] = {}  # what transforms share within this dict (cast storages)
         out: dict[str, TensorRecord] = {}
         for name, rec in tensors.items():
             new = by_old[name]
-            if new is not None:
+            if new is None:
+                continue
+            transform = transforms.get(name) if transforms else None
+            if transform is None:
                 out[new] = rec if rec.name == new else rec.renamed(new)
+                continue
+            inputs = tuple(tensors[n] for n in transform.inputs)
+            for made in transform.records(inputs, shared):
+                out[made.name] = made
         return out
+
+    def with_transform(self, transform: Transform, *, keep_inputs: bool = False) -> Plan:
+        """This plan with ``transform`` in place of the entry of its first input.
+
+        Inputs are named as in the planned dict (the source's names). The other inputs are dropped
+        (``reason``: the transform) unless ``keep_inputs``; an input already transformed, or a
+        first input already dropped, is refused.
+
+        Example:
+            >>> recs = {"qkv": TensorRecord("qkv", "float32", (6, 2))}
+            >>> from .transforms import split
+            >>> make_plan(recs, []).with_transform(split(recs, "qkv", ["q", "k", "v"])).output_names
+            ['q', 'k', 'v']
+        """
+        by_old = {e.old: e for e in self.entries}
+        for name in transform.inputs:
+            entry = by_old.get(name)
+            if entry is None:
+                raise SurgeryError(f"{transform.description}: no tensor {name!r} in the plan")
+            if entry.transform is not None:
+                raise SurgeryError(
+                    f"{transform.description}: {name!r} is already transformed "
+                    f"({entry.transform.description})"
+                )
+        first = by_old[transform.inputs[0]]
+        if first.new is None:
+            raise SurgeryError(
+                f"{transform.description}: {first.old!r} is dropped by the plan ({first.reason})"
+            )
+        consumed = set() if keep_inputs else set(transform.inputs[1:])
+        entries = []
+        for e in self.entries:
+            if e is first:
+                e = Entry(e.old, transform.outputs[0].name, "", e.dtype, e.shape, transform)
+            elif e.old in consumed and e.new is not None:
+                e = Entry(e.old, None, f"input of {transform.description}", e.dtype, e.shape)
+            entries.append(e)
+        return Plan(tuple(entries), (*self.steps, transform.description))
+
+    def with_cast(self, tensors: Mapping[str, TensorRecord], dtype: str) -> Plan:
+        """This plan with every kept floating tensor cast to ``dtype`` (``--dtype``), as it is written.
+
+        A transformed entry's floating outputs are cast after it; a cast already there is
+        replaced by one from the source. Integer, bool and complex tensors are unchanged.
+        ``tensors`` is the planned dict (the source dtypes). The same plan with the same dtype
+        comes back unchanged.
+
+        Example:
+            >>> recs = {"w": TensorRecord("w", "float32", (2,)), "n": TensorRecord("n", "int64", ())}
+            >>> plan = make_plan(recs, []).with_cast(recs, "bf16")
+            >>> [e.transform and e.transform.description for e in plan.entries]
+            ['cast float32 -> bfloat16', None]
+        """
+        from .casting import cast_dtype
+
+        target = cast_dtype(dtype)
+        entries = []
+        changed = False
+        for e in self.entries:
+            transform = e.transform
+            if e.new is None:
+                pass
+            elif transform is not None:
+                transform = transform.cast_to(target)
+            elif castable(_planned(tensors, e.old).dtype, target):
+                rec = tensors[e.old]
+                transform = cast_transform(e.old, e.new, rec.dtype, tuple(rec.shape), target)
+            if transform is not e.transform:
+                changed = True
+                e = Entry(
+                    e.old,
+                    e.new if transform is None else transform.outputs[0].name,
+                    e.reason,
+                    e.dtype,
+                    e.shape,
+                    transform,
+                )
+            entries.append(e)
+        if not changed:
+            return self
+        step = f"cast floating tensors to {target}"
+        return Plan(tuple(entries), self.steps if step in self.steps else (*self.steps, step))
 
     def then(self, other: Plan) -> Plan:
         """This plan followed by ``other`` (made for this plan's output names) as one plan.
@@ -263,13 +382,19 @@ class Plan:
             raise SurgeryError(
                 "cannot compose: the second plan was not made for the first plan's output names"
             )
+        if other.transformed:
+            raise SurgeryError(
+                "cannot compose: the second plan transforms values; transform in the first plan"
+            )
         entries = []
         for e in self.entries:
             if e.new is None:
                 entries.append(e)
-                continue
-            nxt = later[e.new]
-            entries.append(Entry(e.old, nxt.new, nxt.reason, e.dtype, e.shape))
+            elif e.transform is not None:
+                entries.append(_renamed_outputs(e, later))
+            else:
+                nxt = later[e.new]
+                entries.append(Entry(e.old, nxt.new, nxt.reason, e.dtype, e.shape))
         return Plan(tuple(entries), self.steps + other.steps)
 
     def inverse(self) -> Plan:
@@ -284,8 +409,53 @@ class Plan:
                 f"the plan drops {len(self.dropped)} tensor(s) (e.g. {self.dropped[0].old!r}); "
                 "only a plan that drops nothing can be inverted"
             )
+        for entry in self.transformed:
+            if entry.transform is not None:
+                raise SurgeryError(
+                    f"the plan transforms {entry.old!r} ({entry.transform.description}); "
+                    "only a plan that renames can be inverted"
+                )
         entries = tuple(Entry(e.new, e.old, "", e.dtype, e.shape) for e in self.entries if e.new is not None)
         return Plan(entries, (f"inverse of: {'; '.join(self.steps) or 'identity'}",))
+
+
+def _planned(tensors: Mapping[str, TensorRecord], name: str) -> TensorRecord:
+    rec = tensors.get(name)
+    if rec is None:
+        raise SurgeryError(
+            f"the plan was made for other tensors: {name!r} is missing; make the plan from this dict"
+        )
+    return rec
+
+
+def _check_transforms(entries: Sequence[Entry]) -> None:
+    """Every transformed entry stands for one of its transform's inputs, and every input is a
+    tensor of the plan."""
+    olds = {e.old for e in entries}
+    for e in entries:
+        transform = e.transform
+        if transform is None:
+            continue
+        if e.old not in transform.inputs or e.new != transform.outputs[0].name:
+            raise SurgeryError(f"{e.old!r}: its entry does not match its transform ({transform.description})")
+        missing = next((n for n in transform.inputs if n not in olds), None)
+        if missing is not None:
+            raise SurgeryError(f"{transform.description}: no tensor {missing!r} in the plan")
+
+
+def _renamed_outputs(entry: Entry, later: Mapping[str, Entry]) -> Entry:
+    """A transformed entry with its outputs renamed as ``later`` renames them (none dropped)."""
+    transform = cast(Transform, entry.transform)
+    names: dict[str, str] = {}
+    for name in transform.output_names:
+        nxt = later[name]
+        if nxt.new is None:
+            raise SurgeryError(
+                f"cannot compose: the second plan drops {name!r}, an output of {transform.description}"
+            )
+        names[name] = nxt.new
+    renamed = transform.renamed(names)
+    return Entry(entry.old, renamed.outputs[0].name, "", entry.dtype, entry.shape, renamed)
 
 
 def make_plan(tensors: Mapping[str, TensorRecord] | Iterable[str], steps: Sequence[Step]) -> Plan:

@@ -1,13 +1,15 @@
-"""Renders a :class:`~ckptsurgeon.surgery.plan.Plan`: a headline, the renames grouped, every drop.
+"""Renders a :class:`~ckptsurgeon.surgery.plan.Plan`: a headline, the renames grouped, every drop,
+and every transformed tensor with what its transform does (``cast float32 -> bfloat16``).
 
-``table`` and ``markdown`` group renames the way ``inspect`` groups names
-(``module.features.{0,2}.{bias,weight}  features.{0,2}.{bias,weight}``) unless verbose;
+``table`` and ``markdown`` group renames (and transformed tensors) the way ``inspect`` groups
+names (``module.features.{0,2}.{bias,weight}  features.{0,2}.{bias,weight}``) unless verbose;
 JSON lists every name.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from ..core.grouping import collapse
@@ -16,20 +18,26 @@ from .plan import Plan
 
 
 def plan_json(plan: Plan) -> dict[str, Any]:
-    """The plan as a JSON-ready dict: summary, steps, renamed, dropped (every one) and unchanged.
+    """The plan as a JSON-ready dict: summary, steps, renamed, dropped (every one), unchanged and
+    transformed (each: ``name``, ``transform``, ``inputs``, ``outputs`` with name, dtype, shape; the
+    summary counts them when there are any).
 
     Example:
         >>> from .plan import make_plan, strip_prefix
         >>> plan_json(make_plan(["module.fc.w"], [strip_prefix("module.")]))["renamed"]
         [{'from': 'module.fc.w', 'to': 'fc.w'}]
     """
+    transformed = plan.transformed
+    summary = {
+        "tensors": len(plan.entries),
+        "renamed": len(plan.renamed),
+        "unchanged": len(plan.unchanged),
+        "dropped": len(plan.dropped),
+    }
+    if transformed:
+        summary["transformed"] = len(transformed)
     return {
-        "summary": {
-            "tensors": len(plan.entries),
-            "renamed": len(plan.renamed),
-            "unchanged": len(plan.unchanged),
-            "dropped": len(plan.dropped),
-        },
+        "summary": summary,
         "steps": list(plan.steps),
         "renamed": [{"from": e.old, "to": e.new} for e in plan.renamed],
         "dropped": [
@@ -42,6 +50,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
             for e in plan.dropped
         ],
         "unchanged": [e.old for e in plan.unchanged],
+        "transformed": [{"name": e.old} | e.transform.to_json() for e in transformed if e.transform],
     }
 
 
@@ -58,7 +67,8 @@ def render_plan(plan: Plan, fmt: str = "table", verbose: bool = False) -> str:
     parts = [plan_headline(plan)]
     renamed = render_table(["renamed", "to"], _rename_rows(plan, verbose), fmt)
     dropped = render_table(["dropped", "dtype", "shape", "reason"], _drop_rows(plan, verbose), fmt)
-    return "\n\n".join(p for p in (*parts, renamed, dropped) if p)
+    transformed = _transform_table(plan, verbose, fmt)
+    return "\n\n".join(p for p in (*parts, renamed, dropped, transformed) if p)
 
 
 def plan_headline(plan: Plan) -> str:
@@ -71,9 +81,11 @@ def plan_headline(plan: Plan) -> str:
     """
     n = len(plan.entries)
     steps = f" ({'; '.join(plan.steps)})" if plan.steps else ""
+    transformed = len(plan.transformed)
+    more = f", {transformed} transformed" if transformed else ""
     return (
         f"Plan: {n} tensor{'s' if n != 1 else ''}: {len(plan.renamed)} renamed, "
-        f"{len(plan.unchanged)} unchanged, {len(plan.dropped)} dropped{steps}"
+        f"{len(plan.unchanged)} unchanged, {len(plan.dropped)} dropped{more}{steps}"
     )
 
 
@@ -81,17 +93,44 @@ def _rename_rows(plan: Plan, verbose: bool) -> list[list[str]]:
     new_of = {e.old: e.new or "" for e in plan.renamed}
     if verbose:
         return [[old, new] for old, new in new_of.items()]
+    return _pair_rows(new_of, lambda _old: ())
+
+
+def _transform_table(plan: Plan, verbose: bool, fmt: str) -> str:
+    """The transformed tensors; without the ``to`` column when every one keeps its name (a cast)."""
+    rows = _transform_rows(plan, verbose)
+    if all(row[0] == row[1] for row in rows):
+        return render_table(["transformed", "transform"], [[row[0], row[2]] for row in rows], fmt)
+    return render_table(["transformed", "to", "transform"], rows, fmt)
+
+
+def _transform_rows(plan: Plan, verbose: bool) -> list[list[str]]:
+    """``[source name, output name(s), what the transform does]``, grouped by what it does."""
+    what = {e.old: e.transform.description for e in plan.transformed if e.transform}
+    new_of = {e.old: ", ".join(e.outputs) for e in plan.transformed}
+    if verbose:
+        return [[old, new, what[old]] for old, new in new_of.items()]
+    return _pair_rows(new_of, lambda old: (what[old],))
+
+
+def _pair_rows(new_of: dict[str, str], extra: Callable[[str], tuple[str, ...]]) -> list[list[str]]:
+    """``old -> new`` pairs collapsed into groups that change names alike (and share ``extra``),
+    each row ``[old label, new label, *extra]``."""
     rows = []
-    for group in collapse(list(new_of), attribute=lambda o: _change(o, new_of[o]), merge_leaves=True):
-        target = _moved_label(group.label, _change(group.members[0], new_of[group.members[0]]))
+    grouping = collapse(
+        list(new_of), attribute=lambda o: (_change(o, new_of[o]), extra(o)), merge_leaves=True
+    )
+    for group in grouping:
+        first = group.members[0]
+        target = _moved_label(group.label, _change(first, new_of[first]))
         if target is not None:
-            rows.append([group.label, target])
+            rows.append([group.label, target, *extra(first)])
             continue
         targets = collapse([new_of[m] for m in group.members], merge_leaves=True)
         if len(targets) == 1:
-            rows.append([group.label, targets[0].label])
+            rows.append([group.label, targets[0].label, *extra(first)])
         else:
-            rows.extend([m, new_of[m]] for m in group.members)
+            rows.extend([m, new_of[m], *extra(m)] for m in group.members)
     return rows
 
 

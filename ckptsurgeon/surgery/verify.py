@@ -1,7 +1,9 @@
 """Verification after writing: reopen the output and compare every tensor and value, bit for bit.
 
 What was written is fingerprinted from the CRCs computed while writing or recorded by the
-source archive; the output is read once. A difference names its key; a damaged source
+source archive; the output is read once. A transformed tensor (a ``--dtype`` cast, an average,
+a split: :mod:`ckptsurgeon.surgery.transforms`) is compared with what its transform computes
+from the source, recomputed one tensor at a time. A difference names its key; a damaged source
 (its bytes no longer match its archive's CRC) is reported as such.
 """
 
