@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from ckptsurgeon.core.record import Storage, TensorRecord
+from ckptsurgeon.core.source import open_source
 from ckptsurgeon.errors import OutputError, SurgeryError
-from ckptsurgeon.surgery.pipeline import WriteOptions, open_source, write_checkpoint
+from ckptsurgeon.surgery.pipeline import WriteOptions, write_checkpoint
 from ckptsurgeon.surgery.plan import add_prefix, drop, make_plan, strip_prefix
 from ckptsurgeon.surgery.planreport import plan_json, render_plan
 from ckptsurgeon.surgery.transforms import Output, Transform, average, cast_transform, split
