@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from ..core.report import printable
+from ..formats import OUTPUT_FORMATS
 from ..surgery.planreport import _rename_rows as _rename_rows  # re-exported: tests render rows directly
 from ..surgery.planreport import plan_json as plan_json
 from ..surgery.planreport import render_plan as render_plan
@@ -48,7 +49,7 @@ def conversion_options(func: F) -> F:
         "--to",
         "to",
         default=None,
-        type=click.Choice(["pth", "safetensors"]),
+        type=click.Choice(OUTPUT_FORMATS),
         help="Output format (default: from the output's suffix).",
     )(func)
     return func

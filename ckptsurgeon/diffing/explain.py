@@ -430,8 +430,13 @@ def shell_quote(text: str) -> str:
 
 
 def _output(source: str, tag: str) -> str:
+    """``a.adapted.pth``: a name for a fix's output, keeping the source's suffix when the registry
+    proposes it for a new file (:data:`ckptsurgeon.formats.WRITERS`), else ``.pth``."""
+    from ..formats import WRITERS
+
     path = Path(source)
-    suffix = path.suffix if path.suffix in (".pth", ".pt", ".bin", ".ckpt", ".safetensors") else ".pth"
+    kept = [s for kind in WRITERS.values() for s in kind.proposed_suffixes]
+    suffix = path.suffix if path.suffix in kept else WRITERS["pth"].suffixes[0]
     stem = path.stem if path.suffix else path.name
     return shell_quote(f"{stem}.{tag}{suffix}")  # in the working folder: the source's may be read-only
 

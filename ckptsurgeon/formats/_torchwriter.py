@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..core.dtypes import DTYPES
@@ -33,6 +34,29 @@ from .zipio import ZipWriter
 
 ALIGNMENT = 64
 SMALL_MEMBER = COPY_CHUNK  # storages up to this size are read in one call, CRC'd and written at once
+
+
+def write_file(tree: Any, fh: BinaryIO, output: Path) -> None:
+    """:func:`write` into ``fh``, the archive folder named after ``output`` as torch.save names it.
+
+    The one-file writer of :data:`ckptsurgeon.formats.WRITERS` (``"pth"``).
+
+    Example:
+        >>> with atomic_output("model.pth") as fh:          # doctest: +SKIP
+        ...     write_file({"w": record}, fh, Path("model.pth"))   # members model/data.pkl ...
+    """
+    write(tree, fh, archive_name=archive_name_for(output))
+
+
+def archive_name_for(output: Path) -> str:
+    """The archive folder torch.save would use for ``output``: its stem, if an identifier.
+
+    Example:
+        >>> archive_name_for(Path("resnet.best.pth")), archive_name_for(Path("my-model.pth"))
+        ('resnet', 'archive')
+    """
+    stem = output.name.split(".", 1)[0]
+    return stem if stem.isidentifier() else "archive"
 
 
 def write(tree: Any, fh: BinaryIO, archive_name: str = "archive") -> None:

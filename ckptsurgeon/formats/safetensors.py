@@ -453,6 +453,17 @@ def _tie_key(rec: TensorRecord) -> tuple[Any, ...] | None:
 
 
 # -- writing ---------------------------------------------------------------------------------
+def write_file(tensors: Mapping[str, TensorRecord], fh: BinaryIO, output: Path) -> None:
+    """:func:`write` with ``{"format": "pt"}`` metadata: the one-file writer of
+    :data:`ckptsurgeon.formats.WRITERS` (``"safetensors"``; ``output`` names the file written).
+
+    Example:
+        >>> with atomic_output("out.safetensors") as fh:          # doctest: +SKIP
+        ...     write_file(ckpt.weights().tensors, fh, Path("out.safetensors"))
+    """
+    write(tensors, fh, {"format": "pt"})
+
+
 def write(
     tensors: Mapping[str, TensorRecord], fh: BinaryIO, metadata: Mapping[str, str] | None = None
 ) -> None:

@@ -310,7 +310,9 @@ def optimizer_notes(source: Source, plan: Plan, options: WriteOptions | None) ->
         >>> optimizer_notes(open_source("fixtures/resnet_dp_6.pth"), plan, None)   # doctest: +SKIP
         []
     """
-    if not plan.dropped or (options is not None and (options.weights_only or output_kind(options) != "pth")):
+    if not plan.dropped:
+        return []
+    if options is not None and (options.weights_only or not output_kind(options).holds_tree):
         return []
     entries = optimizer_entries(source)
     if not entries or has_unread_values(source):
