@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from ..core.coverage import DEFAULT_MIN_COVERAGE
-from ..core.report import format_shape
+from ..core.report import counted, format_shape
 from ..core.trees import has_unread_values, optimizer_entries
-from ..errors import LoadError, OutputError, SurgeryError
+from ..errors import OutputError, SurgeryError
 from ..formats import ReadOptions
-from .pipeline import Source, WriteOptions, counted, listing, open_source, output_kind, write_checkpoint
+from .pipeline import Source, WriteOptions, listing, open_source, output_kind, write_checkpoint
 from .plan import Plan, Step, drop_names, head_plan, make_plan
 from .plan import add_prefix as _add_prefix
 from .plan import drop as _drop
@@ -190,7 +190,7 @@ def adapt(
         ('120 of 122 target tensors load (98.3%)', ('fc.weight', 'fc.bias'))
     """
     from ..diffing.target import resolve_target
-    from .adapting import plan_adaptation
+    from .adapting import checked_adaptation
 
     options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress)
     _need_output(options, dry_run)
@@ -198,13 +198,16 @@ def adapt(
     label = os.fspath(src)
     with gc_paused():
         source = open_source(src, key, read_options)
-        adaptation = plan_adaptation(
-            source.tensors, resolved, label, min_coverage=min_coverage, key=key, target_spec=target
+        adaptation, alarm = checked_adaptation(
+            source.tensors,
+            resolved,
+            label,
+            outcome="writing it would be refused" if dry_run else "nothing was written",
+            refuse=not dry_run,
+            min_coverage=min_coverage,
+            key=key,
+            target_spec=target,
         )
-        outcome = "writing it would be refused" if dry_run else "nothing was written"
-        alarm = adaptation.refusal(outcome)
-        if alarm is not None and not dry_run:
-            raise LoadError(alarm)
         plan = adaptation.plan
         notes = optimizer_notes(source, plan, options)
         written = None if dry_run else write_checkpoint(source, plan, options)  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 from ..core.checkpoint import Checkpoint, StateDictCandidate
 from ..core.record import TensorRecord
-from ..core.report import human_bytes, printable
+from ..core.report import counted, human_bytes, plural, printable
 from ..core.trees import dropped_entries, has_unread_values, rebuilt_tree, records, weights_payload
 from ..errors import OutputError, SurgeryError
 from ..fileio.progress import counting, progress_bar
@@ -112,16 +112,6 @@ class WriteResult:
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         return data | {"output": str(self.output), "files": [str(f) for f in self.files]}
-
-
-def counted(n: int, noun: str, plural: str | None = None) -> str:
-    """``1 tensor``, ``2 tensors``.
-
-    Example:
-        >>> counted(1, "tensor"), counted(3, "entry", "entries")
-        ('1 tensor', '3 entries')
-    """
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def listing(names: list[str], limit: int = LISTED) -> str:
@@ -275,7 +265,7 @@ def _layout_notes(tensors: Mapping[str, TensorRecord], kind: OutputKind, max_sha
             sizes = [f"{n} ({human_bytes(tensors[n].nbytes)})" for n in big]
             which = "it" if len(big) == 1 else "each"
             notes.append(
-                f"{counted(len(big), 'tensor')} {'is' if len(big) == 1 else 'are'} bigger than the "
+                f"{counted(len(big), 'tensor')} {plural(len(big), 'is', 'are')} bigger than the "
                 f"shard size limit ({human_bytes(max_shard)}), so {which} got a shard of its own: "
                 f"{listing(sizes)}"
             )

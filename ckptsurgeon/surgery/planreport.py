@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from ..core.grouping import collapse
-from ..core.report import dump_json, format_shape, render_table
+from ..core.report import counted, dump_json, format_shape, render_table
 from .plan import Plan
 
 
@@ -72,7 +72,7 @@ def plan_headline(plan: Plan) -> str:
     n = len(plan.entries)
     steps = f" ({'; '.join(plan.steps)})" if plan.steps else ""
     return (
-        f"Plan: {n} tensor{'s' if n != 1 else ''}: {len(plan.renamed)} renamed, "
+        f"Plan: {counted(n, 'tensor')}: {len(plan.renamed)} renamed, "
         f"{len(plan.unchanged)} unchanged, {len(plan.dropped)} dropped{steps}"
     )
 
