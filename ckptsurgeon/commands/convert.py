@@ -14,9 +14,6 @@ import click
 
 from ..core.report import printable
 from ..formats import OUTPUT_FORMATS
-from ..surgery.planreport import _rename_rows as _rename_rows  # re-exported: tests render rows directly
-from ..surgery.planreport import plan_json as plan_json
-from ..surgery.planreport import render_plan as render_plan
 from ..surgery.results import SurgeryResult
 from ._options import make_read_options, output_format, read_options, write_options
 

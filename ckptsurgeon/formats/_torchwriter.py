@@ -4,8 +4,7 @@ data.pkl is emitted as torch writes it (``_rebuild_tensor_v2`` / ``_v3`` calls o
 storage ids), then one stored, 64-byte aligned member per storage, streamed from where the
 records' bytes lie: small file spans lying close together are read in one call, big ones
 copied without a CRC pass when the source archive vouches for their CRC, anything else
-streamed in chunks and checksummed. Re-exported
-by :mod:`ckptsurgeon.formats.torchzip`.
+streamed in chunks and checksummed.
 """
 
 from __future__ import annotations
@@ -17,18 +16,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..core.dtypes import DTYPES
-from ..core.record import (
-    CHUNK_SIZE,
-    COPY_CHUNK,
-    FileSpan,
-    Storage,
-    TensorRecord,
-    contiguous_stride,
-    file_identity,
-    pread_exact,
-)
+from ..core.record import Storage, TensorRecord, contiguous_stride
 from ..errors import OutputError
-from ..fileio.spans import remember_span_crc
+from ..fileio.spans import CHUNK_SIZE, COPY_CHUNK, FileSpan, file_identity, pread_exact, remember_span_crc
 from ..pickling.pickles import Emitter
 from .zipio import ZipWriter
 
@@ -179,7 +169,7 @@ def _write_member(zw: ZipWriter, name: str, nbytes: int, chunks: Iterable[bytes 
 
 def _write_storage(zw: ZipWriter, name: str, nbytes: int, chunks: Iterable[bytes | memoryview]) -> None:
     """One storage member: a small file span read at once, a big one copied without a CRC pass
-    when its CRC is known (see :func:`~ckptsurgeon.core.record.vouched_copies`), anything else streamed."""
+    when its CRC is known (see :func:`~ckptsurgeon.fileio.spans.vouched_copies`), anything else streamed."""
     if not isinstance(chunks, FileSpan):
         zw.add_stream(name, nbytes, chunks)
         return

@@ -24,8 +24,7 @@ from ..core.record import TensorRecord
 from ..errors import FormatError, InputError, UnsafeCheckpointError
 from . import ReadOptions
 from ._dcpchunk import read_chunk
-from ._dcpmeta import DcpMetadata, DcpTensor, read_metadata
-from ._dcpmeta import is_allowed as is_allowed
+from ._dcpmeta import DcpMetadata, DcpTensor, is_allowed, read_metadata
 
 FORMAT = "dcp"
 METADATA_FILE = ".metadata"

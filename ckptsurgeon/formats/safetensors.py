@@ -27,8 +27,9 @@ from typing import Any, BinaryIO
 
 from ..core.checkpoint import Checkpoint
 from ..core.dtypes import BY_SAFETENSORS, DTYPES, DType
-from ..core.record import FileSpan, Storage, TensorRecord, contiguous_stride
+from ..core.record import Storage, TensorRecord, contiguous_stride
 from ..errors import FormatError, OutputError
+from ..fileio.spans import FileSpan
 from . import ReadOptions, check_input_path
 
 FORMAT = "safetensors"

@@ -248,7 +248,7 @@ def write_options(
         return None
     shard_bytes = None
     if max_shard_size is not None:
-        from ..formats.sharded import parse_size
+        from ..formats.shardwriter import parse_size
 
         shard_bytes = parse_size(max_shard_size)
     options = WriteOptions(Path(output), to, dtype, shard_bytes, weights_only, force, verify, progress)

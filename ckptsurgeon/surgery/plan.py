@@ -6,7 +6,7 @@ returns renamed records that still point at the source's bytes.
 
 Steps (applied to each name in order; the first step that drops a name ends it):
 :func:`strip_prefix`, :func:`add_prefix`, :func:`replace`, :func:`drop`, :func:`keep`,
-:func:`drop_names`. ``ckpt`` renders plans (ckptsurgeon.commands.convert.render_plan).
+:func:`drop_names`. ``ckpt`` renders plans (ckptsurgeon.surgery.planreport.render_plan).
 :func:`head_plan` drops the classifier head that :func:`ckptsurgeon.diffing.heads.find_head` finds.
 
 Inverses: a plan that drops nothing is a bijection from its input names onto its
