@@ -311,9 +311,9 @@ def test_usage_errors_are_one_line(
 
 
 def test_to_overrides_the_suffix_and_output_kind() -> None:
-    assert output_kind(WriteOptions(Path("weights.bin"), to="safetensors")) == "safetensors"
-    assert output_kind(WriteOptions(Path("w.ckpt"))) == "pth"
-    assert output_kind(WriteOptions(Path("dir"), to="pth", max_shard_size=10)) == "sharded-pth"
+    assert output_kind(WriteOptions(Path("weights.bin"), to="safetensors")).name == "safetensors"
+    assert output_kind(WriteOptions(Path("w.ckpt"))).name == "pth"
+    assert output_kind(WriteOptions(Path("dir"), to="pth", max_shard_size=10)).name == "sharded-pth"
     with pytest.raises(OutputError):
         output_kind(WriteOptions(Path("x")))
 

@@ -16,6 +16,7 @@ from ckptsurgeon.core.record import TensorRecord, tensor_to_bytes
 from ckptsurgeon.errors import FormatError, UnsafeCheckpointError
 from ckptsurgeon.formats import ReadOptions, open_checkpoint
 from ckptsurgeon.formats import dcp as dcp_reader
+from ckptsurgeon.formats._dcpmeta import is_allowed
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -136,12 +137,12 @@ def test_metadata_that_would_run_code_is_refused(
 
 
 def test_dcp_functions_are_not_allowed_only_classes() -> None:
-    assert dcp_reader.is_allowed("torch.distributed.checkpoint.metadata.TensorStorageMetadata")
-    assert dcp_reader.is_allowed("torch.bfloat16") and dcp_reader.is_allowed("torch.strided")
-    assert not dcp_reader.is_allowed("torch.distributed.checkpoint.state_dict_saver.save")
-    assert not dcp_reader.is_allowed("torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
-    assert not dcp_reader.is_allowed("torch.load")
-    assert not dcp_reader.is_allowed("builtins.eval")
+    assert is_allowed("torch.distributed.checkpoint.metadata.TensorStorageMetadata")
+    assert is_allowed("torch.bfloat16") and is_allowed("torch.strided")
+    assert not is_allowed("torch.distributed.checkpoint.state_dict_saver.save")
+    assert not is_allowed("torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
+    assert not is_allowed("torch.load")
+    assert not is_allowed("builtins.eval")
 
 
 def test_obfuscated_stack_global_is_refused(dcp_folder: tuple[Path, dict]) -> None:

@@ -49,10 +49,10 @@ def test_inspect_sharded_folder_imports_no_writer(tmp_path) -> None:
     import torch
 
     from ckptsurgeon.core.record import TensorRecord
-    from ckptsurgeon.formats import sharded
+    from ckptsurgeon.formats import shardwriter
 
     tensors = {f"layer.{i}.weight": torch.full((64,), float(i)) for i in range(6)}
-    sharded.write(
+    shardwriter.write(
         {k: TensorRecord.from_torch(k, v) for k, v in tensors.items()}, tmp_path / "m", max_shard_bytes=600
     )
     assert len(list((tmp_path / "m").glob("*.safetensors"))) > 1

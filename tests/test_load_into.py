@@ -136,3 +136,18 @@ def test_report_renders() -> None:
 def test_bad_source_type() -> None:
     with pytest.raises(LoadError, match="cannot read a int"):
         load_into(torch.nn.Linear(1, 1), 3)  # type: ignore[arg-type]
+
+
+def test_diff_and_load_into_read_a_nested_state_dict_alike() -> None:
+    ckpt = torch.load(REAL / "lightning_tinynet.ckpt", map_location="cpu", weights_only=False)
+    nested = {"state_dict": ckpt["state_dict"], "epoch": 1}
+    model = models().tinynet()
+    result = ckptsurgeon.diff(nested, model, key="state_dict")
+    report = load_into(model, nested, key="state_dict")
+    assert result.source_count == len(ckpt["state_dict"]) > 0
+    assert result.diagnosis.loads_after == len(report.loaded) == report.total
+    for bad in ({"state_dict": 3}, {"other": {}}):
+        with pytest.raises(LoadError, match="no entry 'state_dict' holding tensors"):
+            load_into(model, bad, key="state_dict")
+        with pytest.raises(LoadError, match="no entry 'state_dict' holding tensors"):
+            ckptsurgeon.diff(bad, model, key="state_dict")

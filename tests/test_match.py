@@ -307,7 +307,7 @@ def test_suffix_proposal_with_shape_check_and_ambiguity() -> None:
     )
 
 
-def test_find_head_needs_class_dimension_only() -> None:
+def test_mismatched_head_needs_class_dimension_only() -> None:
     d = diagnose({"conv.weight": (8, 3), "fc.weight": (6, 8)}, {"conv.weight": (16, 3), "fc.weight": (2, 8)})
     assert [m.name for m in d.head.tensors] == ["fc.weight"]
     result = diff(

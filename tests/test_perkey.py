@@ -18,7 +18,8 @@ import ckptsurgeon
 from ckptsurgeon.core.grouping import natural_key
 from ckptsurgeon.core.record import Storage, TensorRecord
 from ckptsurgeon.errors import FormatError, OutputError
-from ckptsurgeon.formats import _torchwriter, torchzip, zipio
+from ckptsurgeon.fileio.spans import FD_CACHE
+from ckptsurgeon.formats import _torchwriter, zipio
 
 N = 300  # small tensors: a few windows of small storages
 
@@ -87,7 +88,7 @@ def test_small_storages_are_read_in_few_calls(tmp_path: Path, monkeypatch: pytes
     records = ckptsurgeon.open_checkpoint(src).weights().tensors
     reads = count_calls(monkeypatch, _torchwriter, "pread_exact")
     out = io.BytesIO()
-    torchzip.write({k.removeprefix("module."): r for k, r in records.items()}, out)
+    _torchwriter.write({k.removeprefix("module."): r for k, r in records.items()}, out)
     assert 0 < len(reads) <= 5  # 300 storages of 96 bytes: one window
     out.seek(0)
     loaded = torch.load(out, weights_only=True)
@@ -105,7 +106,7 @@ def test_a_flipped_byte_in_a_batched_storage_names_its_member(tmp_path: Path) ->
     with pytest.raises(
         FormatError, match=re.escape("member many/data/17: its bytes do not match the CRC-32")
     ):
-        torchzip.write(records, io.BytesIO())
+        _torchwriter.write(records, io.BytesIO())
 
 
 def test_a_source_truncated_inside_a_run_names_the_storage(tmp_path: Path) -> None:
@@ -115,9 +116,9 @@ def test_a_source_truncated_inside_a_run_names_the_storage(tmp_path: Path) -> No
     cut = member_data_start(src, "many/data/250") + 10
     with open(src, "r+b") as fh:
         fh.truncate(cut)
-    ckptsurgeon.core.record.FD_CACHE.forget(src)
+    FD_CACHE.forget(src)
     with pytest.raises(OutputError, match=r"archive/data/250: the source file ends inside this storage"):
-        torchzip.write(records, io.BytesIO())
+        _torchwriter.write(records, io.BytesIO())
 
 
 def test_rename_of_many_small_tensors_loads_in_torch(tmp_path: Path, cli) -> None:
@@ -152,10 +153,10 @@ def test_emitted_pickle_is_the_same_without_the_ready_made_parts(
     )
     tree = ckptsurgeon.open_checkpoint(src).tree
     fast = io.BytesIO()
-    torchzip.write(tree, fast)
-    monkeypatch.setattr(torchzip.StoragePlan, "_emit_tensor", long_way_emit)
+    _torchwriter.write(tree, fast)
+    monkeypatch.setattr(_torchwriter.StoragePlan, "_emit_tensor", long_way_emit)
     slow = io.BytesIO()
-    torchzip.write(tree, slow)
+    _torchwriter.write(tree, slow)
     assert fast.getvalue() == slow.getvalue()
     fast.seek(0)
     loaded = torch.load(fast, weights_only=True)
@@ -163,7 +164,7 @@ def test_emitted_pickle_is_the_same_without_the_ready_made_parts(
     assert torch.equal(loaded["g"], base.view(3, 4).t()) and loaded["d"].requires_grad
 
 
-def long_way_emit(self: torchzip.StoragePlan, em: object, rec: TensorRecord) -> None:
+def long_way_emit(self: _torchwriter.StoragePlan, em: object, rec: TensorRecord) -> None:
     """Every tensor's globals written (or referred to) one by one, none ready-made."""
     key, count, offset, stride = self._place(rec)
     self._emit_first(em, rec, key, count, offset, stride)

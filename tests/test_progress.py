@@ -13,8 +13,7 @@ from conftest import run_cli
 from ckptsurgeon.core.source import open_source
 from ckptsurgeon.fileio import progress
 from ckptsurgeon.fileio.progress import Bar, progress_bar, wants_bar
-from ckptsurgeon.formats import ReadOptions, open_checkpoint
-from ckptsurgeon.formats import sharded as sharded_format
+from ckptsurgeon.formats import ReadOptions, open_checkpoint, shardwriter
 from ckptsurgeon.formats.torchzip import open_zip, verify_crcs
 from ckptsurgeon.inspection import inspect
 from ckptsurgeon.pickling.scan import scan
@@ -134,9 +133,9 @@ def test_shard_writer_keeps_its_old_call_and_honours_progress(
     tmp_path: Path, tty: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tensors = open_checkpoint(save_model(tmp_path)).weights().tensors
-    sharded_format.write(tensors, tmp_path / "quiet", max_shard_bytes=13_000, progress=False)
+    shardwriter.write(tensors, tmp_path / "quiet", max_shard_bytes=13_000, progress=False)
     assert capsys.readouterr().err == ""
-    sharded_format.write(tensors, tmp_path / "auto", max_shard_bytes=13_000)  # default: the TTY rule
+    shardwriter.write(tensors, tmp_path / "auto", max_shard_bytes=13_000)  # default: the TTY rule
     assert capsys.readouterr().err == "writing auto\n"
 
 

@@ -99,16 +99,16 @@ def write_safetensors(recs: dict[str, TensorRecord], folder: Path) -> Path:
 
 
 def write_torchzip(recs: dict[str, TensorRecord], folder: Path) -> Path:
-    torchzip = module_or_skip("ckptsurgeon.formats.torchzip")
+    torchwriter = module_or_skip("ckptsurgeon.formats._torchwriter")
     with open(folder / "out.pth", "wb") as fh:
-        torchzip.write(recs, fh)
+        torchwriter.write(recs, fh)
     return folder / "out.pth"
 
 
 def write_sharded(fmt: str) -> Callable[[dict[str, TensorRecord], Path], Path]:
     def write(recs: dict[str, TensorRecord], folder: Path) -> Path:
-        sharded = module_or_skip("ckptsurgeon.formats.sharded")
-        sharded.write(recs, folder / "shards", max_shard_bytes=24, fmt=fmt)
+        shardwriter = module_or_skip("ckptsurgeon.formats.shardwriter")
+        shardwriter.write(recs, folder / "shards", max_shard_bytes=24, fmt=fmt)
         return folder / "shards"
 
     return write

@@ -157,7 +157,7 @@ def test_a_read_error_in_the_helper_is_one_line_and_leaves_nothing(
 def test_library_writes_outside_a_follower_are_unchanged(tmp_path: Path) -> None:
     """Writers used directly (no pipeline) still work: nothing follows their file."""
     from ckptsurgeon.core.record import TensorRecord
-    from ckptsurgeon.formats.torchzip import write as write_torchzip
+    from ckptsurgeon.formats._torchwriter import write as write_torchzip
 
     recs = {"w": TensorRecord.from_torch("w", torch.arange(600_000, dtype=torch.float32))}
     path = tmp_path / "w.pth"
@@ -343,13 +343,13 @@ def test_the_source_helper_does_not_use_the_shared_descriptor_cache(
 def test_more_source_shards_than_the_descriptor_cache_holds(tmp_path: Path) -> None:
     """40 safetensors shards (the cache keeps 32 descriptors) into one verified .pth and back."""
     from ckptsurgeon.core.record import TensorRecord
-    from ckptsurgeon.formats import sharded
+    from ckptsurgeon.formats import shardwriter
 
     gen = torch.Generator().manual_seed(2)
     tensors = {f"layer.{i:02d}.weight": torch.randn(BIG, generator=gen) for i in range(40)}
     folder = tmp_path / "shards"
     records = {k: TensorRecord.from_torch(k, v) for k, v in tensors.items()}
-    sharded.write(records, folder, max_shard_bytes=4 * BIG[0] * BIG[1] + 1)
+    shardwriter.write(records, folder, max_shard_bytes=4 * BIG[0] * BIG[1] + 1)
     assert len(list(folder.glob("*.safetensors"))) == 40
     out = tmp_path / "one.pth"
     result = run_cli("convert", folder, "-o", out)

@@ -14,7 +14,8 @@ from conftest import REAL, assert_one_line_error, run_cli, sha256
 
 from ckptsurgeon.errors import FormatError, UnsafeCheckpointError
 from ckptsurgeon.formats import ReadOptions, open_checkpoint
-from ckptsurgeon.pickling.scan import scan, scan_globals
+from ckptsurgeon.pickling.globalscan import scan_globals
+from ckptsurgeon.pickling.scan import scan
 
 
 # -- hostile pickles: each would create MARKER if it were ever executed ---------------------

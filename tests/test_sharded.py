@@ -15,7 +15,7 @@ from conftest import REAL, REPO, assert_one_line_error, run_cli
 
 from ckptsurgeon.core.record import TensorRecord, tensor_to_bytes
 from ckptsurgeon.errors import CkptError, FormatError, InputError, OutputError
-from ckptsurgeon.formats import ReadOptions, open_checkpoint, sharded
+from ckptsurgeon.formats import ReadOptions, open_checkpoint, sharded, shardwriter
 from ckptsurgeon.formats import safetensors as st
 
 
@@ -205,13 +205,13 @@ def test_bad_index_gives_one_line_and_exit_2(tmp_path: Path, case: str) -> None:
     ],
 )
 def test_parse_size(text: str | int, expected: int) -> None:
-    assert sharded.parse_size(text) == expected
+    assert shardwriter.parse_size(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "GB", "5 parsecs", "-5GB", "0", "0.2", "5G B", "1e9", "five"])
 def test_parse_size_rejects_junk(text: str) -> None:
     with pytest.raises(CkptError, match="size"):
-        sharded.parse_size(text)
+        shardwriter.parse_size(text)
 
 
 def test_plan_packs_greedily_and_gives_big_tensors_their_own_shard() -> None:
@@ -222,13 +222,13 @@ def test_plan_packs_greedily_and_gives_big_tensors_their_own_shard() -> None:
         "c": TensorRecord("c", "float32", (5,)),  # 20
         "d": TensorRecord("d", "float32", (5,)),  # 20
     }
-    assert sharded.plan_shards(recs, 100) == [["a", "b"], ["big"], ["c", "d"]]
+    assert shardwriter.plan_shards(recs, 100) == [["a", "b"], ["big"], ["c", "d"]]
 
 
 def test_write_sharded_safetensors_round_trip(tmp_path: Path) -> None:
     tensors = model_tensors()
     out = tmp_path / "out"
-    written = sharded.write(records(tensors), out, max_shard_bytes=600)
+    written = shardwriter.write(records(tensors), out, max_shard_bytes=600)
     names = [p.name for p in written]
     assert names == [
         "model-00001-of-00002.safetensors",
@@ -248,8 +248,8 @@ def test_write_sharded_safetensors_round_trip(tmp_path: Path) -> None:
 
 
 def test_single_shard_is_written_without_an_index(tmp_path: Path) -> None:
-    written = sharded.write(
-        records(model_tensors()), tmp_path / "one", max_shard_bytes=sharded.parse_size("5GB")
+    written = shardwriter.write(
+        records(model_tensors()), tmp_path / "one", max_shard_bytes=shardwriter.parse_size("5GB")
     )
     assert [p.name for p in written] == ["model.safetensors"]
     assert open_checkpoint(tmp_path / "one").format == "safetensors"
@@ -262,7 +262,7 @@ def test_tied_weights_survive_sharding(tmp_path: Path) -> None:
     base = open_checkpoint(src).tree
     tied = {"a": base["a"], "wte": base["wte"], "b": base["b"], "lm_head": base["wte"].renamed("lm_head")}
     out = tmp_path / "out"
-    sharded.write(tied, out, max_shard_bytes=200)
+    shardwriter.write(tied, out, max_shard_bytes=200)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert "lm_head" not in index["weight_map"]
     ckpt = open_checkpoint(out)
@@ -273,12 +273,12 @@ def test_tied_weights_survive_sharding(tmp_path: Path) -> None:
 
 def test_write_refuses_existing_output_without_force(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    sharded.write(records(model_tensors()), out, max_shard_bytes=600)
+    shardwriter.write(records(model_tensors()), out, max_shard_bytes=600)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(OutputError, match="already exists; pass --force"):
-        sharded.write(records(model_tensors()), out, max_shard_bytes=600)
+        shardwriter.write(records(model_tensors()), out, max_shard_bytes=600)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    sharded.write(records(model_tensors()), out, max_shard_bytes=10**9, force=True)
+    shardwriter.write(records(model_tensors()), out, max_shard_bytes=10**9, force=True)
     assert not (out / "model.safetensors.index.json").exists()  # a stale index would shadow the new file
     assert len(open_checkpoint(out).weights().tensors) == 7
 
@@ -287,24 +287,13 @@ def test_output_that_is_a_file_is_refused(tmp_path: Path) -> None:
     target = tmp_path / "file"
     target.write_text("x")
     with pytest.raises(OutputError, match="is not a folder"):
-        sharded.write(records(model_tensors()), target, max_shard_bytes=600)
+        shardwriter.write(records(model_tensors()), target, max_shard_bytes=600)
 
 
-def _torchzip_writer() -> bool:
-    try:
-        from ckptsurgeon.formats import torchzip
-    except ImportError:
-        return False
-    return hasattr(torchzip, "write") and hasattr(torchzip, "read")
-
-
-@pytest.mark.skipif(
-    not _torchzip_writer(), reason="formats/torchzip.py (another engineer's) is not written yet"
-)
 def test_bin_shards_round_trip(tmp_path: Path) -> None:
     tensors = model_tensors()
     out = tmp_path / "bin"
-    written = sharded.write(records(tensors), out, max_shard_bytes=600, fmt="pth")
+    written = shardwriter.write(records(tensors), out, max_shard_bytes=600, fmt="pth")
     assert [p.name for p in written] == [
         "pytorch_model-00001-of-00002.bin",
         "pytorch_model-00002-of-00002.bin",
@@ -320,9 +309,6 @@ def test_bin_shards_round_trip(tmp_path: Path) -> None:
     assert all(same_bits(got[n].to_torch(), tensors[n]) for n in tensors)
 
 
-@pytest.mark.skipif(
-    not _torchzip_writer(), reason="formats/torchzip.py (another engineer's) is not written yet"
-)
 def test_bin_index_written_by_torch_reads(tmp_path: Path) -> None:
     tensors = model_tensors()
     names = list(tensors)
@@ -338,9 +324,6 @@ def test_bin_index_written_by_torch_reads(tmp_path: Path) -> None:
     assert all(same_bits(got[n].to_torch(), tensors[n]) for n in tensors)
 
 
-@pytest.mark.skipif(
-    not _torchzip_writer(), reason="formats/torchzip.py (another engineer's) is not written yet"
-)
 def test_tied_weights_in_bin_shards_share_storage(tmp_path: Path) -> None:
     src = tmp_path / "tied.safetensors"
     with open(src, "wb") as fh:
@@ -348,7 +331,7 @@ def test_tied_weights_in_bin_shards_share_storage(tmp_path: Path) -> None:
     base = open_checkpoint(src).tree
     tied = {"a": base["a"], "wte": base["wte"], "b": base["b"], "lm_head": base["wte"].renamed("lm_head")}
     out = tmp_path / "bin"
-    sharded.write(tied, out, max_shard_bytes=200, fmt="pth")
+    shardwriter.write(tied, out, max_shard_bytes=200, fmt="pth")
     index = json.loads((out / "pytorch_model.bin.index.json").read_text())
     shard = index["weight_map"]["lm_head"]
     assert shard == index["weight_map"]["wte"]

@@ -15,14 +15,14 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 
-from ckptsurgeon.commands.convert import _rename_rows
-from ckptsurgeon.core import record
 from ckptsurgeon.core.grouping import collapse
-from ckptsurgeon.core.record import TensorRecord, span_crcs
+from ckptsurgeon.core.record import TensorRecord
 from ckptsurgeon.fileio import readback, spans
+from ckptsurgeon.fileio.spans import span_crcs
 from ckptsurgeon.formats import zipio
-from ckptsurgeon.formats.torchzip import write as write_torchzip
+from ckptsurgeon.formats._torchwriter import write as write_torchzip
 from ckptsurgeon.surgery.plan import make_plan, strip_prefix
+from ckptsurgeon.surgery.planreport import _rename_rows
 
 BIG = (512, 1024)  # 2 MiB of float32: above BIG_SPAN
 
@@ -162,13 +162,13 @@ def test_torch_written_archives_take_the_fast_directory(tmp_path: Path) -> None:
 
 def test_span_crcs_match_zlib_in_any_order(tmp_path: Path) -> None:
     rng = random.Random(5)
-    data = bytes(rng.getrandbits(8) for _ in range(3 * record.COPY_CHUNK))
+    data = bytes(rng.getrandbits(8) for _ in range(3 * spans.COPY_CHUNK))
     path = tmp_path / "blob.bin"
     path.write_bytes(data)
-    spans = [(rng.randrange(0, len(data) - 600), rng.randrange(1, 600)) for _ in range(200)]
-    spans += [(10, 2 * record.COPY_CHUNK), (0, len(data))]  # big ones stream
-    rng.shuffle(spans)
-    assert span_crcs(path, spans) == [zlib.crc32(data[o : o + n]) for o, n in spans]
+    ranges = [(rng.randrange(0, len(data) - 600), rng.randrange(1, 600)) for _ in range(200)]
+    ranges += [(10, 2 * spans.COPY_CHUNK), (0, len(data))]  # big ones stream
+    rng.shuffle(ranges)
+    assert span_crcs(path, ranges) == [zlib.crc32(data[o : o + n]) for o, n in ranges]
 
 
 def test_collapse_keeps_differently_written_numbers_apart() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -10,7 +11,9 @@ from conftest import REAL, assert_one_line_error, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import ckptsurgeon
 from ckptsurgeon.core.record import TensorRecord
+from ckptsurgeon.diffing.heads import find_head
 from ckptsurgeon.errors import SurgeryError
 from ckptsurgeon.surgery.operations import rename_steps
 from ckptsurgeon.surgery.plan import (
@@ -18,7 +21,6 @@ from ckptsurgeon.surgery.plan import (
     add_prefix,
     drop,
     drop_names,
-    find_head,
     head_plan,
     keep,
     make_plan,
@@ -162,6 +164,20 @@ def test_rename_plans_compose_and_invert(keys: list[str]) -> None:
     assert plan.then(back).is_identity
     assert plan.inverse().mapping == back.mapping
     assert plan.then(plan.inverse()).apply(source).keys() == source.keys()
+
+
+def test_head_name_lists_live_in_heads_py_only() -> None:
+    """Lists of head names (two or more of these) are literals of diffing/heads.py alone."""
+    names = {"fc", "classifier", "head", "heads", "lm_head", "logits", "last_linear"}
+    package = Path(ckptsurgeon.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Tuple | ast.List | ast.Set):
+                words = {e.value for e in node.elts if isinstance(e, ast.Constant)}
+                if len(words & names) >= 2:
+                    found.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert found and all(place.startswith("diffing/heads.py:") for place in found), found
 
 
 def test_find_head_by_name_takes_the_last_layer() -> None:

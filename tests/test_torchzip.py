@@ -19,8 +19,8 @@ import torch
 from ckptsurgeon.core.record import TensorRecord, tensor_to_bytes
 from ckptsurgeon.errors import FormatError, OutputError, UnsafeCheckpointError
 from ckptsurgeon.formats import ReadOptions, open_checkpoint
-from ckptsurgeon.formats.torchzip import write
-from ckptsurgeon.pickling.safety import Reduced
+from ckptsurgeon.formats._torchwriter import write
+from ckptsurgeon.pickling.placeholders import Reduced
 
 REAL = Path(__file__).resolve().parent.parent / "fixtures" / "real"
 

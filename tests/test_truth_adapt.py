@@ -8,6 +8,7 @@ two small implementations of one network with disjoint naming (torchvision vs ti
 
 from __future__ import annotations
 
+import inspect
 import json
 import shlex
 from pathlib import Path
@@ -21,7 +22,7 @@ from ckptsurgeon.core.coverage import DEFAULT_MIN_COVERAGE, enough
 from ckptsurgeon.diffing.diagnosis import diagnose, is_wrapper_prefix
 from ckptsurgeon.diffing.result import as_records
 from ckptsurgeon.errors import LoadError
-from ckptsurgeon.surgery.adapting import DEFAULT_MIN_COVERAGE as LOADING_DEFAULT
+from ckptsurgeon.surgery.adapting import checked_adaptation
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = "vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37"
@@ -336,7 +337,11 @@ def test_load_into_and_library_adapt_use_the_same_rule(two_implementations: tupl
     assert len(ckptsurgeon.load_into(model, src, min_coverage=1).loaded) == 2
     with pytest.raises(LoadError, match=r"below --min-coverage 50%"):
         ckptsurgeon.adapt(src, target, "x.pth")
-    assert DEFAULT_MIN_COVERAGE == LOADING_DEFAULT == 50.0
+    defaults = {
+        func.__name__: inspect.signature(func).parameters["min_coverage"].default
+        for func in (ckptsurgeon.load_into, ckptsurgeon.adapt, checked_adaptation)
+    }
+    assert set(defaults.values()) == {DEFAULT_MIN_COVERAGE} and DEFAULT_MIN_COVERAGE == 50.0, defaults
 
 
 def test_diff_alarm_and_exit_status_follow_the_same_rule(

@@ -13,9 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from ..core.report import printable
-from ..surgery.planreport import _rename_rows as _rename_rows  # re-exported: tests render rows directly
-from ..surgery.planreport import plan_json as plan_json
-from ..surgery.planreport import render_plan as render_plan
+from ..formats import OUTPUT_FORMATS
 from ..surgery.results import SurgeryResult
 from ._options import make_read_options, output_format, read_options, write_options
 
@@ -48,7 +46,7 @@ def conversion_options(func: F) -> F:
         "--to",
         "to",
         default=None,
-        type=click.Choice(["pth", "safetensors"]),
+        type=click.Choice(OUTPUT_FORMATS),
         help="Output format (default: from the output's suffix).",
     )(func)
     return func

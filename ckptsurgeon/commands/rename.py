@@ -6,7 +6,6 @@ from typing import Any
 
 import click
 
-from ..surgery.operations import rename_steps as rename_steps  # re-exported: the order is documented here too
 from ._options import output_format, read_options, write_options
 from .convert import conversion_options, run
 

@@ -6,7 +6,6 @@ from typing import Any
 
 import click
 
-from ..surgery.operations import target_misfit_plan as target_misfit_plan  # re-exported: --target's plan
 from ._options import output_format, read_options, write_options
 from .convert import conversion_options, run
 

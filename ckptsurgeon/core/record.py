@@ -15,45 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..fileio.spans import (  # re-exported: the record layer's byte access
-    BIG_SPAN,
-    CHUNK_SIZE,
-    COPY_CHUNK,
-    FD_CACHE,
-    FileSpan,
-    aligned_buffer,
-    check_span,
-    copy_span,
-    expect_crc,
-    file_identity,
-    pread_exact,
-    recorded_crc,
-    span_crcs,
-    start_writeback,
-    vouched_copies,
-)
+from ..fileio.spans import CHUNK_SIZE, check_span, copy_span, pread_exact
 from .dtypes import DTYPES, get_dtype
-
-__all__ = [
-    "BIG_SPAN",
-    "CHUNK_SIZE",
-    "COPY_CHUNK",
-    "FD_CACHE",
-    "FileSpan",
-    "Storage",
-    "TensorRecord",
-    "aligned_buffer",
-    "contiguous_stride",
-    "copy_span",
-    "expect_crc",
-    "file_identity",
-    "pread_exact",
-    "recorded_crc",
-    "span_crcs",
-    "start_writeback",
-    "tensor_to_bytes",
-    "vouched_copies",
-]
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

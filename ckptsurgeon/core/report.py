@@ -31,6 +31,26 @@ def human_bytes(n: int) -> str:
     return f"{n} B"  # unreachable
 
 
+def plural(n: int, one: str, many: str | None = None) -> str:
+    """``one`` for 1, else ``many`` (default: ``one`` + ``s``).
+
+    Example:
+        >>> plural(1, "is", "are"), plural(2, "is", "are"), plural(2, "tensor")
+        ('is', 'are', 'tensors')
+    """
+    return one if n == 1 else many or one + "s"
+
+
+def counted(n: int, one: str, many: str | None = None) -> str:
+    """``1 tensor``, ``2 tensors``: the count and its noun (:func:`plural`).
+
+    Example:
+        >>> counted(1, "tensor"), counted(3, "entry", "entries")
+        ('1 tensor', '3 entries')
+    """
+    return f"{n} {plural(n, one, many)}"
+
+
 def human_count(n: int) -> str:
     """A count with thousands separators and a short form for large ones.
 

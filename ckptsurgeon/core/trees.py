@@ -51,15 +51,17 @@ def weights_node(original: Any, tensors: dict[str, TensorRecord], plan: Plan | N
     return node
 
 
-def weights_payload(source: Source, tensors: dict[str, TensorRecord], plan: Plan | None, kind: str) -> Any:
-    """What a weights-only output holds: the bare records for safetensors, the weights entry's
-    container (with its ``_metadata``) for ``.pth``.
+def weights_payload(
+    source: Source, tensors: dict[str, TensorRecord], plan: Plan | None, holds_tree: bool
+) -> Any:
+    """What a weights-only output holds: the bare records (safetensors), or the weights entry's
+    container with its ``_metadata`` when the format ``holds_tree`` (``.pth``).
 
     Example:
-        >>> weights_payload(src, src.tensors, None, "safetensors") is src.tensors   # doctest: +SKIP
+        >>> weights_payload(src, src.tensors, None, holds_tree=False) is src.tensors   # doctest: +SKIP
         True
     """
-    if kind != "pth":
+    if not holds_tree:
         return tensors
     return weights_node(resolve_key(source.checkpoint.tree, source.weights.key), tensors, plan)
 

@@ -18,45 +18,10 @@ from dataclasses import dataclass, field
 from ..core.prefixes import shared_prefix, wrapper_prefix
 from ..core.record import TensorRecord
 from .compare import Comparison, FilterIdiom, ShapeMismatch, compare, filter_idiom
+from .heads import HEAD_ROLE_NAMES, MISMATCH_HEAD_NAMES, VOCABULARY_NAMES
 
 Shapes = Mapping[str, tuple[int, ...]]
 
-# Last name components of layers that are classification/output heads. Broader than
-# heads.HEAD_NAMES on purpose: here a name only supports what shapes already show (a mismatched
-# output layer); heads.py drops tensors on a name alone, so it keeps to unambiguous names.
-HEAD_NAMES = frozenset(
-    {
-        "fc",
-        "classifier",
-        "head",
-        "heads",
-        "last_linear",
-        "logits",
-        "output",
-        "out",
-        "cls",
-        "fc8",
-        "predictions",
-        "classif",
-        "score",
-        "cls_score",
-    }
-)
-# Last name components of embedding tables and LM output layers: their rows are the vocabulary
-# (tokens), not classes. A tensor tied to one of them is vocabulary too.
-VOCABULARY_NAMES = frozenset(
-    {
-        "lm_head",
-        "embed_tokens",
-        "wte",
-        "word_embeddings",
-        "tok_embeddings",
-        "embed_in",
-        "embed_out",
-        "token_embedding",
-        "word_emb",
-    }
-)
 _CANDIDATE_DEPTH = 3
 _CANDIDATE_LIMIT = 10
 # A partial prefix (not on every key of its side) must be on at least this share of the keys,
@@ -64,29 +29,8 @@ _CANDIDATE_LIMIT = 10
 MIN_PREFIX_SHARE = 0.1
 MIN_PREFIX_KEYS = 2
 # What a module is for, by its name: a suffix match never pairs modules of different roles
-# (a pooler is not a classifier, a body layer is not a head). Narrower than HEAD_NAMES on
-# purpose: ``output``/``out`` also name body layers (BERT's ``attention.output.dense``).
-_ROLE_WORDS = {
-    "pooler": "pooler",
-    **dict.fromkeys(
-        (
-            "classifier",
-            "cls",
-            "head",
-            "heads",
-            "lm_head",
-            "logits",
-            "predictions",
-            "score",
-            "qa_outputs",
-            "last_linear",
-            "classif",
-            "cls_score",
-            "fc",
-        ),
-        "head",
-    ),
-}
+# (a pooler is not a classifier, a body layer is not a head).
+_ROLE_WORDS = {"pooler": "pooler", **dict.fromkeys(sorted(HEAD_ROLE_NAMES), "head")}
 
 
 @dataclass(frozen=True)
@@ -239,7 +183,7 @@ def diagnose(
     proposal, ambiguous = suffix_proposal(after, renamed, tgt, origin)
     vocabulary = find_vocabulary(after.shape_mismatched, tied, after.missing)
     in_vocabulary = {m.name for m in vocabulary.tensors} if vocabulary else set()
-    head = find_head(tuple(m for m in after.shape_mismatched if m.name not in in_vocabulary), list(tgt))
+    head = mismatched_head(tuple(m for m in after.shape_mismatched if m.name not in in_vocabulary), list(tgt))
     mapping = {
         origin[name]: name for name in renamed if name in tgt and renamed[name].shape == tgt[name].shape
     }
@@ -412,10 +356,10 @@ def is_head_module(module: str, output: str) -> bool:
     if module == output:
         return True
     parts = [p for p in module.split(".") if not p.isdigit()]
-    return bool(parts) and parts[-1] in HEAD_NAMES
+    return bool(parts) and parts[-1] in MISMATCH_HEAD_NAMES
 
 
-def find_head(mismatches: tuple[ShapeMismatch, ...], target_names: list[str]) -> Head | None:
+def mismatched_head(mismatches: tuple[ShapeMismatch, ...], target_names: list[str]) -> Head | None:
     """Every shape-mismatched module whose output (leading) dimension is the class count.
 
     The class count comes from the output layer or a module named like a head (``fc``,
@@ -426,7 +370,7 @@ def find_head(mismatches: tuple[ShapeMismatch, ...], target_names: list[str]) ->
     Example:
         >>> m = (ShapeMismatch("fc.weight", (6, 32), (2, 32)), ShapeMismatch("fc.bias", (6,), (2,)),
         ...      ShapeMismatch("aux.fc2.weight", (6, 16), (2, 16)))
-        >>> head = find_head(m, ["conv.weight", "aux.fc2.weight", "fc.weight", "fc.bias"])
+        >>> head = mismatched_head(m, ["conv.weight", "aux.fc2.weight", "fc.weight", "fc.bias"])
         >>> head.modules, head.target_classes
         (('fc', 'aux.fc2'), 2)
     """
@@ -452,9 +396,10 @@ def find_vocabulary(
     """Embedding tables and LM heads of another vocabulary size, with every tensor sized by it.
 
     Anchors are mismatched tensors of a module named like one (``lm_head``, ``embed_tokens``,
-    ``wte``, ``word_embeddings`` ...: :data:`VOCABULARY_NAMES`), or tied to one, that differ only in
-    their leading dimension; then every mismatched tensor that differs in one dimension only, by the
-    same sizes, joins them (``cls.predictions.bias``, ``final_logits_bias``). ``missing`` names that
+    ``wte``, ``word_embeddings`` ...: :data:`~ckptsurgeon.diffing.heads.VOCABULARY_NAMES`), or
+    tied to one, that differ only in their leading dimension; then every mismatched tensor that
+    differs in one dimension only, by the same sizes, joins them (``cls.predictions.bias``,
+    ``final_logits_bias``). ``missing`` names that
     are tied to one of them are reported as ``tied_aliases``.
 
     Example:

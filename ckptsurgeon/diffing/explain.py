@@ -10,9 +10,10 @@ from pathlib import Path
 from ..core.coverage import DEFAULT_MIN_COVERAGE, enough
 from ..core.grouping import collapse
 from ..core.prefixes import KNOWN_WRAPPERS
-from ..core.report import percent, shell_quote
+from ..core.report import counted, percent, plural, shell_quote
 from .compare import Comparison, FilterIdiom, ShapeMismatch
 from .diagnosis import Diagnosis, Head, Vocabulary
+from .heads import CLASSIFIER_WORDS
 
 FILTER = "{k: v for k, v in sd.items() if k in model_sd}"
 
@@ -62,7 +63,7 @@ def _sentences(d: Diagnosis, min_coverage: float = DEFAULT_MIN_COVERAGE) -> list
     if saved.complete:  # only tied aliases left out
         return [
             f"All {saved.total} target tensors the file must hold load as is, but it leaves out "
-            f"{len(saved.tied)} tied {_plural(len(saved.tied), 'alias', 'aliases')}, so it does not "
+            f"{counted(len(saved.tied), 'tied alias', 'tied aliases')}, so it does not "
             "load strictly.",
             *_notes(saved),
         ]
@@ -121,7 +122,7 @@ def _remainder(d: Diagnosis, final: Comparison) -> list[str]:
     others = [m for m in final.shape_mismatched if m.name not in explained_names]
     if others:
         out.append(
-            f"{len(others)} {_plural(len(others), 'tensor has', 'tensors have')} another shape "
+            f"{counted(len(others), 'tensor has', 'tensors have')} another shape "
             f"({', '.join(_shape_change(m) for m in others[:3])}{_more(len(others), 3)}): "
             "a different model size or variant, not just a head."
         )
@@ -135,7 +136,7 @@ def _remainder(d: Diagnosis, final: Comparison) -> list[str]:
 
 def _lead(rest: int, count: int, explained: int) -> str:
     """ "The other 2 are" when these are all that is left to explain, else "Of the other 5, 2 are"."""
-    verb = _plural(count, "is", "are")
+    verb = plural(count, "is", "are")
     if rest == count == explained:
         return f"The other {count} {verb}"
     return f"Of the other {rest}, {count} {verb}"
@@ -212,7 +213,7 @@ def _tied_sentences(tied: Mapping[str, str]) -> list[str]:
     out = [
         f"{alias} is tied to {held} (one parameter), which the file holds." for alias, held in tied.items()
     ]
-    aliases = _plural(len(tied), "the tied alias", f"the {len(tied)} tied aliases")
+    aliases = plural(len(tied), "the tied alias", f"the {len(tied)} tied aliases")
     out.append(
         f"load_state_dict(strict=True) raises on {aliases} the file leaves out (as missing keys); "
         "load with strict=False (or ckptsurgeon.load_into): loading the tensor an alias shares fills it, "
@@ -406,8 +407,13 @@ def _coverage_option(loads: int, total: int, min_coverage: float) -> str:
 
 
 def _output(source: str, tag: str) -> str:
+    """``a.adapted.pth``: a name for a fix's output, keeping the source's suffix when the registry
+    proposes it for a new file (:data:`ckptsurgeon.formats.WRITERS`), else ``.pth``."""
+    from ..formats import WRITERS
+
     path = Path(source)
-    suffix = path.suffix if path.suffix in (".pth", ".pt", ".bin", ".ckpt", ".safetensors") else ".pth"
+    kept = [s for kind in WRITERS.values() for s in kind.proposed_suffixes]
+    suffix = path.suffix if path.suffix in kept else WRITERS["pth"].suffixes[0]
     stem = path.stem if path.suffix else path.name
     return shell_quote(f"{stem}.{tag}{suffix}")  # in the working folder: the source's may be read-only
 
@@ -426,7 +432,7 @@ def _shape(shape: Sequence[int]) -> str:
 
 
 def _is_classifier(modules: Sequence[str]) -> bool:
-    words = ("fc", "classifier", "head", "last_linear", "logits", "cls")
+    words = CLASSIFIER_WORDS
     return any(w in part for m in modules for part in m.split(".") for w in words) and not any(
         "lm_head" in m for m in modules
     )
@@ -440,10 +446,6 @@ def _labels(names: Sequence[str], limit: int = 3) -> str:
 
 def _more(count: int, limit: int) -> str:
     return f" and {count - limit} more" if count > limit else ""
-
-
-def _plural(n: int, one: str, many: str) -> str:
-    return one if n == 1 else many
 
 
 def describe_prefix(prefix: str) -> str:

@@ -14,8 +14,36 @@ from collections.abc import Mapping
 from ..core.record import TensorRecord
 from ..errors import SurgeryError
 
-# Module names that usually hold the classifier / output head.
+# Every list of head and vocabulary names lives here; each use has its own strictness.
+# Module names that hold the classifier / output head: strip-head drops one on its name alone,
+# so only unambiguous names.
 HEAD_NAMES = ("fc", "classifier", "head", "heads", "last_linear", "lm_head", "logits", "classif")
+# Names of scoring layers: heads too, where shapes or roles already say so.
+SCORE_NAMES = ("cls", "predictions", "score", "cls_score")
+# A shape-mismatched module named so is a head (diff's diagnosis): broader than HEAD_NAMES, as a name
+# there only supports what the shapes already show (``output``, ``out``, ``fc8`` name output layers);
+# ``lm_head`` is vocabulary (:data:`VOCABULARY_NAMES`), not classes.
+MISMATCH_HEAD_NAMES = frozenset(HEAD_NAMES) - {"lm_head"} | frozenset(SCORE_NAMES) | {"output", "out", "fc8"}
+# Modules of the "head" role when keys are paired by suffix (never with a body layer): narrower than
+# MISMATCH_HEAD_NAMES, since ``output``/``out`` also name body layers (BERT's ``attention.output.dense``).
+HEAD_ROLE_NAMES = frozenset(HEAD_NAMES) | frozenset(SCORE_NAMES) | {"qa_outputs"}
+# Words that make a head read as a classifier in diff's explanation (found inside a name's parts).
+CLASSIFIER_WORDS = ("fc", "classifier", "head", "last_linear", "logits", "cls")
+# Last name components of embedding tables and LM output layers: their rows are the vocabulary
+# (tokens), not classes. A tensor tied to one of them is vocabulary too.
+VOCABULARY_NAMES = frozenset(
+    {
+        "lm_head",
+        "embed_tokens",
+        "wte",
+        "word_embeddings",
+        "tok_embeddings",
+        "embed_in",
+        "embed_out",
+        "token_embedding",
+        "word_emb",
+    }
+)
 # Module names of embedding tables (anything containing "embed" counts too): never a head by position.
 EMBEDDING_NAMES = ("wte", "wpe", "tok_embeddings", "shared", "emb", "word_emb", "pos_emb")
 

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from ..core.coverage import coverage_percent, enough, threshold
 from ..core.grouping import natural_key, natural_sorted
 from ..core.record import TensorRecord
 from ..core.report import dump_json, percent
+from ..errors import LoadError
 from .compare import Comparison, DtypeDifference, ShapeMismatch, compare
 from .diagnosis import Diagnosis, diagnose
 from .explain import Explanation, explain
@@ -29,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..core.checkpoint import Checkpoint
     from ..formats import ReadOptions
 
-__all__ = ["Comparison", "DiffResult", "DtypeDifference", "ShapeMismatch", "diff"]
+__all__ = ["DiffResult", "SourceRecords", "diff", "source_records"]
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,10 @@ def diff(
         >>> r.diagnosis.transform.strip, r.diagnosis.loads_after                      # doctest: +SKIP
         ('module.', 120)
     """
-    label, chosen_key, records, opened = _source_records(source, key, read_options)
+    found = source_records(source, key, read_options)
+    if found is None:
+        raise TypeError(f"diff: cannot read a source of type {type(source).__name__}")
+    label, chosen_key, records, opened = found.label, found.key, found.records, found.opened
     resolved = _target(target, read_options, target_key)
     comparison = compare(records, resolved.tensors, resolved.tied)
     diagnosis = diagnose(records, resolved.tensors, resolved.tied, comparison)
@@ -257,25 +262,51 @@ def diff(
     )
 
 
-def _source_records(
-    source: Any, key: str | None, read_options: ReadOptions | None
-) -> tuple[str, str | None, dict[str, TensorRecord], Checkpoint | None]:
-    from ..core.checkpoint import Checkpoint
+@dataclass(frozen=True)
+class SourceRecords:
+    """A source's weights as records: its label for messages, the entry chosen, the checkpoint
+    opened (``None`` for a state dict or a model)."""
 
-    if isinstance(source, str | Path):
+    label: str
+    key: str | None
+    records: dict[str, TensorRecord]
+    opened: Checkpoint | None = None
+
+
+def source_records(
+    source: Any,
+    key: str | None = None,
+    read_options: ReadOptions | None = None,
+    mapping_label: str = "SOURCE",
+) -> SourceRecords | None:
+    """The weights of a path (``key`` picks a nested entry), a :class:`Checkpoint`, a state dict
+    (records or tensors; ``key`` picks a nested entry, labelled ``mapping_label``) or an
+    ``nn.Module``; ``None`` for anything else. What ``diff`` and ``load_into`` read.
+
+    Example:
+        >>> found = source_records({"sd": {"w": TensorRecord("w", "float32", (2,))}}, "sd")
+        >>> found.label, list(found.records)
+        ('SOURCE', ['w'])
+    """
+    from ..core.checkpoint import Checkpoint, resolve_key
+
+    if isinstance(source, str | os.PathLike):
         from ..formats import open_checkpoint
 
         opened = open_checkpoint(source, read_options)
         candidate = opened.weights(key)
-        return str(source), candidate.key, dict(candidate.tensors), opened
+        return SourceRecords(str(source), candidate.key, dict(candidate.tensors), opened)
     if isinstance(source, Checkpoint):
         candidate = source.weights(key)
-        return str(source.path), candidate.key, dict(candidate.tensors), source
+        return SourceRecords(str(source.path), candidate.key, dict(candidate.tensors), source)
     if _is_module(source):
-        return type(source).__name__, None, dict(target_from_module(source).tensors), None
+        return SourceRecords(type(source).__name__, None, dict(target_from_module(source).tensors))
     if isinstance(source, Mapping):
-        return "SOURCE", None, as_records(source), None
-    raise TypeError(f"diff: cannot read a source of type {type(source).__name__}")
+        node = resolve_key(source, key) if key else source
+        if not isinstance(node, Mapping):
+            raise LoadError(f"{mapping_label}: no entry {key!r} holding tensors")
+        return SourceRecords(mapping_label, None, as_records(node))
+    return None
 
 
 def _target(target: Any, read_options: ReadOptions | None, key: str | None = None) -> Target:

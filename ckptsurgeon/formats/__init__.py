@@ -2,6 +2,8 @@
 
 Every reader is a function ``read(path, options) -> Checkpoint`` in its own module,
 imported only when needed (so inspecting a safetensors file never imports torch).
+Every output kind (:data:`WRITERS`) names its writer the same way, with the suffixes that
+choose it and the ``--to`` value that asks for it.
 """
 
 from __future__ import annotations
@@ -9,10 +11,10 @@ from __future__ import annotations
 import importlib
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError, InputError, NotAStateDictError
 
@@ -45,6 +47,105 @@ READERS: dict[str, str] = {
     "dcp": "ckptsurgeon.formats.dcp:read",
     "peft": "ckptsurgeon.formats.peft:read",
 }
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """One kind of output the write commands produce, and everything that chooses or writes it.
+
+    ``name``: what a result reports (``"sharded-pth"``). ``to``: the ``--to`` value asking for
+    it. ``sharded``: a folder of shards (``--max-shard-size``), written by
+    ``writer(tensors, folder, max_shard_bytes=, fmt=to, ...)``; else one file, written by
+    ``writer(payload, fh, output_path)``. ``suffixes``: the output suffixes that choose it
+    when ``--to`` is not given (the first is proposed for new files); ``own_suffixes``: those
+    that contradict any other ``--to``; ``proposed_suffixes``: those a suggested output
+    name may keep from its source. ``holds_tree``: the file keeps a training checkpoint's
+    entries around the weights; ``tensors_only``: the format holds nothing but tensors (a
+    training checkpoint's other entries are left out, tied tensors are stored once).
+
+    Example:
+        >>> WRITERS["safetensors"].suffixes, WRITERS["sharded-pth"].to
+        (('.safetensors',), 'pth')
+    """
+
+    name: str
+    to: str
+    writer: str  # "module:function"
+    sharded: bool = False
+    suffixes: tuple[str, ...] = ()
+    own_suffixes: tuple[str, ...] = ()
+    proposed_suffixes: tuple[str, ...] = ()
+    holds_tree: bool = False
+    tensors_only: bool = False
+
+    def load_writer(self) -> Callable[..., Any]:
+        """The writer function, imported now (writing a safetensors file never imports torch).
+
+        Example:
+            >>> WRITERS["pth"].load_writer().__name__
+            'write_file'
+        """
+        module_name, func_name = self.writer.split(":")
+        return getattr(importlib.import_module(module_name), func_name)
+
+
+# output kind -> what writes it and what chooses it
+WRITERS: dict[str, OutputKind] = {
+    kind.name: kind
+    for kind in (
+        OutputKind(
+            "pth",
+            "pth",
+            "ckptsurgeon.formats._torchwriter:write_file",
+            suffixes=(".pth", ".pt", ".bin", ".ckpt", ".tar"),
+            own_suffixes=(".pth", ".pt"),
+            proposed_suffixes=(".pth", ".pt", ".bin", ".ckpt"),  # a .tar also names pre-0.4 tar files
+            holds_tree=True,
+        ),
+        OutputKind(
+            "safetensors",
+            "safetensors",
+            "ckptsurgeon.formats.safetensors:write_file",
+            suffixes=(".safetensors",),
+            own_suffixes=(".safetensors",),
+            proposed_suffixes=(".safetensors",),
+            tensors_only=True,
+        ),
+        OutputKind("sharded-pth", "pth", "ckptsurgeon.formats.shardwriter:write", sharded=True),
+        OutputKind(
+            "sharded-safetensors",
+            "safetensors",
+            "ckptsurgeon.formats.shardwriter:write",
+            sharded=True,
+            tensors_only=True,
+        ),
+    )
+}
+# the --to values, in the registry's order
+OUTPUT_FORMATS = tuple(dict.fromkeys(kind.to for kind in WRITERS.values()))
+DEFAULT_SHARD_FORMAT = "safetensors"  # --max-shard-size without --to: Hugging Face's default
+
+
+def output_kind_for(to: str, sharded: bool) -> OutputKind:
+    """The output kind ``--to`` asks for, as one file or as shards.
+
+    Example:
+        >>> output_kind_for("pth", sharded=True).name
+        'sharded-pth'
+    """
+    return next(k for k in WRITERS.values() if k.to == to and k.sharded == sharded)
+
+
+def output_kind_by_suffix(suffix: str) -> OutputKind | None:
+    """The one-file output kind a suffix chooses (``.bin``: pth), or ``None``.
+
+    Example:
+        >>> output_kind_by_suffix(".SafeTensors").name, output_kind_by_suffix(".txt")
+        ('safetensors', None)
+    """
+    suffix = suffix.lower()
+    return next((k for k in WRITERS.values() if suffix in k.suffixes), None)
+
 
 SUPPORTED = (
     "torch.save files (.pth .pt .bin .ckpt .tar, zip or legacy), .safetensors, "

@@ -17,8 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..core.record import Storage, TensorRecord, expect_crc, file_identity
+from ..core.record import Storage, TensorRecord
 from ..errors import FormatError
+from ..fileio.spans import expect_crc, file_identity
 from . import archive_prefix
 from ._torchpickle import StorageSlot, TorchResolver, check_tree, storage_dtype, storage_key, unpickle
 from .zipio import name_problem, zipfile_end_record

@@ -24,7 +24,6 @@ from ..pickling.pickles import BlockedGlobal, PickleError
 from ..pickling.safety import DCP_METADATA_GLOBALS, DTYPE_GLOBALS, DataResolver, GlobalRef
 from ._torchpickle import INT64, unpickle
 
-DCP_MODULE = "torch.distributed.checkpoint.metadata"
 # torch 1.13-2.0 wrote the sharded-tensor property class and its enum
 OLD_PROPERTIES = "torch.distributed._shard.sharded_tensor.metadata"
 DCP_CLASSES = DCP_METADATA_GLOBALS | {

@@ -4,8 +4,7 @@ data.pkl is emitted as torch writes it (``_rebuild_tensor_v2`` / ``_v3`` calls o
 storage ids), then one stored, 64-byte aligned member per storage, streamed from where the
 records' bytes lie: small file spans lying close together are read in one call, big ones
 copied without a CRC pass when the source archive vouches for their CRC, anything else
-streamed in chunks and checksummed. Re-exported
-by :mod:`ckptsurgeon.formats.torchzip`.
+streamed in chunks and checksummed.
 """
 
 from __future__ import annotations
@@ -13,26 +12,41 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..core.dtypes import DTYPES
-from ..core.record import (
-    CHUNK_SIZE,
-    COPY_CHUNK,
-    FileSpan,
-    Storage,
-    TensorRecord,
-    contiguous_stride,
-    file_identity,
-    pread_exact,
-)
+from ..core.record import Storage, TensorRecord, contiguous_stride
 from ..errors import OutputError
-from ..fileio.spans import remember_span_crc
+from ..fileio.spans import CHUNK_SIZE, COPY_CHUNK, FileSpan, file_identity, pread_exact, remember_span_crc
 from ..pickling.pickles import Emitter
 from .zipio import ZipWriter
 
 ALIGNMENT = 64
 SMALL_MEMBER = COPY_CHUNK  # storages up to this size are read in one call, CRC'd and written at once
+
+
+def write_file(tree: Any, fh: BinaryIO, output: Path) -> None:
+    """:func:`write` into ``fh``, the archive folder named after ``output`` as torch.save names it.
+
+    The one-file writer of :data:`ckptsurgeon.formats.WRITERS` (``"pth"``).
+
+    Example:
+        >>> with atomic_output("model.pth") as fh:          # doctest: +SKIP
+        ...     write_file({"w": record}, fh, Path("model.pth"))   # members model/data.pkl ...
+    """
+    write(tree, fh, archive_name=archive_name_for(output))
+
+
+def archive_name_for(output: Path) -> str:
+    """The archive folder torch.save would use for ``output``: its stem, if an identifier.
+
+    Example:
+        >>> archive_name_for(Path("resnet.best.pth")), archive_name_for(Path("my-model.pth"))
+        ('resnet', 'archive')
+    """
+    stem = output.name.split(".", 1)[0]
+    return stem if stem.isidentifier() else "archive"
 
 
 def write(tree: Any, fh: BinaryIO, archive_name: str = "archive") -> None:
@@ -155,7 +169,7 @@ def _write_member(zw: ZipWriter, name: str, nbytes: int, chunks: Iterable[bytes 
 
 def _write_storage(zw: ZipWriter, name: str, nbytes: int, chunks: Iterable[bytes | memoryview]) -> None:
     """One storage member: a small file span read at once, a big one copied without a CRC pass
-    when its CRC is known (see :func:`~ckptsurgeon.core.record.vouched_copies`), anything else streamed."""
+    when its CRC is known (see :func:`~ckptsurgeon.fileio.spans.vouched_copies`), anything else streamed."""
     if not isinstance(chunks, FileSpan):
         zw.add_stream(name, nbytes, chunks)
         return

@@ -9,8 +9,7 @@ location, numel, view)``), the list of storage keys -- followed by each storage 
 
 The torch pickle semantics this reader shares with the zip reader
 (:class:`TorchResolver`, :func:`unpickle`, :func:`check_tree` ...) live in
-:mod:`ckptsurgeon.formats._torchpickle`, full trust in :mod:`ckptsurgeon.formats._fulltrust`;
-they are importable from here too.
+:mod:`ckptsurgeon.formats._torchpickle`, full trust in :mod:`ckptsurgeon.formats._fulltrust`.
 """
 
 from __future__ import annotations
@@ -24,8 +23,9 @@ from typing import IO, TYPE_CHECKING, Any
 
 from ..core.bounds import bounded_repr
 from ..core.dtypes import DTYPES
-from ..core.record import Storage, pread_exact
+from ..core.record import Storage
 from ..errors import CkptError, FormatError
+from ..fileio.spans import pread_exact
 from ..pickling.globalscan import PickleGlobals, scan_globals
 from ..pickling.pickles import PickleError, PickleTruncated
 from ..pickling.safety import DataResolver, GlobalRef
@@ -40,7 +40,6 @@ from ._torchpickle import (
     storage_key,
     unpickle,
 )
-from ._torchpickle import blocked_error as blocked_error
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.checkpoint import Checkpoint

@@ -27,8 +27,9 @@ from typing import Any, BinaryIO
 
 from ..core.checkpoint import Checkpoint
 from ..core.dtypes import BY_SAFETENSORS, DTYPES, DType
-from ..core.record import FileSpan, Storage, TensorRecord, contiguous_stride
+from ..core.record import Storage, TensorRecord, contiguous_stride
 from ..errors import FormatError, OutputError
+from ..fileio.spans import FileSpan
 from . import ReadOptions, check_input_path
 
 FORMAT = "safetensors"
@@ -477,6 +478,17 @@ def _tie_key(rec: TensorRecord) -> tuple[Any, ...] | None:
 
 
 # -- writing ---------------------------------------------------------------------------------
+def write_file(tensors: Mapping[str, TensorRecord], fh: BinaryIO, output: Path) -> None:
+    """:func:`write` with ``{"format": "pt"}`` metadata: the one-file writer of
+    :data:`ckptsurgeon.formats.WRITERS` (``"safetensors"``; ``output`` names the file written).
+
+    Example:
+        >>> with atomic_output("out.safetensors") as fh:          # doctest: +SKIP
+        ...     write_file(ckpt.weights().tensors, fh, Path("out.safetensors"))
+    """
+    write(tensors, fh, {"format": "pt"})
+
+
 def write(
     tensors: Mapping[str, TensorRecord], fh: BinaryIO, metadata: Mapping[str, str] | None = None
 ) -> None:

@@ -5,8 +5,8 @@ Reading validates it (shards stay inside the folder, every shard exists, index a
 agree) and opens each shard with its own reader; the result is one flat state dict of
 records pointing into the shards. Nothing is merged in memory.
 
-The sharded writer (:func:`write`, :func:`plan_shards`, :func:`parse_size`) is
-:mod:`ckptsurgeon.formats.shardwriter`; its names stay importable from here.
+The sharded writer (``write``, ``plan_shards``, ``parse_size``) is
+:mod:`ckptsurgeon.formats.shardwriter`, which reading never imports.
 """
 
 from __future__ import annotations
@@ -15,33 +15,13 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..core.checkpoint import Checkpoint
 from ..core.record import TensorRecord
 from ..errors import FormatError, InputError, KeySelectionError
 from . import ReadOptions, folder_refusal, open_checkpoint
 from .safetensors import DuplicateKeyError, no_duplicate_keys, parse_aliases
-
-if TYPE_CHECKING:
-    from .shardwriter import LAYOUT as LAYOUT
-    from .shardwriter import SizeError as SizeError
-    from .shardwriter import parse_size as parse_size
-    from .shardwriter import plan_shards as plan_shards
-    from .shardwriter import write as write
-
-# The writer's names, imported on first use: reading (``ckpt inspect`` of a folder) does not pay
-# for the writer's imports (tempfile, shutil, decimal: ~6 ms of a 50 ms command).
-_WRITER_NAMES = ("LAYOUT", "SizeError", "parse_size", "plan_shards", "write")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WRITER_NAMES:
-        from . import shardwriter
-
-        return getattr(shardwriter, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 FORMAT = "sharded"
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

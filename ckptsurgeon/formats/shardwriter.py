@@ -309,7 +309,7 @@ def _write_shard(
 
             write_safetensors(part, sink, metadata)
         else:
-            from .torchzip import write as write_torchzip
+            from ._torchwriter import write as write_torchzip
 
             write_torchzip(dict(part), sink)
     return path

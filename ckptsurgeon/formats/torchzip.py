@@ -6,8 +6,8 @@ calls whose storages are persistent ids ``('storage', FloatStorage, key, locatio
 numel)`` -- and one member ``<archive>/data/<key>`` per storage, aligned to 64 bytes.
 The reader runs data.pkl through the restricted unpickler (:mod:`ckptsurgeon.pickling.pickles`)
 with :class:`TorchResolver`, which turns each tensor into a :class:`TensorRecord`
-pointing at its member's bytes in the file. The writer is :mod:`._torchwriter`'s
-(:func:`write`, re-exported here).
+pointing at its member's bytes in the file. The writer is
+:mod:`ckptsurgeon.formats._torchwriter`.
 """
 
 from __future__ import annotations
@@ -21,24 +21,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.bounds import bounded_repr
-from ..core.record import (
-    CHUNK_SIZE,
-    Storage,
-    expect_crc,
-    file_identity,
-)
+from ..core.record import Storage
 from ..errors import FormatError
 from ..fileio.progress import Bar, progress_bar
+from ..fileio.spans import CHUNK_SIZE, expect_crc, file_identity
 from ..pickling.pickles import PickleError
 from ..pickling.safety import GlobalRef
 from . import archive_prefix
-from ._torchwriter import ALIGNMENT, StoragePlan, iter_storage, write
-from .legacy import (
+from ._fulltrust import read_unsafe
+from ._torchpickle import (
     StorageSlot,
     TorchResolver,
     check_tree,
     locations_note,
-    read_unsafe,
     storage_dtype,
     storage_key,
     unpickle,
@@ -350,14 +345,4 @@ def inflation_problem(info: zipfile.ZipInfo, archive_size: int | None = None) ->
     )
 
 
-__all__ = [
-    "ALIGNMENT",
-    "MEMBER_ERRORS",
-    "StoragePlan",
-    "iter_storage",
-    "open_zip",
-    "read",
-    "read_member",
-    "verify_crcs",
-    "write",
-]
+__all__ = ["MEMBER_ERRORS", "open_zip", "read", "read_member", "verify_crcs"]

@@ -14,7 +14,7 @@ Three kinds of global:
   model or user class. Importing or calling them can run code, so the readers refuse.
 
 The placeholder classes (:class:`Reduced`, :class:`PathValue`, the numpy values) live in
-:mod:`ckptsurgeon.pickling.placeholders` and stay importable from here. Nothing here imports torch or numpy.
+:mod:`ckptsurgeon.pickling.placeholders`. Nothing here imports torch or numpy.
 """
 
 from __future__ import annotations
@@ -29,12 +29,7 @@ from typing import Any
 from ..core.bounds import bounded_repr, check_key, check_keys
 from ..errors import UnsafeCheckpointError
 from .pickles import BlockedGlobal, PickleError
-from .placeholders import NumpyBool as NumpyBool
-from .placeholders import NumpyComplex as NumpyComplex
 from .placeholders import NumpyDType, PathValue, Reduced, numpy_scalar
-from .placeholders import NumpyFloat as NumpyFloat
-from .placeholders import NumpyInt as NumpyInt
-from .placeholders import NumpyScalar as NumpyScalar
 
 TENSOR, DATA, UNSAFE = "tensor", "data", "unsafe"
 

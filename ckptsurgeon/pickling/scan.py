@@ -2,7 +2,7 @@
 
 Every pickle in a file (a torch zip's ``data.pkl`` and any other ``.pkl`` member, each
 pickle of a legacy torch.save file, a bare pickle) is read opcode by opcode by
-:func:`~ckptsurgeon.pickling.globalscan.scan_globals` (importable from here too); nothing is built,
+:func:`~ckptsurgeon.pickling.globalscan.scan_globals`; nothing is built,
 imported or called. Each global is classified by :mod:`ckptsurgeon.pickling.safety` as ``tensor``,
 ``data`` or ``unsafe``. A file whose pickles name only tensor and data globals is then
 opened with the restricted reader, which checks its structure (and every CRC with

@@ -1,10 +1,11 @@
 """Adapting a checkpoint to a target: the plan ``ckpt adapt`` writes, and ``load_into`` for live models.
 
-Both run one sequence, :func:`plan_adaptation`: ``diff``'s diagnosis, the key transform it can
-justify from the data (wrapper prefixes, see :func:`ckptsurgeon.diffing.diagnosis.is_wrapper_prefix`),
-every tensor whose shape does not fit the target left out (the head), nothing the target has
-no place for, and one coverage decision (:mod:`ckptsurgeon.core.coverage`: below the minimum,
-nothing is written or copied). A rename guessed from dotted suffixes is never applied: it is
+Both run one sequence, :func:`checked_adaptation` (over :func:`plan_adaptation`): ``diff``'s
+diagnosis, the key transform it can justify from the data (wrapper prefixes, see
+:func:`ckptsurgeon.diffing.diagnosis.is_wrapper_prefix`), every tensor whose shape does not fit
+the target left out (the head), nothing the target has no place for, and one coverage decision
+(:mod:`ckptsurgeon.core.coverage`: below the minimum, nothing is written or copied). A rename
+guessed from dotted suffixes is never applied: it is
 reported with the command that applies it. The :class:`LoadReport` says exactly what loads,
 what the target keeps as initialised (missing), and what was left out of the file, and why.
 """
@@ -14,13 +15,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.coverage import DEFAULT_MIN_COVERAGE, coverage_percent, enough
 from ..core.grouping import collapse
 from ..core.record import TensorRecord
-from ..core.report import dump_json, format_shape, render_table
+from ..core.report import counted, dump_json, format_shape, render_table
 from ..diffing.compare import ShapeMismatch, compare
 from ..errors import LoadError
 from .plan import Plan, plan_from_mapping
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..diffing.target import Target
     from ..formats import ReadOptions
 
-__all__ = ["DEFAULT_MIN_COVERAGE", "Adaptation", "LoadReport", "load_into", "plan_adaptation"]
+__all__ = ["Adaptation", "LoadReport", "checked_adaptation", "load_into", "plan_adaptation"]
 
 
 @dataclass(frozen=True)
@@ -250,7 +250,7 @@ class Adaptation:
         report, loaded = self.report, len(self.report.loaded)
         if loaded:
             what = (
-                f"only {loaded} of {_counted(report.total, 'target tensor')} would load into {report.target} "
+                f"only {loaded} of {counted(report.total, 'target tensor')} would load into {report.target} "
                 f"after adaptation ({percent(loaded, report.total)}), below {option}{self.min_coverage:g}%"
             )
             lister = "--dry-run" if option.startswith("--") else "ckptsurgeon.diff(source, model)"
@@ -261,7 +261,7 @@ class Adaptation:
         else:
             what = (
                 f"nothing would load into {report.target} after adaptation "
-                f"(0 of {_counted(report.total, 'target tensor')})"
+                f"(0 of {counted(report.total, 'target tensor')})"
             )
             hint = self.diff.explanation.message  # why nothing loads, the proposal included
         if loaded and self.proposal:
@@ -307,8 +307,40 @@ def plan_adaptation(
     return Adaptation(result, plan, output, report, min_coverage)
 
 
-def _counted(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+def checked_adaptation(
+    records: Mapping[str, TensorRecord],
+    target: Target,
+    source: str,
+    *,
+    outcome: str,
+    option: str = "--min-coverage ",
+    refuse: bool = True,
+    strict_shapes: bool = False,
+    min_coverage: float = DEFAULT_MIN_COVERAGE,
+    key: str | None = None,
+    target_spec: str | None = None,
+) -> tuple[Adaptation, str | None]:
+    """The adapt sequence ``ckpt adapt`` and ``load_into`` both run: :func:`plan_adaptation`, the
+    shape check (``strict_shapes``: a misfit raises), and the one coverage decision, whose
+    refusal (:meth:`Adaptation.refusal`, worded with ``outcome`` and ``option``) is raised as a
+    :class:`~ckptsurgeon.errors.LoadError`, or with ``refuse=False`` (a dry run) returned.
+
+    Example:
+        >>> from ..diffing.target import target_from_records
+        >>> src = {"w": TensorRecord("w", "float32", (2,))}
+        >>> tgt = target_from_records({"v": TensorRecord("v", "float32", (2,))}, "model", "mapping")
+        >>> a, alarm = checked_adaptation(src, tgt, "a.pth", outcome="nothing was written", refuse=False)
+        >>> a.accepted, alarm.startswith("a.pth: nothing would load into model")
+        (False, True)
+    """
+    adaptation = plan_adaptation(
+        records, target, source, min_coverage=min_coverage, key=key, target_spec=target_spec
+    )
+    _check_shapes(adaptation.report, strict_shapes)
+    alarm = adaptation.refusal(outcome, option)
+    if alarm is not None and refuse:
+        raise LoadError(alarm)
+    return adaptation, alarm
 
 
 # -- load_into ----------------------------------------------------------------------------------
@@ -340,36 +372,25 @@ def load_into(
         >>> report.headline, report.missing                             # doctest: +SKIP
         ('318 of 320 target tensors load (99.3%)', ('fc.weight', 'fc.bias'))
     """
+    from ..diffing.result import source_records
     from ..diffing.target import target_from_module
 
-    label, records = _source_records(path_or_state_dict, key, read_options)
+    found = source_records(path_or_state_dict, key, read_options, mapping_label="state dict")
+    if found is None:
+        kind = type(path_or_state_dict).__name__
+        raise LoadError(f"load_into: cannot read a {kind}; pass a path or a state dict")
     target = target_from_module(model, type(model).__name__, "module")
-    adaptation = plan_adaptation(records, target, label, min_coverage=min_coverage)
-    report = adaptation.report
-    _check_shapes(report, strict_shapes)
-    refusal = adaptation.refusal("nothing was loaded", "min_coverage=")
-    if refusal is not None:
-        raise LoadError(refusal)
-    _copy_into(model, adaptation.output, report.loaded)
-    return report
-
-
-def _source_records(
-    source: str | os.PathLike[str] | Mapping[str, Any], key: str | None, read_options: ReadOptions | None
-) -> tuple[str, dict[str, TensorRecord]]:
-    if isinstance(source, str | os.PathLike):
-        from ..formats import open_checkpoint
-
-        return str(source), dict(open_checkpoint(Path(source), read_options).weights(key).tensors)
-    if isinstance(source, Mapping):
-        from ..core.checkpoint import resolve_key
-        from ..diffing.result import as_records
-
-        node = resolve_key(source, key) if key else source
-        if not isinstance(node, Mapping):
-            raise LoadError(f"state dict: no entry {key!r} holding tensors")
-        return "state dict", as_records(node)
-    raise LoadError(f"load_into: cannot read a {type(source).__name__}; pass a path or a state dict")
+    adaptation, _ = checked_adaptation(
+        found.records,
+        target,
+        found.label,
+        outcome="nothing was loaded",
+        option="min_coverage=",
+        strict_shapes=strict_shapes,
+        min_coverage=min_coverage,
+    )
+    _copy_into(model, adaptation.output, adaptation.report.loaded)
+    return adaptation.report
 
 
 def _check_shapes(report: LoadReport, strict_shapes: bool) -> None:

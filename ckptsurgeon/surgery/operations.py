@@ -17,12 +17,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from ..core.coverage import DEFAULT_MIN_COVERAGE
-from ..core.report import format_shape
+from ..core.report import counted, format_shape
 from ..core.source import Source, open_source
 from ..core.trees import has_unread_values, optimizer_entries
-from ..errors import LoadError, OutputError, SurgeryError
+from ..errors import OutputError, SurgeryError
 from ..formats import ReadOptions
-from .pipeline import WriteOptions, counted, listing, output_kind, write_checkpoint
+from .pipeline import WriteOptions, listing, output_kind, write_checkpoint
 from .plan import Plan, Step, drop_names, head_plan, make_plan
 from .plan import add_prefix as _add_prefix
 from .plan import drop as _drop
@@ -195,7 +195,7 @@ def adapt(
         ('120 of 122 target tensors load (98.3%)', ('fc.weight', 'fc.bias'))
     """
     from ..diffing.target import resolve_target
-    from .adapting import plan_adaptation
+    from .adapting import checked_adaptation
 
     options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress)
     _need_output(options, dry_run)
@@ -203,13 +203,16 @@ def adapt(
     label = os.fspath(src)
     with gc_paused():
         source = open_source(src, key, read_options)
-        adaptation = plan_adaptation(
-            source.tensors, resolved, label, min_coverage=min_coverage, key=key, target_spec=target
+        adaptation, alarm = checked_adaptation(
+            source.tensors,
+            resolved,
+            label,
+            outcome="writing it would be refused" if dry_run else "nothing was written",
+            refuse=not dry_run,
+            min_coverage=min_coverage,
+            key=key,
+            target_spec=target,
         )
-        outcome = "writing it would be refused" if dry_run else "nothing was written"
-        alarm = adaptation.refusal(outcome)
-        if alarm is not None and not dry_run:
-            raise LoadError(alarm)
         plan = adaptation.plan if dtype is None else adaptation.plan.with_cast(source.tensors, dtype)
         notes = optimizer_notes(source, plan, options)
         # options is None only on a dry run (_need_output refused anything else)
@@ -251,7 +254,7 @@ def write_options(
         return None
     shard_bytes = None
     if max_shard_size is not None:
-        from ..formats.sharded import parse_size
+        from ..formats.shardwriter import parse_size
 
         shard_bytes = parse_size(max_shard_size)
     options = WriteOptions(Path(output), to, dtype, shard_bytes, weights_only, force, verify, progress)
@@ -316,7 +319,9 @@ def optimizer_notes(source: Source, plan: Plan, options: WriteOptions | None) ->
         >>> optimizer_notes(open_source("fixtures/resnet_dp_6.pth"), plan, None)   # doctest: +SKIP
         []
     """
-    if not plan.dropped or (options is not None and (options.weights_only or output_kind(options) != "pth")):
+    if not plan.dropped:
+        return []
+    if options is not None and (options.weights_only or not output_kind(options).holds_tree):
         return []
     entries = optimizer_entries(source)
     if not entries or has_unread_values(source):

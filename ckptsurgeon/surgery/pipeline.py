@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..core.record import TensorRecord
-from ..core.report import human_bytes, printable
+from ..core.report import counted, human_bytes, plural, printable
 from ..core.source import Source
 from ..core.trees import dropped_entries, has_unread_values, rebuilt_tree, weights_payload
 from ..core.walk import records
@@ -28,11 +28,18 @@ from ..errors import OutputError, SurgeryError
 from ..fileio.progress import counting, progress_bar
 from ..fileio.spans import FD_CACHE, vouched_copies, write_scope
 from ..fileio.writing import atomic_output, refuse_special_file
-from ..formats import ReadOptions
+from ..formats import (
+    DEFAULT_SHARD_FORMAT,
+    OUTPUT_FORMATS,
+    WRITERS,
+    OutputKind,
+    ReadOptions,
+    output_kind_by_suffix,
+    output_kind_for,
+)
 from .plan import Plan, make_plan
 from .transforms import Cast
 
-PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 LISTED = 5  # names listed in a note before "..."
 
 
@@ -59,7 +66,7 @@ class WriteResult:
     """What was written: files, format, counts, sizes, and what was left out."""
 
     output: Path
-    format: str  # "pth", "safetensors", "sharded-safetensors", "sharded-pth"
+    format: str  # the output kind's name (formats.WRITERS): "pth", "sharded-safetensors" ...
     files: list[Path]
     tensors: int
     source_size: int
@@ -82,16 +89,6 @@ class WriteResult:
         return data | {"output": str(self.output), "files": [str(f) for f in self.files]}
 
 
-def counted(n: int, noun: str, plural: str | None = None) -> str:
-    """``1 tensor``, ``2 tensors``.
-
-    Example:
-        >>> counted(1, "tensor"), counted(3, "entry", "entries")
-        ('1 tensor', '3 entries')
-    """
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
-
-
 def listing(names: list[str], limit: int = LISTED) -> str:
     """The first ``limit`` names, comma-separated, then ``...`` when there are more.
 
@@ -103,47 +100,51 @@ def listing(names: list[str], limit: int = LISTED) -> str:
 
 
 # -- choosing the output ----------------------------------------------------------------------
-def output_kind(options: WriteOptions) -> str:
-    """``pth``, ``safetensors``, ``sharded-pth`` or ``sharded-safetensors`` for these options.
+def output_kind(options: WriteOptions) -> OutputKind:
+    """The registry's output kind (:data:`~ckptsurgeon.formats.WRITERS`) for these options.
 
     Example:
-        >>> output_kind(WriteOptions(Path("m.safetensors")))
+        >>> output_kind(WriteOptions(Path("m.safetensors"))).name
         'safetensors'
-        >>> output_kind(WriteOptions(Path("out"), max_shard_size=10**9))
+        >>> output_kind(WriteOptions(Path("out"), max_shard_size=10**9)).name
         'sharded-safetensors'
     """
     to = options.to
-    if to not in (None, "pth", "safetensors"):
-        raise OutputError(f"--to {to}: unknown format; use pth or safetensors")
+    if to is not None and to not in OUTPUT_FORMATS:
+        raise OutputError(f"--to {to}: unknown format; use {' or '.join(OUTPUT_FORMATS)}")
     refuse_special_file(options.output)
     suffix = options.output.suffix.lower()
+    named = output_kind_by_suffix(suffix)
     if options.max_shard_size is None and options.output.is_dir():
         raise OutputError(
-            f"{options.output}: is a folder; name an output file (.pth or .safetensors), "
+            f"{options.output}: is a folder; name an output file ({_file_suffixes()}), "
             "or pass --max-shard-size to write shards into it"
         )
     if options.max_shard_size is not None:
-        if suffix in PTH_SUFFIXES or suffix == ".safetensors":
+        if named is not None:
             raise OutputError(
                 f"{options.output}: --max-shard-size writes a folder; name a folder, not a file"
             )
-        return f"sharded-{to or 'safetensors'}"
+        return output_kind_for(to or DEFAULT_SHARD_FORMAT, sharded=True)
     if to is None:
-        if suffix == ".safetensors":
-            return "safetensors"
-        if suffix in PTH_SUFFIXES:
-            return "pth"
+        if named is not None:
+            return named
         raise OutputError(
             f"{options.output}: cannot tell the format from the suffix {suffix or '(none)'!r}; "
-            "use .pth or .safetensors, or pass --to pth|safetensors"
+            f"use {_file_suffixes()}, or pass --to {'|'.join(OUTPUT_FORMATS)}"
         )
-    named = {".safetensors": "safetensors", ".pth": "pth", ".pt": "pth"}.get(suffix, to)  # .bin: either
-    if named != to:  # a .safetensors file holding a torch zip (or the reverse) fools every other tool
+    owner = next((k.to for k in WRITERS.values() if suffix in k.own_suffixes), to)  # .bin: either
+    if owner != to:  # a .safetensors file holding a torch zip (or the reverse) fools every other tool
         raise OutputError(
             f"{options.output}: --to {to} contradicts the suffix {suffix!r}; "
             f"name the output with a {to} suffix, or leave out --to"
         )
-    return to
+    return output_kind_for(to, sharded=False)
+
+
+def _file_suffixes() -> str:
+    """``.pth or .safetensors``: the suffix proposed for each one-file output kind."""
+    return " or ".join(k.suffixes[0] for k in WRITERS.values() if not k.sharded)
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -171,17 +172,17 @@ def write_checkpoint(source: Source, plan: Plan | None, options: WriteOptions) -
         )
     cast = sum(1 for e in plan.transformed if isinstance(e.transform, Cast)) if plan is not None else 0
     unread = has_unread_values(source)
-    keep_tree = kind == "pth" and not options.weights_only and not unread
+    keep_tree = kind.holds_tree and not options.weights_only and not unread
     left_out = [] if keep_tree else dropped_entries(source)
     notes = _left_out_notes(left_out, kind, options.weights_only, unread)
     notes += _layout_notes(tensors, kind, options.max_shard_size)
     if keep_tree:
         payload = rebuilt_tree(source, tensors, plan)
     else:
-        payload = weights_payload(source, tensors, plan, kind)
+        payload = weights_payload(source, tensors, plan, kind.holds_tree)
     with write_scope():  # this write's CRCs and helpers, seen by no other write
-        if kind.startswith("sharded-"):
-            files = _write_sharded(tensors, options, kind.removeprefix("sharded-"), source.verify_options)
+        if kind.sharded:
+            files = _write_sharded(tensors, options, kind, source.verify_options)
         else:
             files = [_write_single(payload, options, kind, source.verify_options)]
     output_size = sum(f.stat().st_size for f in files)
@@ -189,29 +190,29 @@ def write_checkpoint(source: Source, plan: Plan | None, options: WriteOptions) -
     if left_out:
         notes.append(f"size: {human_bytes(size)} -> {human_bytes(output_size)}")
     return WriteResult(
-        options.output, kind, files, len(tensors), size, output_size, options.verify, cast, notes
+        options.output, kind.name, files, len(tensors), size, output_size, options.verify, cast, notes
     )
 
 
-def _left_out_notes(left_out: list[str], kind: str, weights_only: bool, unread: bool) -> list[str]:
+def _left_out_notes(left_out: list[str], kind: OutputKind, weights_only: bool, unread: bool) -> list[str]:
     if not left_out:
         return []
-    why = "safetensors holds the weights only" if "safetensors" in kind else "--weights-only"
-    if unread and kind == "pth" and not weights_only:
+    why = f"{kind.to} holds the weights only" if kind.tensors_only else "--weights-only"
+    if unread and kind.holds_tree and not weights_only:
         why = "the reader does not load this folder's non-tensor values, so only the weights are written"
     entries = counted(len(left_out), "non-weight entry", "non-weight entries")
     return [f"left out {entries} ({why}): " + ", ".join(left_out)]
 
 
-def _layout_notes(tensors: Mapping[str, TensorRecord], kind: str, max_shard: int | None) -> list[str]:
+def _layout_notes(tensors: Mapping[str, TensorRecord], kind: OutputKind, max_shard: int | None) -> list[str]:
     """What a reader of the output should know: tied names stored once, oversized shards."""
     notes: list[str] = []
     aliases: dict[str, str] = {}
-    if "safetensors" in kind or max_shard is not None:
+    if kind.tensors_only or max_shard is not None:
         from ..formats.safetensors import ALIASES_KEY, find_aliases
 
         aliases = find_aliases(tensors) if _storages_shared(tensors) else {}
-        if aliases and "safetensors" in kind:
+        if aliases and kind.tensors_only:
             pairs = [f"{alias} -> {kept}" for alias, kept in aliases.items()]
             whose = "its alias" if len(aliases) == 1 else "their aliases"
             notes.append(
@@ -225,7 +226,7 @@ def _layout_notes(tensors: Mapping[str, TensorRecord], kind: str, max_shard: int
             sizes = [f"{n} ({human_bytes(tensors[n].nbytes)})" for n in big]
             which = "it" if len(big) == 1 else "each"
             notes.append(
-                f"{counted(len(big), 'tensor')} {'is' if len(big) == 1 else 'are'} bigger than the "
+                f"{counted(len(big), 'tensor')} {plural(len(big), 'is', 'are')} bigger than the "
                 f"shard size limit ({human_bytes(max_shard)}), so {which} got a shard of its own: "
                 f"{listing(sizes)}"
             )
@@ -246,7 +247,7 @@ def _storages_shared(tensors: Mapping[str, TensorRecord]) -> bool:
     return False
 
 
-def _write_single(payload: Any, options: WriteOptions, kind: str, verify_options: ReadOptions) -> Path:
+def _write_single(payload: Any, options: WriteOptions, kind: OutputKind, verify_options: ReadOptions) -> Path:
     from ..fileio.readback import checksumming_sources, reading_back
     from .verify import verify_open_file
 
@@ -265,14 +266,7 @@ def _write_single(payload: Any, options: WriteOptions, kind: str, verify_options
             reading_back(fh, checksum=options.verify),
             checksumming_sources(),
         ):
-            if kind == "safetensors":
-                from ..formats.safetensors import write as write_safetensors
-
-                write_safetensors(payload, sink, {"format": "pt"})
-            else:
-                from ..formats.torchzip import write as write_torchzip
-
-                write_torchzip(payload, sink, archive_name=_archive_name(out))
+            kind.load_writer()(payload, sink, out)
         fh.flush()
         if bar is not None:
             bar.complete()  # the total is an estimate; verification follows
@@ -313,21 +307,19 @@ def _syncing(fh: BinaryIO) -> Iterator[None]:
 
 
 def _write_sharded(
-    tensors: dict[str, TensorRecord], options: WriteOptions, fmt: str, verify_options: ReadOptions
+    tensors: dict[str, TensorRecord], options: WriteOptions, kind: OutputKind, verify_options: ReadOptions
 ) -> list[Path]:
-    from ..formats.sharded import write as write_shards
-
     inputs = {r.storage.path.parent for r in tensors.values() if r.storage is not None and r.storage.path}
     if options.output.is_dir() and any(_same_dir(options.output, p) for p in inputs):
         raise OutputError(
             f"{options.output}: holds the input's shards; write the new shards to another folder"
         )
 
-    files = write_shards(
+    files = kind.load_writer()(
         tensors,
         options.output,
         max_shard_bytes=options.max_shard_size or 1,
-        fmt=fmt,
+        fmt=kind.to,
         force=options.force,
         metadata={"format": "pt"},
         read_back=options.verify,
@@ -353,8 +345,3 @@ def _same_dir(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
-
-
-def _archive_name(out: Path) -> str:
-    stem = out.name.split(".", 1)[0]
-    return stem if stem.isidentifier() else "archive"

@@ -8,9 +8,8 @@ bytes, and for a transformed entry records whose data is computed when it is rea
 
 Steps (applied to each name in order; the first step that drops a name ends it):
 :func:`strip_prefix`, :func:`add_prefix`, :func:`replace`, :func:`drop`, :func:`keep`,
-:func:`drop_names`. ``ckpt`` renders plans (ckptsurgeon.commands.convert.render_plan).
-:func:`head_plan` drops the classifier head that :mod:`ckptsurgeon.diffing.heads` finds
-(:func:`find_head` and ``HEAD_NAMES`` stay importable from here).
+:func:`drop_names`. ``ckpt`` renders plans (ckptsurgeon.surgery.planreport.render_plan).
+:func:`head_plan` drops the classifier head that :func:`ckptsurgeon.diffing.heads.find_head` finds.
 
 Inverses: a plan that drops nothing is a bijection from its input names onto its
 output names (two names that would collide are refused when the plan is made), so
@@ -29,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from ..core.record import TensorRecord
-from ..diffing.heads import HEAD_NAMES as HEAD_NAMES
 from ..diffing.heads import find_head
 from ..errors import SurgeryError
 from .transforms import Transform, cast_transform, castable
@@ -533,7 +531,8 @@ def plan_from_mapping(
 
 # -- the classifier head (found by ckptsurgeon.diffing.heads) ----------------------------------------
 def head_plan(tensors: Mapping[str, TensorRecord], head: str | None = None) -> Plan:
-    """A plan that drops the classifier head (see :func:`find_head`), each drop with its reason.
+    """A plan that drops the classifier head (:func:`~ckptsurgeon.diffing.heads.find_head`), each
+    drop with its reason.
 
     Example:
         >>> recs = {"conv.weight": TensorRecord("conv.weight", "float32", (4, 3, 3, 3)),

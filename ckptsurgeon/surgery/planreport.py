@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..core.grouping import collapse
-from ..core.report import dump_json, format_shape, render_table
+from ..core.report import counted, dump_json, format_shape, render_table
 from .plan import Plan
 
 
@@ -84,7 +84,7 @@ def plan_headline(plan: Plan) -> str:
     transformed = len(plan.transformed)
     more = f", {transformed} transformed" if transformed else ""
     return (
-        f"Plan: {n} tensor{'s' if n != 1 else ''}: {len(plan.renamed)} renamed, "
+        f"Plan: {counted(n, 'tensor')}: {len(plan.renamed)} renamed, "
         f"{len(plan.unchanged)} unchanged, {len(plan.dropped)} dropped{more}{steps}"
     )
 

@@ -143,11 +143,11 @@ class AdaptResult(SurgeryResult):
 
     def _proposal_text(self, md: bool) -> str:
         from ..core.grouping import natural_key
-        from ..core.report import printable, render_table
+        from ..core.report import counted, printable, render_table
 
         n = len(self.proposal)
         lines = [
-            f"Not applied: {n} key{'s' if n != 1 else ''} of the file pair with target keys only by their "
+            f"Not applied: {counted(n, 'key')} of the file pair with target keys only by their "
             "dotted suffix and shape. That is a guess, left out above; review it, and if it is right:"
         ]
         pairs = sorted(self.proposal, key=lambda p: natural_key(p[1]))
