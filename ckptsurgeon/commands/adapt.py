@@ -8,7 +8,7 @@ import click
 
 from ..core.coverage import DEFAULT_MIN_COVERAGE
 from ._options import output_format, read_options, write_options
-from .convert import conversion_options, run
+from ._writing import conversion_options, run
 
 
 @click.command("adapt")

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from ._options import output_format, read_options, write_options
-from .convert import conversion_options, run
+from ._writing import conversion_options, run
 
 
 @click.command("strip-head")
