@@ -13,7 +13,7 @@ from test_torchzip import CASES, assert_same
 
 from ckptsurgeon.errors import FormatError, UnsafeCheckpointError
 from ckptsurgeon.formats import ReadOptions, open_checkpoint
-from ckptsurgeon.pickling.pickles import Emitter
+from ckptsurgeon.pickling.emitter import Emitter
 
 
 def save_legacy(tmp_path: Path, obj: Any, name: str = "old.pth") -> Path:

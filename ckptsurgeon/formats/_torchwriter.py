@@ -19,7 +19,7 @@ from ..core.dtypes import DTYPES
 from ..core.record import Storage, TensorRecord, contiguous_stride
 from ..errors import OutputError
 from ..fileio.spans import CHUNK_SIZE, COPY_CHUNK, FileSpan, file_identity, pread_exact, remember_span_crc
-from ..pickling.pickles import Emitter
+from ..pickling.emitter import Emitter
 from .zipio import ZipWriter
 
 ALIGNMENT = 64
