@@ -46,7 +46,9 @@ unexpected  5        module.bn1.{bias,num_batches_tracked,running_mean,running_v
 Diagnosis: As saved: 0 of 122 would load. The file's keys start with `module.` (DataParallel) and the \
 target's don't: stripping it loads 120 of 122. The other 2 are the classifier head: module.fc.weight [6, 32] → \
 [2, 32], module.fc.bias [6] → [2]. It is the output layer for 6 classes and the target has 2: expected when \
-fine-tuning on other classes, not a bug; drop it and the new head trains from scratch.
+fine-tuning on other classes, not a bug; drop it and the new head trains from scratch. If the target's 2 \
+classes are 2 of the file's 6: ckpt adapt --keep-classes I,J,... (or @FILE, one index per line) keeps those rows \
+of the head, in that order.
 
 A name-only filter `{k: v for k, v in sd.items() if k in model_sd}` keeps 0 of 122 keys: \
 load_state_dict(strict=False) then loads nothing and raises nothing, and training starts from random weights, \
@@ -141,7 +143,9 @@ shape-mismatched  2.bias    [3] → [2]
 
 Diagnosis: As saved: 2 of 4 would load. The other 2 are the output head: 2.weight [3, 8] → [2, 8], 2.bias [3] → \
 [2]. It is the output layer for 3 classes and the target has 2: expected when fine-tuning on other classes, not a \
-bug; drop it and the new head trains from scratch. In the file but not in the target: 1 (extra).
+bug; drop it and the new head trains from scratch. If the target's 2 classes are 2 of the file's 3: ckpt adapt \
+--keep-classes I,J,... (or @FILE, one index per line) keeps those rows of the head, in that order. In the file \
+but not in the target: 1 (extra).
 
 A name-only filter `{k: v for k, v in sd.items() if k in model_sd}` keeps 4 of 5 keys, but 2 of them have the \
 wrong shape, so load_state_dict raises a size mismatch; also filter on shape to keep the 2 that fit.

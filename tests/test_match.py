@@ -84,7 +84,8 @@ def test_vgg_story_zero_of_38_then_36_with_module_prefix() -> None:
         "file's don't: adding it loads 36 of 38. The other 2 are the classifier head: classifier.6.weight "
         "[1000, 64] → [2, 64], classifier.6.bias [1000] → [2]. It is the output layer for 1000 classes and "
         "the target has 2: expected when fine-tuning on other classes, not a bug; drop it and the new head "
-        "trains from scratch."
+        "trains from scratch. If the target's 2 classes are 2 of the file's 1000: ckpt adapt --keep-classes "
+        "I,J,... (or @FILE, one index per line) keeps those rows of the head, in that order."
     )
     assert result.explanation.alarm.startswith("NOTHING WOULD LOAD: 0 of 38")
 

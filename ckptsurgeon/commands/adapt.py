@@ -28,6 +28,26 @@ from ._writing import conversion_options, run
     metavar="P",
     help="Refuse to write unless at least P% of the target's tensors (and at least one) load.",
 )
+@click.option(
+    "--resize-vocab",
+    is_flag=True,
+    help="Resize embeddings and LM heads of another vocabulary size: keep the trained rows, add new ones "
+    "(--new-rows) or drop the last ones, instead of dropping the tensors.",
+)
+@click.option(
+    "--new-rows",
+    type=click.Choice(["mean", "zeros"]),
+    default="mean",
+    show_default=True,
+    help="With --resize-vocab: new rows are the mean of the trained rows (as Hugging Face) or zeros.",
+)
+@click.option(
+    "--keep-classes",
+    default=None,
+    metavar="I,J,...|@FILE",
+    help="Keep these rows of a larger classifier head, in this order (or read one index per line from "
+    "FILE), instead of dropping the head.",
+)
 @read_options
 @write_options
 @conversion_options
@@ -46,6 +66,10 @@ def COMMAND(src: str, target: str, output: str | None, **flags: Any) -> None:
     the target (--min-coverage, default 50), or nothing, would load, nothing is written (exit
     2; a --dry-run warns and exits 1).
 
+    Only when asked: --resize-vocab keeps the trained rows of an embedding or LM head whose
+    vocabulary size changed (new rows from their mean, or --new-rows zeros; shrinking keeps the
+    first rows), and --keep-classes 3,17,42 keeps those rows of a larger classifier head.
+
     \b
     Examples:
       ckpt adapt fixtures/resnet_dp_6.pth 'fixtures/models.py:resnet_like(num_classes=2)' \\
@@ -53,6 +77,8 @@ def COMMAND(src: str, target: str, output: str | None, **flags: Any) -> None:
       ckpt adapt fixtures/vgg_1000.pth 'torch.nn.DataParallel(fixtures/models.py:vgg_like(num_classes=2))' \\
         -o /tmp/ckpt-readme/vgg_2.pth
       ckpt adapt last.ckpt model.safetensors -o fixed.safetensors --dry-run --min-coverage 90
+      ckpt adapt lm.safetensors 'transformers.GPT2LMHeadModel(...)' --resize-vocab -o lm-resized.safetensors
+      ckpt adapt vgg.pth 'models.py:vgg_like(num_classes=3)' --keep-classes 3,17,42 -o vgg_3.pth
     """
     from ..surgery.operations import adapt
 

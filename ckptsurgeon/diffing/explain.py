@@ -143,6 +143,21 @@ def _lead(rest: int, count: int, explained: int) -> str:
 
 
 def _head_sentences(head: Head, lead: str) -> list[str]:
+    return [*_head_description(head, lead), *_keep_classes_sentence(head)]
+
+
+def _keep_classes_sentence(head: Head) -> list[str]:
+    """For a head that shrinks: ``--keep-classes`` keeps chosen rows instead of dropping them."""
+    src, tgt = head.source_classes, head.target_classes
+    if tgt >= src:
+        return []
+    return [
+        f"If the target's {tgt} classes are {tgt} of the file's {src}: ckpt adapt --keep-classes I,J,... "
+        "(or @FILE, one index per line) keeps those rows of the head, in that order."
+    ]
+
+
+def _head_description(head: Head, lead: str) -> list[str]:
     which = "classifier head" if _is_classifier(head.modules) else "output head"
     if len(head.modules) == 1:
         shapes = ", ".join(_shape_change(m) for m in head.tensors)
@@ -180,10 +195,35 @@ def _vocabulary_sentences(vocabulary: Vocabulary, lead: str) -> list[str]:
         f"{tgt} (tokens added to or removed from its tokenizer; another tokenizer's rows mean other tokens). "
         f"Resizing keeps the trained rows: load the "
         f"file into the model built with {src} tokens, then model.resize_token_embeddings({tgt}) (Hugging "
-        f"Face) keeps {kept}. Dropping these tensors (as ckpt adapt would) starts the embeddings from "
-        "scratch."
+        f"Face) keeps {kept}. Dropping these tensors (as ckpt adapt does unless asked) starts the "
+        "embeddings from scratch."
     )
+    out.append(_resize_sentence(vocabulary))
     return out
+
+
+def _resize_sentence(vocabulary: Vocabulary) -> str:
+    """``embed_tokens / lm_head: 99 -> 120 tokens: keeps the 99 trained rows, 21 new rows from their
+    mean: --resize-vocab``: what ``ckpt adapt --resize-vocab`` does to these tensors.
+
+    Example:
+        >>> from .diagnosis import find_vocabulary
+        >>> _resize_sentence(find_vocabulary((ShapeMismatch("wte.weight", (99, 8), (120, 8)),)))[:70]
+        'wte: 99 -> 120 tokens: ckpt adapt --resize-vocab keeps the 99 trained '
+    """
+    src, tgt = vocabulary.source_tokens, vocabulary.target_tokens
+    if tgt > src:
+        keeps = (
+            f"keeps the {src} trained rows, {tgt - src} new {plural(tgt - src, 'row', 'rows')} "
+            "from their mean (or zeros: --new-rows zeros)"
+        )
+    else:
+        keeps = f"keeps the first {tgt} trained rows and drops the other {src - tgt}"
+    modules = " / ".join(vocabulary.modules)
+    return (
+        f"{modules}: {src} -> {tgt} tokens: ckpt adapt --resize-vocab {keeps}, in the file it writes "
+        "(load_into(..., resize_vocab=True) in memory)."
+    )
 
 
 def _notes(c: Comparison) -> list[str]:

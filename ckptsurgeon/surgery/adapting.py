@@ -13,7 +13,7 @@ what the target keeps as initialised (missing), and what was left out of the fil
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..diffing.result import DiffResult
     from ..diffing.target import Target
     from ..formats import ReadOptions
+    from .resize import Resizing
 
 __all__ = ["Adaptation", "LoadReport", "checked_adaptation", "load_into", "plan_adaptation"]
 
@@ -54,6 +55,7 @@ class LoadReport:
     transform: str  # e.g. "strip prefix 'module.'", or "none"
     renamed: int = 0
     tied: dict[str, str] = field(default_factory=dict)
+    transformed: dict[str, str] = field(default_factory=dict)  # target name -> what changed its values
 
     @property
     def total(self) -> int:
@@ -96,6 +98,7 @@ class LoadReport:
             "skipped": [m.to_dict() | {"source_name": m.file_name} for m in self.skipped],
             "unused": list(self.unused),
             "tied": dict(self.tied),
+            "transformed": [{"name": n, "transform": t} for n, t in self.transformed.items()],
         }
 
     def render(self, fmt: str = "table", verbose: bool = False) -> str:
@@ -119,6 +122,7 @@ class LoadReport:
             for m in self.skipped
         ]
         rows += [[label, "left out", "no place in the target"] for label in _labels(self.unused, verbose)]
+        rows += [[name, "loaded, transformed", what] for name, what in self.transformed.items()]
         table = render_table(["tensor", "status", "detail"], rows, fmt)
         return "\n".join(lines) + ("\n\n" + table if table else "")
 
@@ -199,7 +203,20 @@ def fit_report(
         transform=describe_transform(diagnosis.transform),
         renamed=len(plan.renamed),
         tied=comparison.tied,
+        transformed=_transformed(plan, comparison.matched),
     )
+
+
+def _transformed(plan: Plan, loaded: tuple[str, ...]) -> dict[str, str]:
+    """Loaded target name -> the transform that computed it (a resized vocabulary, chosen classes)."""
+    names = set(loaded)
+    return {
+        out: e.transform.description
+        for e in plan.transformed
+        if e.transform is not None
+        for out in e.outputs
+        if out in names
+    }
 
 
 @dataclass(frozen=True)
@@ -280,12 +297,14 @@ def plan_adaptation(
     min_coverage: float = DEFAULT_MIN_COVERAGE,
     key: str | None = None,
     target_spec: str | None = None,
+    resizing: Resizing | None = None,
 ) -> Adaptation:
     """Plan the adaptation of ``records`` to ``target`` and decide on coverage: what ``ckpt adapt``
     writes and ``load_into`` copies, decided in one place.
 
     ``source`` labels the file in messages; ``key`` and ``target_spec`` go into the suggested
-    commands.
+    commands. ``resizing`` (:class:`~ckptsurgeon.surgery.resize.Resizing`, only when asked) keeps
+    the trained rows of a resized vocabulary or chosen classes of the head instead of dropping them.
 
     Example:
         >>> from ..diffing.target import target_from_records
@@ -302,6 +321,8 @@ def plan_adaptation(
         records, target, key=key, source_label=source, target_label=target_spec, min_coverage=min_coverage
     )
     plan = adapt_plan(records, result.diagnosis)
+    if resizing is not None:
+        plan = resizing.apply(plan, records, result.diagnosis, target.tied)
     output = plan.apply(records)
     report = fit_report(output, target, plan, source, result.diagnosis)
     return Adaptation(result, plan, output, report, min_coverage)
@@ -319,6 +340,7 @@ def checked_adaptation(
     min_coverage: float = DEFAULT_MIN_COVERAGE,
     key: str | None = None,
     target_spec: str | None = None,
+    resizing: Resizing | None = None,
 ) -> tuple[Adaptation, str | None]:
     """The adapt sequence ``ckpt adapt`` and ``load_into`` both run: :func:`plan_adaptation`, the
     shape check (``strict_shapes``: a misfit raises), and the one coverage decision, whose
@@ -334,7 +356,13 @@ def checked_adaptation(
         (False, True)
     """
     adaptation = plan_adaptation(
-        records, target, source, min_coverage=min_coverage, key=key, target_spec=target_spec
+        records,
+        target,
+        source,
+        min_coverage=min_coverage,
+        key=key,
+        target_spec=target_spec,
+        resizing=resizing,
     )
     _check_shapes(adaptation.report, strict_shapes)
     alarm = adaptation.refusal(outcome, option)
@@ -352,6 +380,9 @@ def load_into(
     min_coverage: float = DEFAULT_MIN_COVERAGE,
     strict_shapes: bool = False,
     read_options: ReadOptions | None = None,
+    resize_vocab: bool = False,
+    new_rows: str = "mean",
+    keep_classes: str | Sequence[int] | None = None,
 ) -> LoadReport:
     """Load what fits of a checkpoint into a live ``nn.Module`` and return what happened.
 
@@ -366,6 +397,11 @@ def load_into(
     :mod:`ckptsurgeon.core.coverage`) of the model's tensors would load: the silent zero-load
     cannot happen.
 
+    Only when asked: ``resize_vocab=True`` resizes embeddings and LM heads of another vocabulary
+    size (trained rows kept, new rows from their mean, or zeros with ``new_rows="zeros"``:
+    :mod:`ckptsurgeon.surgery.resize`), and ``keep_classes=[3, 17, 42]`` (or ``"3,17,42"``,
+    ``"@classes.txt"``) keeps those rows of a larger classifier head, in that order.
+
     Example:
         >>> model = torchvision.models.resnet50(num_classes=2)          # doctest: +SKIP
         >>> report = ckptsurgeon.load_into(model, "resnet50_dp.pth")    # doctest: +SKIP
@@ -374,7 +410,9 @@ def load_into(
     """
     from ..diffing.result import source_records
     from ..diffing.target import target_from_module
+    from .resize import resizing
 
+    asked = resizing(resize_vocab, new_rows, keep_classes)
     found = source_records(path_or_state_dict, key, read_options, mapping_label="state dict")
     if found is None:
         kind = type(path_or_state_dict).__name__
@@ -388,6 +426,7 @@ def load_into(
         option="min_coverage=",
         strict_shapes=strict_shapes,
         min_coverage=min_coverage,
+        resizing=asked,
     )
     _copy_into(model, adaptation.output, adaptation.report.loaded)
     return adaptation.report

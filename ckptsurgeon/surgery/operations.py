@@ -173,6 +173,9 @@ def adapt(
     dry_run: bool = False,
     read_options: ReadOptions | None = None,
     progress: bool | None = None,
+    resize_vocab: bool = False,
+    new_rows: str = "mean",
+    keep_classes: str | Sequence[int] | None = None,
 ) -> AdaptResult:
     """Make ``src`` load into ``target``: align wrapper prefixes, drop the head and what has no place.
 
@@ -187,6 +190,13 @@ def adapt(
     :mod:`ckptsurgeon.core.coverage`) of the target's tensors, would load; a dry run returns the
     result with ``alarm`` set instead.
 
+    Only when asked (:mod:`ckptsurgeon.surgery.resize`): ``resize_vocab=True`` resizes the
+    embeddings and LM heads of another vocabulary size (trained rows kept bit for bit, new rows
+    from their mean, or zeros with ``new_rows="zeros"``; a tied head follows its embedding), and
+    ``keep_classes`` (``[3, 17, 42]``, ``"3,17,42"`` or ``"@classes.txt"``) keeps those rows of a
+    larger classifier head, in that order. Each transformed tensor is in ``result.plan`` and
+    ``result.report.transformed``, and loads.
+
     Example:
         >>> import ckptsurgeon
         >>> r = ckptsurgeon.adapt("fixtures/resnet_dp_6.pth",
@@ -196,7 +206,9 @@ def adapt(
     """
     from ..diffing.target import resolve_target
     from .adapting import checked_adaptation
+    from .resize import resizing
 
+    asked = resizing(resize_vocab, new_rows, keep_classes)
     options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress)
     _need_output(options, dry_run)
     resolved = resolve_target(target, _target_options(read_options), target_key)
@@ -212,6 +224,7 @@ def adapt(
             min_coverage=min_coverage,
             key=key,
             target_spec=target,
+            resizing=asked,
         )
         plan = adaptation.plan if dtype is None else adaptation.plan.with_cast(source.tensors, dtype)
         notes = optimizer_notes(source, plan, options)
