@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 torch = pytest.importorskip("torch")
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from ckptsurgeon.core.record import TensorRecord  # noqa: E402
@@ -229,6 +229,7 @@ def mutate(data: bytes, mutation: tuple[Any, ...]) -> bytes:
 @pytest.mark.parametrize("command", ["inspect", "scan"])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutation=MUTATION)
+@example(mutation=("flip", 0.9859748655323535, 1))  # a zip64 locator past the end: seek() raised EINVAL
 def test_mutated_files_never_crash(seed: str, command: str, mutation: tuple[Any, ...]) -> None:
     """A truncated, flipped or padded file gives a report or one error line: never a traceback."""
     from conftest import run_cli

@@ -89,7 +89,7 @@ def _zip64_end(fh: BinaryIO, tail: bytes, at: int) -> tuple[int, int, int, int] 
     """(count, directory size, directory offset, where the directory must end) from the zip64
     end record the locator before the end record points to; None unless plain."""
     _sig, disk, record_at, disks = struct.unpack_from("<4sIQI", tail, at - 20)
-    if disk or disks != 1:
+    if disk or disks != 1 or record_at > fh.seek(0, 2) - 56:  # past the end: seek() would refuse it
         return None
     fh.seek(record_at)
     record = fh.read(56)
