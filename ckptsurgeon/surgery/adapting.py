@@ -24,9 +24,10 @@ from ..core.report import counted, dump_json, format_shape, render_table
 from ..diffing.compare import ShapeMismatch, compare
 from ..errors import LoadError
 from .plan import Plan, plan_from_mapping
+from .transforms import Transform
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..diffing.diagnosis import Diagnosis, KeyTransform
+    from ..diffing.diagnosis import Diagnosis, KeyTransform, ShapeFix
     from ..diffing.result import DiffResult
     from ..diffing.target import Target
     from ..formats import ReadOptions
@@ -54,6 +55,8 @@ class LoadReport:
     transform: str  # e.g. "strip prefix 'module.'", or "none"
     renamed: int = 0
     tied: dict[str, str] = field(default_factory=dict)
+    # (target name, key in the file, what the transform did): loaded, its values kept by a transform
+    transformed: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def total(self) -> int:
@@ -96,6 +99,9 @@ class LoadReport:
             "skipped": [m.to_dict() | {"source_name": m.file_name} for m in self.skipped],
             "unused": list(self.unused),
             "tied": dict(self.tied),
+            "transformed": [
+                {"name": name, "source_name": old, "transform": what} for name, old, what in self.transformed
+            ],
         }
 
     def render(self, fmt: str = "table", verbose: bool = False) -> str:
@@ -106,7 +112,8 @@ class LoadReport:
             f"{self.headline} with load_state_dict(strict=False); nothing unexpected.",
             f"Key transform: {self.transform}.",
         ]
-        rows = [
+        rows = [[name, "transformed", what] for name, _old, what in self.transformed]
+        rows += [
             [label, "missing", "keeps the target's own initialisation"]
             for label in _labels(self.missing, verbose)
         ]
@@ -130,8 +137,19 @@ def _labels(names: tuple[str, ...], verbose: bool) -> list[str]:
 
 
 # -- the plan ---------------------------------------------------------------------------------
-def adapt_plan(tensors: Mapping[str, TensorRecord], diagnosis: Diagnosis) -> Plan:
+def adapt_plan(
+    tensors: Mapping[str, TensorRecord],
+    diagnosis: Diagnosis,
+    *,
+    resample_pos_embed: bool = True,
+    adapt_input_conv: bool = True,
+) -> Plan:
     """The plan that applies a diagnosis: rename what fits, drop misfits and what has no place.
+
+    A misfit whose learned values a transform keeps (:class:`~ckptsurgeon.diffing.diagnosis.ShapeFix`:
+    a position table on another grid, a relative position bias table for another window,
+    ``resample_pos_embed``; the first conv with other input channels, ``adapt_input_conv``) is
+    transformed to the target's shape instead of dropped, as timm's ``checkpoint_filter_fn`` does.
 
     Example:
         >>> from ..diffing.diagnosis import diagnose
@@ -142,9 +160,11 @@ def adapt_plan(tensors: Mapping[str, TensorRecord], diagnosis: Diagnosis) -> Pla
         {'fc.weight': None, 'conv.weight': 'module.conv.weight'}
     """
     misfits = {m.file_name: m for m in diagnosis.after.shape_mismatched}
+    fixes = applied_fixes(diagnosis, resample_pos_embed=resample_pos_embed, adapt_input_conv=adapt_input_conv)
+    fixed = {f.mismatch.file_name: f.mismatch.name for f in fixes}
     drops: dict[str, str] = {}
     for name in tensors:
-        if name in diagnosis.mapping:
+        if name in diagnosis.mapping or name in fixed:
             continue
         m = misfits.get(name)
         if m is not None:
@@ -157,7 +177,31 @@ def adapt_plan(tensors: Mapping[str, TensorRecord], diagnosis: Diagnosis) -> Pla
         steps.append(f"drop {misfit_count} tensor(s) whose shape does not fit the target")
     if len(drops) > misfit_count:
         steps.append(f"drop {len(drops) - misfit_count} tensor(s) with no place in the target")
-    return plan_from_mapping(tensors, diagnosis.mapping, drops, steps)
+    plan = plan_from_mapping(tensors, {**diagnosis.mapping, **fixed}, drops, steps)
+    for fix in fixes:
+        plan = plan.with_transform(shape_fix_transform(tensors, fix))
+    return plan
+
+
+def applied_fixes(
+    diagnosis: Diagnosis, *, resample_pos_embed: bool = True, adapt_input_conv: bool = True
+) -> tuple[ShapeFix, ...]:
+    """The diagnosis's shape fixes the options leave on (position tables, the input conv)."""
+    on = {"pos_embed": resample_pos_embed, "rel_pos_bias": resample_pos_embed, "input_conv": adapt_input_conv}
+    return tuple(f for f in diagnosis.shape_fixes if on[f.kind])
+
+
+def shape_fix_transform(tensors: Mapping[str, TensorRecord], fix: ShapeFix) -> Transform:
+    """The transform (:mod:`ckptsurgeon.surgery.resample`) that gives ``fix``'s tensor the target's
+    shape, written under the target's name."""
+    from . import resample
+
+    m = fix.mismatch
+    if fix.kind == "pos_embed":
+        return resample.resample_pos_embed(tensors, m.file_name, m.target_shape, m.name)
+    if fix.kind == "rel_pos_bias":
+        return resample.resize_rel_pos_bias(tensors, m.file_name, m.target_shape, m.name)
+    return resample.adapt_input_conv(tensors, m.file_name, m.target_shape[1], m.name)
 
 
 def describe_transform(transform: KeyTransform) -> str:
@@ -199,6 +243,9 @@ def fit_report(
         transform=describe_transform(diagnosis.transform),
         renamed=len(plan.renamed),
         tied=comparison.tied,
+        transformed=tuple(
+            (e.outputs[0], e.old, e.transform.description) for e in plan.transformed if e.transform
+        ),
     )
 
 
@@ -280,12 +327,15 @@ def plan_adaptation(
     min_coverage: float = DEFAULT_MIN_COVERAGE,
     key: str | None = None,
     target_spec: str | None = None,
+    resample_pos_embed: bool = True,
+    adapt_input_conv: bool = True,
 ) -> Adaptation:
     """Plan the adaptation of ``records`` to ``target`` and decide on coverage: what ``ckpt adapt``
     writes and ``load_into`` copies, decided in one place.
 
     ``source`` labels the file in messages; ``key`` and ``target_spec`` go into the suggested
-    commands.
+    commands. ``resample_pos_embed`` / ``adapt_input_conv`` (on by default) keep a position table on
+    another grid / the first conv with other input channels (:func:`adapt_plan`).
 
     Example:
         >>> from ..diffing.target import target_from_records
@@ -301,7 +351,9 @@ def plan_adaptation(
     result = diff(
         records, target, key=key, source_label=source, target_label=target_spec, min_coverage=min_coverage
     )
-    plan = adapt_plan(records, result.diagnosis)
+    plan = adapt_plan(
+        records, result.diagnosis, resample_pos_embed=resample_pos_embed, adapt_input_conv=adapt_input_conv
+    )
     output = plan.apply(records)
     report = fit_report(output, target, plan, source, result.diagnosis)
     return Adaptation(result, plan, output, report, min_coverage)
@@ -319,6 +371,8 @@ def checked_adaptation(
     min_coverage: float = DEFAULT_MIN_COVERAGE,
     key: str | None = None,
     target_spec: str | None = None,
+    resample_pos_embed: bool = True,
+    adapt_input_conv: bool = True,
 ) -> tuple[Adaptation, str | None]:
     """The adapt sequence ``ckpt adapt`` and ``load_into`` both run: :func:`plan_adaptation`, the
     shape check (``strict_shapes``: a misfit raises), and the one coverage decision, whose
@@ -334,7 +388,14 @@ def checked_adaptation(
         (False, True)
     """
     adaptation = plan_adaptation(
-        records, target, source, min_coverage=min_coverage, key=key, target_spec=target_spec
+        records,
+        target,
+        source,
+        min_coverage=min_coverage,
+        key=key,
+        target_spec=target_spec,
+        resample_pos_embed=resample_pos_embed,
+        adapt_input_conv=adapt_input_conv,
     )
     _check_shapes(adaptation.report, strict_shapes)
     alarm = adaptation.refusal(outcome, option)
@@ -352,6 +413,8 @@ def load_into(
     min_coverage: float = DEFAULT_MIN_COVERAGE,
     strict_shapes: bool = False,
     read_options: ReadOptions | None = None,
+    resample_pos_embed: bool = True,
+    adapt_input_conv: bool = True,
 ) -> LoadReport:
     """Load what fits of a checkpoint into a live ``nn.Module`` and return what happened.
 
@@ -364,7 +427,10 @@ def load_into(
     tensors). Raises :class:`~ckptsurgeon.errors.LoadError`, before anything is copied, when
     nothing, or less than ``min_coverage`` percent (default 50, the rule of
     :mod:`ckptsurgeon.core.coverage`) of the model's tensors would load: the silent zero-load
-    cannot happen.
+    cannot happen. As timm's ``checkpoint_filter_fn``, a position embedding on another grid (and a
+    relative position bias table for another window) is resampled and the first conv adapted to the
+    model's input channels; ``resample_pos_embed=False`` / ``adapt_input_conv=False`` leave them out
+    instead (the report's ``transformed`` lists what was).
 
     Example:
         >>> model = torchvision.models.resnet50(num_classes=2)          # doctest: +SKIP
@@ -388,6 +454,8 @@ def load_into(
         option="min_coverage=",
         strict_shapes=strict_shapes,
         min_coverage=min_coverage,
+        resample_pos_embed=resample_pos_embed,
+        adapt_input_conv=adapt_input_conv,
     )
     _copy_into(model, adaptation.output, adaptation.report.loaded)
     return adaptation.report
