@@ -350,3 +350,19 @@ def test_refused_resample_on_the_command_line_is_one_line(tmp_path: Path) -> Non
         {"pos_embed": torch.zeros(1, 197, 8), **{f"y{i}": torch.zeros(2) for i in range(4)}},
     )
     assert_one_line_error(run_cli("adapt", src, tgt, "-o", tmp_path / "c.pth"), "would load")
+
+
+def test_relative_position_bias_table_to_another_window(tmp_path: Path) -> None:
+    name = "layers.0.blocks.0.attn.relative_position_bias_table"
+    table, want = TENSORS["rel_pos_bias_7to12.in.table"], TENSORS["rel_pos_bias_7to12.out"]
+    body = {f"layers.0.blocks.0.mlp.fc{i}.weight": torch.randn(4, 4) for i in (1, 2)}
+    src = _saved(tmp_path, "swin_7.pth", {name: table, **body})
+    target = _saved(tmp_path, "swin_12.pth", {name: torch.zeros(529, 4), **body})
+    out = tmp_path / "swin_12.adapted.pth"
+    result = run_cli("adapt", src, target, "-o", out, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)["report"]
+    assert report["missing"] == [] and report["transformed"][0]["name"] == name
+    torch.testing.assert_close(torch.load(out, weights_only=True)[name], want, atol=1e-5, rtol=0)
+    result = run_cli("adapt", src, target, "--dry-run", "--no-resample-pos-embed", "--format", "json")
+    assert json.loads(result.stdout)["report"]["missing"] == [name]
