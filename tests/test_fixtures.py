@@ -20,7 +20,7 @@ def _load(name: str):
 models = _load("models")
 make = _load("make_fixtures")
 
-STORY = ("vgg_1000.pth", "resnet_dp_6.pth", "xception_dp_6.pth")
+STORY = ("vgg_1000.pth", "resnet_dp_6.pth", "xception_dp_6.pth", "vit_28.pth")
 
 
 def test_regenerating_gives_byte_identical_files(tmp_path: Path) -> None:

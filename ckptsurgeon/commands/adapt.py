@@ -48,6 +48,21 @@ from ._writing import conversion_options, run
     help="Keep these rows of a larger classifier head, in this order (or read one index per line from "
     "FILE), instead of dropping the head.",
 )
+@click.option(
+    "--no-resample-pos-embed",
+    "resample_pos_embed",
+    flag_value=False,
+    default=True,
+    help="Drop a position embedding (or relative position bias table) on another grid instead of "
+    "resampling it.",
+)
+@click.option(
+    "--no-adapt-input-conv",
+    "adapt_input_conv",
+    flag_value=False,
+    default=True,
+    help="Drop the first conv when its input channels differ instead of adapting it (timm's rule).",
+)
 @read_options
 @write_options
 @conversion_options
@@ -62,7 +77,10 @@ def COMMAND(src: str, target: str, output: str | None, **flags: Any) -> None:
     head, what has no place). Keys that pair only by their dotted suffix are a guess: shown
     with the `ckpt rename --replace ...` that applies them, never applied. The report says
     what the output loads with load_state_dict(strict=False): exactly the missing keys listed
-    (the target keeps its own values there), nothing unexpected. When less than P percent of
+    (the target keeps its own values there), nothing unexpected. As timm does, a position
+    embedding on another grid is resampled (bicubic) and the first conv adapted to other input
+    channels, each listed as a transform (--no-resample-pos-embed, --no-adapt-input-conv turn
+    them off). When less than P percent of
     the target (--min-coverage, default 50), or nothing, would load, nothing is written (exit
     2; a --dry-run warns and exits 1).
 

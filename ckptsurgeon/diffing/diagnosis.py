@@ -117,6 +117,86 @@ class Vocabulary:
 
 
 @dataclass(frozen=True)
+class ShapeFix:
+    """A shape-mismatched tensor whose learned values ``ckpt adapt`` keeps by a transform (as timm's
+    ``checkpoint_filter_fn``): a position table on another grid (``kind`` ``pos_embed``), a relative
+    position bias table for another window (``rel_pos_bias``), or the first conv with another number
+    of input channels (``input_conv``). ``words`` says it; ``option`` turns it off.
+
+    Example:
+        >>> f = find_shape_fixes((ShapeMismatch("pos_embed", (1, 197, 8), (1, 577, 8)),), ["pos_embed"])[0]
+        >>> f.words, f.option
+        ('pos_embed: a 14x14 grid + 1 token -> 24x24 + 1', '--no-resample-pos-embed')
+    """
+
+    kind: str
+    mismatch: ShapeMismatch
+    words: str
+
+    @property
+    def option(self) -> str:
+        """The ``ckpt adapt`` flag that leaves it out instead."""
+        return "--no-adapt-input-conv" if self.kind == "input_conv" else "--no-resample-pos-embed"
+
+    @property
+    def keyword(self) -> str:
+        """The Python keyword (``ckptsurgeon.adapt``, ``load_into``) that leaves it out instead."""
+        return "adapt_input_conv=False" if self.kind == "input_conv" else "resample_pos_embed=False"
+
+    def to_dict(self) -> dict[str, object]:
+        return (
+            {"kind": self.kind, "words": self.words, "option": self.option}
+            | self.mismatch.to_dict()
+            | {"source_name": self.mismatch.file_name}
+        )
+
+
+def find_shape_fixes(
+    mismatches: tuple[ShapeMismatch, ...],
+    target_names: list[str],
+    target_shapes: Shapes | None = None,
+) -> tuple[ShapeFix, ...]:
+    """The mismatched tensors whose values a transform keeps, from names and shapes alone.
+
+    A table named like a position embedding (``pos_embed``, ``position_embedding`` ...) whose token
+    counts are square grids after the same 0, 1 or 2 prefix tokens; a ``relative_position_bias_table``
+    of ``(2W-1)**2`` rows on both sides; the target's first conv weight (its first 4-D tensor)
+    when only dimension 1 differs, from 3 input channels (or 3*k to 1).
+
+    Example:
+        >>> m = (ShapeMismatch("conv1.weight", (8, 3, 7, 7), (8, 1, 7, 7)),
+        ...      ShapeMismatch("layer1.conv.weight", (8, 3, 3, 3), (8, 1, 3, 3)))
+        >>> [f.words for f in find_shape_fixes(m, ["conv1.weight", "layer1.conv.weight"])]
+        ['conv1.weight: 3 input channels -> 1']
+    """
+    from ..surgery.resample import channel_change, grid_change, named_pos_embed, named_rel_pos, rel_window
+
+    shapes = target_shapes or {}
+    first_conv = next((n for n in target_names if len(shapes.get(n, ())) == 4), None)
+    if not shapes:  # only the mismatched shapes are known
+        ranked = {m.name: m.target_shape for m in mismatches}
+        first_conv = next((n for n in target_names if len(ranked.get(n, ())) == 4), None)
+    fixes = []
+    for m in mismatches:
+        if named_rel_pos(m.name):
+            windows = rel_window(m.source_shape, m.target_shape)
+            if windows is not None:
+                old, new = windows
+                words = f"{m.file_name}: a relative position bias table, window {old}x{old} -> {new}x{new}"
+                fixes.append(ShapeFix("rel_pos_bias", m, words))
+        elif named_pos_embed(m.name):
+            grid = grid_change(m.source_shape, m.target_shape)
+            if grid is not None:
+                fixes.append(ShapeFix("pos_embed", m, grid.words(m.file_name)))
+        elif m.name == first_conv:
+            channels = channel_change(m.source_shape, m.target_shape)
+            if channels is not None:
+                words = f"{m.file_name}: {channels[0]} input channels -> {channels[1]}"
+                fixes.append(ShapeFix("input_conv", m, words))
+    return tuple(fixes)
+
+
+@dataclass(frozen=True)
 class Diagnosis:
     """The best key transform, what it loads, the head, the filter idiom, proposals and fixes.
 
@@ -144,6 +224,7 @@ class Diagnosis:
     drop: tuple[str, ...] = ()
     extra: tuple[str, ...] = ()
     vocabulary: Vocabulary | None = None
+    shape_fixes: tuple[ShapeFix, ...] = ()
 
     @property
     def total(self) -> int:
@@ -181,9 +262,12 @@ def diagnose(
     renamed, origin = apply_transform(src, transform)
     after = compare(renamed, tgt, tied, origin)
     proposal, ambiguous = suffix_proposal(after, renamed, tgt, origin)
-    vocabulary = find_vocabulary(after.shape_mismatched, tied, after.missing)
+    shape_fixes = find_shape_fixes(after.shape_mismatched, list(tgt), {n: r.shape for n, r in tgt.items()})
+    fixed = {f.mismatch.name for f in shape_fixes}
+    unfixed = tuple(m for m in after.shape_mismatched if m.name not in fixed)
+    vocabulary = find_vocabulary(unfixed, tied, after.missing)
     in_vocabulary = {m.name for m in vocabulary.tensors} if vocabulary else set()
-    head = mismatched_head(tuple(m for m in after.shape_mismatched if m.name not in in_vocabulary), list(tgt))
+    head = mismatched_head(tuple(m for m in unfixed if m.name not in in_vocabulary), list(tgt))
     mapping = {
         origin[name]: name for name in renamed if name in tgt and renamed[name].shape == tgt[name].shape
     }
@@ -200,6 +284,7 @@ def diagnose(
         drop=tuple(m.file_name for m in after.shape_mismatched),
         extra=tuple(origin[name] for name in after.unexpected),
         vocabulary=vocabulary,
+        shape_fixes=shape_fixes,
     )
 
 

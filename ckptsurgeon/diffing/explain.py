@@ -12,7 +12,7 @@ from ..core.grouping import collapse
 from ..core.prefixes import KNOWN_WRAPPERS
 from ..core.report import counted, percent, plural, shell_quote
 from .compare import Comparison, FilterIdiom, ShapeMismatch
-from .diagnosis import Diagnosis, Head, Vocabulary
+from .diagnosis import Diagnosis, Head, ShapeFix, Vocabulary
 from .heads import CLASSIFIER_WORDS
 
 FILTER = "{k: v for k, v in sd.items() if k in model_sd}"
@@ -113,7 +113,9 @@ def _remainder(d: Diagnosis, final: Comparison) -> list[str]:
     out: list[str] = []
     head, vocabulary = d.head, d.vocabulary
     explained = [*(head.tensors if head else ()), *(vocabulary.tensors if vocabulary else ())]
+    explained += [f.mismatch for f in d.shape_fixes]
     rest = len(final.missing) + len(final.shape_mismatched)
+    out += _shape_fix_sentences(d.shape_fixes)
     if head:
         out += _head_sentences(head, _lead(rest, len(head.tensors), len(explained)))
     if vocabulary:
@@ -224,6 +226,29 @@ def _resize_sentence(vocabulary: Vocabulary) -> str:
         f"{modules}: {src} -> {tgt} tokens: ckpt adapt --resize-vocab {keeps}, in the file it writes "
         "(load_into(..., resize_vocab=True) in memory)."
     )
+
+
+_FIX_VERBS = {
+    "pos_embed": "resampled (bicubic, as timm's resample_abs_pos_embed)",
+    "rel_pos_bias": "resized (as timm's resize_rel_pos_bias_table)",
+    "input_conv": "adapted (timm's adapt_input_conv rule)",
+}
+
+
+def _shape_fix_sentences(fixes: Sequence[ShapeFix]) -> list[str]:
+    """One sentence per tensor whose shape changed but whose learned values ckpt adapt keeps.
+
+    Example:
+        >>> from .diagnosis import find_shape_fixes
+        >>> m = ShapeMismatch("pos_embed", (1, 197, 8), (1, 577, 8))
+        >>> print(_shape_fix_sentences(find_shape_fixes((m,), ["pos_embed"]))[0][:80])
+        pos_embed: a 14x14 grid + 1 token -> 24x24 + 1: resampled (bicubic, as timm's re
+    """
+    return [
+        f"{f.words}: {_FIX_VERBS[f.kind]} by ckpt adapt and load_into, which keeps the learned values; "
+        f"{f.option} ({f.keyword}) leaves it out instead."
+        for f in fixes
+    ]
 
 
 def _notes(c: Comparison) -> list[str]:
@@ -362,11 +387,17 @@ def fix_commands(
         flags = "".join(f" --drop {shell_quote(name)}" for name in d.extra) + flags
         renamed = _output(source, "renamed")
         commands.append(f"ckpt rename {src}{key_opt}{flags} -o {renamed}")
-        if d.after.shape_mismatched:
+        if _misfits(d):
             commands.append(f"ckpt strip-head {renamed} --target {tgt} -o {_output(source, 'adapted')}")
-    elif needs_drop and d.after.shape_mismatched:
+    elif needs_drop and _misfits(d):
         commands.append(f"ckpt strip-head {src}{key_opt} --target {tgt} -o {_output(source, 'stripped')}")
     return tuple(commands)
+
+
+def _misfits(d: Diagnosis) -> bool:
+    """True when a shape-mismatched tensor is left to drop (not one ckpt adapt reshapes: a shape fix)."""
+    fixed = {f.mismatch.name for f in d.shape_fixes}
+    return any(m.name not in fixed for m in d.after.shape_mismatched)
 
 
 def proposal_commands(

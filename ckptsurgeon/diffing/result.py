@@ -182,6 +182,7 @@ class DiffResult:
                 "after_transform": d.after.counts(),
                 "head": d.head.to_dict() if d.head else None,
                 "vocabulary": d.vocabulary.to_dict() if d.vocabulary else None,
+                "shape_fixes": [f.to_dict() for f in d.shape_fixes],
                 "filter_idiom": {
                     "message": e.filter_idiom,
                     "as_saved": d.filter_as_saved.to_dict(),

@@ -24,9 +24,10 @@ from ..core.report import counted, dump_json, format_shape, render_table
 from ..diffing.compare import ShapeMismatch, compare
 from ..errors import LoadError
 from .plan import Plan, plan_from_mapping
+from .transforms import Transform
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..diffing.diagnosis import Diagnosis, KeyTransform
+    from ..diffing.diagnosis import Diagnosis, KeyTransform, ShapeFix
     from ..diffing.result import DiffResult
     from ..diffing.target import Target
     from ..formats import ReadOptions
@@ -55,7 +56,8 @@ class LoadReport:
     transform: str  # e.g. "strip prefix 'module.'", or "none"
     renamed: int = 0
     tied: dict[str, str] = field(default_factory=dict)
-    transformed: dict[str, str] = field(default_factory=dict)  # target name -> what changed its values
+    # (target name, key in the file, what the transform did): loaded, its values kept by a transform
+    transformed: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def total(self) -> int:
@@ -98,7 +100,9 @@ class LoadReport:
             "skipped": [m.to_dict() | {"source_name": m.file_name} for m in self.skipped],
             "unused": list(self.unused),
             "tied": dict(self.tied),
-            "transformed": [{"name": n, "transform": t} for n, t in self.transformed.items()],
+            "transformed": [
+                {"name": name, "source_name": old, "transform": what} for name, old, what in self.transformed
+            ],
         }
 
     def render(self, fmt: str = "table", verbose: bool = False) -> str:
@@ -122,7 +126,7 @@ class LoadReport:
             for m in self.skipped
         ]
         rows += [[label, "left out", "no place in the target"] for label in _labels(self.unused, verbose)]
-        rows += [[name, "loaded, transformed", what] for name, what in self.transformed.items()]
+        rows += [[name, "loaded, transformed", what] for name, _old, what in self.transformed]
         table = render_table(["tensor", "status", "detail"], rows, fmt)
         return "\n".join(lines) + ("\n\n" + table if table else "")
 
@@ -134,8 +138,19 @@ def _labels(names: tuple[str, ...], verbose: bool) -> list[str]:
 
 
 # -- the plan ---------------------------------------------------------------------------------
-def adapt_plan(tensors: Mapping[str, TensorRecord], diagnosis: Diagnosis) -> Plan:
+def adapt_plan(
+    tensors: Mapping[str, TensorRecord],
+    diagnosis: Diagnosis,
+    *,
+    resample_pos_embed: bool = True,
+    adapt_input_conv: bool = True,
+) -> Plan:
     """The plan that applies a diagnosis: rename what fits, drop misfits and what has no place.
+
+    A misfit whose learned values a transform keeps (:class:`~ckptsurgeon.diffing.diagnosis.ShapeFix`:
+    a position table on another grid, a relative position bias table for another window,
+    ``resample_pos_embed``; the first conv with other input channels, ``adapt_input_conv``) is
+    transformed to the target's shape instead of dropped, as timm's ``checkpoint_filter_fn`` does.
 
     Example:
         >>> from ..diffing.diagnosis import diagnose
@@ -146,9 +161,11 @@ def adapt_plan(tensors: Mapping[str, TensorRecord], diagnosis: Diagnosis) -> Pla
         {'fc.weight': None, 'conv.weight': 'module.conv.weight'}
     """
     misfits = {m.file_name: m for m in diagnosis.after.shape_mismatched}
+    fixes = applied_fixes(diagnosis, resample_pos_embed=resample_pos_embed, adapt_input_conv=adapt_input_conv)
+    fixed = {f.mismatch.file_name: f.mismatch.name for f in fixes}
     drops: dict[str, str] = {}
     for name in tensors:
-        if name in diagnosis.mapping:
+        if name in diagnosis.mapping or name in fixed:
             continue
         m = misfits.get(name)
         if m is not None:
@@ -161,7 +178,31 @@ def adapt_plan(tensors: Mapping[str, TensorRecord], diagnosis: Diagnosis) -> Pla
         steps.append(f"drop {misfit_count} tensor(s) whose shape does not fit the target")
     if len(drops) > misfit_count:
         steps.append(f"drop {len(drops) - misfit_count} tensor(s) with no place in the target")
-    return plan_from_mapping(tensors, diagnosis.mapping, drops, steps)
+    plan = plan_from_mapping(tensors, {**diagnosis.mapping, **fixed}, drops, steps)
+    for fix in fixes:
+        plan = plan.with_transform(shape_fix_transform(tensors, fix))
+    return plan
+
+
+def applied_fixes(
+    diagnosis: Diagnosis, *, resample_pos_embed: bool = True, adapt_input_conv: bool = True
+) -> tuple[ShapeFix, ...]:
+    """The diagnosis's shape fixes the options leave on (position tables, the input conv)."""
+    on = {"pos_embed": resample_pos_embed, "rel_pos_bias": resample_pos_embed, "input_conv": adapt_input_conv}
+    return tuple(f for f in diagnosis.shape_fixes if on[f.kind])
+
+
+def shape_fix_transform(tensors: Mapping[str, TensorRecord], fix: ShapeFix) -> Transform:
+    """The transform (:mod:`ckptsurgeon.surgery.resample`) that gives ``fix``'s tensor the target's
+    shape, written under the target's name."""
+    from . import resample
+
+    m = fix.mismatch
+    if fix.kind == "pos_embed":
+        return resample.resample_pos_embed(tensors, m.file_name, m.target_shape, m.name)
+    if fix.kind == "rel_pos_bias":
+        return resample.resize_rel_pos_bias(tensors, m.file_name, m.target_shape, m.name)
+    return resample.adapt_input_conv(tensors, m.file_name, m.target_shape[1], m.name)
 
 
 def describe_transform(transform: KeyTransform) -> str:
@@ -203,20 +244,13 @@ def fit_report(
         transform=describe_transform(diagnosis.transform),
         renamed=len(plan.renamed),
         tied=comparison.tied,
-        transformed=_transformed(plan, comparison.matched),
+        transformed=tuple(
+            (out, e.old, e.transform.description)
+            for e in plan.transformed
+            if e.transform
+            for out in e.outputs
+        ),
     )
-
-
-def _transformed(plan: Plan, loaded: tuple[str, ...]) -> dict[str, str]:
-    """Loaded target name -> the transform that computed it (a resized vocabulary, chosen classes)."""
-    names = set(loaded)
-    return {
-        out: e.transform.description
-        for e in plan.transformed
-        if e.transform is not None
-        for out in e.outputs
-        if out in names
-    }
 
 
 @dataclass(frozen=True)
@@ -298,6 +332,8 @@ def plan_adaptation(
     key: str | None = None,
     target_spec: str | None = None,
     resizing: Resizing | None = None,
+    resample_pos_embed: bool = True,
+    adapt_input_conv: bool = True,
 ) -> Adaptation:
     """Plan the adaptation of ``records`` to ``target`` and decide on coverage: what ``ckpt adapt``
     writes and ``load_into`` copies, decided in one place.
@@ -305,6 +341,8 @@ def plan_adaptation(
     ``source`` labels the file in messages; ``key`` and ``target_spec`` go into the suggested
     commands. ``resizing`` (:class:`~ckptsurgeon.surgery.resize.Resizing`, only when asked) keeps
     the trained rows of a resized vocabulary or chosen classes of the head instead of dropping them.
+    ``resample_pos_embed`` / ``adapt_input_conv`` (on by default) keep a position table on another
+    grid / the first conv with other input channels (:func:`adapt_plan`).
 
     Example:
         >>> from ..diffing.target import target_from_records
@@ -320,7 +358,9 @@ def plan_adaptation(
     result = diff(
         records, target, key=key, source_label=source, target_label=target_spec, min_coverage=min_coverage
     )
-    plan = adapt_plan(records, result.diagnosis)
+    plan = adapt_plan(
+        records, result.diagnosis, resample_pos_embed=resample_pos_embed, adapt_input_conv=adapt_input_conv
+    )
     if resizing is not None:
         plan = resizing.apply(plan, records, result.diagnosis, target.tied)
     output = plan.apply(records)
@@ -341,6 +381,8 @@ def checked_adaptation(
     key: str | None = None,
     target_spec: str | None = None,
     resizing: Resizing | None = None,
+    resample_pos_embed: bool = True,
+    adapt_input_conv: bool = True,
 ) -> tuple[Adaptation, str | None]:
     """The adapt sequence ``ckpt adapt`` and ``load_into`` both run: :func:`plan_adaptation`, the
     shape check (``strict_shapes``: a misfit raises), and the one coverage decision, whose
@@ -363,6 +405,8 @@ def checked_adaptation(
         key=key,
         target_spec=target_spec,
         resizing=resizing,
+        resample_pos_embed=resample_pos_embed,
+        adapt_input_conv=adapt_input_conv,
     )
     _check_shapes(adaptation.report, strict_shapes)
     alarm = adaptation.refusal(outcome, option)
@@ -383,6 +427,8 @@ def load_into(
     resize_vocab: bool = False,
     new_rows: str = "mean",
     keep_classes: str | Sequence[int] | None = None,
+    resample_pos_embed: bool = True,
+    adapt_input_conv: bool = True,
 ) -> LoadReport:
     """Load what fits of a checkpoint into a live ``nn.Module`` and return what happened.
 
@@ -395,7 +441,10 @@ def load_into(
     tensors). Raises :class:`~ckptsurgeon.errors.LoadError`, before anything is copied, when
     nothing, or less than ``min_coverage`` percent (default 50, the rule of
     :mod:`ckptsurgeon.core.coverage`) of the model's tensors would load: the silent zero-load
-    cannot happen.
+    cannot happen. As timm's ``checkpoint_filter_fn``, a position embedding on another grid (and a
+    relative position bias table for another window) is resampled and the first conv adapted to the
+    model's input channels; ``resample_pos_embed=False`` / ``adapt_input_conv=False`` leave them out
+    instead (the report's ``transformed`` lists what was).
 
     Only when asked: ``resize_vocab=True`` resizes embeddings and LM heads of another vocabulary
     size (trained rows kept, new rows from their mean, or zeros with ``new_rows="zeros"``:
@@ -427,6 +476,8 @@ def load_into(
         strict_shapes=strict_shapes,
         min_coverage=min_coverage,
         resizing=asked,
+        resample_pos_embed=resample_pos_embed,
+        adapt_input_conv=adapt_input_conv,
     )
     _copy_into(model, adaptation.output, adaptation.report.loaded)
     return adaptation.report

@@ -176,6 +176,8 @@ def adapt(
     resize_vocab: bool = False,
     new_rows: str = "mean",
     keep_classes: str | Sequence[int] | None = None,
+    resample_pos_embed: bool = True,
+    adapt_input_conv: bool = True,
 ) -> AdaptResult:
     """Make ``src`` load into ``target``: align wrapper prefixes, drop the head and what has no place.
 
@@ -185,7 +187,10 @@ def adapt(
     Only what the data justifies is applied (the plan's steps list each): a wrapper prefix
     (:func:`ckptsurgeon.diffing.diagnosis.is_wrapper_prefix`) and the drops. Keys paired only by their
     dotted suffix are a guess: ``result.proposal`` holds them and ``result.proposal_commands``
-    the commands that apply them, after review. Raises :class:`~ckptsurgeon.errors.LoadError`,
+    the commands that apply them, after review. As timm's ``checkpoint_filter_fn``, a position
+    embedding on another grid is resampled and the first conv adapted to the target's input
+    channels (each a transform the plan lists); ``resample_pos_embed=False`` /
+    ``adapt_input_conv=False`` drop them instead. Raises :class:`~ckptsurgeon.errors.LoadError`,
     before writing, when nothing, or less than ``min_coverage`` percent (default 50, the rule of
     :mod:`ckptsurgeon.core.coverage`) of the target's tensors, would load; a dry run returns the
     result with ``alarm`` set instead.
@@ -225,6 +230,8 @@ def adapt(
             key=key,
             target_spec=target,
             resizing=asked,
+            resample_pos_embed=resample_pos_embed,
+            adapt_input_conv=adapt_input_conv,
         )
         plan = adaptation.plan if dtype is None else adaptation.plan.with_cast(source.tensors, dtype)
         notes = optimizer_notes(source, plan, options)
