@@ -26,6 +26,8 @@ _EXPORTS = {
     "CkptError": "ckptsurgeon.errors",
     "diff": "ckptsurgeon.diffing.result",
     "DiffResult": "ckptsurgeon.diffing.result",
+    "compare_values": "ckptsurgeon.diffing.values",
+    "ValueDiff": "ckptsurgeon.diffing.values",
     "load_into": "ckptsurgeon.surgery.adapting",
     "scan": "ckptsurgeon.pickling.scan",
     "ScanResult": "ckptsurgeon.pickling.scan",

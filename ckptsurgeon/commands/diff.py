@@ -27,6 +27,27 @@ from ._options import make_read_options, output_format, read_options
     help="Exit 0 when at least P% of the target's tensors load as saved, and alarm below P "
     "(default: exit 0 only when all load strictly; alarm below 50%).",
 )
+@click.option(
+    "--values",
+    "values",
+    is_flag=True,
+    help="Compare the values of two checkpoints tensor by tensor (TARGET: a checkpoint): max |a-b|, "
+    "relative L2, cosine, bit-for-bit equal.",
+)
+@click.option(
+    "--atol",
+    type=click.FloatRange(0),
+    default=None,
+    metavar="X",
+    help="With --values: exit 0 when every tensor is within |b-a| <= atol + rtol*|a| (rtol 0 if not given).",
+)
+@click.option(
+    "--rtol",
+    type=click.FloatRange(0),
+    default=None,
+    metavar="X",
+    help="With --values: the relative tolerance (atol 0 if not given).",
+)
 def COMMAND(
     source: str,
     target: str,
@@ -37,6 +58,9 @@ def COMMAND(
     target_key: str | None,
     verbose: bool,
     min_coverage: float | None,
+    values: bool,
+    atol: float | None,
+    rtol: float | None,
 ) -> None:
     """Diff a checkpoint against a model: what would load, what not, why, and the fix.
 
@@ -51,16 +75,37 @@ def COMMAND(
     one), 1 when it does not, 2 on error. The report alarms when less than P% (default 50%,
     the bar `ckpt adapt` and load_into refuse below) loads as saved.
 
+    With --values, SOURCE (A) and TARGET (B) are two checkpoints, paired by name through the
+    key transform diff finds (a `module.` wrapper on one side pairs); each pair is read, measured
+    and freed in turn. Every pair is measured in float64 whatever the two dtypes, A the reference:
+    max |a-b|, rel L2 = ||a-b||/||a|| (0 when both are all zeros, inf when only A is), cosine. A
+    NaN on either side is reported as such, never as equal. Exit status: 0 when every tensor is
+    paired and equal bit for bit (or, with --atol/--rtol, within |b-a| <= atol + rtol*|a|,
+    torch.allclose in float64, NaN never within), 1 when not, 2 on error.
+
     \b
     Examples:
       ckpt diff fixtures/vgg_1000.pth 'torch.nn.DataParallel(fixtures/models.py:vgg_like(num_classes=2))'
       ckpt diff fixtures/resnet_dp_6.pth 'fixtures/models.py:resnet_like(num_classes=2)' -v
       ckpt diff model.pth 'torchvision.models.resnet50(num_classes=2)' --format json
       ckpt diff last.ckpt other.safetensors --key state_dict --min-coverage 90
+      ckpt diff --values model.pth model-bf16.safetensors --atol 1e-2
     """
+    options = make_read_options(allow_globals, unsafe, target=True)
+    if values:
+        if min_coverage is not None:
+            raise click.UsageError("--min-coverage is for a load check; --values checks with --atol/--rtol")
+        from ..diffing.values import compare_values
+
+        compared = compare_values(
+            source, target, atol=atol, rtol=rtol, key=key, b_key=target_key, read_options=options
+        )
+        click.echo(compared.render(output_format, verbose=verbose), nl=False)
+        raise click.exceptions.Exit(0 if compared.passes() else 1)
+    if atol is not None or rtol is not None:
+        raise click.UsageError("--atol and --rtol need --values")
     from ..diffing.result import diff
 
-    options = make_read_options(allow_globals, unsafe, target=True)
     result = diff(
         source, target, key=key, read_options=options, target_key=target_key, min_coverage=min_coverage
     )
