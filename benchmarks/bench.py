@@ -47,7 +47,7 @@ class Op:
     name: str
     ours: list[str]
     baseline: list[str] | None
-    target: str  # "help" | "instant" | "listing" | "stream" | "cast" | "meta" | "many"
+    target: str  # "help" | "instant" | "listing" | "stream" | "cast" | "average" | "meta" | "many"
     cp_src: Path | None = None
     outputs: tuple[Path, Path] | None = None  # (ours, baseline) to compare
     startup: list[str] | None = None  # "many": the same command on a one-tensor file
@@ -193,6 +193,7 @@ class Files:
     many: Path
     one: Path
     models: Path
+    soup: tuple[Path, ...] = ()
 
 
 def generate(work: Path, size: int, many: int, names: set[str]) -> Files:
@@ -215,6 +216,13 @@ def generate(work: Path, size: int, many: int, names: set[str]) -> Files:
         synth.write_pth(f.st, f.pth)
     if "inspect-sharded" in names:
         synth.write_shards(f.shards, shapes, max(size // 4, 1))
+    if "average" in names:  # model.pth and two more of the same shapes, other values
+        f.soup = (f.pth, work / "model-2.pth", work / "model-3.pth")
+        for seed, path in enumerate(f.soup[1:], 2):
+            tmp = path.with_suffix(".safetensors")
+            synth.write_safetensors(tmp, shapes, seed=seed)
+            synth.write_pth(tmp, path)
+            remove(tmp)
     for path, count in ((f.many, many), (f.one, 1)):
         if names & {"many-convert", "many-rename"}:
             tmp = path.with_suffix(".safetensors")
@@ -311,6 +319,14 @@ def operations(f: Files) -> list[Op]:
             f.pth,
             (o_pth, b_pth),
         ),
+        Op(
+            "average",
+            [*ckpt, "average", *map(str, f.soup), "-o", str(o_pth)],
+            [*py, recipes.AVERAGE, *map(str, f.soup), str(b_pth)],
+            "average",
+            f.pth,
+            (o_pth, b_pth),
+        ),
         Op("diff", [*ckpt, "diff", str(f.pth), spec], [*py, recipes.DIFF, str(f.pth), "-", *build], "meta"),
         Op(
             "many-convert",
@@ -342,6 +358,7 @@ NEEDS_PTH = {
     "rename",
     "strip-head",
     "adapt",
+    "average",
     "diff",
 }
 OP_NAMES = (
@@ -357,6 +374,7 @@ OP_NAMES = (
     "rename",
     "strip-head",
     "adapt",
+    "average",
     "diff",
     "many-convert",
     "many-rename",

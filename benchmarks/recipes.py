@@ -64,6 +64,14 @@ sd = torch.load(sys.argv[1], weights_only=True)
 torch.save({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}, sys.argv[2])
 """
 
+AVERAGE = """
+import sys, torch
+sds = [torch.load(p, weights_only=True) for p in sys.argv[1:-1]]
+out = {k: torch.stack([sd[k] for sd in sds]).mean(0) if v.is_floating_point() else v
+       for k, v in sds[0].items()}
+torch.save(out, sys.argv[-1])
+"""
+
 _BUILD = """
 import sys, torch
 sys.path.insert(0, sys.argv[3])

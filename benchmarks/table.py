@@ -73,6 +73,10 @@ def check(row: Row) -> tuple[str, bool]:
     if row.target == "cast":  # torch itself is ~220 MiB of the peak; the rest must not grow with the file
         ok = mib <= 300 and (speed is None or speed >= 1.0)
         return "≤300 MiB, not slower than the recipe" + unchecked, ok
+    if row.target == "average":  # peak: torch + (inputs + 2) x the largest tensor, not the 3 files
+        base = row.base.mib if row.base is not None else None
+        ok = base is None or mib < base
+        return "less memory than the recipe" + unchecked, ok
     if row.target == "meta":
         return "≤300 MiB (meta device)", mib <= 300
     if row.target == "many":

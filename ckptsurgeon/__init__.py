@@ -41,6 +41,8 @@ _EXPORTS = {
     "rename": "ckptsurgeon.surgery.operations",
     "strip_head": "ckptsurgeon.surgery.operations",
     "adapt": "ckptsurgeon.surgery.operations",
+    "average": "ckptsurgeon.surgery.averaging",
+    "AverageResult": "ckptsurgeon.surgery.results",
     "SurgeryResult": "ckptsurgeon.surgery.results",
     "AdaptResult": "ckptsurgeon.surgery.results",
     "WriteResult": "ckptsurgeon.surgery.pipeline",

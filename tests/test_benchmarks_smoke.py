@@ -50,6 +50,7 @@ def test_bench_prints_every_operation(tmp_path: Path) -> None:
         "rename",
         "strip-head",
         "adapt",
+        "average",
         "many-rename",
     ):
         assert "tensors equal" in rows[name], rows[name]

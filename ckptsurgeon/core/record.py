@@ -243,6 +243,8 @@ class TensorRecord:
         flat = torch.frombuffer(raw, dtype=torch.uint8).view(torch_dtype)
         if self.storage.byteorder == "big" and self.itemsize > 1:
             flat = _byteswap(flat, self.itemsize)
+        if span_elems == self.numel and self.is_contiguous:  # raw is this tensor's own fresh copy
+            return flat.view(self.shape)
         return flat.as_strided(self.shape, stride, 0).clone(memory_format=torch.contiguous_format)
 
     @classmethod

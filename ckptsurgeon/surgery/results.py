@@ -156,3 +156,52 @@ class AdaptResult(SurgeryResult):
         commands = "\n".join(printable(c) if md else "  " + printable(c) for c in self.proposal_commands)
         lines.append(f"```sh\n{commands}\n```" if md else commands)
         return "\n\n".join(lines)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AverageResult(SurgeryResult):
+    """What :func:`ckptsurgeon.average` planned and wrote: the inputs and their weights (summing to 1).
+
+    Example:
+        >>> r = ckptsurgeon.average(["a.pth", "b.pth"], dry_run=True)     # doctest: +SKIP
+        >>> r.weights                                                   # doctest: +SKIP
+        (0.5, 0.5)
+    """
+
+    inputs: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
+
+    @property
+    def averaged(self) -> int:
+        """Floating tensors averaged."""
+        return len(self.plan.transformed)
+
+    @property
+    def taken(self) -> int:
+        """Integer and bool tensors taken from the first input."""
+        return len(self.plan.unchanged)
+
+    def to_json(self) -> dict[str, Any]:
+        """:meth:`SurgeryResult.to_json` plus ``inputs`` (``path``, ``weight``), ``averaged``, ``taken``."""
+        inputs = [{"path": p, "weight": w} for p, w in zip(self.inputs, self.weights, strict=True)]
+        return super().to_json() | {"inputs": inputs, "averaged": self.averaged, "taken": self.taken}
+
+    def render(self, fmt: str = "table", verbose: bool = False) -> str:
+        """The inputs with their weights, what was averaged and taken, then what was written."""
+        if fmt == "json" or verbose:
+            return super().render(fmt, verbose)
+        from ..core.report import counted, printable, render_table
+
+        rows = [[printable(p), f"{w:.4g}"] for p, w in zip(self.inputs, self.weights, strict=True)]
+        equal = len(set(self.weights)) == 1
+        how = "equal weights" if equal else "weights normalised to sum 1"
+        n = len(self.inputs)
+        lines = [
+            f"Average of {n} checkpoints ({how}):",
+            render_table(["input", "weight"], rows, fmt),
+            f"{counted(self.averaged + self.taken, 'tensor')}: {self.averaged} floating averaged "
+            f"(in float32, float64 for float64; written in their dtype), {self.taken} integer/bool "
+            "taken from the first input",
+        ]
+        lines.append("Dry run: nothing was written." if self.written is None else self.written.summary())
+        return "\n\n".join(lines)

@@ -1,0 +1,342 @@
+"""``ckpt average``: the (weighted) mean of several checkpoints of one architecture, as one plan.
+
+The inputs are opened as usual (:func:`~ckptsurgeon.core.source.open_source`) and put into one
+multi-source state dict: the first input's records under their own names, input ``i``'s under
+``[input i] name`` (after the key transform ``diff`` finds, e.g. a ``module.`` prefix on one
+input, aligns its names with the first's). The plan then has one entry per tensor of that dict:
+a floating tensor of the first input carries a :func:`weighted_mean` transform whose inputs are
+that tensor in every input (the other inputs' entries are dropped as its inputs); an integer or
+bool buffer (``num_batches_tracked`` ...) is the first input's, unchanged. The plan is written
+through :func:`~ckptsurgeon.surgery.pipeline.write_checkpoint`, so the output is streamed one
+tensor at a time (each mean reads its inputs, one tensor of each file), written atomically and
+verified.
+
+The arithmetic: each floating tensor is accumulated in float32 (float64 when an input is
+float64) and cast back to the first input's dtype. Equal weights take the mean exactly as
+``torch.stack(xs).mean(0)`` does; other weights (normalised to sum 1) the sum
+``w0 * x0 + w1 * x1 + ...`` in that order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from ..core.dtypes import DTYPES
+from ..core.record import TensorRecord
+from ..core.report import format_shape, printable
+from ..core.source import Source, open_source
+from ..errors import SurgeryError
+from ..formats import ReadOptions
+from .plan import Entry, Plan
+from .transforms import Output, Transform
+
+PathLike = str | os.PathLike[str]
+
+
+def parse_weights(weights: str | Sequence[float] | None, count: int) -> tuple[float, ...] | None:
+    """The weights normalised to sum 1 (``None``: equal weights); refused unless ``count`` positive
+    finite numbers.
+
+    Example:
+        >>> parse_weights("1,1,2", 3)
+        (0.25, 0.25, 0.5)
+        >>> parse_weights([2, 2], 2) is None   # equal weights: the plain mean
+        True
+    """
+    if weights is None:
+        return None
+    if isinstance(weights, str):
+        parts = [p.strip() for p in weights.split(",")]
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise SurgeryError(
+                f"--weights {weights!r}: not a comma-separated list of numbers (e.g. 0.2,0.3,0.5)"
+            ) from None
+    else:
+        values = [float(w) for w in weights]
+    if len(values) != count:
+        raise SurgeryError(f"--weights: {len(values)} weight(s) for {count} inputs; give one per input")
+    bad = next((v for v in values if not math.isfinite(v) or v <= 0), None)
+    if bad is not None:
+        raise SurgeryError(f"--weights: {bad!r} is not a positive number; every weight must be > 0")
+    if all(v == values[0] for v in values):
+        return None
+    total = math.fsum(values)
+    return tuple(v / total for v in values)
+
+
+def accumulation_dtype(dtypes: Sequence[str]) -> str:
+    """float64 when an input is float64, else float32.
+
+    Example:
+        >>> accumulation_dtype(["bfloat16", "bfloat16"]), accumulation_dtype(["float64", "float32"])
+        ('float32', 'float64')
+    """
+    return "float64" if "float64" in dtypes else "float32"
+
+
+class Scratch:
+    """One reusable buffer per dtype for the stacked inputs of the means (grown to the largest):
+    a fresh buffer per tensor would cost a page fault per 4 KiB, as long as the copies themselves.
+
+    Example:
+        >>> Scratch().buffer("float32", (3, 2)).shape
+        torch.Size([3, 2])
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._flat: dict[str, Any] = {}
+
+    def buffer(self, dtype: str, shape: tuple[int, ...]) -> Any:
+        import torch
+
+        numel = math.prod(shape)
+        flat = self._flat.get(dtype)
+        if flat is None or flat.numel() < numel:
+            self._flat.pop(dtype, None)
+            flat = self._flat[dtype] = torch.empty(numel, dtype=getattr(torch, dtype))
+        return flat[:numel].view(shape)
+
+
+def weighted_mean(
+    tensors: Mapping[str, TensorRecord],
+    names: Sequence[str],
+    output: str,
+    weights: Sequence[float] | None,
+    scratch: Scratch | None = None,
+) -> Transform:
+    """The mean of the floating tensors ``names`` (one shape), ``weights`` (summing to 1, ``None``:
+    equal) applied in order, as ``output`` in the first one's dtype.
+
+    Accumulated in float32 (float64 when one is float64): equal weights as
+    ``torch.stack(xs).mean(0)``, others as ``w0 * x0 + w1 * x1 + ...``; then cast.
+
+    Example:
+        >>> recs = {n: TensorRecord(n, "bfloat16", (4,)) for n in ("a", "b")}
+        >>> weighted_mean(recs, ["a", "b"], "w", [0.25, 0.75]).description
+        'weighted mean in float32 (0.25, 0.75)'
+    """
+    names = tuple(names)
+    records = [tensors[n] for n in names]
+    first = records[0]
+    acc = accumulation_dtype([r.dtype for r in records])
+    shape = tuple(first.shape)
+    weights = None if weights is None else tuple(weights)
+    scratch = scratch or Scratch()
+
+    def compute(inputs: tuple[TensorRecord, ...], _index: int) -> Any:
+        import torch
+
+        dtype = getattr(torch, acc)
+        if weights is None:
+            with scratch.lock:
+                stacked = scratch.buffer(acc, (len(inputs), *shape))
+                for i, rec in enumerate(inputs):
+                    stacked[i].copy_(rec.to_torch())
+                return stacked.mean(0).to(getattr(torch, first.dtype))
+        total = inputs[0].to_torch().to(dtype) * weights[0]
+        for rec, weight in zip(inputs[1:], weights[1:], strict=True):
+            total += rec.to_torch().to(dtype) * weight
+        return total.to(getattr(torch, first.dtype))
+
+    if weights is None:
+        description = f"mean in {acc}"
+    else:
+        description = f"weighted mean in {acc} ({', '.join(f'{w:.4g}' for w in weights)})"
+    return Transform(description, names, (Output(output, first.dtype, shape),), compute)
+
+
+def input_name(index: int, name: str) -> str:
+    """The name of input ``index``'s (0-based, > 0) tensor ``name`` in the multi-source dict.
+
+    Example:
+        >>> input_name(1, "fc.weight")
+        '[input 2] fc.weight'
+    """
+    return f"[input {index + 1}] {name}"
+
+
+def aligned(
+    first: Source, other: Source, first_label: str, label: str
+) -> tuple[dict[str, TensorRecord], str]:
+    """``other``'s tensors under ``first``'s names (the key transform ``diff`` finds), and a note
+    saying how they were aligned ("" when the names already agree); a one-line SurgeryError naming
+    the first tensor whose name, shape or kind differs.
+
+    Example:
+        >>> aligned(open_source("a.pth"), open_source("b.pth"), "a.pth", "b.pth")  # doctest: +SKIP
+        ({'fc.weight': ...}, '')
+    """
+    from ..diffing.diagnosis import apply_transform, best_transform
+
+    want = first.tensors
+    have = other.tensors
+    note = ""
+    if want.keys() != have.keys():
+        shapes = {n: tuple(r.shape) for n, r in have.items()}
+        transform = best_transform(shapes, {n: tuple(r.shape) for n, r in want.items()})
+        if not transform.is_identity:
+            have, _origin = apply_transform(have, transform)
+            how = [f"strip {transform.strip!r}"] if transform.strip else []
+            how += [f"add {transform.add!r}"] if transform.add else []
+            note = f"{printable(label)}: names aligned with {printable(first_label)}'s ({', '.join(how)})"
+    for name, rec in want.items():  # the first tensor that differs, in the first input's order
+        got = have.get(name)
+        if got is None:
+            raise SurgeryError(
+                f"average: {label} has no tensor {name!r} ({first_label} has); "
+                "average checkpoints of one architecture"
+            )
+        if tuple(got.shape) != tuple(rec.shape):
+            raise SurgeryError(
+                f"average: {name!r} is {format_shape(got.shape)} in {label}, {format_shape(rec.shape)} in "
+                f"{first_label}; average checkpoints of one architecture"
+            )
+        if _floating(got.dtype) != _floating(rec.dtype):
+            raise SurgeryError(
+                f"average: {name!r} is {got.dtype} in {label}, {rec.dtype} in {first_label}; "
+                "a floating tensor cannot be averaged with an integer one"
+            )
+    extra = next((n for n in have if n not in want), None)
+    if extra is not None:
+        raise SurgeryError(
+            f"average: {label} has a tensor {extra!r} that {first_label} has not; "
+            "average checkpoints of one architecture"
+        )
+    return have, note
+
+
+def average_plan(
+    sources: Sequence[Source], labels: Sequence[str], weights: Sequence[float] | None
+) -> tuple[Source, Plan, list[str]]:
+    """The multi-source :class:`Source` (the first input's tree, the multi-source dict as its
+    weights), the plan over it, and notes (names aligned, buffers taken from the first input).
+
+    Example:
+        >>> srcs = [open_source(p) for p in ("a.pth", "b.pth")]                     # doctest: +SKIP
+        >>> source, plan, notes = average_plan(srcs, ["a.pth", "b.pth"], None)      # doctest: +SKIP
+    """
+    first = sources[0]
+    merged: dict[str, TensorRecord] = dict(first.tensors)
+    others: list[dict[str, TensorRecord]] = []
+    notes: list[str] = []
+    for index, (source, label) in enumerate(zip(sources[1:], labels[1:], strict=True), 1):
+        have, note = aligned(first, source, labels[0], label)
+        if note:
+            notes.append(note)
+        others.append(have)
+        for name, rec in have.items():
+            key = input_name(index, name)
+            if key in merged:
+                raise SurgeryError(f"average: {labels[0]} has a tensor named {key!r}; rename it first")
+            merged[key] = rec
+    entries: list[Entry] = []
+    dropped: list[Entry] = []
+    scratch = Scratch()  # shared by every mean of this plan: one stacked buffer, reused
+    kept: list[str] = []
+    for name, rec in first.tensors.items():
+        shape = tuple(rec.shape)
+        keys = [input_name(i, name) for i in range(1, len(sources))]
+        if _floating(rec.dtype):
+            transform = weighted_mean(merged, [name, *keys], name, weights, scratch)
+            entries.append(Entry(name, name, "", rec.dtype, shape, transform))
+            reason = f"averaged into {name}"
+        else:
+            kept.append(name)
+            entries.append(Entry(name, name, "", rec.dtype, shape))
+            reason = f"{rec.dtype}: {name} is taken from the first input"
+        for key in keys:
+            other = merged[key]
+            dropped.append(Entry(key, None, reason, other.dtype, tuple(other.shape)))
+    if not any(e.transform for e in entries):
+        raise SurgeryError(f"average: {labels[0]} has no floating tensor to average")
+    if kept:
+        from .pipeline import listing
+
+        notes.append(
+            f"{len(kept)} integer/bool tensor(s) taken from the first input, not averaged: {listing(kept)}"
+        )
+    how = "equal weights" if weights is None else "weights " + ", ".join(f"{w:.4g}" for w in weights)
+    plan = Plan((*entries, *dropped), (f"average {len(sources)} checkpoints ({how})",))
+    source = replace(first, weights=replace(first.weights, tensors=merged))
+    return source, plan, notes
+
+
+def average(
+    paths: Sequence[PathLike],
+    output: PathLike | None = None,
+    *,
+    weights: str | Sequence[float] | None = None,
+    keep_state: bool = False,
+    key: str | None = None,
+    to: str | None = None,
+    force: bool = False,
+    verify: bool = True,
+    dry_run: bool = False,
+    read_options: ReadOptions | None = None,
+    progress: bool | None = None,
+) -> Any:
+    """Average the weights of checkpoints of one architecture (a model soup, SWA by hand) into ``output``.
+
+    Every input must hold the same tensor names and shapes (names may differ by a wrapper
+    prefix, aligned as ``diff`` aligns them, e.g. ``module.``); else a one-line
+    :class:`~ckptsurgeon.errors.SurgeryError` names the first tensor that differs and nothing is
+    written. Floating tensors: the mean accumulated in float32 (float64 for float64 inputs), cast
+    back to the first input's dtype; ``weights`` (one positive number per input, normalised to
+    sum 1; a list or ``"0.2,0.3,0.5"``) make it a weighted mean. Integer and bool tensors
+    (``num_batches_tracked`` ...) are taken from the first input. The output has the first input's
+    names; a training checkpoint's other entries (epoch, optimizer ...) are left out unless
+    ``keep_state`` (a ``.pth`` output), which takes them from the first input. ``key`` picks the
+    weights entry of every input. Written one tensor at a time, atomically, then verified.
+
+    Example:
+        >>> import ckptsurgeon
+        >>> r = ckptsurgeon.average(["fixtures/resnet_dp_6.pth"] * 2, dry_run=True)
+        >>> r.averaged, r.taken
+        (102, 20)
+    """
+    from .operations import _need_output, gc_paused, write_options
+    from .pipeline import write_checkpoint
+    from .results import AverageResult
+
+    labels = [os.fspath(p) for p in paths]
+    if len(labels) < 2:
+        raise SurgeryError(f"average: give at least two checkpoints to average (got {len(labels)})")
+    normalised = parse_weights(weights, len(labels))
+    options = write_options(output, to, None, None, not keep_state, force, verify, progress)
+    _need_output(options, dry_run)
+    if keep_state and options is not None:
+        from .pipeline import output_kind
+
+        if not output_kind(options).holds_tree:
+            raise SurgeryError(
+                f"--keep-state keeps the first input's epoch, optimizer ...: {options.output} holds "
+                "the weights only; write a .pth output"
+            )
+    with gc_paused():
+        sources = [open_source(p, key, read_options) for p in labels]
+        source, plan, notes = average_plan(sources, labels, normalised)
+        written = None if dry_run or options is None else write_checkpoint(source, plan, options)
+    if written is not None and not keep_state:
+        written.notes = [n.replace("(--weights-only)", "(no --keep-state)") for n in written.notes]
+    return AverageResult(
+        source=labels[0],
+        weights_key=sources[0].weights.key,
+        plan=plan,
+        written=written,
+        notes=tuple(notes),
+        inputs=tuple(labels),
+        weights=normalised if normalised is not None else tuple(1 / len(labels) for _ in labels),
+    )
+
+
+def _floating(dtype: str) -> bool:
+    known = DTYPES.get(dtype)
+    return known is not None and known.is_floating
