@@ -39,6 +39,7 @@ _EXPORTS = {
     "rename": "ckptsurgeon.surgery.operations",
     "strip_head": "ckptsurgeon.surgery.operations",
     "adapt": "ckptsurgeon.surgery.operations",
+    "merge_lora": "ckptsurgeon.surgery.lora",
     "SurgeryResult": "ckptsurgeon.surgery.results",
     "AdaptResult": "ckptsurgeon.surgery.results",
     "WriteResult": "ckptsurgeon.surgery.pipeline",

@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "strip_head",
     "convert",
     "adapt",
+    "merge_lora",
     "scan",
 )
 
