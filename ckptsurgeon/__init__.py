@@ -43,6 +43,7 @@ _EXPORTS = {
     "adapt": "ckptsurgeon.surgery.operations",
     "average": "ckptsurgeon.surgery.averaging",
     "AverageResult": "ckptsurgeon.surgery.results",
+    "merge_lora": "ckptsurgeon.surgery.lora",
     "SurgeryResult": "ckptsurgeon.surgery.results",
     "AdaptResult": "ckptsurgeon.surgery.results",
     "WriteResult": "ckptsurgeon.surgery.pipeline",

@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "convert",
     "adapt",
     "average",
+    "merge_lora",
     "scan",
 )
 

@@ -1,4 +1,4 @@
-"""What every writing command (convert, rename, strip-head, adapt) shares: options, call, printing.
+"""What the writing commands (convert, rename, strip-head, adapt, merge-lora) share: options, call, output.
 
 ``rename``, ``strip-head`` and ``adapt`` are the same few lines over their library function
 (:mod:`ckptsurgeon.surgery.operations`): :func:`run` calls it with the parsed flags and prints the result

@@ -6,6 +6,7 @@ the target it updates, for which base model, and how to use it (the folder itsel
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -68,7 +69,11 @@ def adapter_explanation(
         + (f", and store {len(whole)} whole ({_names(whole)})" if whole else "")
         + ". Load the base model's weights, then the adapter with peft "
         f"(PeftModel.from_pretrained(model, {str(ckpt.path)!r})), or merge it into the base weights "
-        "(peft's merge_and_unload(); a `ckpt merge-lora` command is planned)."
+        + (
+            f"(ckpt merge-lora BASE {shlex.quote(str(ckpt.path))} -o OUT, as peft's merge_and_unload())."
+            if name == "LoRA"
+            else "(peft's merge_and_unload())."
+        )
     )
     message = (
         f"As saved: {loadable} of {total} would load: the file holds an adapter's tensors, "
