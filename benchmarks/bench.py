@@ -47,7 +47,7 @@ class Op:
     name: str
     ours: list[str]
     baseline: list[str] | None
-    target: str  # "help" | "instant" | "listing" | "stream" | "cast" | "average" | "meta" | "many"
+    target: str  # "help" | "instant" | "listing" | "stream" | "cast" | "average" | "values" | "meta" | "many"
     cp_src: Path | None = None
     outputs: tuple[Path, Path] | None = None  # (ours, baseline) to compare
     startup: list[str] | None = None  # "many": the same command on a one-tensor file
@@ -149,7 +149,7 @@ def run_op(op: Op, repeat: int, with_baseline: bool) -> Row:
     """Measure one operation: ours, baseline and cp alternately, ``repeat`` times each."""
     ours, base, cp, cp_sync, startup = Sample(), Sample(), Sample(), Sample(), Sample()
     same = "-"
-    ok = (0, 1) if op.target == "meta" else (0,)
+    ok = (0, 1) if op.target in ("meta", "values") else (0,)  # a diff exits 1 on a difference
     ours_out, base_out = op.outputs if op.outputs else (None, None)
     warm = op.cp_src
     for i in range(repeat):
@@ -216,7 +216,7 @@ def generate(work: Path, size: int, many: int, names: set[str]) -> Files:
         synth.write_pth(f.st, f.pth)
     if "inspect-sharded" in names:
         synth.write_shards(f.shards, shapes, max(size // 4, 1))
-    if "average" in names:  # model.pth and two more of the same shapes, other values
+    if names & {"average", "diff-values"}:  # model.pth and two more of the same shapes, other values
         f.soup = (f.pth, work / "model-2.pth", work / "model-3.pth")
         for seed, path in enumerate(f.soup[1:], 2):
             tmp = path.with_suffix(".safetensors")
@@ -329,6 +329,13 @@ def operations(f: Files) -> list[Op]:
         ),
         Op("diff", [*ckpt, "diff", str(f.pth), spec], [*py, recipes.DIFF, str(f.pth), "-", *build], "meta"),
         Op(
+            "diff-values",
+            [*ckpt, "diff", "--values", *map(str, f.soup[:2]), "--format", "json"],
+            [*py, recipes.VALUES, *map(str, f.soup[:2])],
+            "values",
+            f.pth,
+        ),
+        Op(
             "many-convert",
             [*ckpt, "convert", str(f.many), "-o", str(o_st)],
             [*py, recipes.PTH_TO_SAFETENSORS, str(f.many), str(b_st)],
@@ -359,6 +366,7 @@ NEEDS_PTH = {
     "strip-head",
     "adapt",
     "average",
+    "diff-values",
     "diff",
 }
 OP_NAMES = (
@@ -376,6 +384,7 @@ OP_NAMES = (
     "adapt",
     "average",
     "diff",
+    "diff-values",
     "many-convert",
     "many-rename",
 )

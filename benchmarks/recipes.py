@@ -72,6 +72,16 @@ out = {k: torch.stack([sd[k] for sd in sds]).mean(0) if v.is_floating_point() el
 torch.save(out, sys.argv[-1])
 """
 
+VALUES = """
+import sys, torch
+a, b = (torch.load(p, weights_only=True) for p in sys.argv[1:3])
+for k, x in a.items():
+    x, y = x.double(), b[k].double()
+    d = (x - y).abs().max().item(), ((x - y).norm() / x.norm()).item()
+    c = torch.nn.functional.cosine_similarity(x.flatten(), y.flatten(), dim=0).item()
+    print(k, *d, c, torch.equal(a[k], b[k]))
+"""
+
 _BUILD = """
 import sys, torch
 sys.path.insert(0, sys.argv[3])
