@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import os
 import shutil
 import statistics
@@ -194,6 +195,7 @@ class Files:
     one: Path
     models: Path
     soup: tuple[Path, ...] = ()
+    lora: Path | None = None
 
 
 def generate(work: Path, size: int, many: int, names: set[str]) -> Files:
@@ -216,6 +218,20 @@ def generate(work: Path, size: int, many: int, names: set[str]) -> Files:
         synth.write_pth(f.st, f.pth)
     if "inspect-sharded" in names:
         synth.write_shards(f.shards, shapes, max(size // 4, 1))
+    if "merge-lora" in names:  # a rank-8 LoRA adapter on every q and v projection of model.safetensors
+        f.lora = work / "lora"
+        f.lora.mkdir()
+        config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q", "v"], "bias": "none"}
+        (f.lora / "adapter_config.json").write_text(json.dumps(config))
+        factors = []
+        for i in range(f.arch.layers):
+            for q in ("q", "v"):
+                stem = f"base_model.model.layers.{i}.attn.{q}"
+                factors += [
+                    (f"{stem}.lora_A.weight", (8, f.arch.dim)),
+                    (f"{stem}.lora_B.weight", (f.arch.dim, 8)),
+                ]
+        synth.write_safetensors(f.lora / "adapter_model.safetensors", factors, seed=7)
     if names & {"average", "diff-values"}:  # model.pth and two more of the same shapes, other values
         f.soup = (f.pth, work / "model-2.pth", work / "model-3.pth")
         for seed, path in enumerate(f.soup[1:], 2):
@@ -329,6 +345,14 @@ def operations(f: Files) -> list[Op]:
         ),
         Op("diff", [*ckpt, "diff", str(f.pth), spec], [*py, recipes.DIFF, str(f.pth), "-", *build], "meta"),
         Op(
+            "merge-lora",
+            [*ckpt, "merge-lora", str(f.st), str(f.lora), "-o", str(o_st)],
+            [*py, recipes.MERGE_LORA, str(f.st), str(f.lora), str(b_st)],
+            "values",
+            f.st,
+            (o_st, b_st),
+        ),
+        Op(
             "diff-values",
             [*ckpt, "diff", "--values", *map(str, f.soup[:2]), "--format", "json"],
             [*py, recipes.VALUES, *map(str, f.soup[:2])],
@@ -384,6 +408,7 @@ OP_NAMES = (
     "adapt",
     "average",
     "diff",
+    "merge-lora",
     "diff-values",
     "many-convert",
     "many-rename",

@@ -82,6 +82,19 @@ for k, x in a.items():
     print(k, *d, c, torch.equal(a[k], b[k]))
 """
 
+MERGE_LORA = """
+import json, sys, torch
+from safetensors.torch import load_file, save_file
+base, adapter = load_file(sys.argv[1]), load_file(sys.argv[2] + "/adapter_model.safetensors")
+config = json.load(open(sys.argv[2] + "/adapter_config.json"))
+scale = config["lora_alpha"] / config["r"]
+for a_name in [k for k in adapter if k.endswith(".lora_A.weight")]:
+    w = "module." + a_name.removeprefix("base_model.model.").removesuffix(".lora_A.weight") + ".weight"
+    delta = adapter[a_name.replace("lora_A", "lora_B")].float() @ adapter[a_name].float()
+    base[w] = (base[w].float() + delta * scale).to(base[w].dtype)
+save_file(base, sys.argv[3])
+"""
+
 _BUILD = """
 import sys, torch
 sys.path.insert(0, sys.argv[3])

@@ -77,7 +77,7 @@ def check(row: Row) -> tuple[str, bool]:
         base = row.base.mib if row.base is not None else None
         ok = base is None or mib < base
         return "less memory than the recipe" + unchecked, ok
-    if row.target == "values":  # one pair of tensors at a time, not both files
+    if row.target == "values":  # a few tensors at a time (diff --values, merge-lora), not whole files
         base = row.base.mib if row.base is not None else None
         ok = base is None or mib < base
         return "less memory than the recipe" + unchecked, ok

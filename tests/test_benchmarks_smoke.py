@@ -51,6 +51,7 @@ def test_bench_prints_every_operation(tmp_path: Path) -> None:
         "strip-head",
         "adapt",
         "average",
+        "merge-lora",
         "many-rename",
     ):
         assert "tensors equal" in rows[name], rows[name]
