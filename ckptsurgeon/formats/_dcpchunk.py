@@ -21,7 +21,7 @@ from ..core.record import Storage, TensorRecord
 from ..errors import FormatError
 from ..fileio.spans import expect_crc, file_identity
 from . import archive_prefix
-from ._torchpickle import StorageSlot, TorchResolver, check_tree, storage_dtype, storage_key, unpickle
+from ._torchpickle import StorageSlot, TorchResolver, check_tree, unpickle, zip_storage_slot
 from .zipio import name_problem, zipfile_end_record
 
 _LOCAL_START = struct.Struct("<4s22xHH")
@@ -159,24 +159,7 @@ class _ChunkStorages:
         self.problems: dict[int, str] = {}
 
     def slot(self, pid: tuple) -> StorageSlot:
-        from ..core.bounds import bounded_repr
-        from ..pickling.pickles import PickleError
-        from ..pickling.safety import GlobalRef
-
-        if (
-            len(pid) < 5
-            or not isinstance(pid[1], GlobalRef)
-            or pid[1].extra is None
-            or type(pid[4]) is not int
-        ):
-            raise PickleError(f"malformed pickle (storage id {bounded_repr(pid, 60)})")
-        key, location, numel = storage_key(pid[2]), storage_key(pid[3], "storage location"), pid[4]
-        if numel < 0:
-            raise PickleError(f"malformed pickle (storage {key} has size {numel})")
-        found = self.slots.get(key)
-        if found is None:
-            found = self.slots[key] = StorageSlot(key, storage_dtype(pid[1]), numel, location, self._open)
-        return found
+        return zip_storage_slot(self.slots, pid, self._open)
 
     def _open(self, slot: StorageSlot, dtype: str) -> Storage:
         name = self.prefix + "data/" + slot.key

@@ -146,6 +146,29 @@ def storage_key(value: Any, what: str = "storage key") -> str:
     raise PickleError(f"malformed pickle (a {what} {bounded_repr(value, 40)} that is not a string)")
 
 
+def zip_storage_slot(
+    slots: dict[str, StorageSlot], pid: tuple, open_storage: Callable[[StorageSlot, str], Storage]
+) -> StorageSlot:
+    """The slot a torch zip's persistent id ``('storage', StorageClass, key, location, numel)``
+    names, made once per key in ``slots``; a malformed id raises :class:`PickleError`. The zip
+    reader and a DCP chunk (a ``torch.save`` archive) share it; legacy files have views too.
+
+    Example:
+        >>> cls = GlobalRef("torch", "FloatStorage", extra="float32")
+        >>> zip_storage_slot({}, ("storage", cls, "0", "cpu", 4), lambda slot, dtype: None).nbytes
+        16
+    """
+    if len(pid) < 5 or not isinstance(pid[1], GlobalRef) or pid[1].extra is None:
+        raise PickleError(f"malformed pickle (storage id {bounded_repr(pid, 60)})")
+    key, location, numel = storage_key(pid[2]), storage_key(pid[3], "storage location"), pid[4]
+    if type(numel) is not int or numel < 0:
+        raise PickleError(f"malformed pickle (storage {key} has size {bounded_repr(numel, 40)})")
+    found = slots.get(key)
+    if found is None:
+        found = slots[key] = StorageSlot(key, storage_dtype(pid[1]), numel, location, open_storage)
+    return found
+
+
 def _dtype_of(ref: Any) -> str:
     if not isinstance(ref, GlobalRef) or ref.extra is None:
         raise PickleError(f"malformed pickle (expected a torch dtype, got {bounded_repr(ref, 40)})")

@@ -20,13 +20,10 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..core.bounds import bounded_repr
 from ..core.record import Storage
 from ..errors import FormatError
 from ..fileio.progress import Bar, progress_bar
 from ..fileio.spans import CHUNK_SIZE, expect_crc, file_identity
-from ..pickling.pickles import PickleError
-from ..pickling.safety import GlobalRef
 from . import archive_prefix
 from ._fulltrust import read_unsafe
 from ._torchpickle import (
@@ -34,9 +31,8 @@ from ._torchpickle import (
     TorchResolver,
     check_tree,
     locations_note,
-    storage_dtype,
-    storage_key,
     unpickle,
+    zip_storage_slot,
 )
 from .zipio import check_names, open_checked, read_directory, read_stored
 
@@ -238,16 +234,7 @@ class _ZipStorages:
             self.headers.close()
 
     def slot(self, pid: tuple) -> StorageSlot:
-        if len(pid) < 5 or not isinstance(pid[1], GlobalRef) or pid[1].extra is None:
-            raise PickleError(f"malformed pickle (storage id {bounded_repr(pid, 60)})")
-        key, location, numel = storage_key(pid[2]), storage_key(pid[3], "storage location"), pid[4]
-        if type(numel) is not int or numel < 0:
-            raise PickleError(f"malformed pickle (storage {key} has size {bounded_repr(numel, 40)})")
-        found = self.slots.get(key)
-        if found is None:
-            dtype = storage_dtype(pid[1])
-            found = self.slots[key] = StorageSlot(key, dtype, numel, location, self._open)
-        return found
+        return zip_storage_slot(self.slots, pid, self._open)
 
     def _open(self, slot: StorageSlot, dtype: str) -> Storage:
         key = "data/" + slot.key
