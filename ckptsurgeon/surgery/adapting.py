@@ -138,12 +138,41 @@ def _labels(names: tuple[str, ...], verbose: bool) -> list[str]:
 
 
 # -- the plan ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reshaping:
+    """Which shape-changing transforms an adaptation applies, as one value through ``adapt``,
+    ``load_into`` and their planning: position tables resampled and the input conv adapted (on by
+    default, as timm does), and ``resizing`` (a vocabulary or chosen classes, only when asked).
+
+    Example:
+        >>> Reshaping.asked(resize_vocab=True, new_rows="zeros").resizing
+        Resizing(new_rows='zeros', keep_classes=None)
+    """
+
+    resample_pos_embed: bool = True
+    adapt_input_conv: bool = True
+    resizing: Resizing | None = None
+
+    @classmethod
+    def asked(
+        cls,
+        *,
+        resize_vocab: bool = False,
+        new_rows: str = "mean",
+        keep_classes: str | Sequence[int] | None = None,
+        resample_pos_embed: bool = True,
+        adapt_input_conv: bool = True,
+    ) -> Reshaping:
+        """The choices ``adapt``'s and ``load_into``'s keyword arguments make (checked here)."""
+        from .resize import resizing
+
+        return cls(resample_pos_embed, adapt_input_conv, resizing(resize_vocab, new_rows, keep_classes))
+
+
 def adapt_plan(
     tensors: Mapping[str, TensorRecord],
     diagnosis: Diagnosis,
-    *,
-    resample_pos_embed: bool = True,
-    adapt_input_conv: bool = True,
+    reshaping: Reshaping = Reshaping(),
 ) -> Plan:
     """The plan that applies a diagnosis: rename what fits, drop misfits and what has no place.
 
@@ -161,7 +190,11 @@ def adapt_plan(
         {'fc.weight': None, 'conv.weight': 'module.conv.weight'}
     """
     misfits = {m.file_name: m for m in diagnosis.after.shape_mismatched}
-    fixes = applied_fixes(diagnosis, resample_pos_embed=resample_pos_embed, adapt_input_conv=adapt_input_conv)
+    fixes = applied_fixes(
+        diagnosis,
+        resample_pos_embed=reshaping.resample_pos_embed,
+        adapt_input_conv=reshaping.adapt_input_conv,
+    )
     fixed = {f.mismatch.file_name: f.mismatch.name for f in fixes}
     drops: dict[str, str] = {}
     for name in tensors:
@@ -331,18 +364,15 @@ def plan_adaptation(
     min_coverage: float = DEFAULT_MIN_COVERAGE,
     key: str | None = None,
     target_spec: str | None = None,
-    resizing: Resizing | None = None,
-    resample_pos_embed: bool = True,
-    adapt_input_conv: bool = True,
+    reshaping: Reshaping = Reshaping(),
 ) -> Adaptation:
     """Plan the adaptation of ``records`` to ``target`` and decide on coverage: what ``ckpt adapt``
     writes and ``load_into`` copies, decided in one place.
 
     ``source`` labels the file in messages; ``key`` and ``target_spec`` go into the suggested
-    commands. ``resizing`` (:class:`~ckptsurgeon.surgery.resize.Resizing`, only when asked) keeps
-    the trained rows of a resized vocabulary or chosen classes of the head instead of dropping them.
-    ``resample_pos_embed`` / ``adapt_input_conv`` (on by default) keep a position table on another
-    grid / the first conv with other input channels (:func:`adapt_plan`).
+    commands. ``reshaping`` (:class:`Reshaping`) says which misfits a transform keeps instead of
+    dropping them: a position table on another grid and the first conv with other input channels
+    (by default), a resized vocabulary or chosen classes of the head (only when asked).
 
     Example:
         >>> from ..diffing.target import target_from_records
@@ -358,11 +388,9 @@ def plan_adaptation(
     result = diff(
         records, target, key=key, source_label=source, target_label=target_spec, min_coverage=min_coverage
     )
-    plan = adapt_plan(
-        records, result.diagnosis, resample_pos_embed=resample_pos_embed, adapt_input_conv=adapt_input_conv
-    )
-    if resizing is not None:
-        plan = resizing.apply(plan, records, result.diagnosis, target.tied)
+    plan = adapt_plan(records, result.diagnosis, reshaping)
+    if reshaping.resizing is not None:
+        plan = reshaping.resizing.apply(plan, records, result.diagnosis, target.tied)
     output = plan.apply(records)
     report = fit_report(output, target, plan, source, result.diagnosis)
     return Adaptation(result, plan, output, report, min_coverage)
@@ -380,9 +408,7 @@ def checked_adaptation(
     min_coverage: float = DEFAULT_MIN_COVERAGE,
     key: str | None = None,
     target_spec: str | None = None,
-    resizing: Resizing | None = None,
-    resample_pos_embed: bool = True,
-    adapt_input_conv: bool = True,
+    reshaping: Reshaping = Reshaping(),
 ) -> tuple[Adaptation, str | None]:
     """The adapt sequence ``ckpt adapt`` and ``load_into`` both run: :func:`plan_adaptation`, the
     shape check (``strict_shapes``: a misfit raises), and the one coverage decision, whose
@@ -404,9 +430,7 @@ def checked_adaptation(
         min_coverage=min_coverage,
         key=key,
         target_spec=target_spec,
-        resizing=resizing,
-        resample_pos_embed=resample_pos_embed,
-        adapt_input_conv=adapt_input_conv,
+        reshaping=reshaping,
     )
     _check_shapes(adaptation.report, strict_shapes)
     alarm = adaptation.refusal(outcome, option)
@@ -459,9 +483,14 @@ def load_into(
     """
     from ..diffing.result import source_records
     from ..diffing.target import target_from_module
-    from .resize import resizing
 
-    asked = resizing(resize_vocab, new_rows, keep_classes)
+    reshaping = Reshaping.asked(
+        resize_vocab=resize_vocab,
+        new_rows=new_rows,
+        keep_classes=keep_classes,
+        resample_pos_embed=resample_pos_embed,
+        adapt_input_conv=adapt_input_conv,
+    )
     found = source_records(path_or_state_dict, key, read_options, mapping_label="state dict")
     if found is None:
         kind = type(path_or_state_dict).__name__
@@ -475,9 +504,7 @@ def load_into(
         option="min_coverage=",
         strict_shapes=strict_shapes,
         min_coverage=min_coverage,
-        resizing=asked,
-        resample_pos_embed=resample_pos_embed,
-        adapt_input_conv=adapt_input_conv,
+        reshaping=reshaping,
     )
     _copy_into(model, adaptation.output, adaptation.report.loaded)
     return adaptation.report

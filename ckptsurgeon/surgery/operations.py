@@ -210,10 +210,15 @@ def adapt(
         ('120 of 122 target tensors load (98.3%)', ('fc.weight', 'fc.bias'))
     """
     from ..diffing.target import resolve_target
-    from .adapting import checked_adaptation
-    from .resize import resizing
+    from .adapting import Reshaping, checked_adaptation
 
-    asked = resizing(resize_vocab, new_rows, keep_classes)
+    reshaping = Reshaping.asked(
+        resize_vocab=resize_vocab,
+        new_rows=new_rows,
+        keep_classes=keep_classes,
+        resample_pos_embed=resample_pos_embed,
+        adapt_input_conv=adapt_input_conv,
+    )
     options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress)
     _need_output(options, dry_run)
     resolved = resolve_target(target, _target_options(read_options), target_key)
@@ -229,9 +234,7 @@ def adapt(
             min_coverage=min_coverage,
             key=key,
             target_spec=target,
-            resizing=asked,
-            resample_pos_embed=resample_pos_embed,
-            adapt_input_conv=adapt_input_conv,
+            reshaping=reshaping,
         )
         plan = adaptation.plan if dtype is None else adaptation.plan.with_cast(source.tensors, dtype)
         notes = optimizer_notes(source, plan, options)
