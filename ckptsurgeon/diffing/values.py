@@ -320,18 +320,14 @@ def measure(
         >>> m.status, m.max_abs, m.rel_l2, m.bit_equal
         ('same-values', 0.0, 0.0, False)
     """
-    import torch
-
     bit_equal = a.dtype == b.dtype and _same_bytes(a, b)
-    a64, b64 = _as_float64(a), _as_float64(b)
-    nan_a = int(torch.isnan(a64).sum())
-    nan_b = int(torch.isnan(b64).sum())
-    delta = a64 - b64
-    delta[a64 == b64] = 0  # the same infinity on both sides is no difference
-    norm_a = float(torch.linalg.vector_norm(a64)) if a64.numel() else 0.0
-    norm_b = float(torch.linalg.vector_norm(b64)) if b64.numel() else 0.0
-    norm_d = float(torch.linalg.vector_norm(delta)) if delta.numel() else 0.0
-    max_abs = float(delta.abs().max()) if delta.numel() else 0.0
+    sums = _Sums()
+    flat_a, flat_b = a.contiguous().reshape(-1), b.contiguous().reshape(-1)
+    for start in range(0, flat_a.numel(), PIECE):  # float64 copies of one piece at a time, not the tensor
+        sums.add(flat_a[start : start + PIECE], flat_b[start : start + PIECE], atol, rtol)
+    nan_a, nan_b = sums.nan_a, sums.nan_b
+    norm_a, norm_b, norm_d = math.sqrt(sums.sq_a), math.sqrt(sums.sq_b), math.sqrt(sums.sq_d)
+    max_abs = sums.max_abs
     if nan_a or nan_b:
         max_abs = norm_d = math.nan
     if norm_a == 0:
@@ -342,12 +338,10 @@ def measure(
     if nan_a or nan_b:
         cosine = math.nan
     elif norm_a > 0 and norm_b > 0:
-        dot = float(torch.dot(a64.reshape(-1), b64.reshape(-1)))
-        cosine = max(-1.0, min(1.0, dot / (norm_a * norm_b)))
+        cosine = max(-1.0, min(1.0, sums.dot / (norm_a * norm_b)))
     within = None
     if atol is not None or rtol is not None:
-        within = bool(torch.allclose(b64, a64, rtol=rtol or 0.0, atol=atol or 0.0, equal_nan=False))
-    del a64, b64, delta
+        within = sums.within and not (nan_a or nan_b)
     return TensorValues(
         name=name,
         other=other,
@@ -363,6 +357,36 @@ def measure(
         nan_b=nan_b,
         within=within,
     )
+
+
+# Elements measured at a time: their float64 copies (a, b and the difference) take 96 MiB, whatever
+# the tensor's size (a 400 MiB embedding held four float64 copies of itself, 3 GiB, before).
+PIECE = 1 << 22
+
+
+class _Sums:
+    """What :func:`measure` needs of a pair, summed piece by piece in float64."""
+
+    def __init__(self) -> None:
+        self.nan_a = self.nan_b = 0
+        self.sq_a = self.sq_b = self.sq_d = self.dot = self.max_abs = 0.0
+        self.within = True
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, atol: float | None, rtol: float | None) -> None:
+        import torch
+
+        a64, b64 = _as_float64(a), _as_float64(b)
+        self.nan_a += int(torch.isnan(a64).sum())
+        self.nan_b += int(torch.isnan(b64).sum())
+        delta = a64 - b64
+        delta[a64 == b64] = 0  # the same infinity on both sides is no difference
+        self.sq_a += float(torch.sum(a64 * a64))
+        self.sq_b += float(torch.sum(b64 * b64))
+        self.sq_d += float(torch.sum(delta * delta))
+        self.max_abs = max(self.max_abs, float(delta.abs().max()))
+        self.dot += float(torch.dot(a64.reshape(-1), b64.reshape(-1)))
+        if (atol is not None or rtol is not None) and self.within:
+            self.within = bool(torch.allclose(b64, a64, rtol=rtol or 0.0, atol=atol or 0.0, equal_nan=False))
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
