@@ -277,3 +277,30 @@ def test_means_in_pieces_are_the_whole_tensor_means(
                 total += sd[name].float() * (w / sum(parts))
             want = total.to(first.dtype)
         assert _bits_equal(got[name], want), name
+
+
+def test_dtype_casts_each_mean_once_and_shards(tmp_path: Path) -> None:
+    paths = _inputs(tmp_path, torch.float32)
+    out = tmp_path / "soup"
+    result = run_cli("average", *paths, "-o", out, "--dtype", "bf16", "--max-shard-size", "300B")
+    assert result.exit_code == 0, result.stderr
+    got: dict[str, torch.Tensor] = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        got |= load_file(shard)
+    assert len(list(out.glob("*.safetensors"))) > 1
+    sds = [torch.load(p, weights_only=True) for p in paths]
+    for name in _floats(sds[0]):
+        want = torch.stack([sd[name] for sd in sds]).mean(0).to(torch.bfloat16)
+        assert _bits_equal(got[name], want), name
+    assert got["bn.num_batches_tracked"].dtype == torch.int64
+
+
+def test_bf16_inputs_to_fp32_skip_the_bf16_rounding(tmp_path: Path) -> None:
+    paths = _inputs(tmp_path, torch.bfloat16, n=2)
+    out = tmp_path / "soup.safetensors"
+    ckptsurgeon.average(paths, out, dtype="fp32")
+    got = load_file(out)
+    sds = [torch.load(p, weights_only=True) for p in paths]
+    for name in _floats(sds[0]):
+        want = torch.stack([sd[name].float() for sd in sds]).mean(0)
+        assert _bits_equal(got[name], want), name

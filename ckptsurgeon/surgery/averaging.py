@@ -229,7 +229,7 @@ class WeightedMean(Transform):
     def cast_to(self, target: str) -> Transform | None:
         """The mean cast once from the accumulation dtype to ``target`` (not through the inputs')."""
         out = self.outputs[0]
-        return _mean_transform(self, Output(out.name, target, out.shape))
+        return self if out.dtype == target else _mean_transform(self, Output(out.name, target, out.shape))
 
 
 def weighted_mean(
@@ -430,6 +430,8 @@ def average(
     keep_state: bool = False,
     key: str | None = None,
     to: str | None = None,
+    dtype: str | None = None,
+    max_shard_size: int | str | None = None,
     force: bool = False,
     verify: bool = True,
     dry_run: bool = False,
@@ -447,7 +449,9 @@ def average(
     (``num_batches_tracked`` ...) are taken from the first input. The output has the first input's
     names; a training checkpoint's other entries (epoch, optimizer ...) are left out unless
     ``keep_state`` (a ``.pth`` output), which takes them from the first input. ``key`` picks the
-    weights entry of every input. Written one tensor at a time, atomically, then verified.
+    weights entry of every input. ``dtype`` (bf16, fp16, fp32) writes the floating tensors in that
+    dtype (each mean cast once from its accumulation dtype); ``to`` and ``max_shard_size`` (a folder
+    of shards) as for ``convert``. Written a piece of a tensor at a time, atomically, then verified.
 
     Example:
         >>> import ckptsurgeon
@@ -463,7 +467,7 @@ def average(
     if len(labels) < 2:
         raise SurgeryError(f"average: give at least two checkpoints to average (got {len(labels)})")
     normalised = parse_weights(weights, len(labels))
-    options = write_options(output, to, None, None, not keep_state, force, verify, progress)
+    options = write_options(output, to, None, max_shard_size, not keep_state, force, verify, progress)
     _need_output(options, dry_run)
     if keep_state and options is not None:
         from .pipeline import output_kind
@@ -476,6 +480,8 @@ def average(
     with gc_paused():
         sources = [open_source(p, key, read_options) for p in labels]
         source, plan, notes = average_plan(sources, labels, normalised)
+        if dtype is not None:  # each mean cast once from its accumulation dtype (WeightedMean.cast_to)
+            plan = plan.with_cast(source.tensors, dtype)
         written = None if dry_run or options is None else write_checkpoint(source, plan, options)
     if written is not None and not keep_state:
         written.notes = [n.replace("(--weights-only)", "(no --keep-state)") for n in written.notes]
