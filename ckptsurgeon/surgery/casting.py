@@ -133,7 +133,7 @@ class CastReader:
         step = CAST_PIECE // self.source_size
         for elem in range(first, stop, step):
             count = min(step, stop - elem)
-            _convert(dest[elem - first : elem - first + count], self.source_elements(elem, count))
+            serial_copy(dest[elem - first : elem - first + count], self.source_elements(elem, count))
         skip = start - first * size
         # the bytearray itself, not a copy of up to 1 MiB per read; every reader of a storage's
         # bytes (write, crc32, frombuffer) takes either, but Storage.reader promises bytes
@@ -186,8 +186,16 @@ _SERIAL_ELEMENTS = 1 << 15
 _LOCAL = threading.local()
 
 
-def _convert(dest: Any, source: Any) -> None:
-    """``dest.copy_(source)`` (torch's rounding, as ``Tensor.to``) in serial slices."""
+def serial_copy(dest: Any, source: Any) -> None:
+    """``dest.copy_(source)`` (torch's rounding, as ``Tensor.to``) in slices torch copies on one thread.
+
+    Example:
+        >>> import torch
+        >>> dest = torch.empty(3, dtype=torch.bfloat16)
+        >>> serial_copy(dest, torch.tensor([1.0, 2.0, 3.0]))
+        >>> dest.tolist()
+        [1.0, 2.0, 3.0]
+    """
     for at in range(0, source.numel(), _SERIAL_ELEMENTS):
         dest[at : at + _SERIAL_ELEMENTS].copy_(source[at : at + _SERIAL_ELEMENTS])
 
