@@ -49,7 +49,7 @@ _UNMERGEABLE_FLAGS = {
     "use_dora": "DoRA (use_dora) rescales each weight by a learned magnitude",
     "lora_bias": "lora_bias trains a bias in lora_B",
     "use_qalora": "QALoRA (use_qalora) pools the input",
-    "ensure_weight_tying": "ensure_weight_tying keeps a tied head and embedding adapted as one (untested here)",
+    "ensure_weight_tying": "ensure_weight_tying adapts a tied head and its embedding as one",
 }
 _UNMERGEABLE_LISTS = {
     "layer_replication": "layer_replication shares layers the base holds once",
