@@ -304,3 +304,35 @@ def test_bf16_inputs_to_fp32_skip_the_bf16_rounding(tmp_path: Path) -> None:
     for name in _floats(sds[0]):
         want = torch.stack([sd[name].float() for sd in sds]).mean(0)
         assert _bits_equal(got[name], want), name
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_tied_tensors_stay_tied(tmp_path: Path, suffix: str) -> None:
+    paths = []
+    for i in range(2):
+        gen = torch.Generator().manual_seed(i)
+        emb = torch.randn(7, 5, generator=gen)
+        path = tmp_path / f"tied{i}.pth"
+        torch.save(
+            {"wte.weight": emb, "lm_head.weight": emb, "ln.weight": torch.randn(5, generator=gen)}, path
+        )
+        paths.append(path)
+    out = tmp_path / f"soup{suffix}"
+    result = ckptsurgeon.average(paths, out)
+    assert result.written is not None and result.written.verified
+    sds = [torch.load(p, weights_only=True) for p in paths]
+    want = torch.stack([sd["wte.weight"] for sd in sds]).mean(0)
+    if suffix == ".pth":
+        got = torch.load(out, weights_only=True)
+        assert (
+            got["wte.weight"].untyped_storage().data_ptr()
+            == got["lm_head.weight"].untyped_storage().data_ptr()
+        )
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(out), "pt") as fh:
+            assert len(list(fh.keys())) == 2  # the tie written once, its alias in the metadata
+        got = ckptsurgeon.open_checkpoint(out).weights("").tensors
+        got = {k: r.to_torch() for k, r in got.items()}
+    assert _bits_equal(got["wte.weight"], want) and _bits_equal(got["lm_head.weight"], want)

@@ -237,8 +237,13 @@ class WeightedMean(Transform):
         if len(ranged) != len(inputs):
             return super().records(inputs, shared)
         out = self.outputs[0]
-        reader = MeanReader(tuple(ranged), self.weights, self.accumulate, out.dtype, self.scratch)
-        storage = Storage(f"mean {out.name}", out.dtype, out.nbytes, reader=reader)
+        # tied tensors (the same span of the same storage in every input) share one mean storage,
+        # so the output stores them tied too, and the mean is computed once
+        key = ("mean", self.accumulate, self.weights, out.dtype, tuple(_span_key(rec) for rec in inputs))
+        storage = shared.get(key)
+        if storage is None:
+            reader = MeanReader(tuple(ranged), self.weights, self.accumulate, out.dtype, self.scratch)
+            storage = shared[key] = Storage(f"mean {out.name}", out.dtype, out.nbytes, reader=reader)
         return [TensorRecord(out.name, out.dtype, out.shape, storage)]
 
     def renamed(self, names: Mapping[str, str]) -> Transform:
@@ -314,6 +319,16 @@ def _mean_transform(like: WeightedMean, output: Output) -> WeightedMean:
 
 def _unused(inputs: tuple[TensorRecord, ...], index: int) -> Any:
     raise NotImplementedError  # a shell's compute: _mean_transform gives the real one
+
+
+def _span_key(rec: TensorRecord) -> Any:
+    """What identifies ``rec``'s elements: its storage (a file span, else the object), where in it,
+    and its shape."""
+    storage = rec.storage
+    if storage is None:  # not a ranged record: nothing shared
+        return id(rec)
+    where: Any = (str(storage.path), storage.offset, storage.nbytes) if storage.path else id(storage)
+    return (where, rec.storage_offset, tuple(rec.shape), rec.dtype)
 
 
 def _ranged(rec: TensorRecord) -> bool:
