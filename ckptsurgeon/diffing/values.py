@@ -331,7 +331,7 @@ def _ranged_pieces(rec: TensorRecord, storage: Storage) -> Iterator[torch.Tensor
     the archive's CRC-32 of a storage read whole)."""
     import torch
 
-    from ..surgery.casting import CAST_PIECE, CastReader
+    from ..surgery.casting import CAST_PIECE, CastReader, serial_copy
 
     reader = CastReader(storage, rec.dtype)
     dtype = getattr(torch, rec.dtype)
@@ -342,7 +342,7 @@ def _ranged_pieces(rec: TensorRecord, storage: Storage) -> Iterator[torch.Tensor
         piece = torch.empty(count, dtype=dtype)
         for at in range(0, count, step):
             part = min(step, count - at)
-            piece[at : at + part].copy_(reader.source_elements(rec.storage_offset + start + at, part))
+            serial_copy(piece[at : at + part], reader.source_elements(rec.storage_offset + start + at, part))
         yield piece
 
 
