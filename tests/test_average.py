@@ -219,3 +219,120 @@ def test_dry_run_json_and_fixture(tmp_path: Path) -> None:
     ckptsurgeon.average([fixture, fixture], out)
     got, want = load_file(out), torch.load(fixture, weights_only=True)
     assert all(_bits_equal(got[k], want[k].contiguous()) for k in want)
+
+
+def _odd_inputs(tmp_path: Path, n: int, suffix: str) -> list[Path]:
+    """``n`` inputs whose tensors span several pieces of a mean, with sizes no piece divides."""
+    from safetensors.torch import save_file
+
+    paths = []
+    for i in range(n):
+        gen = torch.Generator().manual_seed(10 + i)
+        sd = {
+            "wide": torch.randn(301, 333, generator=gen) * torch.logspace(-3, 3, 333),
+            "odd": torch.randn(300_007, generator=gen),
+            "scalar": torch.randn((), generator=gen),
+            "half": torch.randn(70_001, generator=gen).bfloat16(),
+            "zeros": -torch.zeros(1000),  # -0.0 everywhere: torch's sum starts from +0.0
+        }
+        path = tmp_path / f"odd{i}{suffix}"
+        if suffix == ".pth":
+            torch.save(sd, path)
+        else:
+            save_file(sd, str(path))
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("n", "suffix", "weights"),
+    [(3, ".pth", None), (5, ".safetensors", None), (17, ".pth", None), (4, ".safetensors", "1,2,3,4")],
+)
+def test_means_in_pieces_are_the_whole_tensor_means(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int, suffix: str, weights: str | None
+) -> None:
+    from ckptsurgeon.core.record import TensorRecord
+    from ckptsurgeon.surgery import averaging
+
+    monkeypatch.setattr(averaging, "MEAN_PIECE", 4096)  # many pieces per tensor, and a short last one
+    paths = _odd_inputs(tmp_path, n, suffix)
+
+    def whole(self: TensorRecord) -> torch.Tensor:
+        raise AssertionError(f"{self.name} read whole")
+
+    monkeypatch.setattr(TensorRecord, "to_torch", whole)  # every input is read a piece at a time
+    out = tmp_path / "soup.safetensors"
+    result = ckptsurgeon.average(paths, out, weights=weights)
+    monkeypatch.undo()
+    assert result.written is not None and result.written.verified
+    got = load_file(out)
+    sds = [load_file(p) if suffix == ".safetensors" else torch.load(p, weights_only=True) for p in paths]
+    parts = [float(w) for w in weights.split(",")] if weights else None
+    for name, first in sds[0].items():
+        if parts is None:
+            want = torch.stack([sd[name].float() for sd in sds]).mean(0).to(first.dtype)
+        else:
+            total = sds[0][name].float() * (parts[0] / sum(parts))
+            for sd, w in zip(sds[1:], parts[1:], strict=True):
+                total += sd[name].float() * (w / sum(parts))
+            want = total.to(first.dtype)
+        assert _bits_equal(got[name], want), name
+
+
+def test_dtype_casts_each_mean_once_and_shards(tmp_path: Path) -> None:
+    paths = _inputs(tmp_path, torch.float32)
+    out = tmp_path / "soup"
+    result = run_cli("average", *paths, "-o", out, "--dtype", "bf16", "--max-shard-size", "300B")
+    assert result.exit_code == 0, result.stderr
+    got: dict[str, torch.Tensor] = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        got |= load_file(shard)
+    assert len(list(out.glob("*.safetensors"))) > 1
+    sds = [torch.load(p, weights_only=True) for p in paths]
+    for name in _floats(sds[0]):
+        want = torch.stack([sd[name] for sd in sds]).mean(0).to(torch.bfloat16)
+        assert _bits_equal(got[name], want), name
+    assert got["bn.num_batches_tracked"].dtype == torch.int64
+
+
+def test_bf16_inputs_to_fp32_skip_the_bf16_rounding(tmp_path: Path) -> None:
+    paths = _inputs(tmp_path, torch.bfloat16, n=2)
+    out = tmp_path / "soup.safetensors"
+    ckptsurgeon.average(paths, out, dtype="fp32")
+    got = load_file(out)
+    sds = [torch.load(p, weights_only=True) for p in paths]
+    for name in _floats(sds[0]):
+        want = torch.stack([sd[name].float() for sd in sds]).mean(0)
+        assert _bits_equal(got[name], want), name
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_tied_tensors_stay_tied(tmp_path: Path, suffix: str) -> None:
+    paths = []
+    for i in range(2):
+        gen = torch.Generator().manual_seed(i)
+        emb = torch.randn(7, 5, generator=gen)
+        path = tmp_path / f"tied{i}.pth"
+        torch.save(
+            {"wte.weight": emb, "lm_head.weight": emb, "ln.weight": torch.randn(5, generator=gen)}, path
+        )
+        paths.append(path)
+    out = tmp_path / f"soup{suffix}"
+    result = ckptsurgeon.average(paths, out)
+    assert result.written is not None and result.written.verified
+    sds = [torch.load(p, weights_only=True) for p in paths]
+    want = torch.stack([sd["wte.weight"] for sd in sds]).mean(0)
+    if suffix == ".pth":
+        got = torch.load(out, weights_only=True)
+        assert (
+            got["wte.weight"].untyped_storage().data_ptr()
+            == got["lm_head.weight"].untyped_storage().data_ptr()
+        )
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(out), "pt") as fh:
+            assert len(list(fh.keys())) == 2  # the tie written once, its alias in the metadata
+        got = ckptsurgeon.open_checkpoint(out).weights("").tensors
+        got = {k: r.to_torch() for k, r in got.items()}
+    assert _bits_equal(got["wte.weight"], want) and _bits_equal(got["lm_head.weight"], want)

@@ -275,3 +275,36 @@ def test_diff_of_a_lora_adapter_names_merge_lora() -> None:
     result = run_cli("diff", FIXTURES / "lora_gpt2_tiny", FIXTURES / "real" / "hf_gpt2_tiny")
     assert result.exit_code == 1, result.stderr
     assert "ckpt merge-lora BASE " in result.stdout
+
+
+def test_trained_head_of_a_tied_base_is_written_untied_as_peft_saves_it(tmp_path: Path) -> None:
+    import ckptsurgeon
+
+    torch.manual_seed(3)
+    model = _gpt2()
+    model.save_pretrained(tmp_path / "base")  # lm_head.weight is tied to wte: not stored
+    base = tmp_path / "base" / "model.safetensors"
+    assert "lm_head.weight" not in _load(base)
+    model.name_or_path = str(tmp_path / "base")
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, modules_to_save=["lm_head"]
+    )
+    wrapped = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                param.normal_(0, 0.5)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    wrapped.merge_and_unload().save_pretrained(tmp_path / "peft-merged")
+    theirs = _load(tmp_path / "peft-merged" / "model.safetensors")
+    saved_config = json.loads((tmp_path / "peft-merged" / "config.json").read_text())
+    assert saved_config["tie_word_embeddings"] is False  # peft's merge unties them; save_pretrained says so
+
+    out = tmp_path / "merged.safetensors"
+    result = ckptsurgeon.merge_lora(base, tmp_path / "adapter", out)
+    ours = _load(out)
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, atol=1e-5, rtol=1e-5, msg=name)
+    assert not torch.equal(ours["lm_head.weight"], ours["transformer.wte.weight"])
+    assert any("tie_word_embeddings" in step for step in result.plan.steps)

@@ -186,3 +186,30 @@ def test_cli_exit_codes(pair, tmp_path: Path) -> None:
     assert_one_line_error(run_cli("diff", "--values", path_a, str(tmp_path / "missing.pth")))
     assert run_cli("diff", path_a, path_b, "--atol", "1").exit_code == 2
     assert run_cli("diff", "--values", path_a, path_b, "--min-coverage", "50").exit_code == 2
+
+
+def test_pairs_are_read_a_piece_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from safetensors.torch import save_file
+
+    from ckptsurgeon.core.record import TensorRecord
+    from ckptsurgeon.diffing import values
+
+    monkeypatch.setattr(values, "PIECE", 1000)  # many pieces, and a short last one
+    g = torch.Generator().manual_seed(3)
+    a = {"w": torch.randn(70, 111, generator=g), "h": torch.randn(4001, generator=g).bfloat16()}
+    b = {"w": a["w"] + 1e-2 * torch.randn(70, 111, generator=g), "h": a["h"].clone()}
+    b["h"][4000] = float("nan")
+    path_a = save(tmp_path, "a.pth", a)
+    path_b = str(tmp_path / "b.safetensors")
+    save_file(b, path_b)
+
+    def whole(self: TensorRecord) -> torch.Tensor:
+        raise AssertionError(f"{self.name} read whole")
+
+    monkeypatch.setattr(TensorRecord, "to_torch", whole)
+    result = ckptsurgeon.compare_values(path_a, path_b, progress=True)
+    monkeypatch.undo()
+    check_numbers(result, "w", a["w"], b["w"])
+    h = next(t for t in result.to_json()["tensors"] if t["name"] == "h")
+    assert h["status"] == "nan" and h["nan_b"] == 1 and h["bit_equal"] is False
+    assert "comparing values" in capsys.readouterr().err  # the bar, on stderr

@@ -26,15 +26,16 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.grouping import collapse, natural_key, natural_sorted
-from ..core.record import TensorRecord
+from ..core.record import Storage, TensorRecord
 from ..core.report import counted, dump_json, format_shape, printable, render_table
 from ..errors import CkptError, FormatError
+from ..fileio.progress import Bar, progress_bar
 from .diagnosis import KeyTransform, apply_transform, best_transform
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -234,6 +235,7 @@ def compare_values(
     key: str | None = None,
     b_key: str | None = None,
     read_options: ReadOptions | None = None,
+    progress: bool | None = None,
 ) -> ValueDiff:
     """Compare the values of ``a`` and ``b`` tensor by tensor (``a`` is the reference).
 
@@ -241,7 +243,8 @@ def compare_values(
     entry), a :class:`Checkpoint`, a state dict (records or tensors) or an ``nn.Module``.
     ``atol``/``rtol`` set a tolerance (the other one is then 0): :meth:`ValueDiff.passes` holds
     when every tensor is within it; without, when every tensor is equal bit for bit.
-    Pairs are read one at a time and freed.
+    Pairs are read one at a time, a piece at a time, and freed; ``progress`` shows a bar on
+    stderr (default: on a TTY, for 256 MiB or more).
     """
     from .result import source_records
 
@@ -266,7 +269,9 @@ def compare_values(
             mismatched.append(Unpaired(origin[new], new, tuple(rec.shape), tuple(other.shape)))
         else:
             pairs.append((rec, other, new))
-    measured = [_measure_pair(rec, other, name, atol, rtol) for rec, other, name in pairs]
+    total = sum(rec.nbytes + other.nbytes for rec, other, _name in pairs)
+    with progress_bar(total, progress, "comparing values") as bar:
+        measured = [_measure_pair(rec, other, name, atol, rtol, bar) for rec, other, name in pairs]
     return ValueDiff(
         a=Side(side_a.label, side_a.key, len(recs_a)),
         b=Side(side_b.label, side_b.key, len(recs_b)),
@@ -285,23 +290,60 @@ def _shapes(records: dict[str, TensorRecord]) -> dict[str, tuple[int, ...]]:
 
 
 def _measure_pair(
-    rec_a: TensorRecord, rec_b: TensorRecord, other: str, atol: float | None, rtol: float | None
+    rec_a: TensorRecord,
+    rec_b: TensorRecord,
+    other: str,
+    atol: float | None,
+    rtol: float | None,
+    bar: Bar | None = None,
 ) -> TensorValues:
-    a = _read(rec_a, "A")
-    b = _read(rec_b, "B")
-    try:
-        return measure(rec_a.name, other, a, b, atol, rtol)
-    finally:
-        del a, b
+    """The measures of one pair, both read :data:`PIECE` elements at a time (whole only when a
+    record cannot be read a range at a time: a loader, a strided view)."""
+    pieces_a, pieces_b = _pieces(rec_a, "A"), _pieces(rec_b, "B")
+    shape = tuple(int(d) for d in rec_a.shape)
+    sums = _Sums()
+    for a, b in zip(pieces_a, pieces_b, strict=True):
+        sums.add(a, b, atol, rtol)
+        if bar is not None:
+            bar.update(a.numel() * a.element_size() + b.numel() * b.element_size())
+    return sums.result(rec_a.name, other, shape, rec_a.dtype, rec_b.dtype, atol, rtol)
 
 
-def _read(rec: TensorRecord, side: str) -> torch.Tensor:
+def _pieces(rec: TensorRecord, side: str) -> Iterator[torch.Tensor]:
+    """``rec``'s elements, flat, :data:`PIECE` at a time (each piece a fresh tensor)."""
     try:
-        return rec.to_torch()
+        storage = rec.storage
+        if not rec.is_ranged or storage is None or storage.dtype != rec.dtype:
+            flat = rec.to_torch().contiguous().reshape(-1)
+            for start in range(0, max(flat.numel(), 1), PIECE):
+                yield flat[start : start + PIECE]
+            return
+        yield from _ranged_pieces(rec, storage)
     except CkptError:
         raise
     except (ValueError, RuntimeError, OSError) as exc:
         raise FormatError(f"{side}: cannot read tensor {rec.name!r}: {exc}") from exc
+
+
+def _ranged_pieces(rec: TensorRecord, storage: Storage) -> Iterator[torch.Tensor]:
+    """A contiguous record of a file span or a reader, :data:`PIECE` elements at a time, read in
+    the storage's order through a :class:`~ckptsurgeon.surgery.casting.CastReader` (which checks
+    the archive's CRC-32 of a storage read whole)."""
+    import torch
+
+    from ..surgery.casting import CAST_PIECE, CastReader, serial_copy
+
+    reader = CastReader(storage, rec.dtype)
+    dtype = getattr(torch, rec.dtype)
+    step = max(1, CAST_PIECE // rec.itemsize)
+    total = rec.numel
+    for start in range(0, max(total, 1), PIECE):
+        count = min(PIECE, total - start)
+        piece = torch.empty(count, dtype=dtype)
+        for at in range(0, count, step):
+            part = min(step, count - at)
+            serial_copy(piece[at : at + part], reader.source_elements(rec.storage_offset + start + at, part))
+        yield piece
 
 
 def measure(
@@ -320,43 +362,12 @@ def measure(
         >>> m.status, m.max_abs, m.rel_l2, m.bit_equal
         ('same-values', 0.0, 0.0, False)
     """
-    bit_equal = a.dtype == b.dtype and _same_bytes(a, b)
     sums = _Sums()
     flat_a, flat_b = a.contiguous().reshape(-1), b.contiguous().reshape(-1)
-    for start in range(0, flat_a.numel(), PIECE):  # float64 copies of one piece at a time, not the tensor
+    for start in range(0, max(flat_a.numel(), 1), PIECE):  # float64 copies of a piece at a time
         sums.add(flat_a[start : start + PIECE], flat_b[start : start + PIECE], atol, rtol)
-    nan_a, nan_b = sums.nan_a, sums.nan_b
-    norm_a, norm_b, norm_d = math.sqrt(sums.sq_a), math.sqrt(sums.sq_b), math.sqrt(sums.sq_d)
-    max_abs = sums.max_abs
-    if nan_a or nan_b:
-        max_abs = norm_d = math.nan
-    if norm_a == 0:
-        rel_l2 = norm_d if math.isnan(norm_d) else (0.0 if norm_d == 0 else math.inf)
-    else:
-        rel_l2 = norm_d / norm_a
-    cosine: float | None = None
-    if nan_a or nan_b:
-        cosine = math.nan
-    elif norm_a > 0 and norm_b > 0:
-        cosine = max(-1.0, min(1.0, sums.dot / (norm_a * norm_b)))
-    within = None
-    if atol is not None or rtol is not None:
-        within = sums.within and not (nan_a or nan_b)
-    return TensorValues(
-        name=name,
-        other=other,
-        shape=tuple(int(d) for d in a.shape),
-        dtype_a=str(a.dtype).removeprefix("torch."),
-        dtype_b=str(b.dtype).removeprefix("torch."),
-        bit_equal=bit_equal and not (nan_a or nan_b),
-        max_abs=max_abs,
-        rel_l2=rel_l2,
-        cosine=cosine,
-        norm_a=norm_a,
-        nan_a=nan_a,
-        nan_b=nan_b,
-        within=within,
-    )
+    dtype_a, dtype_b = (str(t.dtype).removeprefix("torch.") for t in (a, b))
+    return sums.result(name, other, tuple(int(d) for d in a.shape), dtype_a, dtype_b, atol, rtol)
 
 
 # Elements measured at a time: their float64 copies (a, b and the difference) take 96 MiB, whatever
@@ -371,10 +382,14 @@ class _Sums:
         self.nan_a = self.nan_b = 0
         self.sq_a = self.sq_b = self.sq_d = self.dot = self.max_abs = 0.0
         self.within = True
+        self.same_bytes = True
 
     def add(self, a: torch.Tensor, b: torch.Tensor, atol: float | None, rtol: float | None) -> None:
         import torch
 
+        self.same_bytes = self.same_bytes and a.dtype == b.dtype and _same_bytes(a, b)
+        if not a.numel():
+            return
         a64, b64 = _as_float64(a), _as_float64(b)
         self.nan_a += int(torch.isnan(a64).sum())
         self.nan_b += int(torch.isnan(b64).sum())
@@ -387,6 +402,50 @@ class _Sums:
         self.dot += float(torch.dot(a64.reshape(-1), b64.reshape(-1)))
         if (atol is not None or rtol is not None) and self.within:
             self.within = bool(torch.allclose(b64, a64, rtol=rtol or 0.0, atol=atol or 0.0, equal_nan=False))
+
+    def result(
+        self,
+        name: str,
+        other: str,
+        shape: tuple[int, ...],
+        dtype_a: str,
+        dtype_b: str,
+        atol: float | None,
+        rtol: float | None,
+    ) -> TensorValues:
+        """The measures of the pair whose pieces were added."""
+        nan_a, nan_b = self.nan_a, self.nan_b
+        norm_a, norm_b, norm_d = math.sqrt(self.sq_a), math.sqrt(self.sq_b), math.sqrt(self.sq_d)
+        max_abs = self.max_abs
+        if nan_a or nan_b:
+            max_abs = norm_d = math.nan
+        if norm_a == 0:
+            rel_l2 = norm_d if math.isnan(norm_d) else (0.0 if norm_d == 0 else math.inf)
+        else:
+            rel_l2 = norm_d / norm_a
+        cosine: float | None = None
+        if nan_a or nan_b:
+            cosine = math.nan
+        elif norm_a > 0 and norm_b > 0:
+            cosine = max(-1.0, min(1.0, self.dot / (norm_a * norm_b)))
+        within = None
+        if atol is not None or rtol is not None:
+            within = self.within and not (nan_a or nan_b)
+        return TensorValues(
+            name=name,
+            other=other,
+            shape=shape,
+            dtype_a=dtype_a,
+            dtype_b=dtype_b,
+            bit_equal=self.same_bytes and dtype_a == dtype_b and not (nan_a or nan_b),
+            max_abs=max_abs,
+            rel_l2=rel_l2,
+            cosine=cosine,
+            norm_a=norm_a,
+            nan_a=nan_a,
+            nan_b=nan_b,
+            within=within,
+        )
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -133,15 +133,16 @@ class CastReader:
         step = CAST_PIECE // self.source_size
         for elem in range(first, stop, step):
             count = min(step, stop - elem)
-            _convert(dest[elem - first : elem - first + count], self._source_elements(elem, count))
+            serial_copy(dest[elem - first : elem - first + count], self.source_elements(elem, count))
         skip = start - first * size
         # the bytearray itself, not a copy of up to 1 MiB per read; every reader of a storage's
         # bytes (write, crc32, frombuffer) takes either, but Storage.reader promises bytes
         return out if skip == 0 and len(out) == length else bytes(out[skip : skip + length])  # type: ignore[return-value]
 
-    def _source_elements(self, elem: int, count: int) -> Any:
-        """``count`` source elements from element ``elem``, as a torch tensor in native byte order
-        (a view of this thread's piece buffer, valid until the next piece is read)."""
+    def source_elements(self, elem: int, count: int) -> Any:
+        """``count`` (at most :data:`CAST_PIECE` bytes of) source elements from element ``elem``, as
+        a torch tensor in native byte order (a view of this thread's piece buffer, valid until the
+        next piece is read); a span read whole in order has its archive CRC checked."""
         import torch
 
         source, itemsize = self.source, self.source_size
@@ -185,8 +186,16 @@ _SERIAL_ELEMENTS = 1 << 15
 _LOCAL = threading.local()
 
 
-def _convert(dest: Any, source: Any) -> None:
-    """``dest.copy_(source)`` (torch's rounding, as ``Tensor.to``) in serial slices."""
+def serial_copy(dest: Any, source: Any) -> None:
+    """``dest.copy_(source)`` (torch's rounding, as ``Tensor.to``) in slices torch copies on one thread.
+
+    Example:
+        >>> import torch
+        >>> dest = torch.empty(3, dtype=torch.bfloat16)
+        >>> serial_copy(dest, torch.tensor([1.0, 2.0, 3.0]))
+        >>> dest.tolist()
+        [1.0, 2.0, 3.0]
+    """
     for at in range(0, source.numel(), _SERIAL_ELEMENTS):
         dest[at : at + _SERIAL_ELEMENTS].copy_(source[at : at + _SERIAL_ELEMENTS])
 

@@ -6,7 +6,9 @@ dtype and shape: ``W + (B @ A) * scale`` computed in float32 and cast back to ``
 delta transposed for ``fan_in_fan_out``: GPT-2's Conv1D). ``scale`` is ``lora_alpha / r``
 (``lora_alpha / sqrt(r)`` with ``use_rslora``), per module from ``rank_pattern`` and
 ``alpha_pattern`` as peft matches them. A tensor the adapter stores whole (``modules_to_save``)
-replaces the base tensor of that name. Every other base tensor passes through; the adapter's
+replaces the base tensor of that name (a head the base ties to its embedding and so does not
+store, GPT-2's ``lm_head``, is written as a tensor of its own, untied, as peft's
+``merge_and_unload`` + ``save_pretrained`` give). Every other base tensor passes through; the adapter's
 factors are the transforms' inputs, not written. The adapter's ``base_model.model.`` names are
 matched to the base's by the key-transform search ``diff`` uses.
 
@@ -47,6 +49,7 @@ _UNMERGEABLE_FLAGS = {
     "use_dora": "DoRA (use_dora) rescales each weight by a learned magnitude",
     "lora_bias": "lora_bias trains a bias in lora_B",
     "use_qalora": "QALoRA (use_qalora) pools the input",
+    "ensure_weight_tying": "ensure_weight_tying adapts a tied head and its embedding as one",
 }
 _UNMERGEABLE_LISTS = {
     "layer_replication": "layer_replication shares layers the base holds once",
@@ -188,7 +191,13 @@ def merge_plan(
         name = _base_name(keys, f"{f.module}.weight", base, expected, where)
         transforms[name] = merge_transform(base[name], f, settings.scale(f.module), settings.fan_in_fan_out)
         consumed[f.a_name] = consumed[f.b_name] = f"LoRA factor of {name}"
+    untied: dict[str, str] = {}  # a stored head the base ties to its embedding -> the head's name
     for bare, stored in whole.items():
+        tied_to = _tied_embedding(base, keys.rename(bare), adapter[stored])
+        if tied_to is not None:
+            untied[stored] = keys.rename(bare)
+            consumed[stored] = tied_to
+            continue
         name = _base_name(keys, bare, base, expected, where)
         if name in transforms:
             raise SurgeryError(f"{where}: {name!r} is both adapted and stored whole; cannot merge both")
@@ -201,6 +210,8 @@ def merge_plan(
         transform = transforms.get(old)
         if transform is not None:
             entries.append(Entry(old, old, "", rec.dtype, shape, transform))
+        elif old in untied:
+            entries.append(Entry(old, untied[old], "", rec.dtype, shape))
         elif old in consumed:
             entries.append(Entry(old, None, consumed[old], rec.dtype, shape))
         else:
@@ -208,6 +219,13 @@ def merge_plan(
     steps = [f"merge {len(factors)} LoRA module(s) of {where}"]
     if whole:
         steps.append(f"replace {len(whole)} tensor(s) with the adapter's copies (modules_to_save)")
+    for stored, head in untied.items():
+        steps.append(
+            f"{head}: the base stores it tied to {consumed[stored]}, the adapter trained its own copy "
+            "(modules_to_save): written as a tensor of its own, the embedding unchanged, as peft's "
+            "merge_and_unload() + save_pretrained() do; set tie_word_embeddings to false in the model's "
+            "config (save_pretrained writes it so), or loading ties the head to the embedding again"
+        )
     if not keys.is_identity:
         steps.append(f"adapter names matched to the base's: {_describe(keys)}")
     return Plan(tuple(entries), tuple(steps)), planned
@@ -288,6 +306,32 @@ def _base_name(
             f"{where}: the base's {target!r} is {rec.dtype}, not floating; cannot merge into it"
         )
     return target
+
+
+def _tied_embedding(base: Mapping[str, TensorRecord], head: str, copy: TensorRecord) -> str | None:
+    """The base's embedding that ``head`` (an output head's weight the base does not store, e.g.
+    GPT-2's ``lm_head.weight`` saved by save_pretrained) is tied to: the one embedding-named tensor of
+    ``copy``'s shape; None when ``head`` is in the base, is not a head, or no single embedding fits.
+
+    Example:
+        >>> base = {"transformer.wte.weight": TensorRecord("transformer.wte.weight", "float32", (50, 16))}
+        >>> _tied_embedding(base, "lm_head.weight", TensorRecord("x", "float32", (50, 16)))
+        'transformer.wte.weight'
+    """
+    from ..diffing.heads import _embedding_named, _head_named
+
+    module = head.rpartition(".")[0]
+    if head in base or not head.endswith(".weight") or not _head_named(module):
+        return None
+    shape = tuple(copy.shape)
+    found = [
+        name
+        for name, rec in base.items()
+        if tuple(rec.shape) == shape
+        and name.endswith(".weight")
+        and _embedding_named(name.rpartition(".")[0])
+    ]
+    return found[0] if len(found) == 1 else None
 
 
 def _describe(keys: KeyTransform) -> str:

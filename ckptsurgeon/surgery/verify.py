@@ -1,10 +1,12 @@
 """Verification after writing: reopen the output and compare every tensor and value, bit for bit.
 
 What was written is fingerprinted from the CRCs computed while writing or recorded by the
-source archive; the output is read once. A transformed tensor (a ``--dtype`` cast, an average,
-a split: :mod:`ckptsurgeon.surgery.transforms`) is compared with what its transform computes
-from the source, recomputed one tensor at a time. A difference names its key; a damaged source
-(its bytes no longer match its archive's CRC) is reported as such.
+source archive; the output is read once. A transformed tensor (a ``--dtype`` cast, a split:
+:mod:`ckptsurgeon.surgery.transforms`) is compared with what its transform computes from the
+source, recomputed one tensor at a time; a mean of ``ckpt average``, with the CRC-32 of the
+bytes its reader gave the writer (computing it again would double the work, and gives the same).
+A difference names its key; a damaged source (its bytes no longer match its archive's CRC) is
+reported as such.
 """
 
 from __future__ import annotations
@@ -107,6 +109,24 @@ def _fingerprints(items: dict[Any, Any], *, recorded: bool = False) -> dict[Any,
     return result
 
 
+def given_crc(rec: TensorRecord) -> int | None:
+    """The CRC-32 of ``rec``'s bytes as its storage's reader gave them to the writer (a computed
+    storage that keeps it, e.g. :class:`~ckptsurgeon.surgery.averaging.MeanReader`), when ``rec``
+    is the whole storage and it was read whole in order; else None (then it is recomputed).
+
+    Example:
+        >>> given_crc(TensorRecord("w", "float32", (2,)))  # no storage: None
+    """
+    storage = rec.storage
+    if storage is None or rec.loader is not None or rec.storage_offset or rec.nbytes != storage.nbytes:
+        return None
+    kept = getattr(storage.reader, "crc_given", None)
+    if kept is None:
+        return None
+    crc: int | None = kept()
+    return crc
+
+
 def _check_source(value: Any) -> None:
     """Read a written record's source bytes again: a source whose bytes do not match its
     archive's CRC raises that one-line error (as an OutputError, which nothing rewords)."""
@@ -126,7 +146,10 @@ def _is_flat_state_dict(node: Any) -> bool:
 
 def _fingerprint(value: Any) -> Any:
     if isinstance(value, TensorRecord):  # CRC-32 of the bytes, streamed (zip's own check, ~6 GB/s)
-        return ("tensor", value.dtype, tuple(value.shape), value.nbytes, value.write_to(None))
+        crc = given_crc(value)
+        if crc is None:
+            crc = value.write_to(None)
+        return ("tensor", value.dtype, tuple(value.shape), value.nbytes, crc)
     if value is None or isinstance(value, bool | float):  # by repr: a NaN equals itself
         return ("value", type(value).__name__, repr(value))
     if isinstance(value, int | str | bytes):  # by value: str() of a 5000-digit int raises
