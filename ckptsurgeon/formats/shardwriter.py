@@ -13,9 +13,11 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Any, BinaryIO, cast
 
 from ..core.record import TensorRecord
 from ..errors import CkptError, OutputError
@@ -104,6 +106,7 @@ def write(
     metadata: Mapping[str, str] | None = None,
     read_back: bool = False,
     progress: bool | None = None,
+    jobs: int = 1,
 ) -> list[Path]:
     """Write ``tensors`` into ``out_dir`` in Hugging Face's sharded layout; return the paths written.
 
@@ -114,7 +117,9 @@ def write(
     recorded in the shard's metadata and left out of the weight_map). ``read_back``: checksum each
     big span from the shard as it is written (see :mod:`ckptsurgeon.fileio.readback`), for a verification
     that follows; write-back starts early either way. ``progress``: one bar on stderr over all
-    shards (default: on a TTY, for big writes; see :mod:`ckptsurgeon.fileio.progress`).
+    shards (default: on a TTY, for big writes; see :mod:`ckptsurgeon.fileio.progress`). ``jobs``:
+    shards written at once, each by a thread of its own (the bytes are those of a serial write;
+    one failure stops the others and nothing is left).
 
     Example:
         >>> write(ckpt.weights().tensors, Path("out"), max_shard_bytes=parse_size("5GB"))  # doctest: +SKIP
@@ -143,9 +148,13 @@ def write(
     weight_map: dict[str, str] = {}
     try:
         with progress_bar(_data_bytes(tensors), progress, f"writing {final.name}") as bar:
-            for file_name, shard in zip(names, shards, strict=True):
-                part = {name: tensors[name] for name in shard}
-                written.append(_write_shard(staging / file_name, part, fmt, force, metadata, read_back, bar))
+            parts = [{name: tensors[name] for name in shard} for shard in shards]
+
+            def one(path: Path, part: Mapping[str, TensorRecord]) -> Path:
+                return _write_shard(path, part, fmt, force, metadata, read_back, bar)
+
+            written += run_jobs(one, [(staging / n, part) for n, part in zip(names, parts, strict=True)], jobs)
+            for file_name, part in zip(names, parts, strict=True):
                 weight_map.update(dict.fromkeys(_stored_names(part, fmt), file_name))
             if index_name is not None:
                 written.append(_write_index(staging / index_name, tensors, weight_map, force, metadata))
@@ -155,6 +164,90 @@ def write(
     if created:
         return _publish(staging, final, written)
     return _replace_set(staging, final, fmt, written)
+
+
+def default_jobs() -> int:
+    """``--jobs`` when not given: the CPUs this process may run on.
+
+    Example:
+        >>> default_jobs() >= 1
+        True
+    """
+    affinity = getattr(os, "sched_getaffinity", None)
+    return max(1, len(affinity(0)) if affinity is not None else (os.cpu_count() or 1))
+
+
+class Stopped(CkptError):
+    """A job stopped because another one failed (never the error reported)."""
+
+
+def run_jobs(
+    work: Callable[[Path, Mapping[str, TensorRecord]], Path],
+    items: list[tuple[Path, Mapping[str, TensorRecord]]],
+    jobs: int,
+) -> list[Path]:
+    """``work(path, part)`` for every item, ``jobs`` at a time (threads: the copying is pread/write
+    and zlib, which release the GIL), results in the items' order. The first failure stops the
+    others at their next write and is raised once they have stopped.
+
+    Example:
+        >>> run_jobs(lambda path, part: path, [(Path("a"), {}), (Path("b"), {})], jobs=2)
+        [PosixPath('a'), PosixPath('b')]
+    """
+    if jobs <= 1 or len(items) <= 1:
+        return [work(path, part) for path, part in items]
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    from ..fileio.spans import current_context, job_scope
+
+    writer = current_context()
+    stop = threading.Event()
+
+    def job(path: Path, part: Mapping[str, TensorRecord]) -> Path:
+        with job_scope(writer), _stoppable(stop):
+            return work(path, part)
+
+    with ThreadPoolExecutor(max_workers=min(jobs, len(items)), thread_name_prefix="ckpt-shard") as pool:
+        futures = [pool.submit(job, path, part) for path, part in items]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        if any(f.done() and f.exception() is not None for f in futures):
+            stop.set()
+            for future in futures:
+                future.cancel()
+    errors = [e for f in futures if not f.cancelled() and (e := f.exception()) is not None]
+    first = next((e for e in errors if not isinstance(e, Stopped)), errors[0] if errors else None)
+    if first is not None:
+        raise first
+    return [f.result() for f in futures]
+
+
+_STOP = threading.local()
+
+
+@contextlib.contextmanager
+def _stoppable(stop: threading.Event) -> Iterator[None]:
+    """Make this thread's shard writes (:func:`_write_shard`) raise :class:`Stopped` once ``stop`` is set."""
+    _STOP.event = stop
+    try:
+        yield
+    finally:
+        _STOP.event = None
+
+
+class _StoppableFile:
+    """A write sink that raises :class:`Stopped` when another job has failed."""
+
+    def __init__(self, fh: BinaryIO, stop: threading.Event) -> None:
+        self._fh = fh
+        self._stop = stop
+
+    def write(self, data: Any) -> int:
+        if self._stop.is_set():
+            raise Stopped("stopped: another shard failed")
+        return int(self._fh.write(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
 
 
 def _discard_staging(staging: Path) -> None:
@@ -304,6 +397,9 @@ def _write_shard(
         checksumming_sources(),
     ):
         sink = counting(fh, bar)
+        stop = getattr(_STOP, "event", None)
+        if stop is not None:
+            sink = cast(BinaryIO, _StoppableFile(sink, stop))
         if fmt == "safetensors":
             from .safetensors import write as write_safetensors
 

@@ -49,6 +49,7 @@ class WriteOptions:
 
     ``max_shard_size`` (bytes) writes a folder of shards in Hugging Face's layout.
     ``weights_only``: a ``.pth`` output holds only the weights (no optimizer, epoch ...).
+    ``jobs``: shards written at once (default: one per CPU), bytes as a serial write's.
     """
 
     output: Path
@@ -59,6 +60,7 @@ class WriteOptions:
     force: bool = False
     verify: bool = True
     progress: bool | None = None  # None: a bar when stderr is a TTY and the work is large
+    jobs: int | None = None  # shards written at once (None: one per CPU)
 
 
 @dataclass
@@ -334,6 +336,8 @@ def _write_sharded(
             f"{options.output}: holds the input's shards; write the new shards to another folder"
         )
 
+    from ..formats.shardwriter import default_jobs
+
     files = kind.load_writer()(
         tensors,
         options.output,
@@ -343,6 +347,7 @@ def _write_sharded(
         metadata={"format": "pt"},
         read_back=options.verify,
         progress=options.progress,
+        jobs=options.jobs or default_jobs(),
     )
     for f in files:
         FD_CACHE.forget(f)
