@@ -58,7 +58,9 @@ def test_sharded_input_to_sharded_output_in_parallel(tmp_path: Path) -> None:
         assert torch.equal(tensor, reference[name]), name
 
 
-def test_a_failing_shard_stops_all_and_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_shard_stops_all_and_leaves_no_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = source(tmp_path)
     real = shardwriter._write_shard
 

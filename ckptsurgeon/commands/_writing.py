@@ -21,7 +21,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def conversion_options(func: F) -> F:
-    """``--to``, ``--dtype``, ``--max-shard-size``, ``--weights-only``, ``--jobs``, ``-v``: shared by every writer."""
+    """``--to``, ``--dtype``, ``--max-shard-size``, ``--weights-only``, ``--jobs``, ``-v``: every writer's."""
     func = click.option("-v", "--verbose", is_flag=True, help="List every tensor of the plan, not groups.")(
         func
     )
@@ -30,7 +30,7 @@ def conversion_options(func: F) -> F:
         type=click.IntRange(min=1),
         default=None,
         metavar="N",
-        help="Shards written at once with --max-shard-size (default: one per CPU); bytes as a serial write's.",
+        help="Shards written at once with --max-shard-size (default: one per CPU); the bytes do not change.",
     )(func)
     func = click.option(
         "--weights-only",

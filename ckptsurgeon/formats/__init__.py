@@ -125,7 +125,12 @@ WRITERS: dict[str, OutputKind] = {
             tensors_only=True,
         ),
         OutputKind(
-            "dcp", "dcp", "ckptsurgeon.formats.dcpwriter:write", tensors_only=True, folder=True, ties_kept=True
+            "dcp",
+            "dcp",
+            "ckptsurgeon.formats.dcpwriter:write",
+            tensors_only=True,
+            folder=True,
+            ties_kept=True,
         ),
     )
 }

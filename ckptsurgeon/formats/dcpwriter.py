@@ -108,7 +108,7 @@ def _save(tensors: Mapping[str, TensorRecord], folder: Path, thread_count: int, 
                 dcp.save(state, storage_writer=writer, no_dist=True)
         except CkptError:
             raise
-        except (Exception, CheckpointException) as exc:  # torch's CheckpointException (a BaseException) wraps an OSError
+        except (Exception, CheckpointException) as exc:  # CheckpointException (a BaseException) wraps it
             raise OutputError(f"{final}: dcp.save failed ({_first_line(exc)}); nothing was written") from None
         state.clear()
 
@@ -167,7 +167,8 @@ def _replace_folder(staging: Path, final: Path, written: list[Path]) -> list[Pat
             if not final.exists() and aside.exists():
                 os.rename(aside, final)
             _discard_staging(staging)
-            raise OutputError(f"{final}: could not put the new folder in place ({exc.strerror or exc})") from None
+            reason = exc.strerror or exc
+            raise OutputError(f"{final}: could not put the new folder in place ({reason})") from None
         shutil.rmtree(aside, ignore_errors=True)
         fsync_dir(final.parent)
         COMMITTED.append(final)

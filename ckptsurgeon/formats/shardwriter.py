@@ -14,7 +14,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -153,7 +153,8 @@ def write(
             def one(path: Path, part: Mapping[str, TensorRecord]) -> Path:
                 return _write_shard(path, part, fmt, force, metadata, read_back, bar)
 
-            written += run_jobs(one, [(staging / n, part) for n, part in zip(names, parts, strict=True)], jobs)
+            items = [(staging / name, part) for name, part in zip(names, parts, strict=True)]
+            written += run_jobs(one, items, jobs)
             for file_name, part in zip(names, parts, strict=True):
                 weight_map.update(dict.fromkeys(_stored_names(part, fmt), file_name))
             if index_name is not None:
@@ -183,7 +184,7 @@ class Stopped(CkptError):
 
 def run_jobs(
     work: Callable[[Path, Mapping[str, TensorRecord]], Path],
-    items: list[tuple[Path, Mapping[str, TensorRecord]]],
+    items: Sequence[tuple[Path, Mapping[str, TensorRecord]]],
     jobs: int,
 ) -> list[Path]:
     """``work(path, part)`` for every item, ``jobs`` at a time (threads: the copying is pread/write
