@@ -189,7 +189,9 @@ def run_jobs(
 ) -> list[Path]:
     """``work(path, part)`` for every item, ``jobs`` at a time (threads: the copying is pread/write
     and zlib, which release the GIL), results in the items' order. The first failure stops the
-    others at their next write and is raised once they have stopped.
+    others at their next write and is raised (the first item's, in order) once they have stopped;
+    an interrupt (Ctrl-C, SIGTERM) in the main thread stops them too and is raised at once (the
+    threads are daemons: a stalled write never holds the process).
 
     Example:
         >>> run_jobs(lambda path, part: path, [(Path("a"), {}), (Path("b"), {})], jobs=2)
@@ -197,29 +199,44 @@ def run_jobs(
     """
     if jobs <= 1 or len(items) <= 1:
         return [work(path, part) for path, part in items]
-    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-
     from ..fileio.spans import current_context, job_scope
 
     writer = current_context()
-    stop = threading.Event()
+    stop, finished, lock = threading.Event(), threading.Event(), threading.Lock()
+    order = iter(range(len(items)))
+    results: list[Path | None] = [None] * len(items)
+    errors: list[BaseException | None] = [None] * len(items)
+    running = [min(jobs, len(items))]
 
-    def job(path: Path, part: Mapping[str, TensorRecord]) -> Path:
+    def worker() -> None:
         with job_scope(writer), _stoppable(stop):
-            return work(path, part)
+            while not stop.is_set():
+                with lock:
+                    i = next(order, None)
+                if i is None:
+                    break
+                try:
+                    results[i] = work(*items[i])
+                except BaseException as exc:  # handed to the main thread
+                    errors[i] = exc
+                    stop.set()
+        with lock:
+            running[0] -= 1
+            if not running[0]:
+                finished.set()
 
-    with ThreadPoolExecutor(max_workers=min(jobs, len(items)), thread_name_prefix="ckpt-shard") as pool:
-        futures = [pool.submit(job, path, part) for path, part in items]
-        wait(futures, return_when=FIRST_EXCEPTION)
-        if any(f.done() and f.exception() is not None for f in futures):
-            stop.set()
-            for future in futures:
-                future.cancel()
-    errors = [e for f in futures if not f.cancelled() and (e := f.exception()) is not None]
-    first = next((e for e in errors if not isinstance(e, Stopped)), errors[0] if errors else None)
-    if first is not None:
-        raise first
-    return [f.result() for f in futures]
+    for n in range(running[0]):
+        threading.Thread(target=worker, name=f"ckpt-shard-{n}", daemon=True).start()
+    try:
+        while not finished.wait(0.1):  # a timed wait: signals reach the main thread meanwhile
+            pass
+    except BaseException:
+        stop.set()
+        raise
+    failures = [e for e in errors if e is not None]
+    if failures:
+        raise next((e for e in failures if not isinstance(e, Stopped)), failures[0])
+    return [path for path in results if path is not None]
 
 
 _STOP = threading.local()
