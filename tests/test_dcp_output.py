@@ -234,3 +234,27 @@ def test_key_on_a_dcp_input_for_rename_adapt_and_diff(
 
     missing = run_cli("convert", folder, "-o", tmp_path / "x.safetensors", "--key", "nope")
     assert_one_line_error(missing, "nope")
+
+
+def test_a_flipped_byte_in_the_written_folder_is_caught_before_it_is_renamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckptsurgeon.formats import dcpwriter
+
+    state = {"w": torch.arange(4096, dtype=torch.float32)}
+    src = tmp_path / "m.safetensors"
+    save_file(state, src)
+    real = dcpwriter._save
+
+    def corrupting(tensors: object, folder: Path, *args: object) -> None:
+        real(tensors, folder, *args)  # type: ignore[arg-type]
+        data = next(folder.glob("*.distcp"))
+        raw = bytearray(data.read_bytes())
+        at = raw.find(torch.tensor([2000.0]).numpy().tobytes())
+        raw[at] ^= 0x01
+        data.write_bytes(bytes(raw))
+
+    monkeypatch.setattr(dcpwriter, "_save", corrupting)
+    result = run_cli("convert", src, "-o", tmp_path / "dcp_out", "--to", "dcp")
+    assert_one_line_error(result, "dcp_out: verification failed", "nothing was kept")
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]

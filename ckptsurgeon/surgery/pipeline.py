@@ -24,7 +24,7 @@ from ..core.report import counted, human_bytes, plural, printable
 from ..core.source import Source
 from ..core.trees import dropped_entries, has_unread_values, rebuilt_tree, weights_payload
 from ..core.walk import records
-from ..errors import OutputError, SurgeryError
+from ..errors import CkptError, OutputError, SurgeryError
 from ..fileio.progress import counting, progress_bar
 from ..fileio.spans import FD_CACHE, vouched_copies, write_scope
 from ..fileio.writing import atomic_output, refuse_special_file
@@ -376,6 +376,13 @@ def _write_folder(
             return
         try:
             verify(folder, tensors, label=str(options.output), read_options=verify_options)
+        except OutputError:
+            raise
+        except CkptError as exc:
+            raise OutputError(
+                f"{options.output}: verification failed: the written folder does not read back "
+                f"({exc.message}); nothing was kept"
+            ) from None
         finally:  # the temporary folder's files get other names: no descriptor may outlive them
             for f in folder.iterdir():
                 FD_CACHE.forget(f)
