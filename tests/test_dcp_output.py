@@ -258,3 +258,18 @@ def test_a_flipped_byte_in_the_written_folder_is_caught_before_it_is_renamed(
     result = run_cli("convert", src, "-o", tmp_path / "dcp_out", "--to", "dcp")
     assert_one_line_error(result, "dcp_out: verification failed", "nothing was kept")
     assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]
+
+
+def test_rename_writes_dcp_and_load_into_honours_key(
+    tmp_path: Path, training_dcp: tuple[Path, dict[str, torch.Tensor]]
+) -> None:
+    folder, state = training_dcp
+    out = tmp_path / "renamed_dcp"
+    result = run_cli("rename", folder, "-o", out, "--to", "dcp", "--key", "model", "--add-prefix", "net.")
+    assert result.exit_code == 0, result.stderr
+    assert_equal_states(consolidated(out), {f"net.{k}": v for k, v in state.items()})
+
+    model = Net()
+    report = ckptsurgeon.load_into(model, folder, key="model")
+    assert not report.missing
+    assert_equal_states({k: v.detach() for k, v in model.state_dict().items()}, state)
