@@ -49,6 +49,7 @@ class Op:
     ours: list[str]
     baseline: list[str] | None
     target: str  # "help" | "instant" | "listing" | "stream" | "cast" | "average" | "values" | "meta" | "many"
+    # | "dcp" | "parallel"
     cp_src: Path | None = None
     outputs: tuple[Path, Path] | None = None  # (ours, baseline) to compare
     startup: list[str] | None = None  # "many": the same command on a one-tensor file
@@ -134,6 +135,12 @@ def compare(ours: Path, theirs: Path) -> str:
     serialization id into each file."""
     if ours.is_file() and theirs.is_file() and filecmp.cmp(ours, theirs, shallow=False):
         return "byte-identical"
+    if ours.is_dir() and theirs.is_dir() and not (ours / ".metadata").exists():  # two sharded sets
+        names = sorted(p.name for p in ours.iterdir())
+        same = names == sorted(p.name for p in theirs.iterdir()) and all(
+            filecmp.cmp(ours / n, theirs / n, shallow=False) for n in names
+        )
+        return f"byte-identical ({len(names)} files)" if same else "DIFFERENT files"
     proc = subprocess.run([PY, "-c", recipes.COMPARE, str(ours), str(theirs)], capture_output=True, text=True)
     return proc.stdout.strip() if proc.returncode == 0 else f"DIFFERENT: {proc.stderr.strip()[-200:]}"
 
@@ -256,6 +263,9 @@ def operations(f: Files) -> list[Op]:
     py = [PY, "-c"]
     spec = f.arch.call(f.models, head=1000)
     build = [str(w), str(f.arch.dim), str(f.arch.layers), str(f.arch.vocab), "1000"]
+    o_dcp, b_dcp, o_shards, b_shards = w / "ours-dcp", w / "base-dcp", w / "ours-shards", w / "serial-shards"
+    eighth = str(max(f.st.stat().st_size // 8, 1))  # an 8-shard set
+    shard = [*ckpt, "convert", str(f.st), "--max-shard-size", eighth]
     return [
         Op("help", [*ckpt, "--help"], [*py, recipes.IMPORT_TORCH], "help"),
         Op(
@@ -360,6 +370,22 @@ def operations(f: Files) -> list[Op]:
             f.pth,
         ),
         Op(
+            "convert-dcp",
+            [*ckpt, "convert", str(f.st), "-o", str(o_dcp), "--to", "dcp"],
+            [*py, recipes.DCP_SAVE, str(f.st), str(b_dcp)],
+            "dcp",
+            f.st,
+            (o_dcp, b_dcp),
+        ),
+        Op(  # the "recipe" is our own serial write (--jobs 1): the parallel gain, same bytes
+            "shards-parallel",
+            [*shard, "-o", str(o_shards)],
+            [*shard, "-o", str(b_shards), "--jobs", "1"],
+            "parallel",
+            f.st,
+            (o_shards, b_shards),
+        ),
+        Op(
             "many-convert",
             [*ckpt, "convert", str(f.many), "-o", str(o_st)],
             [*py, recipes.PTH_TO_SAFETENSORS, str(f.many), str(b_st)],
@@ -410,6 +436,8 @@ OP_NAMES = (
     "diff",
     "merge-lora",
     "diff-values",
+    "convert-dcp",
+    "shards-parallel",
     "many-convert",
     "many-rename",
 )

@@ -127,12 +127,23 @@ print(len(missing), "missing", len(unexpected), "unexpected", len(mismatched), "
 """
 )
 
+DCP_SAVE = """
+import sys, torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+dcp.save(load_file(sys.argv[1]), checkpoint_id=sys.argv[2], no_dist=True)
+"""
+
 COMPARE = """
-import sys, torch
+import os, sys, tempfile, torch
 from safetensors import safe_open
 
 def tensors(path):
-    if path.endswith(".safetensors"):
+    if os.path.isdir(path):  # a DCP folder, consolidated by torch itself
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        out = os.path.join(tempfile.mkdtemp(), "consolidated.pth")
+        dcp_to_torch_save(path, out)
+        yield from torch.load(out, weights_only=True).items()
+    elif path.endswith(".safetensors"):
         with safe_open(path, framework="pt") as f:
             for k in f.keys():
                 yield k, f.get_tensor(k)

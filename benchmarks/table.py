@@ -81,6 +81,13 @@ def check(row: Row) -> tuple[str, bool]:
         base = row.base.mib if row.base is not None else None
         ok = base is None or mib < base
         return "less memory than the recipe" + unchecked, ok
+    if row.target == "dcp":  # both hand dcp.save tensors over mmap pages: the file cache, not anon memory
+        base = row.base.mib if row.base is not None else None
+        ok = "tensors equal" in row.same and (base is None or mib <= base + 64)
+        return "tensors equal, peak ≤ recipe's + 64 MiB" + unchecked, ok
+    if row.target == "parallel":  # the "recipe" is the same write with --jobs 1
+        ok = row.same.startswith("byte-identical") and (speed is None or speed >= 0.9)
+        return "byte-identical to --jobs 1, not slower (≥0.9×)" + unchecked, ok
     if row.target == "meta":
         return "≤300 MiB (meta device)", mib <= 300
     if row.target == "many":

@@ -55,6 +55,8 @@ def test_bench_prints_every_operation(tmp_path: Path) -> None:
         "many-rename",
     ):
         assert "tensors equal" in rows[name], rows[name]
+    assert "tensors equal" in rows["convert-dcp"], rows["convert-dcp"]
+    assert "byte-identical (" in rows["shards-parallel"], rows["shards-parallel"]
     assert "imports none of torch/numpy/tabulate" in rows["help"]
     table = markdown.read_text().splitlines()
     assert len([line for line in table if line.startswith("| ")]) == len(OP_NAMES) + 1

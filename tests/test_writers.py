@@ -35,7 +35,13 @@ def state_dict() -> dict[str, torch.Tensor]:
 
 
 def load_output(kind: OutputKind, path: Path) -> dict[str, torch.Tensor]:
-    """What torch.load / safetensors' load_file return for an output, shards merged by the index."""
+    """What torch.load / safetensors' load_file return for an output, shards merged by the index (a DCP
+    folder: torch's own dcp_to_torch_save, then torch.load)."""
+    if kind.folder:
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        dcp_to_torch_save(path, path.parent / f"{path.name}.consolidated.pth")
+        return torch.load(path.parent / f"{path.name}.consolidated.pth", weights_only=True)
     if kind.sharded:
         indexes = list(path.glob("*.index.json"))
         assert len(indexes) == 1, sorted(p.name for p in path.iterdir())
@@ -64,7 +70,7 @@ def test_every_kind_round_trips_a_state_dict(tmp_path: Path, kind: OutputKind) -
     src = tmp_path / "src.pth"
     expected = state_dict()
     torch.save(expected, src)
-    out = tmp_path / ("shards" if kind.sharded else f"out{kind.suffixes[0]}")
+    out = tmp_path / ("shards" if kind.sharded else "folder" if kind.folder else f"out{kind.suffixes[0]}")
     shard_size = 200 if kind.sharded else None
     result = ckptsurgeon.convert(src, out, to=kind.to, max_shard_size=shard_size)
     assert result.written is not None and result.written.format == kind.name
@@ -101,7 +107,7 @@ def test_suggested_outputs_keep_only_the_proposed_suffixes() -> None:
 
 def test_a_fixture_converts_to_every_single_file_kind(tmp_path: Path) -> None:
     reference = torch.load(FIXTURES / "vgg_1000.pth", weights_only=True)
-    for kind in (k for k in KINDS if not k.sharded):
+    for kind in (k for k in KINDS if not k.sharded and not k.folder):
         out = tmp_path / f"vgg{kind.suffixes[0]}"
         ckptsurgeon.convert(FIXTURES / "vgg_1000.pth", out)
         loaded = load_output(kind, out)

@@ -21,10 +21,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def conversion_options(func: F) -> F:
-    """``--to``, ``--dtype``, ``--max-shard-size``, ``--weights-only``, ``-v``: shared by every writer."""
+    """``--to``, ``--dtype``, ``--max-shard-size``, ``--weights-only``, ``--jobs``, ``-v``: every writer's."""
     func = click.option("-v", "--verbose", is_flag=True, help="List every tensor of the plan, not groups.")(
         func
     )
+    func = click.option(
+        "--jobs",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="Shards written at once with --max-shard-size (default: one per CPU); the bytes do not change.",
+    )(func)
     func = click.option(
         "--weights-only",
         is_flag=True,

@@ -22,7 +22,8 @@ def COMMAND(src: str, output: str | None, **flags: Any) -> None:
     The format follows OUTPUT's suffix (or --to). SRC is anything `ckpt inspect` opens,
     including a sharded folder and a torch.distributed.checkpoint folder (consolidated into
     one file set). A .pth output keeps every other entry of a training checkpoint (epoch,
-    optimizer ...) unless --weights-only; a .safetensors output holds the weights only.
+    optimizer ...) unless --weights-only; a .safetensors output holds the weights only, and so
+    does a DCP folder (--to dcp, written by torch's own dcp.save for FSDP/torchtitan).
     The output is written atomically, then reopened and compared bit for bit.
 
     \b
@@ -31,6 +32,7 @@ def COMMAND(src: str, output: str | None, **flags: Any) -> None:
       ckpt convert model.safetensors -o model.pth --dtype bf16
       ckpt convert last.ckpt -o weights.pth --weights-only
       ckpt convert big.pth -o big-hf/ --max-shard-size 5GB
+      ckpt convert model.safetensors -o step-0/ --to dcp
     """
     from ..surgery.operations import convert
 

@@ -593,6 +593,24 @@ def current_context() -> SpanContext:
 
 
 @contextlib.contextmanager
+def job_scope(writer: SpanContext) -> Iterator[SpanContext]:
+    """Run one part of ``writer``'s write in another thread (a shard of ``--jobs``): the CRCs it
+    computes or learns are the writer's (verification finds them), its helpers are its own.
+
+    Example:
+        >>> with write_scope() as writer, job_scope(writer) as job:
+        ...     job.crcs is writer.crcs, job.followers is writer.followers
+        (True, False)
+    """
+    context = SpanContext(writer.crcs)
+    token = _CURRENT.set(context)
+    try:
+        yield context
+    finally:
+        _CURRENT.reset(token)
+
+
+@contextlib.contextmanager
 def write_scope() -> Iterator[SpanContext]:
     """Run one write in a :class:`SpanContext` of its own: CRCs it computes or learns, and the
     helpers it starts, are seen by it alone and dropped at the end; it sees the CRCs known before

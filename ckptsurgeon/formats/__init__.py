@@ -61,7 +61,10 @@ class OutputKind:
     that contradict any other ``--to``; ``proposed_suffixes``: those a suggested output
     name may keep from its source. ``holds_tree``: the file keeps a training checkpoint's
     entries around the weights; ``tensors_only``: the format holds nothing but tensors (a
-    training checkpoint's other entries are left out, tied tensors are stored once).
+    training checkpoint's other entries are left out, tied tensors are stored once unless
+    ``ties_kept``). ``folder``: one folder written whole by
+    ``writer(tensors, folder, force=, check=)`` (``check`` verifies it before it is renamed into
+    place), chosen by ``--to`` only.
 
     Example:
         >>> WRITERS["safetensors"].suffixes, WRITERS["sharded-pth"].to
@@ -77,6 +80,8 @@ class OutputKind:
     proposed_suffixes: tuple[str, ...] = ()
     holds_tree: bool = False
     tensors_only: bool = False
+    folder: bool = False
+    ties_kept: bool = False
 
     def load_writer(self) -> Callable[..., Any]:
         """The writer function, imported now (writing a safetensors file never imports torch).
@@ -119,6 +124,14 @@ WRITERS: dict[str, OutputKind] = {
             sharded=True,
             tensors_only=True,
         ),
+        OutputKind(
+            "dcp",
+            "dcp",
+            "ckptsurgeon.formats.dcpwriter:write",
+            tensors_only=True,
+            folder=True,
+            ties_kept=True,
+        ),
     )
 }
 # the --to values, in the registry's order
@@ -133,7 +146,7 @@ def output_kind_for(to: str, sharded: bool) -> OutputKind:
         >>> output_kind_for("pth", sharded=True).name
         'sharded-pth'
     """
-    return next(k for k in WRITERS.values() if k.to == to and k.sharded == sharded)
+    return next(k for k in WRITERS.values() if k.to == to and (k.sharded == sharded or k.folder))
 
 
 def output_kind_by_suffix(suffix: str) -> OutputKind | None:

@@ -212,14 +212,33 @@ class DcpLoader:
             )
         return out
 
-    def _piece(self, chunk: Any) -> Any:
+    def stored_record(self) -> TensorRecord | None:
+        """The record of the one chunk holding this whole tensor (its bytes a span of the
+        ``.distcp`` file, streamed and CRC-ed without torch), or None when it has several chunks.
+
+        Example:
+            >>> ckpt.tree["model"]["fc.weight"].loader.stored_record().file_span()  # doctest: +SKIP
+            (PosixPath('step_1000/__0_0.distcp'), 1536, 32)
+        """
+        t = self.tensor
+        if len(t.chunks) != 1 or t.chunks[0].sizes != t.shape:
+            return None
+        chunk = t.chunks[0]
         rec = read_chunk(self.folder / chunk.file, chunk.offset, chunk.length)
+        self._check(chunk, rec)
+        return rec.renamed(t.fqn)
+
+    def _check(self, chunk: Any, rec: TensorRecord) -> None:
         if rec.dtype != self.tensor.dtype or tuple(rec.shape) != chunk.sizes:
             want = f"{self.tensor.dtype}{list(chunk.sizes)}"
             raise FormatError(
                 f"{self.folder / chunk.file}: a chunk of tensor {bounded_repr(self.tensor.fqn, 80)} holds "
                 f"{rec.dtype}{list(rec.shape)} where the metadata says {want}; the checkpoint is damaged"
             )
+
+    def _piece(self, chunk: Any) -> Any:
+        rec = read_chunk(self.folder / chunk.file, chunk.offset, chunk.length)
+        self._check(chunk, rec)
         return rec.renamed(self.tensor.fqn).to_torch()
 
 

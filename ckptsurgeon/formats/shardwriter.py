@@ -13,9 +13,11 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Any, BinaryIO, cast
 
 from ..core.record import TensorRecord
 from ..errors import CkptError, OutputError
@@ -104,6 +106,7 @@ def write(
     metadata: Mapping[str, str] | None = None,
     read_back: bool = False,
     progress: bool | None = None,
+    jobs: int = 1,
 ) -> list[Path]:
     """Write ``tensors`` into ``out_dir`` in Hugging Face's sharded layout; return the paths written.
 
@@ -114,7 +117,9 @@ def write(
     recorded in the shard's metadata and left out of the weight_map). ``read_back``: checksum each
     big span from the shard as it is written (see :mod:`ckptsurgeon.fileio.readback`), for a verification
     that follows; write-back starts early either way. ``progress``: one bar on stderr over all
-    shards (default: on a TTY, for big writes; see :mod:`ckptsurgeon.fileio.progress`).
+    shards (default: on a TTY, for big writes; see :mod:`ckptsurgeon.fileio.progress`). ``jobs``:
+    shards written at once, each by a thread of its own (the bytes are those of a serial write;
+    one failure stops the others and nothing is left).
 
     Example:
         >>> write(ckpt.weights().tensors, Path("out"), max_shard_bytes=parse_size("5GB"))  # doctest: +SKIP
@@ -143,9 +148,14 @@ def write(
     weight_map: dict[str, str] = {}
     try:
         with progress_bar(_data_bytes(tensors), progress, f"writing {final.name}") as bar:
-            for file_name, shard in zip(names, shards, strict=True):
-                part = {name: tensors[name] for name in shard}
-                written.append(_write_shard(staging / file_name, part, fmt, force, metadata, read_back, bar))
+            parts = [{name: tensors[name] for name in shard} for shard in shards]
+
+            def one(path: Path, part: Mapping[str, TensorRecord]) -> Path:
+                return _write_shard(path, part, fmt, force, metadata, read_back, bar)
+
+            items = [(staging / name, part) for name, part in zip(names, parts, strict=True)]
+            written += run_jobs(one, items, jobs)
+            for file_name, part in zip(names, parts, strict=True):
                 weight_map.update(dict.fromkeys(_stored_names(part, fmt), file_name))
             if index_name is not None:
                 written.append(_write_index(staging / index_name, tensors, weight_map, force, metadata))
@@ -155,6 +165,107 @@ def write(
     if created:
         return _publish(staging, final, written)
     return _replace_set(staging, final, fmt, written)
+
+
+def default_jobs() -> int:
+    """``--jobs`` when not given: the CPUs this process may run on.
+
+    Example:
+        >>> default_jobs() >= 1
+        True
+    """
+    affinity = getattr(os, "sched_getaffinity", None)
+    return max(1, len(affinity(0)) if affinity is not None else (os.cpu_count() or 1))
+
+
+class Stopped(CkptError):
+    """A job stopped because another one failed (never the error reported)."""
+
+
+def run_jobs(
+    work: Callable[[Path, Mapping[str, TensorRecord]], Path],
+    items: Sequence[tuple[Path, Mapping[str, TensorRecord]]],
+    jobs: int,
+) -> list[Path]:
+    """``work(path, part)`` for every item, ``jobs`` at a time (threads: the copying is pread/write
+    and zlib, which release the GIL), results in the items' order. The first failure stops the
+    others at their next write and is raised (the first item's, in order) once they have stopped;
+    an interrupt (Ctrl-C, SIGTERM) in the main thread stops them too and is raised at once (the
+    threads are daemons: a stalled write never holds the process).
+
+    Example:
+        >>> run_jobs(lambda path, part: path, [(Path("a"), {}), (Path("b"), {})], jobs=2)
+        [PosixPath('a'), PosixPath('b')]
+    """
+    if jobs <= 1 or len(items) <= 1:
+        return [work(path, part) for path, part in items]
+    from ..fileio.spans import current_context, job_scope
+
+    writer = current_context()
+    stop, finished, lock = threading.Event(), threading.Event(), threading.Lock()
+    order = iter(range(len(items)))
+    results: list[Path | None] = [None] * len(items)
+    errors: list[BaseException | None] = [None] * len(items)
+    running = [min(jobs, len(items))]
+
+    def worker() -> None:
+        with job_scope(writer), _stoppable(stop):
+            while not stop.is_set():
+                with lock:
+                    i = next(order, None)
+                if i is None:
+                    break
+                try:
+                    results[i] = work(*items[i])
+                except BaseException as exc:  # handed to the main thread
+                    errors[i] = exc
+                    stop.set()
+        with lock:
+            running[0] -= 1
+            if not running[0]:
+                finished.set()
+
+    for n in range(running[0]):
+        threading.Thread(target=worker, name=f"ckpt-shard-{n}", daemon=True).start()
+    try:
+        while not finished.wait(0.1):  # a timed wait: signals reach the main thread meanwhile
+            pass
+    except BaseException:
+        stop.set()
+        raise
+    failures = [e for e in errors if e is not None]
+    if failures:
+        raise next((e for e in failures if not isinstance(e, Stopped)), failures[0])
+    return [path for path in results if path is not None]
+
+
+_STOP = threading.local()
+
+
+@contextlib.contextmanager
+def _stoppable(stop: threading.Event) -> Iterator[None]:
+    """Make this thread's shard writes (:func:`_write_shard`) raise :class:`Stopped` once ``stop`` is set."""
+    _STOP.event = stop
+    try:
+        yield
+    finally:
+        _STOP.event = None
+
+
+class _StoppableFile:
+    """A write sink that raises :class:`Stopped` when another job has failed."""
+
+    def __init__(self, fh: BinaryIO, stop: threading.Event) -> None:
+        self._fh = fh
+        self._stop = stop
+
+    def write(self, data: Any) -> int:
+        if self._stop.is_set():
+            raise Stopped("stopped: another shard failed")
+        return int(self._fh.write(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
 
 
 def _discard_staging(staging: Path) -> None:
@@ -304,6 +415,9 @@ def _write_shard(
         checksumming_sources(),
     ):
         sink = counting(fh, bar)
+        stop = getattr(_STOP, "event", None)
+        if stop is not None:
+            sink = cast(BinaryIO, _StoppableFile(sink, stop))
         if fmt == "safetensors":
             from .safetensors import write as write_safetensors
 

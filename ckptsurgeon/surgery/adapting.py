@@ -385,8 +385,11 @@ def plan_adaptation(
     """
     from ..diffing.result import diff
 
+    # ``records`` are the chosen entry already; diff finds them again under ``key`` (which it also
+    # puts in the commands it suggests)
+    chosen = {key: records} if key else records
     result = diff(
-        records, target, key=key, source_label=source, target_label=target_spec, min_coverage=min_coverage
+        chosen, target, key=key, source_label=source, target_label=target_spec, min_coverage=min_coverage
     )
     plan = adapt_plan(records, result.diagnosis, reshaping)
     if reshaping.resizing is not None:

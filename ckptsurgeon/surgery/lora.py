@@ -419,6 +419,7 @@ def merge_lora(
     dry_run: bool = False,
     read_options: ReadOptions | None = None,
     progress: bool | None = None,
+    jobs: int | None = None,
 ) -> SurgeryResult:
     """Merge the LoRA adapter folder ``adapter`` into the weights of ``base`` and write ``output``.
 
@@ -433,7 +434,7 @@ def merge_lora(
         >>> r.written.summary()                                                               # doctest: +SKIP
         'wrote merged.safetensors (safetensors, 148 tensors, 474.7 MiB), verified bit for bit'
     """
-    options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress)
+    options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress, jobs)
     _need_output(options, dry_run)
     folder = adapter_folder(adapter)
     where = os.fspath(folder)

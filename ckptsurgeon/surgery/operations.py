@@ -49,6 +49,7 @@ def convert(
     dry_run: bool = False,
     read_options: ReadOptions | None = None,
     progress: bool | None = None,
+    jobs: int | None = None,
 ) -> SurgeryResult:
     """Convert ``src`` to ``.pth`` or ``.safetensors`` (by ``output``'s suffix, or ``to``), cast, or shard.
 
@@ -56,14 +57,15 @@ def convert(
     (bytes or ``"5GB"``) writes a folder of shards in Hugging Face's layout; a ``.pth`` output
     keeps every other entry of a training checkpoint unless ``weights_only``. ``force``
     overwrites an existing output; ``progress`` shows a bar on stderr (default: on a TTY, for
-    big files).
+    big files); ``jobs`` shards are written at once (default: one per CPU; the bytes are a serial
+    write's).
 
     Example:
         >>> r = ckptsurgeon.convert("resnet.pth", "/tmp/r.safetensors", force=True)  # doctest: +SKIP
         >>> r.written.summary()                                                     # doctest: +SKIP
         'wrote /tmp/r.safetensors (safetensors, 122 tensors, 189.6 KiB), verified bit for bit'
     """
-    options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress)
+    options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress, jobs)
     return _surgery(src, key, read_options, options, dry_run, lambda s: make_plan(s.tensors, []), dtype=dtype)
 
 
@@ -86,6 +88,7 @@ def rename(
     dry_run: bool = False,
     read_options: ReadOptions | None = None,
     progress: bool | None = None,
+    jobs: int | None = None,
 ) -> SurgeryResult:
     """Rename, drop or extract tensors (in :func:`rename_steps` order), then write like :func:`convert`.
 
@@ -102,7 +105,7 @@ def rename(
     steps = rename_steps(_names(strip_prefix), _names(add_prefix), tuple(replace), _names(drop), _names(keep))
     if not steps:
         raise SurgeryError("nothing to do: give --strip-prefix, --add-prefix, --replace, --drop or --keep")
-    options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress)
+    options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress, jobs)
 
     def make(source: Source) -> Plan:
         return make_plan(source.tensors, steps)
@@ -127,6 +130,7 @@ def strip_head(
     dry_run: bool = False,
     read_options: ReadOptions | None = None,
     progress: bool | None = None,
+    jobs: int | None = None,
 ) -> SurgeryResult:
     """Drop the classifier head (found by structure, or named by ``head``), or with ``target``
     exactly the tensors whose shapes do not fit it; every dropped tensor is in ``result.plan``.
@@ -142,7 +146,7 @@ def strip_head(
     """
     if target is not None and head is not None:
         raise SurgeryError("give --target or --head, not both")
-    options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress)
+    options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress, jobs)
     notes: list[str] = []
 
     def make(source: Source) -> Plan:
@@ -173,6 +177,7 @@ def adapt(
     dry_run: bool = False,
     read_options: ReadOptions | None = None,
     progress: bool | None = None,
+    jobs: int | None = None,
     resize_vocab: bool = False,
     new_rows: str = "mean",
     keep_classes: str | Sequence[int] | None = None,
@@ -219,7 +224,7 @@ def adapt(
         resample_pos_embed=resample_pos_embed,
         adapt_input_conv=adapt_input_conv,
     )
-    options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress)
+    options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress, jobs)
     _need_output(options, dry_run)
     resolved = resolve_target(target, _target_options(read_options), target_key)
     label = os.fspath(src)
@@ -264,6 +269,7 @@ def write_options(
     force: bool = False,
     verify: bool = True,
     progress: bool | None = None,
+    jobs: int | None = None,
 ) -> WriteOptions | None:
     """:class:`~ckptsurgeon.surgery.pipeline.WriteOptions` for ``output`` (``None`` without one: a dry run).
 
@@ -280,7 +286,9 @@ def write_options(
         from ..formats.shardwriter import parse_size
 
         shard_bytes = parse_size(max_shard_size)
-    options = WriteOptions(Path(output), to, dtype, shard_bytes, weights_only, force, verify, progress)
+    if jobs is not None and jobs < 1:
+        raise OutputError(f"--jobs {jobs}: give at least one job")
+    options = WriteOptions(Path(output), to, dtype, shard_bytes, weights_only, force, verify, progress, jobs)
     output_kind(options)
     return options
 

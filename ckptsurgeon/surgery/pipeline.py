@@ -24,7 +24,7 @@ from ..core.report import counted, human_bytes, plural, printable
 from ..core.source import Source
 from ..core.trees import dropped_entries, has_unread_values, rebuilt_tree, weights_payload
 from ..core.walk import records
-from ..errors import OutputError, SurgeryError
+from ..errors import CkptError, OutputError, SurgeryError
 from ..fileio.progress import counting, progress_bar
 from ..fileio.spans import FD_CACHE, vouched_copies, write_scope
 from ..fileio.writing import atomic_output, refuse_special_file
@@ -49,6 +49,7 @@ class WriteOptions:
 
     ``max_shard_size`` (bytes) writes a folder of shards in Hugging Face's layout.
     ``weights_only``: a ``.pth`` output holds only the weights (no optimizer, epoch ...).
+    ``jobs``: shards written at once (default: one per CPU), bytes as a serial write's.
     """
 
     output: Path
@@ -59,6 +60,7 @@ class WriteOptions:
     force: bool = False
     verify: bool = True
     progress: bool | None = None  # None: a bar when stderr is a TTY and the work is large
+    jobs: int | None = None  # shards written at once (None: one per CPU)
 
 
 @dataclass
@@ -115,6 +117,9 @@ def output_kind(options: WriteOptions) -> OutputKind:
     refuse_special_file(options.output)
     suffix = options.output.suffix.lower()
     named = output_kind_by_suffix(suffix)
+    folder = next((k for k in WRITERS.values() if k.folder and k.to == to), None)
+    if folder is not None:
+        return _folder_kind(folder, options, named)
     if options.max_shard_size is None and options.output.is_dir():
         raise OutputError(
             f"{options.output}: is a folder; name an output file ({_file_suffixes()}), "
@@ -142,9 +147,23 @@ def output_kind(options: WriteOptions) -> OutputKind:
     return output_kind_for(to, sharded=False)
 
 
+def _folder_kind(kind: OutputKind, options: WriteOptions, named: OutputKind | None) -> OutputKind:
+    """A folder output (``--to dcp``): refused with shards or a file's suffix."""
+    if options.max_shard_size is not None:
+        raise OutputError(f"--to {kind.to} writes one folder; leave out --max-shard-size")
+    if named is not None:
+        raise OutputError(
+            f"{options.output}: --to {kind.to} contradicts the suffix {options.output.suffix.lower()!r}: "
+            f"--to {kind.to} writes a folder; name a folder"
+        )
+    if options.output.exists() and not options.output.is_dir():
+        raise OutputError(f"{options.output}: exists and is not a folder; --to {kind.to} writes a folder")
+    return kind
+
+
 def _file_suffixes() -> str:
     """``.pth or .safetensors``: the suffix proposed for each one-file output kind."""
-    return " or ".join(k.suffixes[0] for k in WRITERS.values() if not k.sharded)
+    return " or ".join(k.suffixes[0] for k in WRITERS.values() if not k.sharded and k.suffixes)
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -181,7 +200,9 @@ def write_checkpoint(source: Source, plan: Plan | None, options: WriteOptions) -
     else:
         payload = weights_payload(source, tensors, plan, kind.holds_tree)
     with write_scope():  # this write's CRCs and helpers, seen by no other write
-        if kind.sharded:
+        if kind.folder:
+            files = _write_folder(tensors, options, kind, source.verify_options)
+        elif kind.sharded:
             files = _write_sharded(tensors, options, kind, source.verify_options)
         else:
             files = [_write_single(payload, options, kind, source.verify_options)]
@@ -212,7 +233,7 @@ def _layout_notes(tensors: Mapping[str, TensorRecord], kind: OutputKind, max_sha
         from ..formats.safetensors import ALIASES_KEY, find_aliases
 
         aliases = find_aliases(tensors) if _storages_shared(tensors) else {}
-        if aliases and kind.tensors_only:
+        if aliases and kind.tensors_only and not kind.ties_kept:
             pairs = [f"{alias} -> {kept}" for alias, kept in aliases.items()]
             whose = "its alias" if len(aliases) == 1 else "their aliases"
             notes.append(
@@ -315,6 +336,8 @@ def _write_sharded(
             f"{options.output}: holds the input's shards; write the new shards to another folder"
         )
 
+    from ..formats.shardwriter import default_jobs
+
     files = kind.load_writer()(
         tensors,
         options.output,
@@ -324,6 +347,7 @@ def _write_sharded(
         metadata={"format": "pt"},
         read_back=options.verify,
         progress=options.progress,
+        jobs=options.jobs or default_jobs(),
     )
     for f in files:
         FD_CACHE.forget(f)
@@ -337,6 +361,35 @@ def _write_sharded(
                 with contextlib.suppress(OSError):
                     f.unlink()
             raise
+    return files
+
+
+def _write_folder(
+    tensors: dict[str, TensorRecord], options: WriteOptions, kind: OutputKind, verify_options: ReadOptions
+) -> list[Path]:
+    """A folder output (DCP): built in a hidden folder beside the output, verified there (every tensor
+    read back by our reader and compared), then renamed into place."""
+    from .verify import verify
+
+    def check(folder: Path) -> None:
+        if not options.verify:
+            return
+        try:
+            verify(folder, tensors, label=str(options.output), read_options=verify_options)
+        except OutputError:
+            raise
+        except CkptError as exc:
+            raise OutputError(
+                f"{options.output}: verification failed: the written folder does not read back "
+                f"({exc.message}); nothing was kept"
+            ) from None
+        finally:  # the temporary folder's files get other names: no descriptor may outlive them
+            for f in folder.iterdir():
+                FD_CACHE.forget(f)
+
+    files: list[Path] = kind.load_writer()(tensors, options.output, force=options.force, check=check)
+    for f in files:
+        FD_CACHE.forget(f)
     return files
 
 
