@@ -41,7 +41,7 @@ INSTALL_HINT = "pip install 'ckptsurgeon[remote]'"
 PROTOCOL_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 PROTOCOL_PACKAGES.update({"hf": "huggingface_hub", "http": "aiohttp", "https": "aiohttp"})
 
-HEAD_BYTES = 64 << 10  # the first read of a file: a safetensors header usually fits in it
+HEAD_BYTES = 8 << 10  # the first read of a file: a small safetensors header fits in it
 TAIL_BYTES = 22 + 0xFFFF + 20 + 56  # a zip's end record (with the longest comment) and zip64 records
 MERGE_GAP = 16 << 10  # ranges closer than this are fetched in one request
 DOWNLOAD_CHUNK = 64 << 20  # a download's sequential range size
@@ -115,6 +115,9 @@ class Mirror:
             return self.url
         if text.startswith(base + os.sep):
             return self.url.rstrip("/") + "/" + text[len(base) + 1 :].replace(os.sep, "/")
+        parent = os.path.dirname(base)
+        if self.url.endswith(".index.json") and text.startswith(parent + os.sep):  # a shard beside its index
+            return self.url.rsplit("/", 1)[0] + "/" + text[len(parent) + 1 :].replace(os.sep, "/")
         root = os.fspath(self.root)
         return text.replace(root + os.sep, "").replace(root, "") if root in text else text
 
@@ -130,7 +133,11 @@ def mirror_of(path: Path | str) -> Mirror | None:
         >>> mirror_of("model.pth") is None
         True
     """
-    return MIRRORS.get(os.fspath(path))
+    text = os.fspath(path)
+    found = MIRRORS.get(text)
+    if found is not None:
+        return found
+    return next((m for m in MIRRORS.values() if text.startswith(os.fspath(m.root) + os.sep)), None)
 
 
 def open_mirror(url: str, headers_only: bool) -> Mirror:
