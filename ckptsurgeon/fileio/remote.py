@@ -47,6 +47,8 @@ MERGE_GAP = 16 << 10  # ranges closer than this are fetched in one request
 DOWNLOAD_CHUNK = 64 << 20  # a download's sequential range size
 SMALL_FILE = 16 << 20  # folder files fetched whole (index JSON, .metadata, configs) are at most this big
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+# Files of a remote folder a header-only read fetches whole (indexes, DCP .metadata, configs).
+METADATA_SUFFIXES = (".json", ".metadata", ".txt", ".yaml", ".yml", ".md", ".model")
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -298,7 +300,7 @@ class Remote:
 
     def _mirror_file(self, path: str, local: Path, info: dict[str, Any], headers_only: bool) -> None:
         size = int(info.get("size") or 0)
-        if not headers_only or (size <= SMALL_FILE and not local.name.endswith(WEIGHT_SUFFIXES)):
+        if not headers_only or (size <= SMALL_FILE and local.name.endswith(METADATA_SUFFIXES)):
             self.download(path, local, size)
             return
         with open(local, "wb") as fh:
