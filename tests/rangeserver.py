@@ -40,7 +40,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         path = self.translate_path(self.path)
         if not os.path.isfile(path):
             self.send_error(404)

@@ -4,7 +4,6 @@ results equal to the local ones, a Range-ignoring server refused, remote sources
 from __future__ import annotations
 
 import json
-import os
 import struct
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from conftest import FIXTURES, REAL, assert_one_line_error, run_cli
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rangeserver import serve  # noqa: E402
+from rangeserver import serve
 
 pytest.importorskip("fsspec")
 pytest.importorskip("aiohttp")
@@ -94,7 +93,7 @@ def test_inspect_1gib_pth_reads_directory_and_pickle_only(served: Any) -> None:
 
 
 def test_inspect_and_diff_of_fixture_pth_equal_local(served: Any) -> None:
-    folder, base, counters = served
+    folder, base, _ = served
     src = FIXTURES / "resnet_dp_6.pth"
     (folder / src.name).write_bytes(src.read_bytes())
     assert _strip(_inspect_json(f"{base}/{src.name}")) == _strip(_inspect_json(str(src)))
@@ -130,13 +129,14 @@ def _shards(folder: Path, count: int = 10) -> None:
     index = {"metadata": {"total_size": count * (256 * 256 + 256) * 4}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     (folder / "models.py").write_text(
-        "import torch\n\ndef stack(n):\n    return torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(n)])\n"
+        "import torch\n\n\ndef stack(n):\n"
+        "    return torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(n)])\n"
     )
 
 
 def test_diff_of_remote_ten_shards_reads_headers_only(served: Any) -> None:
     pytest.importorskip("torch")
-    folder, base, counters = served
+    folder, base, _ = served
     _shards(folder)
     target = f"{folder / 'models.py'}:stack(10)"
     result = run("diff", f"{base}/model.safetensors.index.json", target, "--format", "json")
@@ -148,14 +148,16 @@ def test_diff_of_remote_ten_shards_reads_headers_only(served: Any) -> None:
     assert doc["remote"]["bytes_read"] <= index + 10 * max(8 << 10, headers // 10) + 10
     assert doc["remote"]["bytes_read"] < 10 * 256 * 256 * 4 // 4
     assert doc["status"] == "ok"
-    local = json.loads(run("diff", str(folder / "model.safetensors.index.json"), target, "--format", "json").stdout)
+    local = json.loads(
+        run("diff", str(folder / "model.safetensors.index.json"), target, "--format", "json").stdout
+    )
     assert doc["matched"] == local["matched"] and doc["summary"] == local["summary"]
     remote_inspect = _inspect_json(f"{base}/model.safetensors.index.json")
     assert _strip(remote_inspect) == _strip(_inspect_json(str(folder / "model.safetensors.index.json")))
 
 
 def test_remote_convert_streams_and_verifies(served: Any, tmp_path: Path) -> None:
-    folder, base, counters = served
+    folder, base, _ = served
     src = REAL / "hf_gpt2_tiny" / "model.safetensors"
     (folder / "m.safetensors").write_bytes(src.read_bytes())
     out_remote, out_local = tmp_path / "remote.safetensors", tmp_path / "local.safetensors"
@@ -230,7 +232,9 @@ def test_s3_inspect_safetensors_pth_and_sharded_prefix(s3: Any, tmp_path: Path) 
     remote = _inspect_json("s3://ckpts/big.safetensors")
     assert remote["remote"]["bytes_read"] < MIB
     assert _strip(remote) == _strip(_inspect_json(str(big)))
-    assert _strip(_inspect_json("s3://ckpts/resnet.pth")) == _strip(_inspect_json(str(FIXTURES / "resnet_dp_6.pth")))
+    assert _strip(_inspect_json("s3://ckpts/resnet.pth")) == _strip(
+        _inspect_json(str(FIXTURES / "resnet_dp_6.pth"))
+    )
     shards = tmp_path / "shards"
     shards.mkdir()
     _shards(shards, 3)

@@ -7,7 +7,6 @@ on the meta device. This module holds the :class:`Target` every diff compares wi
 
 from __future__ import annotations
 
-
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace

@@ -22,13 +22,8 @@ downloaded silently. Storage options (S3 endpoint, credentials) come from fsspec
 
 from __future__ import annotations
 
-import atexit
-import json
 import os
 import re
-import shutil
-import struct
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +33,14 @@ from ..errors import CkptError, InputError
 
 INSTALL_HINT = "pip install 'ckptsurgeon[remote]'"
 # Packages that provide a protocol (what to tell a user whose fsspec lacks it).
-PROTOCOL_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+PROTOCOL_PACKAGES = {
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "az": "adlfs",
+    "abfs": "adlfs",
+}
 PROTOCOL_PACKAGES.update({"hf": "huggingface_hub", "http": "aiohttp", "https": "aiohttp"})
 
 HEAD_BYTES = 8 << 10  # the first read of a file: a small safetensors header fits in it
@@ -149,6 +151,10 @@ def open_mirror(url: str, headers_only: bool) -> Mirror:
         >>> open_mirror("http://127.0.0.1:8000/model.safetensors", True).traffic  # doctest: +SKIP
         Traffic(bytes_read=1208, requests=2)
     """
+    import atexit
+    import shutil
+    import tempfile  # here, not at import: inspect of a local file never needs it
+
     remote = Remote(url)
     root = Path(tempfile.mkdtemp(prefix="ckpt-remote-"))
     atexit.register(shutil.rmtree, root, True)
@@ -194,13 +200,13 @@ class Remote:
             return dict(self.fs.info(path))
         except FileNotFoundError:
             raise RemoteError(f"{self._url(path)}: no such remote file or folder") from None
-        except Exception as exc:  # noqa: BLE001 - every backend raises its own kinds
+        except Exception as exc:
             raise RemoteError(f"{self._url(path)}: cannot be reached ({_short(exc)})") from None
 
     def listing(self, path: str) -> list[dict[str, Any]]:
         try:
             return [dict(e) for e in self.fs.ls(path, detail=True)]
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise RemoteError(f"{self._url(path)}: cannot list the remote folder ({_short(exc)})") from None
 
     def _url(self, path: str) -> str:
@@ -220,7 +226,7 @@ class Remote:
                 got = fh.read(1)
         except ValueError:
             got = b""
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise RemoteError(f"{self._url(path)}: cannot be read ({_short(exc)})") from None
         self.traffic.add(len(got))
         if len(got) != 1:
@@ -242,7 +248,7 @@ class Remote:
                 datas = [self.fs.cat_file(path, start=starts[0], end=ends[0])]
             else:
                 datas = self.fs.cat_ranges([path] * len(merged), starts, ends, on_error="raise")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise RemoteError(f"{self._url(path)}: a range read failed ({_short(exc)})") from None
         out = []
         for (start, end), data in zip(merged, datas, strict=True):
@@ -251,8 +257,8 @@ class Remote:
             self.traffic.add(len(data))
             if len(data) != end - start:
                 raise RemoteError(
-                    f"{self._url(path)}: asked for bytes {start}-{end - 1} and got {len(data)} bytes: the server "
-                    "ignores Range requests (or the file changed); refusing to go on"
+                    f"{self._url(path)}: asked for bytes {start}-{end - 1} and got {len(data)} bytes: the "
+                    "server ignores Range requests (or the file changed); refusing to go on"
                 )
             out.append((start, data))
         return out
@@ -266,7 +272,9 @@ class Remote:
             folder.mkdir()
             files = [e for e in self.listing(self.path) if e.get("type") == "file"]
             for entry in files:
-                self._mirror_file(entry["name"], folder / entry["name"].rsplit("/", 1)[-1], entry, headers_only)
+                self._mirror_file(
+                    entry["name"], folder / entry["name"].rsplit("/", 1)[-1], entry, headers_only
+                )
             return folder
         if name.endswith(".index.json"):
             return self._mirror_index(root, info, headers_only)
@@ -276,6 +284,8 @@ class Remote:
 
     def _mirror_index(self, root: Path, info: dict[str, Any], headers_only: bool) -> Path:
         """An index URL (an HTTP "folder"): the index, and the shards it names beside it."""
+        import json
+
         folder = root / "model"
         folder.mkdir()
         local = folder / self.path.rsplit("/", 1)[-1]
@@ -293,7 +303,7 @@ class Remote:
                 shard_info = dict(self.fs.info(remote_path))
             except FileNotFoundError:
                 continue  # the sharded reader names the missing shard
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise RemoteError(f"{self._url(remote_path)}: cannot be reached ({_short(exc)})") from None
             self._mirror_file(remote_path, folder / shard, shard_info, headers_only)
         return local
@@ -328,7 +338,7 @@ class Remote:
                     done = end
                     if bar is not None:
                         bar.update(len(data))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise RemoteError(
                 f"{self._url(path)}: the connection failed after {done:,} of {size:,} bytes ({_short(exc)}); "
                 "nothing was written, run the command again"
@@ -432,6 +442,8 @@ class HeaderPlan:
         register_fetched(self.local, self.have)
 
     def _zip(self) -> None:
+        import struct
+
         from ..formats.zipio import read_directory
 
         self.get([(self.size - TAIL_BYTES, self.size)])
@@ -455,11 +467,15 @@ class HeaderPlan:
         self._members(list(members.values()))
 
     def _members(self, members: list[Any]) -> None:
+        import struct
+
         ranges = []
         for m in members:
             name_len = len(m.filename.encode("utf-8"))
             data = m.filename.split("/", 1)[-1].startswith("data/")
-            ranges.append((m.header_offset, m.header_offset + 30 + name_len + 128 + (0 if data else m.compress_size)))
+            ranges.append(
+                (m.header_offset, m.header_offset + 30 + name_len + 128 + (0 if data else m.compress_size))
+            )
         self.get(ranges)
         more = []  # local headers with longer extra fields than guessed
         for m in members:
