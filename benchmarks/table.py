@@ -81,6 +81,9 @@ def check(row: Row) -> tuple[str, bool]:
         base = row.base.mib if row.base is not None else None
         ok = base is None or mib < base
         return "less memory than the recipe" + unchecked, ok
+    if row.target == "remote":  # header-only range reads against downloading the file
+        ok = "torch" not in heavy and (speed is None or speed >= 1)
+        return "faster than downloading, no torch" + unchecked, ok
     if row.target == "meta":
         return "≤300 MiB (meta device)", mib <= 300
     if row.target == "many":
