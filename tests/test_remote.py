@@ -263,3 +263,21 @@ def test_s3_dcp_folder_reads_metadata_only(s3: Any, tmp_path: Path) -> None:
     result = run("diff", "s3://ckpts/step_1", str(tmp_path / "target.json"), "--format", "json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["remote"]["bytes_read"] == metadata
+
+
+def test_remote_rename_and_remote_diff_target(served: Any, tmp_path: Path) -> None:
+    folder, base, _ = served
+    src = FIXTURES / "resnet_dp_6.pth"
+    (folder / src.name).write_bytes(src.read_bytes())
+    (tmp_path / "r").mkdir()
+    (tmp_path / "l").mkdir()
+    out_remote, out_local = tmp_path / "r" / "m.pth", tmp_path / "l" / "m.pth"  # the archive names its file
+    result = run("rename", f"{base}/{src.name}", "--strip-prefix", "module.", "-o", str(out_remote))
+    assert result.exit_code == 0, result.stderr
+    assert run("rename", str(src), "--strip-prefix", "module.", "-o", str(out_local)).exit_code == 0
+    assert out_remote.read_bytes() == out_local.read_bytes()
+    remote = run("diff", str(out_local), f"{base}/{src.name}", "--format", "json")
+    local = run("diff", str(out_local), str(src), "--format", "json")
+    assert remote.exit_code == local.exit_code
+    remote_doc, local_doc = json.loads(remote.stdout), json.loads(local.stdout)
+    assert remote_doc["summary"] == local_doc["summary"] and remote_doc["matched"] == local_doc["matched"]
