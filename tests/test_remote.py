@@ -281,3 +281,8 @@ def test_remote_rename_and_remote_diff_target(served: Any, tmp_path: Path) -> No
     assert remote.exit_code == local.exit_code
     remote_doc, local_doc = json.loads(remote.stdout), json.loads(local.stdout)
     assert remote_doc["summary"] == local_doc["summary"] and remote_doc["matched"] == local_doc["matched"]
+
+
+def test_scan_of_a_url_says_to_download_first() -> None:
+    result = run("scan", "http://127.0.0.1:9/model.pth")
+    assert_one_line_error(result, "http://127.0.0.1:9/model.pth", "download it first")
