@@ -176,7 +176,7 @@ def run_op(op: Op, repeat: int, with_baseline: bool) -> Row:
         if op.startup is not None:
             startup.add(*measure(op.startup))
             remove(*(p for p in (ours_out,) if p is not None))
-    imports = heavy_imports(op.ours) if op.target in ("help", "instant", "listing") else None
+    imports = heavy_imports(op.ours) if op.target in ("help", "instant", "listing", "remote") else None
     return Row(
         op.name,
         op.target,
@@ -187,6 +187,27 @@ def run_op(op: Op, repeat: int, with_baseline: bool) -> Row:
         startup if startup.walls else None,
         same,
         imports,
+    )
+
+
+def serve_remote(files: Files) -> subprocess.Popen[str]:
+    """Serve the work folder on loopback with Range (tests/rangeserver.py); set ``files.url``."""
+    server_py = Path(__file__).resolve().parent.parent / "tests" / "rangeserver.py"
+    proc = subprocess.Popen([PY, str(server_py), str(files.work), "0"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    base = proc.stdout.readline().split(" on ", 1)[1].strip()
+    files.url = base + files.st.name
+    return proc
+
+
+def report_remote_bytes(op: Op, files: Files) -> None:
+    """Print what ``ckpt inspect`` of the served file fetched, against the file's size."""
+    out = subprocess.run(op.ours, capture_output=True, text=True, check=False).stdout
+    remote = json.loads(out)["remote"]
+    print(
+        f"inspect-remote: fetched {remote['bytes_read']:,} bytes in {remote['requests']} range requests "
+        f"of a {files.st.stat().st_size:,}-byte file (the recipe downloads all of it)",
+        file=sys.stderr,
     )
 
 
@@ -203,6 +224,7 @@ class Files:
     models: Path
     soup: tuple[Path, ...] = ()
     lora: Path | None = None
+    url: str = ""  # model.safetensors served on loopback with Range (inspect-remote)
 
 
 def generate(work: Path, size: int, many: int, names: set[str]) -> Files:
@@ -270,6 +292,12 @@ def operations(f: Files) -> list[Op]:
         Op("help", [*ckpt, "--help"], [*py, recipes.IMPORT_TORCH], "help"),
         Op(
             "inspect-st", [*ckpt, "inspect", str(f.st)], [*py, recipes.LIST_SAFETENSORS, str(f.st)], "instant"
+        ),
+        Op(
+            "inspect-remote",
+            [*ckpt, "inspect", f.url, "--format", "json"],
+            [*py, recipes.DOWNLOAD_AND_LIST, f.url],
+            "remote",
         ),
         Op(
             "inspect-sharded",
@@ -407,6 +435,7 @@ def operations(f: Files) -> list[Op]:
 
 
 NEEDS_PTH = {
+    "inspect-remote",
     "inspect-pth-mmap",
     "inspect-pth-full",
     "convert-pth",
@@ -422,6 +451,7 @@ NEEDS_PTH = {
 OP_NAMES = (
     "help",
     "inspect-st",
+    "inspect-remote",
     "inspect-sharded",
     "inspect-pth-mmap",
     "inspect-pth-full",
@@ -477,11 +507,17 @@ def main(argv: list[str] | None = None) -> int:
             f"in {time.perf_counter() - started:.1f} s; load: {os.getloadavg()[0]:.2f}",
             file=sys.stderr,
         )
+        server = serve_remote(files) if "inspect-remote" in names else None
         rows = []
         for op in operations(files):
             if op.name in names:
                 print(f"running {op.name} ...", file=sys.stderr)
                 rows.append(run_op(op, args.repeat, not args.no_baseline))
+                if op.name == "inspect-remote":
+                    report_remote_bytes(op, files)
+        if server is not None:
+            server.kill()
+            server.wait()
     finally:
         if args.keep:
             print(f"kept {work}", file=sys.stderr)

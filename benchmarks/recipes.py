@@ -17,6 +17,21 @@ with safe_open(sys.argv[1], framework="pt") as f:
         print(k, s.get_dtype(), s.get_shape())
 """
 
+# the plain way to look into a remote file: download it, then list it
+DOWNLOAD_AND_LIST = """
+import sys, tempfile, urllib.request
+from safetensors import safe_open
+with tempfile.NamedTemporaryFile(suffix=".safetensors") as tmp:
+    with urllib.request.urlopen(sys.argv[1]) as r:
+        while chunk := r.read(1 << 20):
+            tmp.write(chunk)
+    tmp.flush()
+    with safe_open(tmp.name, framework="pt") as f:
+        for k in f.keys():
+            s = f.get_slice(k)
+            print(k, s.get_dtype(), s.get_shape())
+"""
+
 LIST_SHARDED = """
 import sys, pathlib
 from safetensors import safe_open

@@ -88,6 +88,9 @@ def check(row: Row) -> tuple[str, bool]:
     if row.target == "parallel":  # the "recipe" is the same write with --jobs 1
         ok = row.same.startswith("byte-identical") and (speed is None or speed >= 0.9)
         return "byte-identical to --jobs 1, not slower (≥0.9×)" + unchecked, ok
+    if row.target == "remote":  # header-only range reads against downloading the file
+        ok = "torch" not in heavy and (speed is None or speed >= 1)
+        return "faster than downloading, no torch" + unchecked, ok
     if row.target == "meta":
         return "≤300 MiB (meta device)", mib <= 300
     if row.target == "many":

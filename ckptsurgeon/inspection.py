@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from .core.grouping import collapse, natural_sorted
 from .core.prefixes import common_prefix, wrapper_prefix
 from .core.record import TensorRecord
 from .core.report import dump_json, format_shape, human_bytes, human_count, render_fields, render_table
+from .fileio.remote import Mirror, mirror_of
 from .formats import ReadOptions, open_checkpoint
 
 # Buffers that are state, not learned parameters.
@@ -42,10 +43,10 @@ class InspectReport:
         (38, '')
     """
 
-    path: Path
+    path: Path | str  # a str: a remote checkpoint's URL
     format: str
     file_size: int
-    files: list[Path]
+    files: list[Path | str]
     weights: StateDictCandidate
     weights_chosen_by: str  # "default" or "--key"
     candidates: list[StateDictCandidate]
@@ -54,6 +55,7 @@ class InspectReport:
     notes: list[str] = field(default_factory=list)
     sha256: str | None = None
     averaged: list[AveragedCopy] = field(default_factory=list)
+    remote: Mirror | None = None  # a remote checkpoint: its URL and what was fetched
 
     # -- derived facts ----------------------------------------------------------------------
     @property
@@ -154,6 +156,7 @@ class InspectReport:
             "metadata": self.metadata,
             "notes": self.notes,
             **({"sha256": self.sha256} if self.sha256 else {}),
+            **({"remote": self.remote.to_json()} if self.remote is not None else {}),
         }
 
     def render(self, fmt: str = "table", show_all: bool = False) -> str:
@@ -201,6 +204,8 @@ class InspectReport:
             fields.append(("metadata", shown[:100]))
         if self.sha256:
             fields.append(("sha256", self.sha256))
+        if self.remote is not None:
+            fields.append(("fetched", self.remote.describe()))
         return fields
 
     def _prefix_line(self) -> str:
@@ -273,14 +278,19 @@ def inspect(
         >>> report.weights.key, report.wrapper_prefix                   # doctest: +SKIP
         ('state_dict', 'model.')
     """
+    if not isinstance(path, Checkpoint):
+        options = replace(options or ReadOptions(), headers_only=not with_hash)
     ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, options)
     weights = ckpt.weights(key)
     candidates = ckpt.candidates()
+    sha256 = _sha256_files(ckpt.files or (ckpt.path,), options) if with_hash else None
+    mirror = mirror_of(ckpt.path)
+    shown: Callable[[Path], Path | str] = (lambda p: p) if mirror is None else mirror.display
     return InspectReport(
-        path=ckpt.path,
+        path=shown(ckpt.path),
         format=ckpt.format,
         file_size=ckpt.file_size,
-        files=list(ckpt.files) or [ckpt.path],
+        files=[shown(f) for f in ckpt.files] or [shown(ckpt.path)],
         weights=weights,
         weights_chosen_by="--key" if key is not None else "default",
         candidates=candidates,
@@ -288,7 +298,8 @@ def inspect(
         metadata=dict(ckpt.metadata),
         notes=list(ckpt.notes),
         averaged=ckpt.averaged_copies(),
-        sha256=_sha256_files(ckpt.files or (ckpt.path,), options) if with_hash else None,
+        sha256=sha256,
+        remote=mirror,
     )
 
 

@@ -60,6 +60,7 @@ class DiffResult:
     explanation: Explanation
     target_notes: tuple[str, ...] = ()
     min_coverage: float | None = None
+    remote: dict[str, Any] | None = None  # a remote source: its URL, bytes read, requests
 
     # -- PyTorch's lists, as saved ------------------------------------------------------------------
     @property
@@ -144,7 +145,10 @@ class DiffResult:
             self.target_notes,
             self.headline,
         )
-        return render_text(header, self.comparison, self.diagnosis, self.explanation, fmt, verbose)
+        text = render_text(header, self.comparison, self.diagnosis, self.explanation, fmt, verbose)
+        if self.remote is not None:
+            text += f"remote: {self.remote['url']}: fetched {self.remote['fetched']}\n"
+        return text
 
     def to_json(self) -> dict[str, Any]:
         """The documented JSON object (README, "The JSON shape of ckpt diff")."""
@@ -156,6 +160,7 @@ class DiffResult:
             "min_coverage": threshold(self.min_coverage),
             "headline": self.headline,
             "source": {"path": self.source, "key": self.source_key, "tensors": self.source_count},
+            **({"remote": self.remote} if self.remote is not None else {}),
             "target": {
                 "spec": self.target,
                 "kind": self.target_kind,
@@ -205,6 +210,15 @@ class DiffResult:
             **self.comparison.counts(),
             "coverage_percent": round(self.coverage, 2),
         }
+
+
+def headers_only(options: ReadOptions | None) -> ReadOptions:
+    """``options`` for a read of records only (a remote checkpoint is fetched as headers only)."""
+    from dataclasses import replace
+
+    from ..formats import ReadOptions
+
+    return replace(options or ReadOptions(), headers_only=True)
 
 
 def diff(
@@ -260,7 +274,18 @@ def diff(
         explanation=explanation,
         target_notes=resolved.notes,
         min_coverage=min_coverage,
+        remote=_remote_traffic(opened),
     )
+
+
+def _remote_traffic(opened: Checkpoint | None) -> dict[str, Any] | None:
+    """What was fetched of a remote source (None for a local one)."""
+    from ..fileio.remote import mirror_of
+
+    mirror = mirror_of(opened.path) if opened is not None else None
+    if mirror is None:
+        return None
+    return {**mirror.to_json(), "fetched": mirror.describe()}
 
 
 @dataclass(frozen=True)
@@ -294,9 +319,9 @@ def source_records(
     if isinstance(source, str | os.PathLike):
         from ..formats import open_checkpoint
 
-        opened = open_checkpoint(source, read_options)
+        opened = open_checkpoint(source, headers_only(read_options))
         candidate = opened.weights(key)
-        return SourceRecords(str(source), candidate.key, dict(candidate.tensors), opened)
+        return SourceRecords(os.fspath(source), candidate.key, dict(candidate.tensors), opened)
     if isinstance(source, Checkpoint):
         candidate = source.weights(key)
         return SourceRecords(str(source.path), candidate.key, dict(candidate.tensors), source)

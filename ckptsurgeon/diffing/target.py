@@ -66,6 +66,10 @@ def resolve_target(spec: str, read_options: ReadOptions | None = None, key: str 
         raise TargetError(
             "the target is empty; name a checkpoint or a call such as 'models.py:build(num_classes=2)'"
         )
+    from ..fileio.remote import is_remote
+
+    if is_remote(spec) and "(" not in spec:
+        return _from_checkpoint(spec, read_options, key)
     path = Path(spec)
     if "(" not in spec or stat_error(path) is None:
         return _from_path(path, read_options, key)
@@ -134,9 +138,15 @@ def _from_path(path: Path, read_options: ReadOptions | None, key: str | None = N
             f"{path}: a JSON target must be what `ckpt inspect --format json` prints "
             "(an object with a 'tensors' list); this file is not"
         )
-    from ..formats import open_checkpoint
+    return _from_checkpoint(path, read_options, key)
 
-    candidate = open_checkpoint(path, read_options).weights(key)
+
+def _from_checkpoint(path: Path | str, read_options: ReadOptions | None, key: str | None) -> Target:
+    """A checkpoint target (local or remote), its records read from headers only."""
+    from ..formats import ReadOptions, open_checkpoint
+
+    only_headers = replace(read_options or ReadOptions(), headers_only=True)
+    candidate = open_checkpoint(path, only_headers).weights(key)
     where = f" [{candidate.key}]" if candidate.key else ""
     return target_from_records(candidate.tensors, f"{path}{where}", "checkpoint")
 

@@ -100,9 +100,14 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
 
 FD_CACHE = _FdCache()
 
+# Set by fileio.remote when a header-only mirror exists: refuses reads of bytes never fetched.
+FETCH_GUARD: Callable[[Path | str, int, int], None] | None = None
+
 
 def pread_exact(path: Path, offset: int, length: int) -> bytes:
     """Read exactly ``length`` bytes at ``offset`` or raise ``EOFError`` (a truncated file)."""
+    if FETCH_GUARD is not None:
+        FETCH_GUARD(path, offset, length)
     fd = FD_CACHE.get(path)
     parts: list[bytes] = []
     remaining = length
@@ -125,6 +130,8 @@ def pread_into(path: Path, offset: int, view: memoryview) -> None:
         >>> buf = bytearray(1024)
         >>> pread_into(Path("model.safetensors"), 8, memoryview(buf))   # doctest: +SKIP
     """
+    if FETCH_GUARD is not None:
+        FETCH_GUARD(path, offset, len(view))
     fd = FD_CACHE.get(path)
     got, length = 0, len(view)
     while got < length:
@@ -437,6 +444,8 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 def _read_span(fd: int, path: Path | str, offset: int, length: int) -> Iterator[memoryview]:
+    if FETCH_GUARD is not None:
+        FETCH_GUARD(path, offset, length)
     buf = aligned_buffer()[:COPY_CHUNK]
     pos, end = offset, offset + length
     while pos < end:

@@ -30,12 +30,15 @@ class ReadOptions:
     ``unsafe``: full pickle trust (``--unsafe-trust-pickle``), which can run code.
     ``check``: verify every CRC and every byte span, not only the structure.
     ``progress``: a bar on stderr while ``check`` reads a whole file (None: on a TTY, for big files).
+    ``headers_only``: the caller reads records, never tensor bytes, so a remote checkpoint is
+    fetched as headers only (``inspect``, ``diff``); else it is downloaded (see fileio.remote).
     """
 
     allow_globals: frozenset[str] = frozenset()
     unsafe: bool = False
     check: bool = False
     progress: bool | None = None
+    headers_only: bool = False
 
 
 # format name -> "module:function"
@@ -180,11 +183,27 @@ def open_checkpoint(path: str | os.PathLike[str], options: ReadOptions | None = 
         38
     """
     options = options or ReadOptions()
+    from ..fileio.remote import is_remote
+
+    if is_remote(path):
+        return _open_remote(os.fspath(path), options)
     path = Path(path)
     fmt = detect(path)
     module_name, func_name = READERS[fmt].split(":")
     reader = getattr(importlib.import_module(module_name), func_name)
     return reader(path, options)
+
+
+def _open_remote(url: str, options: ReadOptions) -> Checkpoint:
+    """A remote checkpoint, read through a local mirror of its headers (or of all of it)."""
+    from ..errors import CkptError
+    from ..fileio.remote import map_error, open_mirror
+
+    mirror = open_mirror(url, options.headers_only and not options.check and not options.unsafe)
+    try:
+        return open_checkpoint(mirror.local, options)
+    except CkptError as exc:
+        raise map_error(exc, mirror) from None
 
 
 def detect(path: Path) -> str:

@@ -123,6 +123,13 @@ def scan(path: str | os.PathLike[str], options: ReadOptions | None = None) -> Sc
         ['os.system']
     """
     options = options or ReadOptions()
+    from ..fileio.remote import is_remote
+
+    if is_remote(path):
+        raise InputError(
+            f"{os.fspath(path)}: ckpt scan reads local files (every pickle of the file, not its headers); "
+            "download it first (ckpt inspect and ckpt diff read a remote checkpoint's headers)"
+        )
     path = Path(path)
     st = check_input_path(path)
     if not os.path.isdir(path):
