@@ -1,0 +1,569 @@
+"""A mapping proposed by structure: a source's tensors paired with a target's by order, shape and blocks.
+
+Names differ between implementations of one network (torchvision's ``encoder.layers.encoder_layer_3``
+is timm's ``blocks.3``), so suffixes pair little. Structure pairs more: both sides in module order,
+with shapes; the repeated blocks of each side found (a numbered segment whose blocks hold the same
+tensors) and aligned (equal block counts, equal parameters per block); then, inside a block and
+outside, tensors paired when order and shape agree. A pair is ``certain`` only when nothing else
+could take its place: its shape is unique on both sides, or same-shape tensors stand in the same
+place between certain pairs (their "slot") in the same sequence; names that agree confirm a pair.
+Anything else is ``ambiguous`` with the reason, and so is a pair whose names give it different roles
+(a ``pooler`` is not a ``classifier``). Fused/split tensors (one ``[3d, d]`` against three ``[d, d]``),
+transposed ones (GPT-2's Conv1D against ``nn.Linear``) and a 1x1 conv against a linear layer are
+recognised from shapes and proposed as split/concat, transpose and reshape transforms.
+
+The result generalises pairs inside blocks back into templates (``blocks.{n}.attn.qkv.weight``).
+Nothing here reads tensor data or imports torch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .heads import HEAD_ROLE_NAMES
+
+Shape = tuple[int, ...]
+CERTAIN = "certain"
+AMBIGUOUS = "ambiguous"
+# A numbered segment starts a repeated block when its stem is empty (``blocks.3``) or ends so
+# (``encoder_layer_3``, ``layer3``); ``norm1``/``fc2`` are two modules, not blocks.
+_BLOCK_STEM = re.compile(r"^(?:|.*_|.*layer|.*block)$")
+_NUMBERED = re.compile(r"^(.*?)(\d+)$")
+_GENERIC_WORDS = frozenset({"proj", "linear", "dense", "weight", "bias", "layer", "module", "w", "self"})
+_FUSED_PARTS = (2, 3, 4)
+_ROTARY = (re.compile(r"(^|\.)w[qk]\.weight$"), re.compile(r"(^|\.)[qk]_proj\.weight$"))
+
+
+@dataclass(frozen=True)
+class ProposedRule:
+    """One proposed step: ``sources`` become ``targets`` by ``op`` (names may hold ``{n}``, a block number).
+
+    ``op``: ``rename`` (one to one), ``split`` (one source into several targets along ``dim``),
+    ``concat`` (several sources into one target along ``dim``), ``transpose`` (2-D, dims swapped),
+    ``reshape`` (to the target's shape). ``status``: ``certain`` or ``ambiguous``; ``reason`` says why.
+
+    Example:
+        >>> r = ProposedRule(("heads.head.weight",), ("head.weight",), "rename", CERTAIN, "unique shape")
+        >>> r.expand(0)
+        (('heads.head.weight',), ('head.weight',))
+    """
+
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+    op: str
+    status: str
+    reason: str
+    dim: int | None = None
+    blocks: tuple[tuple[int, int], ...] = ()
+    target_shapes: tuple[Shape, ...] = ()
+
+    def expand(self, index: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The concrete names of block pair ``index`` (of ``blocks``); the names as they are outside blocks."""
+        if not self.blocks:
+            return self.sources, self.targets
+        src_n, tgt_n = self.blocks[index]
+        return (
+            tuple(s.replace("{n}", str(src_n)) for s in self.sources),
+            tuple(t.replace("{n}", str(tgt_n)) for t in self.targets),
+        )
+
+    def concrete(self) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+        """Every concrete (sources, targets) this rule stands for."""
+        return [self.expand(i) for i in range(max(1, len(self.blocks)))]
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A proposed mapping from a source's tensors to a target's, with what it leaves out.
+
+    Example:
+        >>> p = propose({"a.w": (4, 2)}, {"b.w": (4, 2)})
+        >>> [(r.sources, r.targets, r.status) for r in p.rules]
+        [(('a.w',), ('b.w',), 'certain')]
+        >>> p.covered, p.unfilled, p.unused
+        (1, (), ())
+    """
+
+    rules: tuple[ProposedRule, ...]
+    target_count: int
+    unfilled: tuple[str, ...] = ()
+    unused: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def covered(self) -> int:
+        """How many target tensors a rule fills."""
+        return self.target_count - len(self.unfilled)
+
+    @property
+    def ambiguous(self) -> tuple[ProposedRule, ...]:
+        """The rules a person must confirm."""
+        return tuple(r for r in self.rules if r.status != CERTAIN)
+
+    def summary(self) -> str:
+        """One line: target tensors covered, rules to confirm, unfilled and unused tensors."""
+        return (
+            f"{self.covered}/{self.target_count} target tensors covered by {len(self.rules)} rules; "
+            f"{len(self.ambiguous)} ambiguous (to confirm), {len(self.unfilled)} target tensors unfilled, "
+            f"{len(self.unused)} source tensors unused"
+        )
+
+
+# -- one side's structure ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Group:
+    """Repeated blocks: names ``{head}{n}.{rest}`` for each number, the same (rest, shape) list in each."""
+
+    head: str
+    numbers: tuple[int, ...]
+    members: tuple[tuple[str, Shape], ...]
+    first: int  # position of its first tensor in the side's order
+
+    def name(self, number: int | str, rest: str) -> str:
+        return f"{self.head}{number}.{rest}"
+
+    @property
+    def numel(self) -> int:
+        return sum(_numel(shape) for _, shape in self.members)
+
+
+@dataclass(frozen=True)
+class _Side:
+    flat: tuple[tuple[str, Shape, int], ...]  # name, shape, position
+    groups: tuple[_Group, ...]
+
+
+def _numel(shape: Shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _numbered_splits(name: str) -> list[tuple[str, int, str]]:
+    """Each way to read ``name`` as ``{head}{number}.{rest}`` at a block-like numbered segment."""
+    parts = name.split(".")
+    found = []
+    for i, part in enumerate(parts[:-1]):
+        match = _NUMBERED.match(part)
+        if match and _BLOCK_STEM.match(match.group(1)):
+            head = ".".join(parts[:i]) + "." + match.group(1) if i else match.group(1)
+            found.append((head, int(match.group(2)), ".".join(parts[i + 1 :])))
+    return found
+
+
+def _structure(shapes: Mapping[str, Shape]) -> _Side:
+    """Find the repeated blocks of one side (outermost first); everything else is flat."""
+    order = {name: i for i, name in enumerate(shapes)}
+    candidates: dict[str, dict[int, list[tuple[str, Shape]]]] = {}
+    for name, shape in shapes.items():
+        for head, number, rest in _numbered_splits(name):
+            candidates.setdefault(head, {}).setdefault(number, []).append((rest, tuple(shape)))
+    valid = {
+        head: blocks
+        for head, blocks in candidates.items()
+        if len(blocks) >= 2 and len({tuple(members) for members in blocks.values()}) == 1
+    }
+    owner: dict[str, str] = {}
+    for head in sorted(valid, key=len):
+        for number, members in valid[head].items():
+            for rest, _ in members:
+                owner.setdefault(f"{head}{number}.{rest}", head)
+    groups = []
+    for head, blocks in valid.items():
+        numbers = tuple(sorted(blocks))
+        names = [f"{head}{n}.{rest}" for n in numbers for rest, _ in blocks[n]]
+        if all(owner.get(n) == head for n in names):
+            first = min(order[n] for n in names)
+            groups.append(_Group(head, numbers, tuple(blocks[numbers[0]]), first))
+    grouped = {n for n, head in owner.items() if any(g.head == head for g in groups)}
+    flat = tuple((n, tuple(s), order[n]) for n, s in shapes.items() if n not in grouped)
+    return _Side(flat, tuple(sorted(groups, key=lambda g: g.first)))
+
+
+def _align_groups(src: Sequence[_Group], tgt: Sequence[_Group]) -> list[tuple[_Group, _Group]]:
+    """Pair block groups in order: equal block counts and equal parameters per block."""
+    pairs, used = [], set()
+    for s in src:
+        for j, t in enumerate(tgt):
+            if j not in used and len(s.numbers) == len(t.numbers) and s.numel == t.numel:
+                pairs.append((s, t))
+                used.add(j)
+                break
+    return pairs
+
+
+# -- pairing one segment (a block, or everything outside blocks) ------------------------------------
+@dataclass
+class _Item:
+    name: str
+    shape: Shape
+    pos: int
+    paired: bool = False
+
+
+@dataclass(frozen=True)
+class _Pair:
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+    op: str
+    status: str
+    reason: str
+    dim: int | None = None
+    target_shapes: tuple[Shape, ...] = ()
+
+
+_Take = Callable[[_Item, _Item, str, str], None]
+_Key = Callable[[Shape], Shape]
+
+
+def _role(name: str) -> str:
+    """What a tensor is for, by its name: pooler, head, class token, position table, or nothing."""
+    parts = name.split(".")
+    last = parts[-1].lower()
+    if "pooler" in parts:
+        return "pooler"
+    if ("cls" in last or "class" in last) and "token" in last:
+        return "class-token"
+    if "pos" in last and ("emb" in last or "embed" in last):
+        return "position"
+    if any(p in HEAD_ROLE_NAMES for p in parts[:-1]):
+        return "head"
+    return ""
+
+
+def _roles_conflict(a: str, b: str) -> bool:
+    """Roles that never pair: a pooler with anything else, a class token or position table with
+    anything else (``head`` against no role is fine: Meta's ``output`` is Hugging Face's ``lm_head``)."""
+    ra, rb = _role(a), _role(b)
+    strong = {"pooler", "class-token", "position"}
+    return ra != rb and bool({ra, rb} & strong) or {ra, rb} == {"head", "pooler"}
+
+
+def _words(name: str) -> set[str]:
+    """The telling words of a name's module (``wq`` also reads as ``q``)."""
+    parts = name.split(".")
+    module = parts[-2] if len(parts) > 1 else parts[-1]
+    words = {w for w in re.split(r"[_\d]+", module.lower()) if w and w not in _GENERIC_WORDS}
+    words |= {w[1:] for w in words if len(w) in (2, 3) and w.startswith("w")}
+    return words
+
+
+def _names_agree(a: str, b: str) -> bool:
+    return a.split(".")[-1] == b.split(".")[-1] and bool(_words(a) & _words(b))
+
+
+def _pair_segment(src: list[_Item], tgt: list[_Item]) -> list[_Pair]:
+    """Pair two segments' tensors: names, unique shapes, slots between certain pairs, then transforms."""
+    pairs: list[_Pair] = []
+    anchors: list[tuple[int, int]] = []  # (source pos, target pos) of certain pairs
+
+    def take(s: _Item, t: _Item, status: str, reason: str, op: str = "rename") -> None:
+        s.paired = t.paired = True
+        if _roles_conflict(s.name, t.name):
+            status, reason = AMBIGUOUS, f"same shape but different roles ({_role(s.name)} vs {_role(t.name)})"
+        pairs.append(_Pair((s.name,), (t.name,), op, status, reason, None, (t.shape,)))
+        if status == CERTAIN:
+            anchors.append((s.pos, t.pos))
+
+    _pair_exact_names(src, tgt, take)
+    pairs += _same_name_transforms(src, tgt)
+    t_names, s_names = {t.name for t in tgt}, {s.name for s in src}
+
+    def take_checked(s: _Item, t: _Item, status: str, reason: str, op: str = "rename") -> None:
+        if status == CERTAIN and (s.name in t_names or t.name in s_names):
+            status, reason = AMBIGUOUS, f"{reason}, but the names pair otherwise on the other side"
+        take(s, t, status, reason, op)
+
+    _pair_unique_shapes(src, tgt, take_checked, key=lambda shape: shape)
+    _pair_slots(src, tgt, anchors, take_checked)
+    _pair_by_class_order(src, tgt, take_checked)
+    pairs += _pair_transforms(src, tgt)
+    return _square_transposes(_rotary_notes(pairs))
+
+
+def _same_name_transforms(src: list[_Item], tgt: list[_Item]) -> list[_Pair]:
+    """A name on both sides whose shape is transposed or has 1-sized dimensions more or less."""
+    by_name = {t.name: t for t in _free(tgt)}
+    out = []
+    for s in _free(src):
+        t = by_name.get(s.name)
+        if t is None:
+            continue
+        for op, key in (("transpose", _transposed), ("reshape", _squeezed)):
+            if key(s.shape) == (t.shape if op == "transpose" else _squeezed(t.shape)) and min(key(s.shape)) >= 0:
+                s.paired = t.paired = True
+                reason = f"same name; {_fmt(s.shape)} -> {_fmt(t.shape)}"
+                out.append(_Pair((s.name,), (t.name,), op, CERTAIN, reason, None, (t.shape,)))
+                break
+    return out
+
+
+def _free(items: Iterable[_Item]) -> list[_Item]:
+    return [i for i in items if not i.paired]
+
+
+def _pair_exact_names(src: list[_Item], tgt: list[_Item], take: _Take) -> None:
+    by_name = {t.name: t for t in tgt}
+    for s in src:
+        t = by_name.get(s.name)
+        if t is not None and t.shape == s.shape:
+            take(s, t, CERTAIN, "same name and shape")
+
+
+def _classes(items: Iterable[_Item], key: _Key) -> dict[Shape, list[_Item]]:
+    out: dict[Shape, list[_Item]] = {}
+    for item in _free(items):
+        out.setdefault(key(item.shape), []).append(item)
+    return out
+
+
+def _pair_unique_shapes(src: list[_Item], tgt: list[_Item], take: _Take, key: _Key) -> None:
+    s_classes, t_classes = _classes(src, key), _classes(tgt, key)
+    for shape, members in s_classes.items():
+        others = t_classes.get(shape, [])
+        if len(members) == 1 and len(others) == 1:
+            take(members[0], others[0], CERTAIN, f"the only {_fmt(members[0].shape)} on both sides")
+
+
+def _slot(pos: int, anchor_positions: Sequence[int]) -> int:
+    """Index of the last certain pair before ``pos`` (-1: none), on that side's order."""
+    before = [i for i, p in enumerate(anchor_positions) if p < pos]
+    return max(before, key=lambda i: anchor_positions[i]) if before else -1
+
+
+def _pair_slots(src: list[_Item], tgt: list[_Item], anchors: list[tuple[int, int]], take: _Take) -> None:
+    """Same-shape tensors that stand after the same certain pair, as many on each side."""
+    s_anchor, t_anchor = [a for a, _ in anchors], [b for _, b in anchors]
+    s_slots: dict[tuple[Shape, int], list[_Item]] = {}
+    t_slots: dict[tuple[Shape, int], list[_Item]] = {}
+    for item in _free(src):
+        s_slots.setdefault((item.shape, _slot(item.pos, s_anchor)), []).append(item)
+    for item in _free(tgt):
+        t_slots.setdefault((item.shape, _slot(item.pos, t_anchor)), []).append(item)
+    s_sig, t_sig = _slot_signatures(src, s_anchor), _slot_signatures(tgt, t_anchor)
+    for key, members in s_slots.items():
+        others = t_slots.get(key, [])
+        if len(members) != len(others):
+            continue
+        same_sequence = s_sig.get(key[1]) == t_sig.get(key[1])
+        for s, t in _within_slot(members, others):
+            if len(members) == 1:
+                take(s, t, CERTAIN, f"the only {_fmt(s.shape)} in its place between certain pairs")
+            elif same_sequence or _names_agree(s.name, t.name):
+                why = "same place in the same sequence" if same_sequence else "order and names agree"
+                take(s, t, CERTAIN, f"{len(members)} tensors of {_fmt(s.shape)} here; {why}")
+            else:
+                take(s, t, AMBIGUOUS, f"{len(members)} tensors of {_fmt(s.shape)} here; paired by order only")
+
+
+def _slot_signatures(items: list[_Item], anchor_positions: Sequence[int]) -> dict[int, list[tuple[Shape, str]]]:
+    """Each slot's still-unpaired tensors as (shape, last name component), in order."""
+    out: dict[int, list[tuple[Shape, str]]] = {}
+    for item in _free(items):
+        out.setdefault(_slot(item.pos, anchor_positions), []).append((item.shape, item.name.split(".")[-1]))
+    return out
+
+
+def _within_slot(members: list[_Item], others: list[_Item]) -> list[tuple[_Item, _Item]]:
+    """Pair by the last name component where it is unique on both sides, the rest by order."""
+    out: list[tuple[_Item, _Item]] = []
+    leaf = lambda i: i.name.split(".")[-1]  # noqa: E731
+    s_leaves = [leaf(i) for i in members]
+    t_leaves = [leaf(i) for i in others]
+    left_s, left_t = list(members), list(others)
+    for s in members:
+        if s_leaves.count(leaf(s)) == 1 and t_leaves.count(leaf(s)) == 1:
+            t = next(t for t in others if leaf(t) == leaf(s))
+            out.append((s, t))
+            left_s.remove(s)
+            left_t.remove(t)
+    return out + list(zip(left_s, left_t, strict=True))
+
+
+def _pair_by_class_order(src: list[_Item], tgt: list[_Item], take: _Take) -> None:
+    s_classes, t_classes = _classes(src, lambda s: s), _classes(tgt, lambda s: s)
+    for shape, members in s_classes.items():
+        others = t_classes.get(shape, [])
+        for s, t in zip(members, others, strict=False):
+            take(s, t, AMBIGUOUS, f"{len(members)} vs {len(others)} tensors of {_fmt(shape)}; paired by order only")
+
+
+def _pair_transforms(src: list[_Item], tgt: list[_Item]) -> list[_Pair]:
+    """Transposed, reshaped and fused/split candidates among what shapes alone did not pair."""
+    out: list[_Pair] = []
+    for op, key in (("transpose", _transposed), ("reshape", _squeezed)):
+        t_classes = _classes(tgt, lambda s: s if key is _transposed else _squeezed(s))
+        for s_key, members in _classes(src, key).items():
+            others = t_classes.get(s_key, [])
+            unique = len(members) == len(others) == 1
+            for s, t in zip(members, others, strict=False):
+                s.paired = t.paired = True
+                status = CERTAIN if unique and not _roles_conflict(s.name, t.name) else AMBIGUOUS
+                why = "the only" if unique else "paired by order among"
+                out.append(_Pair((s.name,), (t.name,), op, status, f"{why} {_fmt(s.shape)} -> {_fmt(t.shape)}",
+                                 None, (t.shape,)))
+    out += _fused(src, tgt, "split")
+    out += _fused(tgt, src, "concat")
+    return out
+
+
+def _transposed(shape: Shape) -> Shape:
+    return shape[::-1] if len(shape) == 2 and shape[0] != shape[1] else (-1,)
+
+
+def _squeezed(shape: Shape) -> Shape:
+    out = tuple(d for d in shape if d != 1)
+    return out if out != shape else (-2,)
+
+
+def _fused(one_side: list[_Item], many_side: list[_Item], op: str) -> list[_Pair]:
+    """One tensor on ``one_side`` that is k consecutive equal tensors of ``many_side`` stacked on dim 0."""
+    out = []
+    for whole in _free(one_side):
+        runs = _runs(_free(many_side), whole.shape)
+        if not runs:
+            continue
+        status = CERTAIN if len(runs) == 1 else AMBIGUOUS
+        run = runs[0]
+        whole.paired = True
+        for part in run:
+            part.paired = True
+        reason = f"{_fmt(whole.shape)} is {len(run)} x {_fmt(run[0].shape)} on dim 0"
+        reason += "" if status == CERTAIN else f" ({len(runs)} candidate runs; the first taken)"
+        parts = tuple(p.name for p in run)
+        if op == "split":
+            out.append(_Pair((whole.name,), parts, op, status, reason, 0, tuple(p.shape for p in run)))
+        else:
+            out.append(_Pair(parts, (whole.name,), op, status, reason, 0, (whole.shape,)))
+    return out
+
+
+def _runs(items: list[_Item], shape: Shape) -> list[list[_Item]]:
+    found = []
+    for k in _FUSED_PARTS:
+        if not shape or shape[0] % k:
+            continue
+        part = (shape[0] // k, *shape[1:])
+        for i in range(len(items) - k + 1):
+            run = items[i : i + k]
+            if all(r.shape == part for r in run) and len({r.name.split(".")[-1] for r in run}) == 1:
+                found.append(run)
+    return found
+
+
+def _rotary_notes(pairs: list[_Pair]) -> list[_Pair]:
+    """Meta's ``wq``/``wk`` against Hugging Face's ``q_proj``/``k_proj``: the rows may be permuted."""
+    out = []
+    for p in pairs:
+        names = (p.sources[0], p.targets[0])
+        meta_hf = any(_ROTARY[0].search(a) and _ROTARY[1].search(b) for a, b in (names, names[::-1]))
+        if p.op == "rename" and len(p.sources) == 1 and meta_hf:
+            reason = (
+                "Meta and Hugging Face order q/k rows differently for rotary embeddings "
+                "(transformers' convert_llama_weights_to_hf permutes them per head); add the permutation "
+                "if the two implementations apply rotary differently"
+            )
+            p = _Pair(p.sources, p.targets, p.op, AMBIGUOUS, reason, p.dim, p.target_shapes)
+        out.append(p)
+    return out
+
+
+def _square_transposes(pairs: list[_Pair]) -> list[_Pair]:
+    """Where this segment's 2-D weights are transposed, a square one may be too (its shape cannot tell)."""
+    if not any(p.op == "transpose" for p in pairs):
+        return pairs
+    out = []
+    for p in pairs:
+        shape = p.target_shapes[0] if p.target_shapes else ()
+        if p.op == "rename" and len(shape) == 2 and shape[0] == shape[1]:
+            reason = f"square {_fmt(shape)}: its shape cannot tell, but the other 2-D weights here are transposed"
+            p = _Pair(p.sources, p.targets, "transpose", AMBIGUOUS, reason, None, p.target_shapes)
+        out.append(p)
+    return out
+
+
+def _fmt(shape: Shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+
+
+# -- the proposal -----------------------------------------------------------------------------------
+def propose(
+    source: Mapping[str, Sequence[int]],
+    target: Mapping[str, Sequence[int]],
+) -> Proposal:
+    """Propose how ``source`` tensors (name -> shape, in module order) fill ``target``'s.
+
+    Example:
+        >>> src = {"layers.0.w": (6, 2), "layers.1.w": (6, 2), "out.w": (3, 2)}
+        >>> tgt = {"blocks.0.q.w": (2, 2), "blocks.0.k.w": (2, 2), "blocks.0.v.w": (2, 2),
+        ...        "blocks.1.q.w": (2, 2), "blocks.1.k.w": (2, 2), "blocks.1.v.w": (2, 2), "head.w": (3, 2)}
+        >>> p = propose(src, tgt)
+        >>> [(r.op, r.sources, r.targets) for r in p.rules]  # doctest: +NORMALIZE_WHITESPACE
+        [('rename', ('out.w',), ('head.w',)),
+         ('split', ('layers.{n}.w',), ('blocks.{n}.q.w', 'blocks.{n}.k.w', 'blocks.{n}.v.w'))]
+    """
+    s_shapes = {k: tuple(v) for k, v in source.items()}
+    t_shapes = {k: tuple(v) for k, v in target.items()}
+    s_side, t_side = _structure(s_shapes), _structure(t_shapes)
+    group_pairs = _align_groups(s_side.groups, t_side.groups)
+    rules = _flat_rules(s_side, t_side, group_pairs)
+    for s_group, t_group in group_pairs:
+        rules += _block_rules(s_group, t_group)
+    return _finish(rules, s_shapes, t_shapes)
+
+
+def _flat_rules(s_side: _Side, t_side: _Side, group_pairs: list[tuple[_Group, _Group]]) -> list[ProposedRule]:
+    """Pair everything outside blocks; each aligned block group stands in the order as a certain pair."""
+    src = [_Item(n, s, p) for n, s, p in s_side.flat]
+    tgt = [_Item(n, s, p) for n, s, p in t_side.flat]
+    for i, (s_group, t_group) in enumerate(group_pairs):
+        src.append(_Item(f"\0group{i}", (-10, i), s_group.first))
+        tgt.append(_Item(f"\0group{i}", (-10, i), t_group.first))
+    src.sort(key=lambda i: i.pos)
+    tgt.sort(key=lambda i: i.pos)
+    return [_rule(p) for p in _pair_segment(src, tgt) if not p.sources[0].startswith("\0")]
+
+
+def _block_rules(s_group: _Group, t_group: _Group) -> list[ProposedRule]:
+    src = [_Item(rest, shape, i) for i, (rest, shape) in enumerate(s_group.members)]
+    tgt = [_Item(rest, shape, i) for i, (rest, shape) in enumerate(t_group.members)]
+    numbers = tuple(zip(s_group.numbers, t_group.numbers, strict=True))
+    out = []
+    for p in _pair_segment(src, tgt):
+        out.append(
+            ProposedRule(
+                tuple(s_group.name("{n}", s) for s in p.sources),
+                tuple(t_group.name("{n}", t) for t in p.targets),
+                p.op,
+                p.status,
+                f"{p.reason} (in each of {len(numbers)} blocks)",
+                p.dim,
+                numbers,
+                p.target_shapes,
+            )
+        )
+    return out
+
+
+def _rule(p: _Pair) -> ProposedRule:
+    return ProposedRule(p.sources, p.targets, p.op, p.status, p.reason, p.dim, (), p.target_shapes)
+
+
+def _finish(rules: list[ProposedRule], source: Mapping[str, Shape], target: Mapping[str, Shape]) -> Proposal:
+    """Order the rules by the target's order, and list what no rule fills or uses."""
+    t_order = {name: i for i, name in enumerate(target)}
+    filled, used = set(), set()
+    for rule in rules:
+        for sources, targets in rule.concrete():
+            used.update(sources)
+            filled.update(targets)
+    first = {id(r): min(t_order.get(t, len(t_order)) for _, ts in r.concrete() for t in ts) for r in rules}
+    ordered = tuple(sorted(rules, key=lambda r: first[id(r)]))
+    unfilled = tuple(t for t in target if t not in filled)
+    unused = tuple(s for s in source if s not in used)
+    return Proposal(ordered, len(target), unfilled, unused)
