@@ -215,10 +215,6 @@ class _Pair:
     target_shapes: tuple[Shape, ...] = ()
 
 
-_Take = Callable[[_Item, _Item, str, str], None]
-_Key = Callable[[Shape], Shape]
-
-
 def _role(name: str) -> str:
     """What a tensor is for, by its name: pooler, head, class token, position table, or nothing."""
     parts = name.split(".")
@@ -256,76 +252,180 @@ def _names_agree(a: str, b: str) -> bool:
 
 
 def _pair_segment(src: list[_Item], tgt: list[_Item]) -> list[_Pair]:
-    """Pair two segments' tensors: names, unique shapes, slots between certain pairs, then transforms."""
-    pairs: list[_Pair] = []
-    anchors: list[tuple[int, int]] = []  # (source pos, target pos) of certain pairs
+    """Pair two segments' tensors: names, unique shapes, slots between certain pairs, fused tensors,
+    transposed and reshaped ones, tensors beside a paired one in its module; the rest by order."""
+    segment = _Segment(src, tgt)
+    segment.run()
+    return _square_transposes(_rotary_notes(segment.pairs))
 
-    def take(s: _Item, t: _Item, status: str, reason: str, op: str = "rename") -> None:
+
+class _Segment:
+    """The pairing state of one segment: what is paired, the certain pairs (anchors), module pairs."""
+
+    def __init__(self, src: list[_Item], tgt: list[_Item]) -> None:
+        self.src, self.tgt = src, tgt
+        self.pairs: list[_Pair] = []
+        self.anchors: list[tuple[int, int]] = []
+        self.modules: dict[str, tuple[str, str]] = {}  # source module -> (target module, status)
+        self.s_names, self.t_names = {s.name for s in src}, {t.name for t in tgt}
+
+    def run(self) -> None:
+        self.exact_names()
+        self.same_name_transforms()
+        for _ in range(2):
+            self.unique_shapes()
+            self.companions()
+            self.slots()
+            self.companions()
+            self.fused()
+        self.shape_transforms()
+        self.companions()
+        self.by_class_order()
+
+    def take(self, s: _Item, t: _Item, status: str, reason: str, op: str = "rename") -> None:
+        """Record one pair; a role conflict, or names that pair otherwise, make it ambiguous."""
         s.paired = t.paired = True
         if _roles_conflict(s.name, t.name):
             status, reason = AMBIGUOUS, f"same shape but different roles ({_role(s.name)} vs {_role(t.name)})"
-        pairs.append(_Pair((s.name,), (t.name,), op, status, reason, None, (t.shape,)))
+        elif status == CERTAIN and s.name != t.name and (s.name in self.t_names or t.name in self.s_names):
+            status, reason = AMBIGUOUS, f"{reason}, but a name pairs otherwise on the other side"
+        self.pairs.append(_Pair((s.name,), (t.name,), op, status, reason, None, (t.shape,)))
         if status == CERTAIN:
-            anchors.append((s.pos, t.pos))
+            self.anchors.append((s.pos, t.pos))
+        self.modules.setdefault(_module(s.name), (_module(t.name), status))
 
-    _pair_exact_names(src, tgt, take)
-    pairs += _same_name_transforms(src, tgt)
-    t_names, s_names = {t.name for t in tgt}, {s.name for s in src}
+    def exact_names(self) -> None:
+        by_name = {t.name: t for t in self.tgt}
+        for s in self.src:
+            t = by_name.get(s.name)
+            if t is not None and t.shape == s.shape:
+                self.take(s, t, CERTAIN, "same name and shape")
 
-    def take_checked(s: _Item, t: _Item, status: str, reason: str, op: str = "rename") -> None:
-        if status == CERTAIN and (s.name in t_names or t.name in s_names):
-            status, reason = AMBIGUOUS, f"{reason}, but the names pair otherwise on the other side"
-        take(s, t, status, reason, op)
+    def same_name_transforms(self) -> None:
+        """A name on both sides whose shape is transposed, or differs by 1-sized dimensions."""
+        by_name = {t.name: t for t in _free(self.tgt)}
+        for s in _free(self.src):
+            t = by_name.get(s.name)
+            if t is None:
+                continue
+            if _transposed(s.shape) == t.shape:
+                self.take(s, t, CERTAIN, f"same name; {_fmt(s.shape)} -> {_fmt(t.shape)}", "transpose")
+            elif _squeezed(s.shape) == _squeezed(t.shape) and s.shape != t.shape:
+                self.take(s, t, CERTAIN, f"same name; {_fmt(s.shape)} -> {_fmt(t.shape)}", "reshape")
 
-    _pair_unique_shapes(src, tgt, take_checked, key=lambda shape: shape)
-    _pair_slots(src, tgt, anchors, take_checked)
-    _pair_by_class_order(src, tgt, take_checked)
-    pairs += _pair_transforms(src, tgt)
-    return _square_transposes(_rotary_notes(pairs))
+    def unique_shapes(self) -> None:
+        t_classes = _classes(self.tgt, _same)
+        for shape, members in _classes(self.src, _same).items():
+            others = t_classes.get(shape, [])
+            if len(members) == 1 and len(others) == 1:
+                self.take(members[0], others[0], CERTAIN, f"the only {_fmt(shape)} on both sides")
 
+    def companions(self) -> None:
+        """A tensor beside a paired one (same module, same last name component, same shape) pairs alike."""
+        by_name = {t.name: t for t in _free(self.tgt)}
+        for s in _free(self.src):
+            module = _module(s.name)
+            if module not in self.modules:
+                continue
+            t_module, status = self.modules[module]
+            t = by_name.get(f"{t_module}.{_leaf(s.name)}" if t_module else _leaf(s.name))
+            if t is not None and not t.paired and t.shape == s.shape:
+                self.take(s, t, status, f"beside its module's other tensors ({module or '<root>'} -> {t_module})")
 
-def _same_name_transforms(src: list[_Item], tgt: list[_Item]) -> list[_Pair]:
-    """A name on both sides whose shape is transposed or has 1-sized dimensions more or less."""
-    by_name = {t.name: t for t in _free(tgt)}
-    out = []
-    for s in _free(src):
-        t = by_name.get(s.name)
-        if t is None:
-            continue
+    def slots(self) -> None:
+        """Same-shape tensors that stand after the same certain pair, as many on each side."""
+        s_anchor, t_anchor = [a for a, _ in self.anchors], [b for _, b in self.anchors]
+        s_slots, t_slots = _by_slot(self.src, s_anchor), _by_slot(self.tgt, t_anchor)
+        s_sig, t_sig = _slot_signatures(self.src, s_anchor), _slot_signatures(self.tgt, t_anchor)
+        for key, members in s_slots.items():
+            others = t_slots.get(key, [])
+            if len(members) != len(others) or any(i.paired for i in members + others):
+                continue
+            same_sequence = s_sig.get(key[1]) == t_sig.get(key[1])
+            for s, t in _within_slot(members, others):
+                if len(members) == 1:
+                    self.take(s, t, CERTAIN, f"the only {_fmt(s.shape)} in its place between certain pairs")
+                elif same_sequence or _names_agree(s.name, t.name):
+                    why = "same place in the same sequence" if same_sequence else "order and names agree"
+                    self.take(s, t, CERTAIN, f"{len(members)} tensors of {_fmt(s.shape)} here; {why}")
+
+    def fused(self) -> None:
+        self._fused(self.src, self.tgt, "split")
+        self._fused(self.tgt, self.src, "concat")
+
+    def _fused(self, one_side: list[_Item], many_side: list[_Item], op: str) -> None:
+        """One tensor on ``one_side`` that is k equal tensors of ``many_side`` stacked on dim 0."""
+        for whole in _free(one_side):
+            runs = _runs(_free(many_side), whole)
+            if not runs:
+                continue
+            named = [run for run in runs if _qkv_named(run)]
+            run = (named or runs)[0]
+            certain = len(named) == 1 or (len(runs) == 1 and not _roles_conflict(whole.name, run[0].name))
+            reason = f"{_fmt(whole.shape)} is {len(run)} x {_fmt(run[0].shape)} on dim 0"
+            if len(named) == 1:
+                reason += ", parts named " + "/".join(_qkv_letter(p.name) for p in run)
+            elif len(runs) > 1:
+                reason += f" ({len(runs)} candidate runs; the first taken)"
+            whole.paired = True
+            for part in run:
+                part.paired = True
+            status = CERTAIN if certain else AMBIGUOUS
+            parts = tuple(p.name for p in run)
+            if op == "split":
+                self.pairs.append(_Pair((whole.name,), parts, op, status, reason, 0, tuple(p.shape for p in run)))
+            else:
+                self.pairs.append(_Pair(parts, (whole.name,), op, status, reason, 0, (whole.shape,)))
+
+    def shape_transforms(self) -> None:
+        """Transposed 2-D weights and shapes equal but for 1-sized dimensions (a 1x1 conv, a linear)."""
         for op, key in (("transpose", _transposed), ("reshape", _squeezed)):
-            if key(s.shape) == (t.shape if op == "transpose" else _squeezed(t.shape)) and min(key(s.shape)) >= 0:
-                s.paired = t.paired = True
-                reason = f"same name; {_fmt(s.shape)} -> {_fmt(t.shape)}"
-                out.append(_Pair((s.name,), (t.name,), op, CERTAIN, reason, None, (t.shape,)))
-                break
-    return out
+            t_classes = _classes(self.tgt, _same if op == "transpose" else _squeezed)
+            for s_key, members in _classes(self.src, key).items():
+                others = t_classes.get(s_key, [])
+                unique = len(members) == len(others) == 1
+                for s, t in zip(members, others, strict=False):
+                    status = CERTAIN if unique else AMBIGUOUS
+                    why = "the only" if unique else "paired by order among"
+                    self.take(s, t, status, f"{why} {_fmt(s.shape)} -> {_fmt(t.shape)}", op)
+
+    def by_class_order(self) -> None:
+        """What is left: same shape and same last name component, by order; always ambiguous."""
+        for kind in (True, False):
+            t_classes = _classes(self.tgt, _same)
+            for shape, members in _classes(self.src, _same).items():
+                others = t_classes.get(shape, [])
+                for s in members:
+                    match = [t for t in others if not t.paired and (_leaf(t.name) == _leaf(s.name) or not kind)]
+                    if match and not s.paired:
+                        reason = f"{len(members)} vs {len(others)} tensors of {_fmt(shape)}; paired by order only"
+                        self.take(s, match[0], AMBIGUOUS, reason)
+                        self.companions()
+
+
+def _module(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def _leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _same(shape: Shape) -> Shape | None:
+    return shape
 
 
 def _free(items: Iterable[_Item]) -> list[_Item]:
     return [i for i in items if not i.paired]
 
 
-def _pair_exact_names(src: list[_Item], tgt: list[_Item], take: _Take) -> None:
-    by_name = {t.name: t for t in tgt}
-    for s in src:
-        t = by_name.get(s.name)
-        if t is not None and t.shape == s.shape:
-            take(s, t, CERTAIN, "same name and shape")
-
-
-def _classes(items: Iterable[_Item], key: _Key) -> dict[Shape, list[_Item]]:
+def _classes(items: Iterable[_Item], key: Callable[[Shape], Shape | None]) -> dict[Shape, list[_Item]]:
     out: dict[Shape, list[_Item]] = {}
     for item in _free(items):
-        out.setdefault(key(item.shape), []).append(item)
+        k = key(item.shape)
+        if k is not None:
+            out.setdefault(k, []).append(item)
     return out
-
-
-def _pair_unique_shapes(src: list[_Item], tgt: list[_Item], take: _Take, key: _Key) -> None:
-    s_classes, t_classes = _classes(src, key), _classes(tgt, key)
-    for shape, members in s_classes.items():
-        others = t_classes.get(shape, [])
-        if len(members) == 1 and len(others) == 1:
-            take(members[0], others[0], CERTAIN, f"the only {_fmt(members[0].shape)} on both sides")
 
 
 def _slot(pos: int, anchor_positions: Sequence[int]) -> int:
@@ -334,124 +434,72 @@ def _slot(pos: int, anchor_positions: Sequence[int]) -> int:
     return max(before, key=lambda i: anchor_positions[i]) if before else -1
 
 
-def _pair_slots(src: list[_Item], tgt: list[_Item], anchors: list[tuple[int, int]], take: _Take) -> None:
-    """Same-shape tensors that stand after the same certain pair, as many on each side."""
-    s_anchor, t_anchor = [a for a, _ in anchors], [b for _, b in anchors]
-    s_slots: dict[tuple[Shape, int], list[_Item]] = {}
-    t_slots: dict[tuple[Shape, int], list[_Item]] = {}
-    for item in _free(src):
-        s_slots.setdefault((item.shape, _slot(item.pos, s_anchor)), []).append(item)
-    for item in _free(tgt):
-        t_slots.setdefault((item.shape, _slot(item.pos, t_anchor)), []).append(item)
-    s_sig, t_sig = _slot_signatures(src, s_anchor), _slot_signatures(tgt, t_anchor)
-    for key, members in s_slots.items():
-        others = t_slots.get(key, [])
-        if len(members) != len(others):
-            continue
-        same_sequence = s_sig.get(key[1]) == t_sig.get(key[1])
-        for s, t in _within_slot(members, others):
-            if len(members) == 1:
-                take(s, t, CERTAIN, f"the only {_fmt(s.shape)} in its place between certain pairs")
-            elif same_sequence or _names_agree(s.name, t.name):
-                why = "same place in the same sequence" if same_sequence else "order and names agree"
-                take(s, t, CERTAIN, f"{len(members)} tensors of {_fmt(s.shape)} here; {why}")
-            else:
-                take(s, t, AMBIGUOUS, f"{len(members)} tensors of {_fmt(s.shape)} here; paired by order only")
+def _by_slot(items: list[_Item], anchor_positions: Sequence[int]) -> dict[tuple[Shape, int], list[_Item]]:
+    out: dict[tuple[Shape, int], list[_Item]] = {}
+    for item in _free(items):
+        out.setdefault((item.shape, _slot(item.pos, anchor_positions)), []).append(item)
+    return out
 
 
 def _slot_signatures(items: list[_Item], anchor_positions: Sequence[int]) -> dict[int, list[tuple[Shape, str]]]:
     """Each slot's still-unpaired tensors as (shape, last name component), in order."""
     out: dict[int, list[tuple[Shape, str]]] = {}
     for item in _free(items):
-        out.setdefault(_slot(item.pos, anchor_positions), []).append((item.shape, item.name.split(".")[-1]))
+        out.setdefault(_slot(item.pos, anchor_positions), []).append((item.shape, _leaf(item.name)))
     return out
 
 
 def _within_slot(members: list[_Item], others: list[_Item]) -> list[tuple[_Item, _Item]]:
     """Pair by the last name component where it is unique on both sides, the rest by order."""
     out: list[tuple[_Item, _Item]] = []
-    leaf = lambda i: i.name.split(".")[-1]  # noqa: E731
-    s_leaves = [leaf(i) for i in members]
-    t_leaves = [leaf(i) for i in others]
+    s_leaves = [_leaf(i.name) for i in members]
+    t_leaves = [_leaf(i.name) for i in others]
     left_s, left_t = list(members), list(others)
     for s in members:
-        if s_leaves.count(leaf(s)) == 1 and t_leaves.count(leaf(s)) == 1:
-            t = next(t for t in others if leaf(t) == leaf(s))
+        leaf = _leaf(s.name)
+        if s_leaves.count(leaf) == 1 and t_leaves.count(leaf) == 1:
+            t = next(t for t in others if _leaf(t.name) == leaf)
             out.append((s, t))
             left_s.remove(s)
             left_t.remove(t)
     return out + list(zip(left_s, left_t, strict=True))
 
 
-def _pair_by_class_order(src: list[_Item], tgt: list[_Item], take: _Take) -> None:
-    s_classes, t_classes = _classes(src, lambda s: s), _classes(tgt, lambda s: s)
-    for shape, members in s_classes.items():
-        others = t_classes.get(shape, [])
-        for s, t in zip(members, others, strict=False):
-            take(s, t, AMBIGUOUS, f"{len(members)} vs {len(others)} tensors of {_fmt(shape)}; paired by order only")
+def _transposed(shape: Shape) -> Shape | None:
+    return shape[::-1] if len(shape) == 2 and shape[0] != shape[1] else None
 
 
-def _pair_transforms(src: list[_Item], tgt: list[_Item]) -> list[_Pair]:
-    """Transposed, reshaped and fused/split candidates among what shapes alone did not pair."""
-    out: list[_Pair] = []
-    for op, key in (("transpose", _transposed), ("reshape", _squeezed)):
-        t_classes = _classes(tgt, lambda s: s if key is _transposed else _squeezed(s))
-        for s_key, members in _classes(src, key).items():
-            others = t_classes.get(s_key, [])
-            unique = len(members) == len(others) == 1
-            for s, t in zip(members, others, strict=False):
-                s.paired = t.paired = True
-                status = CERTAIN if unique and not _roles_conflict(s.name, t.name) else AMBIGUOUS
-                why = "the only" if unique else "paired by order among"
-                out.append(_Pair((s.name,), (t.name,), op, status, f"{why} {_fmt(s.shape)} -> {_fmt(t.shape)}",
-                                 None, (t.shape,)))
-    out += _fused(src, tgt, "split")
-    out += _fused(tgt, src, "concat")
-    return out
-
-
-def _transposed(shape: Shape) -> Shape:
-    return shape[::-1] if len(shape) == 2 and shape[0] != shape[1] else (-1,)
-
-
-def _squeezed(shape: Shape) -> Shape:
+def _squeezed(shape: Shape) -> Shape | None:
     out = tuple(d for d in shape if d != 1)
-    return out if out != shape else (-2,)
+    return out if out != shape else None
 
 
-def _fused(one_side: list[_Item], many_side: list[_Item], op: str) -> list[_Pair]:
-    """One tensor on ``one_side`` that is k consecutive equal tensors of ``many_side`` stacked on dim 0."""
-    out = []
-    for whole in _free(one_side):
-        runs = _runs(_free(many_side), whole.shape)
-        if not runs:
-            continue
-        status = CERTAIN if len(runs) == 1 else AMBIGUOUS
-        run = runs[0]
-        whole.paired = True
-        for part in run:
-            part.paired = True
-        reason = f"{_fmt(whole.shape)} is {len(run)} x {_fmt(run[0].shape)} on dim 0"
-        reason += "" if status == CERTAIN else f" ({len(runs)} candidate runs; the first taken)"
-        parts = tuple(p.name for p in run)
-        if op == "split":
-            out.append(_Pair((whole.name,), parts, op, status, reason, 0, tuple(p.shape for p in run)))
-        else:
-            out.append(_Pair(parts, (whole.name,), op, status, reason, 0, (whole.shape,)))
-    return out
+def _kind(name: str) -> str:
+    return "bias" if "bias" in _leaf(name) else "weight"
 
 
-def _runs(items: list[_Item], shape: Shape) -> list[list[_Item]]:
+def _runs(items: list[_Item], whole: _Item) -> list[list[_Item]]:
+    """Runs of k consecutive same-kind (weight/bias) tensors that stack on dim 0 into ``whole``."""
     found = []
     for k in _FUSED_PARTS:
-        if not shape or shape[0] % k:
+        if not whole.shape or whole.shape[0] % k:
             continue
-        part = (shape[0] // k, *shape[1:])
-        for i in range(len(items) - k + 1):
-            run = items[i : i + k]
-            if all(r.shape == part for r in run) and len({r.name.split(".")[-1] for r in run}) == 1:
-                found.append(run)
+        part = (whole.shape[0] // k, *whole.shape[1:])
+        alike = [i for i in items if i.shape == part and _kind(i.name) == _kind(whole.name)]
+        found += [alike[i : i + k] for i in range(len(alike) - k + 1)]
     return found
+
+
+def _qkv_letter(name: str) -> str:
+    words = _words(name)
+    for letter, spelled in (("q", "query"), ("k", "key"), ("v", "value")):
+        if letter in words or spelled in words:
+            return letter
+    return "?"
+
+
+def _qkv_named(run: list[_Item]) -> bool:
+    return "".join(_qkv_letter(p.name) for p in run) in ("qkv", "kv")
 
 
 def _rotary_notes(pairs: list[_Pair]) -> list[_Pair]:
