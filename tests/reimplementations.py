@@ -25,7 +25,9 @@ class TvMLPBlock(nn.Sequential):
     """torchvision's MLPBlock (an ops.MLP): Linear, GELU, Dropout, Linear, Dropout -> mlp.0, mlp.3."""
 
     def __init__(self, dim: int, mlp_dim: int) -> None:
-        super().__init__(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(0.0), nn.Linear(mlp_dim, dim), nn.Dropout(0.0))
+        super().__init__(
+            nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(0.0), nn.Linear(mlp_dim, dim), nn.Dropout(0.0)
+        )
 
 
 class TvEncoderBlock(nn.Module):
@@ -61,8 +63,16 @@ class TvEncoder(nn.Module):
 class TorchvisionViT(nn.Module):
     """torchvision.models.VisionTransformer: conv_proj, class_token, encoder, heads.head."""
 
-    def __init__(self, image_size: int = 32, patch_size: int = 8, num_layers: int = 2, num_heads: int = 2,
-                 hidden_dim: int = 16, mlp_dim: int = 32, num_classes: int = 5) -> None:
+    def __init__(
+        self,
+        image_size: int = 32,
+        patch_size: int = 8,
+        num_layers: int = 2,
+        num_heads: int = 2,
+        hidden_dim: int = 16,
+        mlp_dim: int = 32,
+        num_classes: int = 5,
+    ) -> None:
         super().__init__()
         self.image_size, self.patch_size, self.hidden_dim = image_size, patch_size, hidden_dim
         self.conv_proj = nn.Conv2d(3, hidden_dim, kernel_size=patch_size, stride=patch_size)
@@ -139,10 +149,18 @@ class TimmBlock(nn.Module):
 
 
 class TimmViT(nn.Module):
-    """timm's VisionTransformer, class token, global_pool='token': cls_token, pos_embed, patch_embed, blocks."""
+    """timm's VisionTransformer, global_pool='token': cls_token, pos_embed, patch_embed, blocks."""
 
-    def __init__(self, img_size: int = 32, patch_size: int = 8, depth: int = 2, num_heads: int = 2,
-                 embed_dim: int = 16, mlp_dim: int = 32, num_classes: int = 5) -> None:
+    def __init__(
+        self,
+        img_size: int = 32,
+        patch_size: int = 8,
+        depth: int = 2,
+        num_heads: int = 2,
+        embed_dim: int = 16,
+        mlp_dim: int = 32,
+        num_classes: int = 5,
+    ) -> None:
         super().__init__()
         self.patch_embed = TimmPatchEmbed(patch_size, embed_dim)
         num_patches = (img_size // patch_size) ** 2
@@ -206,8 +224,9 @@ class NanoBlock(nn.Module):
 class NanoGPT(nn.Module):
     """transformer.{wte, wpe, h.N, ln_f} and lm_head tied to wte, every projection an nn.Linear."""
 
-    def __init__(self, vocab_size: int, n_positions: int, n_embd: int, n_layer: int, n_head: int,
-                 eps: float = 1e-5) -> None:
+    def __init__(
+        self, vocab_size: int, n_positions: int, n_embd: int, n_layer: int, n_head: int, eps: float = 1e-5
+    ) -> None:
         super().__init__()
         self.transformer = nn.ModuleDict(
             {
@@ -246,13 +265,17 @@ def precompute_freqs_cis(dim: int, end: int, theta: float) -> torch.Tensor:
     return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary_emb(
+    xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Meta's rotary: consecutive pairs (2i, 2i+1) of each head's features are one complex number."""
     xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
     xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
     freqs = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])
-    return (torch.view_as_real(xq_ * freqs).flatten(3).type_as(xq),
-            torch.view_as_real(xk_ * freqs).flatten(3).type_as(xk))
+    return (
+        torch.view_as_real(xq_ * freqs).flatten(3).type_as(xq),
+        torch.view_as_real(xk_ * freqs).flatten(3).type_as(xk),
+    )
 
 
 class MetaAttention(nn.Module):
@@ -303,16 +326,30 @@ class MetaBlock(nn.Module):
 
 
 class MetaLlama(nn.Module):
-    """tok_embeddings, layers.N.{attention.wq/wk/wv/wo, feed_forward.w1/w2/w3, attention_norm, ffn_norm}, norm, output."""
+    """tok_embeddings; layers.N.{attention.wq/wk/wv/wo, feed_forward.w1/w2/w3, attention_norm, ffn_norm};
+    norm; output."""
 
-    def __init__(self, vocab_size: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, hidden_dim: int,
-                 eps: float = 1e-5, theta: float = 10000.0, max_seq_len: int = 64) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        n_layers: int,
+        n_heads: int,
+        n_kv_heads: int,
+        hidden_dim: int,
+        eps: float = 1e-5,
+        theta: float = 10000.0,
+        max_seq_len: int = 64,
+    ) -> None:
         super().__init__()
         self.tok_embeddings = nn.Embedding(vocab_size, dim)
-        self.layers = nn.ModuleList([MetaBlock(dim, n_heads, n_kv_heads, hidden_dim, eps) for _ in range(n_layers)])
+        self.layers = nn.ModuleList(
+            [MetaBlock(dim, n_heads, n_kv_heads, hidden_dim, eps) for _ in range(n_layers)]
+        )
         self.norm = MetaRMSNorm(dim, eps)
         self.output = nn.Linear(dim, vocab_size, bias=False)
-        self.freqs_cis = precompute_freqs_cis(dim // n_heads, max_seq_len * 2, theta)  # an attribute, not a buffer
+        # an attribute, not a buffer: not in the state dict
+        self.freqs_cis = precompute_freqs_cis(dim // n_heads, max_seq_len * 2, theta)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         s = tokens.shape[1]

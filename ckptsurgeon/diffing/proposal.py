@@ -60,7 +60,7 @@ class ProposedRule:
     target_shapes: tuple[Shape, ...] = ()
 
     def expand(self, index: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """The concrete names of block pair ``index`` (of ``blocks``); the names as they are outside blocks."""
+        """The concrete names of block pair ``index`` (of ``blocks``); outside blocks, the names."""
         if not self.blocks:
             return self.sources, self.targets
         src_n, tgt_n = self.blocks[index]
@@ -120,6 +120,7 @@ class _Group:
     numbers: tuple[int, ...]
     members: tuple[tuple[str, Shape], ...]
     first: int  # position of its first tensor in the side's order
+    tensors: tuple[tuple[str, Shape, int], ...] = ()  # every tensor: name, shape, position
 
     def name(self, number: int | str, rest: str) -> str:
         return f"{self.head}{number}.{rest}"
@@ -177,7 +178,8 @@ def _structure(shapes: Mapping[str, Shape]) -> _Side:
         names = [f"{head}{n}.{rest}" for n in numbers for rest, _ in blocks[n]]
         if all(owner.get(n) == head for n in names):
             first = min(order[n] for n in names)
-            groups.append(_Group(head, numbers, tuple(blocks[numbers[0]]), first))
+            tensors = tuple((n, tuple(shapes[n]), order[n]) for n in names)
+            groups.append(_Group(head, numbers, tuple(blocks[numbers[0]]), first, tensors))
     grouped = {n for n, head in owner.items() if any(g.head == head for g in groups)}
     flat = tuple((n, tuple(s), order[n]) for n, s in shapes.items() if n not in grouped)
     return _Side(flat, tuple(sorted(groups, key=lambda g: g.first)))
@@ -235,7 +237,7 @@ def _roles_conflict(a: str, b: str) -> bool:
     anything else (``head`` against no role is fine: Meta's ``output`` is Hugging Face's ``lm_head``)."""
     ra, rb = _role(a), _role(b)
     strong = {"pooler", "class-token", "position"}
-    return ra != rb and bool({ra, rb} & strong) or {ra, rb} == {"head", "pooler"}
+    return (ra != rb and bool({ra, rb} & strong)) or {ra, rb} == {"head", "pooler"}
 
 
 def _words(name: str) -> set[str]:
@@ -330,7 +332,9 @@ class _Segment:
             t_module, status = self.modules[module]
             t = by_name.get(f"{t_module}.{_leaf(s.name)}" if t_module else _leaf(s.name))
             if t is not None and not t.paired and t.shape == s.shape:
-                self.take(s, t, status, f"beside its module's other tensors ({module or '<root>'} -> {t_module})")
+                self.take(
+                    s, t, status, f"beside its module's other tensors ({module or '<root>'} -> {t_module})"
+                )
 
     def slots(self) -> None:
         """Same-shape tensors that stand after the same certain pair, as many on each side."""
@@ -373,15 +377,22 @@ class _Segment:
             status = CERTAIN if certain else AMBIGUOUS
             parts = tuple(p.name for p in run)
             if op == "split":
-                self.pairs.append(_Pair((whole.name,), parts, op, status, reason, 0, tuple(p.shape for p in run)))
+                self.pairs.append(
+                    _Pair((whole.name,), parts, op, status, reason, 0, tuple(p.shape for p in run))
+                )
             else:
                 self.pairs.append(_Pair(parts, (whole.name,), op, status, reason, 0, (whole.shape,)))
 
     def shape_transforms(self) -> None:
         """Transposed 2-D weights and shapes equal but for 1-sized dimensions (a 1x1 conv, a linear)."""
-        for op, key in (("transpose", _transposed), ("reshape", _squeezed)):
-            t_classes = _classes(self.tgt, _same if op == "transpose" else _squeezed)
-            for s_key, members in _classes(self.src, key).items():
+        passes = (
+            ("transpose", _transposed, _same),
+            ("reshape", _squeezed, _squeeze_all),
+            ("reshape", _squeeze_all, _squeezed),
+        )
+        for op, s_key_of, t_key_of in passes:
+            t_classes = _classes(self.tgt, t_key_of)
+            for s_key, members in _classes(self.src, s_key_of).items():
                 others = t_classes.get(s_key, [])
                 unique = len(members) == len(others) == 1
                 for s, t in zip(members, others, strict=False):
@@ -396,9 +407,13 @@ class _Segment:
             for shape, members in _classes(self.src, _same).items():
                 others = t_classes.get(shape, [])
                 for s in members:
-                    match = [t for t in others if not t.paired and (_leaf(t.name) == _leaf(s.name) or not kind)]
+                    match = [
+                        t for t in others if not t.paired and (_leaf(t.name) == _leaf(s.name) or not kind)
+                    ]
                     if match and not s.paired:
-                        reason = f"{len(members)} vs {len(others)} tensors of {_fmt(shape)}; paired by order only"
+                        reason = (
+                            f"{len(members)} vs {len(others)} tensors of {_fmt(shape)}; paired by order only"
+                        )
                         self.take(s, match[0], AMBIGUOUS, reason)
                         self.companions()
 
@@ -441,7 +456,9 @@ def _by_slot(items: list[_Item], anchor_positions: Sequence[int]) -> dict[tuple[
     return out
 
 
-def _slot_signatures(items: list[_Item], anchor_positions: Sequence[int]) -> dict[int, list[tuple[Shape, str]]]:
+def _slot_signatures(
+    items: list[_Item], anchor_positions: Sequence[int]
+) -> dict[int, list[tuple[Shape, str]]]:
     """Each slot's still-unpaired tensors as (shape, last name component), in order."""
     out: dict[int, list[tuple[Shape, str]]] = {}
     for item in _free(items):
@@ -472,6 +489,10 @@ def _transposed(shape: Shape) -> Shape | None:
 def _squeezed(shape: Shape) -> Shape | None:
     out = tuple(d for d in shape if d != 1)
     return out if out != shape else None
+
+
+def _squeeze_all(shape: Shape) -> Shape | None:
+    return tuple(d for d in shape if d != 1)
 
 
 def _kind(name: str) -> str:
@@ -527,7 +548,9 @@ def _square_transposes(pairs: list[_Pair]) -> list[_Pair]:
     for p in pairs:
         shape = p.target_shapes[0] if p.target_shapes else ()
         if p.op == "rename" and len(shape) == 2 and shape[0] == shape[1]:
-            reason = f"square {_fmt(shape)}: its shape cannot tell, but the other 2-D weights here are transposed"
+            reason = (
+                f"square {_fmt(shape)}: its shape cannot tell, but the other 2-D weights here are transposed"
+            )
             p = _Pair(p.sources, p.targets, "transpose", AMBIGUOUS, reason, None, p.target_shapes)
         out.append(p)
     return out
@@ -535,8 +558,6 @@ def _square_transposes(pairs: list[_Pair]) -> list[_Pair]:
 
 def _fmt(shape: Shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
-
-
 
 
 # -- the proposal -----------------------------------------------------------------------------------
@@ -552,8 +573,8 @@ def propose(
         ...        "blocks.1.q.w": (2, 2), "blocks.1.k.w": (2, 2), "blocks.1.v.w": (2, 2), "head.w": (3, 2)}
         >>> p = propose(src, tgt)
         >>> [(r.op, r.sources, r.targets) for r in p.rules]  # doctest: +NORMALIZE_WHITESPACE
-        [('rename', ('out.w',), ('head.w',)),
-         ('split', ('layers.{n}.w',), ('blocks.{n}.q.w', 'blocks.{n}.k.w', 'blocks.{n}.v.w'))]
+        [('split', ('layers.{n}.w',), ('blocks.{n}.q.w', 'blocks.{n}.k.w', 'blocks.{n}.v.w')),
+         ('rename', ('out.w',), ('head.w',))]
     """
     s_shapes = {k: tuple(v) for k, v in source.items()}
     t_shapes = {k: tuple(v) for k, v in target.items()}
@@ -569,6 +590,9 @@ def _flat_rules(s_side: _Side, t_side: _Side, group_pairs: list[tuple[_Group, _G
     """Pair everything outside blocks; each aligned block group stands in the order as a certain pair."""
     src = [_Item(n, s, p) for n, s, p in s_side.flat]
     tgt = [_Item(n, s, p) for n, s, p in t_side.flat]
+    aligned_s, aligned_t = {id(s) for s, _ in group_pairs}, {id(t) for _, t in group_pairs}
+    src += [_Item(n, s, p) for g in s_side.groups if id(g) not in aligned_s for n, s, p in g.tensors]
+    tgt += [_Item(n, s, p) for g in t_side.groups if id(g) not in aligned_t for n, s, p in g.tensors]
     for i, (s_group, t_group) in enumerate(group_pairs):
         src.append(_Item(f"\0group{i}", (-10, i), s_group.first))
         tgt.append(_Item(f"\0group{i}", (-10, i), t_group.first))
@@ -605,7 +629,8 @@ def _rule(p: _Pair) -> ProposedRule:
 def _finish(rules: list[ProposedRule], source: Mapping[str, Shape], target: Mapping[str, Shape]) -> Proposal:
     """Order the rules by the target's order, and list what no rule fills or uses."""
     t_order = {name: i for i, name in enumerate(target)}
-    filled, used = set(), set()
+    filled: set[str] = set()
+    used: set[str] = set()
     for rule in rules:
         for sources, targets in rule.concrete():
             used.update(sources)
