@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from .heads import HEAD_ROLE_NAMES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..formats import ReadOptions
 
 Shape = tuple[int, ...]
 CERTAIN = "certain"
@@ -640,3 +644,37 @@ def _finish(rules: list[ProposedRule], source: Mapping[str, Shape], target: Mapp
     unfilled = tuple(t for t in target if t not in filled)
     unused = tuple(s for s in source if s not in used)
     return Proposal(ordered, len(target), unfilled, unused)
+
+
+def propose_mapping(
+    source: Any,
+    target: Any,
+    *,
+    key: str | None = None,
+    read_options: ReadOptions | None = None,
+    target_key: str | None = None,
+) -> Proposal:
+    """Propose a mapping from ``source`` to ``target`` (what :func:`ckptsurgeon.diff` accepts for each).
+
+    Tied aliases (``lm_head.weight`` viewing ``wte.weight``) are left out on both sides: the tensor
+    they view is mapped, and loading fills the alias.
+
+    Example:
+        >>> p = propose_mapping("tv_vit.pth", "timm_vit.pth")   # doctest: +SKIP
+        >>> p.summary()                                         # doctest: +SKIP
+        '152/152 target tensors covered by 20 rules; 0 ambiguous (to confirm), ...'
+    """
+    from .result import source_records, target_of
+    from .target import target_from_records
+
+    found = source_records(source, key, read_options)
+    if found is None:
+        raise TypeError(f"propose_mapping: cannot read a source of type {type(source).__name__}")
+    resolved = target_of(target, read_options, target_key)
+    src_tied = target_from_records(found.records, "source", "checkpoint").tied
+    src = {n: r.shape for n, r in found.records.items() if n not in src_tied}
+    tgt = {n: r.shape for n, r in resolved.tensors.items() if n not in resolved.tied}
+    proposal = propose(src, tgt)
+    aliases = len(resolved.tied) + len(src_tied)
+    note = (f"{aliases} tied aliases left out (the tensor each views is mapped)",) if aliases else ()
+    return replace(proposal, notes=proposal.notes + note)
