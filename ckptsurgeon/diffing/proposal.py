@@ -106,6 +106,25 @@ class Proposal:
         """The rules a person must confirm."""
         return tuple(r for r in self.rules if r.status != CERTAIN)
 
+    @property
+    def complete(self) -> bool:
+        """Every target tensor is filled, by certain rules only."""
+        return not self.unfilled and not self.ambiguous
+
+    def report(self, path: str | None = None, limit: int = 20) -> str:
+        """What ``ckpt diff --propose-map`` prints: the summary, the rules to confirm, what is left out."""
+        lines = [f"wrote {path}" if path else "proposal", self.summary(), *self.notes]
+        for title, names in (
+            ('to confirm (status = "ambiguous")', [f"{r.targets[0]}: {r.reason}" for r in self.ambiguous]),
+            ("target tensors no rule fills", list(self.unfilled)),
+            ("source tensors no rule uses", list(self.unused)),
+        ):
+            if names:
+                lines.append(f"{title}:")
+                lines += [f"  {n}" for n in names[:limit]]
+                lines += [f"  ... and {len(names) - limit} more"] if len(names) > limit else []
+        return "\n".join(lines) + "\n"
+
     def summary(self) -> str:
         """One line: target tensors covered, rules to confirm, unfilled and unused tensors."""
         return (
