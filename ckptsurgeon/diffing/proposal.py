@@ -697,3 +697,23 @@ def propose_mapping(
     aliases = len(resolved.tied) + len(src_tied)
     note = (f"{aliases} tied aliases left out (the tensor each views is mapped)",) if aliases else ()
     return replace(proposal, notes=proposal.notes + note)
+
+
+def template_pattern(template: str) -> str:
+    r"""A full-match regex for a name template: ``{n}`` (a block number) becomes a capture group.
+
+    Example:
+        >>> template_pattern("encoder.layers.encoder_layer_{n}.ln_1.weight")
+        '^encoder\\.layers\\.encoder_layer_(\\d+)\\.ln_1\\.weight$'
+    """
+    return "^" + r"(\d+)".join(re.escape(part) for part in template.split("{n}")) + "$"
+
+
+def template_replacement(template: str) -> str:
+    r"""The ``re.sub`` replacement for a target template: ``{n}`` is the first captured number.
+
+    Example:
+        >>> template_replacement("blocks.{n}.attn.qkv.weight")
+        'blocks.\\g<1>.attn.qkv.weight'
+    """
+    return template.replace("\\", "\\\\").replace("{n}", r"\g<1>")
