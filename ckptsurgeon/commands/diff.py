@@ -160,6 +160,6 @@ def _propose(
     from ..diffing.proposal import propose_mapping, write_proposal
 
     proposal = propose_mapping(source, target, key=key, read_options=options, target_key=target_key)
-    write_proposal(proposal, path, force=force)
+    write_proposal(proposal, path, force=force, source=source, target=target)
     click.echo(proposal.report(path), nl=False)
     raise click.exceptions.Exit(0 if proposal.complete else 1)

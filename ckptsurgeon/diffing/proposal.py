@@ -27,6 +27,8 @@ from .heads import HEAD_ROLE_NAMES
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..formats import ReadOptions
+    from ..surgery.mapping import Mapping as MappingFile
+    from ..surgery.mapping import TensorTransform
 
 Shape = tuple[int, ...]
 CERTAIN = "certain"
@@ -62,6 +64,7 @@ class ProposedRule:
     dim: int | None = None
     blocks: tuple[tuple[int, int], ...] = ()
     target_shapes: tuple[Shape, ...] = ()
+    source_shapes: tuple[Shape, ...] = ()
 
     def expand(self, index: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The concrete names of block pair ``index`` (of ``blocks``); outside blocks, the names."""
@@ -238,6 +241,7 @@ class _Pair:
     reason: str
     dim: int | None = None
     target_shapes: tuple[Shape, ...] = ()
+    source_shapes: tuple[Shape, ...] = ()
 
 
 def _role(name: str) -> str:
@@ -314,7 +318,7 @@ class _Segment:
             status, reason = AMBIGUOUS, f"same shape but different roles ({_role(s.name)} vs {_role(t.name)})"
         elif status == CERTAIN and s.name != t.name and (s.name in self.t_names or t.name in self.s_names):
             status, reason = AMBIGUOUS, f"{reason}, but a name pairs otherwise on the other side"
-        self.pairs.append(_Pair((s.name,), (t.name,), op, status, reason, None, (t.shape,)))
+        self.pairs.append(_Pair((s.name,), (t.name,), op, status, reason, None, (t.shape,), (s.shape,)))
         if status == CERTAIN:
             self.anchors.append((s.pos, t.pos))
         self.modules.setdefault(_module(s.name), (_module(t.name), status))
@@ -401,10 +405,20 @@ class _Segment:
             parts = tuple(p.name for p in run)
             if op == "split":
                 self.pairs.append(
-                    _Pair((whole.name,), parts, op, status, reason, 0, tuple(p.shape for p in run))
+                    _Pair(
+                        (whole.name,),
+                        parts,
+                        op,
+                        status,
+                        reason,
+                        0,
+                        tuple(p.shape for p in run),
+                        (whole.shape,),
+                    )
                 )
             else:
-                self.pairs.append(_Pair(parts, (whole.name,), op, status, reason, 0, (whole.shape,)))
+                shapes = tuple(p.shape for p in run)
+                self.pairs.append(_Pair(parts, (whole.name,), op, status, reason, 0, (whole.shape,), shapes))
 
     def shape_transforms(self) -> None:
         """Transposed 2-D weights and shapes equal but for 1-sized dimensions (a 1x1 conv, a linear)."""
@@ -558,7 +572,7 @@ def _rotary_notes(pairs: list[_Pair]) -> list[_Pair]:
                 "(transformers' convert_llama_weights_to_hf permutes them per head); add the permutation "
                 "if the two implementations apply rotary differently"
             )
-            p = _Pair(p.sources, p.targets, p.op, AMBIGUOUS, reason, p.dim, p.target_shapes)
+            p = replace(p, status=AMBIGUOUS, reason=reason)
         out.append(p)
     return out
 
@@ -574,7 +588,7 @@ def _square_transposes(pairs: list[_Pair]) -> list[_Pair]:
             reason = (
                 f"square {_fmt(shape)}: its shape cannot tell, but the other 2-D weights here are transposed"
             )
-            p = _Pair(p.sources, p.targets, "transpose", AMBIGUOUS, reason, None, p.target_shapes)
+            p = replace(p, op="transpose", status=AMBIGUOUS, reason=reason)
         out.append(p)
     return out
 
@@ -640,13 +654,16 @@ def _block_rules(s_group: _Group, t_group: _Group) -> list[ProposedRule]:
                 p.dim,
                 numbers,
                 p.target_shapes,
+                p.source_shapes,
             )
         )
     return out
 
 
 def _rule(p: _Pair) -> ProposedRule:
-    return ProposedRule(p.sources, p.targets, p.op, p.status, p.reason, p.dim, (), p.target_shapes)
+    return ProposedRule(
+        p.sources, p.targets, p.op, p.status, p.reason, p.dim, (), p.target_shapes, p.source_shapes
+    )
 
 
 def _finish(rules: list[ProposedRule], source: Mapping[str, Shape], target: Mapping[str, Shape]) -> Proposal:
@@ -699,21 +716,91 @@ def propose_mapping(
     return replace(proposal, notes=proposal.notes + note)
 
 
-def template_pattern(template: str) -> str:
-    r"""A full-match regex for a name template: ``{n}`` (a block number) becomes a capture group.
+# -- the mapping file ---------------------------------------------------------------------------------
+def to_mapping(proposal: Proposal) -> MappingFile:
+    """The proposal as a :class:`ckptsurgeon.surgery.mapping.Mapping`: renames, then transforms, each
+    with its ``status`` and its reason as the ``note``. A name kept as it is needs no rule; blocks
+    numbered alike on both sides stay one template rule, others are written block by block.
 
     Example:
-        >>> template_pattern("encoder.layers.encoder_layer_{n}.ln_1.weight")
-        '^encoder\\.layers\\.encoder_layer_(\\d+)\\.ln_1\\.weight$'
+        >>> src, tgt = {"enc.0.w": (2, 3), "enc.1.w": (2, 3)}, {"blocks.0.w": (3, 2), "blocks.1.w": (3, 2)}
+        >>> m = to_mapping(propose(src, tgt))
+        >>> [(t.op, t.sources, t.targets, t.status) for t in m.transforms]
+        [('transpose', ('enc.{n}.w',), ('blocks.{n}.w',), 'certain')]
     """
-    return "^" + r"(\d+)".join(re.escape(part) for part in template.split("{n}")) + "$"
+    from ..surgery.mapping import Mapping as MappingFile
+    from ..surgery.mapping import Rename
+
+    renames: list[Rename] = []
+    transforms: list[TensorTransform] = []
+    for rule in proposal.rules:
+        for sources, targets in _written_names(rule):
+            if rule.op == "rename":
+                if sources != targets:
+                    renames.append(Rename(sources[0], targets[0], note=rule.reason, status=rule.status))
+                continue
+            transforms.append(_transform(rule, sources, targets))
+    return MappingFile(renames=tuple(renames), transforms=tuple(transforms))
 
 
-def template_replacement(template: str) -> str:
-    r"""The ``re.sub`` replacement for a target template: ``{n}`` is the first captured number.
+def _written_names(rule: ProposedRule) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """The rule's templates when its blocks are numbered alike on both sides, else each block's names."""
+    if all(a == b for a, b in rule.blocks):
+        return [(rule.sources, rule.targets)]
+    return rule.concrete()
+
+
+def _transform(rule: ProposedRule, sources: tuple[str, ...], targets: tuple[str, ...]) -> TensorTransform:
+    from ..surgery.mapping import TensorTransform
+
+    fields: dict[str, Any] = {"note": rule.reason, "status": rule.status}
+    if rule.op == "transpose":
+        fields["dims"] = (0, 1)
+    elif rule.op in ("split", "concat"):
+        fields["dim"] = rule.dim or 0
+    elif rule.op == "reshape":
+        fields["shape"] = rule.target_shapes[0]
+        fields["reverse_shape"] = rule.source_shapes[0]
+    return TensorTransform(rule.op, sources, targets, **fields)
+
+
+def proposal_toml(proposal: Proposal, source: str = "SOURCE", target: str = "TARGET") -> str:
+    """The mapping file ``ckpt diff --propose-map`` writes: a header saying what the proposal covers
+    and how to review it, then the mapping (docs/mapping.md).
 
     Example:
-        >>> template_replacement("blocks.{n}.attn.qkv.weight")
-        'blocks.\\g<1>.attn.qkv.weight'
+        >>> text = proposal_toml(propose({"a.w": (4, 2)}, {"b.w": (4, 2)}), "a.pth", "b.pth")
+        >>> "[[rename]]" in text and 'status = "certain"' in text
+        True
     """
-    return template.replace("\\", "\\\\").replace("{n}", r"\g<1>")
+    header = [
+        f"# Proposed by `ckpt diff {source} {target} --propose-map`: {proposal.summary()}.",
+        '# Review every rule marked status = "ambiguous" (its note says why), then set it to "certain" or',
+        "# change it: applying a mapping with an ambiguous rule is refused. A name kept as it is needs no rule.",
+        *(f"# {note}" for note in proposal.notes),
+        *_listed("target tensors no rule fills", proposal.unfilled),
+        *_listed("source tensors no rule uses", proposal.unused),
+    ]
+    return "\n".join(header) + "\n" + to_mapping(proposal).to_toml()
+
+
+def _listed(title: str, names: Sequence[str], limit: int = 50) -> list[str]:
+    if not names:
+        return []
+    more = [f"#   ... and {len(names) - limit} more"] if len(names) > limit else []
+    return [f"# {title}:", *(f"#   {n}" for n in names[:limit]), *more]
+
+
+def write_proposal(
+    proposal: Proposal, path: str, *, force: bool = False, source: str = "SOURCE", target: str = "TARGET"
+) -> None:
+    """Write :func:`proposal_toml` to ``path`` atomically; an existing file only with ``force``.
+
+    Example:
+        >>> write_proposal(propose({"a": (1,)}, {"b": (1,)}), "map.toml")   # doctest: +SKIP
+    """
+    from ..fileio.writing import atomic_output
+
+    text = proposal_toml(proposal, source, target).encode("utf-8")
+    with atomic_output(path, force=force) as fh:
+        fh.write(text)
