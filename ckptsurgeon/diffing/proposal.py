@@ -775,8 +775,9 @@ def proposal_toml(proposal: Proposal, source: str = "SOURCE", target: str = "TAR
     """
     header = [
         f"# Proposed by `ckpt diff {source} {target} --propose-map`: {proposal.summary()}.",
-        '# Review every rule marked status = "ambiguous" (its note says why), then set it to "certain" or',
-        "# change it: applying a mapping with an ambiguous rule is refused. A name kept as it is needs no rule.",
+        '# Review every rule marked status = "ambiguous" (its note says why), then set it to "certain"',
+        "# or change it: applying a mapping with an ambiguous rule is refused.",
+        "# A name kept as it is needs no rule.",
         *(f"# {note}" for note in proposal.notes),
         *_listed("target tensors no rule fills", proposal.unfilled),
         *_listed("source tensors no rule uses", proposal.unused),
