@@ -69,9 +69,9 @@ def confirm(mapping: Path, targets: list[str], added: str = "") -> None:
     """What a reviewer does: check the ambiguous rules are these, mark them certain, add what is missing."""
     text = mapping.read_text()
     rules = text.split("\n\n")
-    ambiguous = sorted(_to(rule) for rule in rules if 'status = "ambiguous"' in rule)
+    ambiguous = sorted(_to(rule) for rule in rules if rule.startswith("[[") and 'status = "ambiguous"' in rule)
     assert ambiguous == sorted(targets)
-    mapping.write_text(text.replace('status = "ambiguous"', 'status = "certain"') + added)
+    mapping.write_text(text.replace('\nstatus = "ambiguous"', '\nstatus = "certain"') + added)
 
 
 def _to(rule: str) -> str:
