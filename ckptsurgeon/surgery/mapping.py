@@ -2,7 +2,8 @@
 
 A :class:`Mapping` is a value: its rules, read from a TOML file (:func:`load_mapping`,
 :func:`parse_mapping`), written back (:meth:`Mapping.to_toml`) and turned around
-(:meth:`Mapping.reversed`). Applying it (:meth:`Mapping.plan`, :meth:`Mapping.apply`) is in :mod:`ckptsurgeon.surgery.mappingplan`.
+(:meth:`Mapping.reversed`). Applying it (:meth:`Mapping.plan`, :meth:`Mapping.apply`) is in
+:mod:`ckptsurgeon.surgery.mappingplan`.
 docs/mapping.md states the schema.
 
 Why TOML: a mapping is reviewed and kept in version control, so comments matter (JSON has none);
@@ -29,9 +30,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CkptError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .mappingplan import MappingMatch
+    from .plan import Plan
 
 SCHEMA_VERSION = 1
 STATUSES = ("certain", "ambiguous")
@@ -352,6 +357,38 @@ class Mapping:
         transforms = tuple(rule.reversed() for rule in reversed(self.transforms))
         return Mapping(renames=renames, transforms=transforms, version=self.version)
 
+    def match(self, tensors: Any, *, allow_ambiguous: bool = False) -> MappingMatch:
+        """This mapping over ``tensors`` (a Checkpoint, a Source, or name -> TensorRecord): the plan
+        and what each rule touched (:class:`~ckptsurgeon.surgery.mappingplan.MappingMatch`)."""
+        from .mappingplan import match_mapping
+
+        return match_mapping(self, _records(tensors), allow_ambiguous=allow_ambiguous)
+
+    def plan(self, tensors: Any, *, allow_ambiguous: bool = False) -> Plan:
+        """The surgery :class:`~ckptsurgeon.surgery.plan.Plan` this mapping makes for ``tensors``.
+
+        Example:
+            >>> from ..core.record import TensorRecord
+            >>> recs = {"qkv": TensorRecord("qkv", "float32", (6, 2))}
+            >>> m = Mapping(transforms=(TensorTransform("split", ("qkv",), ("q", "k", "v")),))
+            >>> m.plan(recs).output_names
+            ['q', 'k', 'v']
+        """
+        return self.match(tensors, allow_ambiguous=allow_ambiguous).plan
+
+    def apply(self, state_dict: Any, *, allow_ambiguous: bool = False) -> dict[str, Any]:
+        """A new state dict of tensors: ``state_dict`` (name -> tensor) through this mapping.
+
+        Example:
+            >>> import torch
+            >>> m = Mapping(renames=(Rename("module.{*rest}", "{*rest}"),))
+            >>> list(m.apply({"module.fc.weight": torch.ones(2)}))
+            ['fc.weight']
+        """
+        from .mappingplan import apply_mapping
+
+        return apply_mapping(self, state_dict, allow_ambiguous=allow_ambiguous)
+
     def to_toml(self) -> str:
         """This mapping as a TOML document that :func:`parse_mapping` reads back equal."""
         lines = ["# ckpt mapping file (docs/mapping.md)", f"version = {self.version}"]
@@ -433,6 +470,15 @@ def _string(text: str) -> str:
         else:
             out.append(char)
     return '"' + "".join(out) + '"'
+
+
+def _records(tensors: Any) -> Any:
+    """name -> TensorRecord from a Checkpoint, a Source, or such a dict itself."""
+    if hasattr(tensors, "weights") and callable(tensors.weights):  # a Checkpoint
+        return tensors.weights().tensors
+    if hasattr(tensors, "tensors") and not isinstance(tensors, dict):  # a Source or a candidate
+        return tensors.tensors
+    return tensors
 
 
 # -- reading ----------------------------------------------------------------------------------
