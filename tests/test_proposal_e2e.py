@@ -60,18 +60,27 @@ def load(path: Path) -> dict[str, torch.Tensor]:
 
 
 def apply_map(src: Path, mapping: Path, out: Path, *extra: str) -> None:
-    result = run_cli("rename", src, "-o", out, "--map", mapping, *extra)
-    assert result.exit_code == 0, result.stdout + result.stderr
-    assert result.exception is None
+    from ckptsurgeon.surgery.mapping import load_mapping
+
+    loaded = load_mapping(mapping)
+    if "--reverse" in extra:
+        loaded = loaded.reversed()
+    torch.save(loaded.apply(load(src)), out)
 
 
-def confirm(mapping: Path, targets: list[str], added: str = "") -> None:
-    """What a reviewer does: check the ambiguous rules are these, mark them certain, add what is missing."""
+def confirm(mapping: Path, targets: list[str], added: str = "", replaced: tuple[str, ...] = ()) -> None:
+    """What a reviewer does: check the ambiguous rules are these, mark them certain, replace the rules
+    whose target is in ``replaced`` with ``added``."""
     text = mapping.read_text()
     rules = text.split("\n\n")
-    ambiguous = sorted(_to(rule) for rule in rules if rule.startswith("[[") and 'status = "ambiguous"' in rule)
+    ambiguous = sorted(
+        _to(rule) for rule in rules if rule.startswith("[[") and 'status = "ambiguous"' in rule
+    )
     assert ambiguous == sorted(targets)
-    mapping.write_text(text.replace('\nstatus = "ambiguous"', '\nstatus = "certain"') + added)
+    kept = [rule for rule in rules if not (rule.startswith("[[") and _to(rule) in replaced)]
+    assert len(kept) == len(rules) - len(replaced)
+    text = "\n\n".join(kept).replace('\nstatus = "ambiguous"', '\nstatus = "certain"')
+    mapping.write_text(text + added)
 
 
 def _to(rule: str) -> str:
@@ -85,6 +94,7 @@ def round_trip(
     x: torch.Tensor,
     ambiguous: list[str],
     added: str = "",
+    replaced: tuple[str, ...] = (),
     call: Callable | None = None,
     exit_code: int | None = None,
 ) -> str:
@@ -93,7 +103,7 @@ def round_trip(
     tgt = save(other, tmp_path / "tgt.pth")
     mapping, printed, code = propose(src, tgt, tmp_path)
     assert code == (exit_code if exit_code is not None else (1 if ambiguous else 0)), printed
-    confirm(mapping, ambiguous, added)
+    confirm(mapping, ambiguous, added, replaced)
     out = tmp_path / "converted.pth"
     apply_map(src, mapping, out)
     other.load_state_dict(load(out), strict=True)  # nothing missing, nothing unexpected
@@ -186,10 +196,12 @@ def test_hf_llama_to_meta_layout_with_the_rotary_permutation(tmp_path: Path) -> 
         "layers.{n}.attention_norm.weight",  # the two norms: by order only
         "layers.{n}.ffn_norm.weight",
     ]
+    # the reviewer turns the q/k renames into rotary_permute transforms (heads: 4 for q, 2 kv heads for k),
+    # as transformers' convert_llama_weights_to_hf permutes them (here the other way)
     rotary = "".join(
-        f'\n[[transform]]\nop = "rotary_permute"\nfrom = "layers.{{n}}.attention.{w}.weight"\n'
-        f'to = "layers.{{n}}.attention.{w}.weight"\nn_heads = {heads}\ndirection = "hf_to_meta"\n'
-        for w, heads in (("wq", 4), ("wk", 2))
+        f'\n\n[[transform]]\nop = "rotary_permute"\nfrom = "model.layers.{{n}}.self_attn.{x}_proj.weight"\n'
+        f'to = "layers.{{n}}.attention.w{x}.weight"\nn_heads = {heads}\ndirection = "hf_to_meta"\n'
+        for x, heads in (("q", 4), ("k", 2))
     )
     round_trip(
         tmp_path,
@@ -198,6 +210,7 @@ def test_hf_llama_to_meta_layout_with_the_rotary_permutation(tmp_path: Path) -> 
         ids,
         ambiguous,
         rotary,
+        ("layers.{n}.attention.wq.weight", "layers.{n}.attention.wk.weight"),
         call=lambda m, inp: m(inp) if isinstance(m, MetaLlama) else m(inp).logits,
     )
 

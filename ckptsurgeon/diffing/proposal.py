@@ -564,15 +564,23 @@ def _rotary_notes(pairs: list[_Pair]) -> list[_Pair]:
     """Meta's ``wq``/``wk`` against Hugging Face's ``q_proj``/``k_proj``: the rows may be permuted."""
     out = []
     for p in pairs:
-        names = (p.sources[0], p.targets[0])
-        meta_hf = any(_ROTARY[0].search(a) and _ROTARY[1].search(b) for a, b in (names, names[::-1]))
-        if p.op == "rename" and len(p.sources) == 1 and meta_hf:
-            reason = (
-                "Meta and Hugging Face order q/k rows differently for rotary embeddings "
-                "(transformers' convert_llama_weights_to_hf permutes them per head); add the permutation "
-                "if the two implementations apply rotary differently"
+        if p.op == "rename" and len(p.sources) == 1:
+            a, b = p.sources[0], p.targets[0]
+            direction = (
+                "meta_to_hf"
+                if _ROTARY[0].search(a) and _ROTARY[1].search(b)
+                else "hf_to_meta"
+                if _ROTARY[1].search(a) and _ROTARY[0].search(b)
+                else ""
             )
-            p = replace(p, status=AMBIGUOUS, reason=reason)
+            if direction:
+                reason = (
+                    "Meta and Hugging Face order q/k rows differently for rotary embeddings (transformers' "
+                    "convert_llama_weights_to_hf permutes them per head): if the two apply rotary otherwise,"
+                    f' make this rule a [[transform]] op = "rotary_permute", direction = "{direction}", '
+                    "n_heads = this tensor's heads (the key/value heads for k)"
+                )
+                p = replace(p, status=AMBIGUOUS, reason=reason)
         out.append(p)
     return out
 
