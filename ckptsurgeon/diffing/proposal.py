@@ -765,7 +765,9 @@ def _transform(rule: ProposedRule, sources: tuple[str, ...], targets: tuple[str,
     if rule.op == "transpose":
         fields["dims"] = (0, 1)
     elif rule.op in ("split", "concat"):
-        fields["dim"] = rule.dim or 0
+        dim = rule.dim or 0
+        parts = rule.target_shapes if rule.op == "split" else rule.source_shapes
+        fields |= {"dim": dim, "sizes": tuple(shape[dim] for shape in parts)}  # sizes: reversible
     elif rule.op == "reshape":
         fields["shape"] = rule.target_shapes[0]
         fields["reverse_shape"] = rule.source_shapes[0]
