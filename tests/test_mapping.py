@@ -247,7 +247,9 @@ def test_applying_refuses_collisions_missing_inputs_misfits_and_ambiguous_rules(
         Mapping(renames=(Rename("a.{*r}", "x.{*r}"), Rename("b.{*r}", "x.{*r}"))).apply(state)
     with pytest.raises(MappingError, match=r"'a\.w' matched, but its input 'a\.v' is missing"):
         _one("concat", ("{x:part}.w", "{x:part}.v"), "{x:part}.wv").apply(state)
-    with pytest.raises(MappingError, match=r"transform split 'c' -> \['c1', 'c2'\]: 'c' has 3 along dimension 0"):
+    with pytest.raises(
+        MappingError, match=r"transform split 'c' -> \['c1', 'c2'\]: 'c' has 3 along dimension 0"
+    ):
         _one("split", "c", ("c1", "c2")).apply(state)
     with pytest.raises(MappingError, match='marked status = "ambiguous"'):
         Mapping(renames=(Rename("c", "d", status="ambiguous"),)).apply(state)
