@@ -241,6 +241,14 @@ def test_bad_mapping_files_are_refused_in_one_line(tmp_path: Path, text: str, fr
     assert info.value.message.startswith(str(path))
 
 
+def test_the_readme_shows_the_fixture_mapping() -> None:
+    from conftest import FIXTURES, REPO
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("```toml\n# fixtures/mappings/vit_qkv.toml\n", 1)[1].split("```", 1)[0]
+    assert parse_mapping(block) == load_mapping(FIXTURES / "mappings" / "vit_qkv.toml")
+
+
 def test_applying_refuses_collisions_missing_inputs_misfits_and_ambiguous_rules() -> None:
     state = {"a.w": torch.ones(4, 2), "b.w": torch.ones(4, 2), "c": torch.ones(3)}
     with pytest.raises(MappingError, match=r"renames both 'a\.w' and 'b\.w' to 'x\.w'"):
