@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -239,8 +240,12 @@ class TensorTransform:
         return f"transform {self.op} {_names(self.sources)} -> {_names(self.targets)}"
 
     def reversed(self) -> TensorTransform:
-        """The transform that undoes this one (a reshape needs ``reverse_shape``)."""
+        """The transform that undoes this one (a reshape needs ``reverse_shape``, a concat ``sizes``)."""
         changes: dict[str, Any] = {"sources": self.targets, "targets": self.sources}
+        if self.op == "concat" and not self.sizes:
+            raise MappingError(
+                f"{self.label}: not reversible without the parts' sizes; add sizes = [...] to the rule"
+            )
         if self.op in ("split", "concat"):
             changes["op"] = "concat" if self.op == "split" else "split"
         elif self.op == "permute":
@@ -482,7 +487,7 @@ def _records(tensors: Any) -> Any:
 
 
 # -- reading ----------------------------------------------------------------------------------
-def load_mapping(path: str | Path) -> Mapping:
+def load_mapping(path: str | os.PathLike[str]) -> Mapping:
     """Read the mapping file at ``path`` (TOML; docs/mapping.md).
 
     Example:

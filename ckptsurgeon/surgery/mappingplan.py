@@ -97,8 +97,9 @@ def match_mapping(
             f"no rule of the mapping matches any tensor (names look like {sample}); wrong file or direction?"
         )
     untouched = tuple(n for n in records if n not in drops and renames[n] == n and n not in transformed)
-    steps = tuple(f"mapping: {label}" for label, count in counts.items() if count)
-    return MappingMatch(Plan(plan.entries, steps), tuple(counts.items()), untouched)
+    used = sum(1 for count in counts.values() if count)
+    step = f"mapping file: {used} of {len(counts)} rule(s) matched"
+    return MappingMatch(Plan(plan.entries, (step,)), tuple(counts.items()), untouched)
 
 
 # -- drops and renames --------------------------------------------------------------------------
@@ -218,21 +219,32 @@ def build_transform(
     where = f"{rule.label}: {names[0]!r}"
     first = inputs[0]
     shape = tuple(first.shape)
-    described = f"{rule.op} ({rule.label})"
     source_names = tuple(rec.name for rec in inputs)
     if rule.op == "split":
         sizes, dim = _split_sizes(rule, shape, len(outputs), where)
+        described = f"split along dimension {dim} into {list(sizes)}"
         declared = tuple(
             Output(o, first.dtype, _with_dim(shape, dim, s)) for o, s in zip(outputs, sizes, strict=True)
         )
         return Transform(described, source_names, declared, _split_compute(sizes, dim))
     if rule.op == "concat":
         out_shape, dim = _concat_shape(rule, inputs, names, where)
+        described = f"concat of {len(inputs)} along dimension {dim}"
         return Transform(
             described, source_names, (Output(outputs[0], first.dtype, out_shape),), _concat_compute(dim)
         )
     out_shape, compute = _one_to_one(rule, shape, where)
-    return Transform(described, source_names, (Output(outputs[0], first.dtype, out_shape),), compute)
+    return Transform(
+        _described(rule, out_shape), source_names, (Output(outputs[0], first.dtype, out_shape),), compute
+    )
+
+
+def _described(rule: TensorTransform, out_shape: tuple[int, ...]) -> str:
+    if rule.op in ("transpose", "permute"):
+        return f"{rule.op} {list(rule.dims)}"
+    if rule.op == "reshape":
+        return f"reshape to {list(out_shape)}"
+    return f"rotary permute {rule.direction.replace('_', ' ')} ({rule.n_heads} heads)"
 
 
 def _with_dim(shape: tuple[int, ...], dim: int, size: int) -> tuple[int, ...]:
