@@ -60,12 +60,10 @@ def load(path: Path) -> dict[str, torch.Tensor]:
 
 
 def apply_map(src: Path, mapping: Path, out: Path, *extra: str) -> None:
-    from ckptsurgeon.surgery.mapping import load_mapping
-
-    loaded = load_mapping(mapping)
-    if "--reverse" in extra:
-        loaded = loaded.reversed()
-    torch.save(loaded.apply(load(src)), out)
+    """``ckpt rename SRC -o OUT --map MAP`` (what a user runs; it verifies what it wrote)."""
+    result = run_cli("rename", src, "-o", out, "--map", mapping, *extra)
+    assert result.exception is None, result.exception
+    assert result.exit_code == 0, result.stdout + result.stderr
 
 
 def confirm(mapping: Path, targets: list[str], added: str = "", replaced: tuple[str, ...] = ()) -> None:
@@ -246,3 +244,16 @@ def test_propose_map_options_that_do_not_combine(tmp_path: Path) -> None:
     assert run_cli("diff", src, src, "--force").exit_code == 2
     assert run_cli("diff", src, src, "--values", "--propose-map", tmp_path / "m.toml").exit_code == 2
     assert not (tmp_path / "m.toml").exists()
+
+
+def test_the_library_applies_the_proposal_as_the_cli_does(tmp_path: Path) -> None:
+    from ckptsurgeon import propose_mapping
+    from ckptsurgeon.diffing.proposal import to_mapping
+
+    original, other = randomized(TorchvisionViT(), 6), TimmViT()
+    mapping = to_mapping(propose_mapping(original, other))
+    other.load_state_dict(mapping.apply(original.state_dict()), strict=True)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    assert outputs_equal(original, other.eval(), x) < ATOL
+    back = mapping.reversed().apply(other.state_dict())
+    assert all(torch.equal(back[k], v) for k, v in original.state_dict().items())
