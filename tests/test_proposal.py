@@ -189,3 +189,13 @@ def test_summary_counts() -> None:
         "1/2 target tensors covered by 1 rules; 0 ambiguous (to confirm), 1 target tensors unfilled, "
         "1 source tensors unused"
     )
+
+
+def test_a_fused_tensor_whose_parts_names_do_not_say_qkv_is_to_confirm() -> None:
+    src = {"enc.fused.weight": (12, 4)}
+    p = propose(src, {"dec.a.weight": (4, 4), "dec.b.weight": (4, 4), "dec.c.weight": (4, 4)})
+    assert [(r.op, r.status) for r in p.rules] == [("split", AMBIGUOUS)]
+    assert "order is assumed" in p.rules[0].reason
+    # several ways to cut it and no names to choose: no guess at all
+    many = {f"dec.{x}.weight": (4, 4) for x in "abcd"}
+    assert propose(src, many).rules == ()

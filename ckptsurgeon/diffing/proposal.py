@@ -391,13 +391,15 @@ class _Segment:
             if not runs:
                 continue
             named = [run for run in runs if _qkv_named(run)]
+            if len(runs) > 1 and not named:
+                continue  # several unnamed ways to cut it: a guess, not a proposal
             run = (named or runs)[0]
-            certain = len(named) == 1 or (len(runs) == 1 and not _roles_conflict(whole.name, run[0].name))
+            certain = len(named) == 1 and not _roles_conflict(whole.name, run[0].name)
             reason = f"{_fmt(whole.shape)} is {len(run)} x {_fmt(run[0].shape)} on dim 0"
-            if len(named) == 1:
+            if certain:
                 reason += ", parts named " + "/".join(_qkv_letter(p.name) for p in run)
-            elif len(runs) > 1:
-                reason += f" ({len(runs)} candidate runs; the first taken)"
+            else:
+                reason += "; the parts' order is assumed (their names do not say q/k/v)"
             whole.paired = True
             for part in run:
                 part.paired = True
