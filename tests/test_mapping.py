@@ -45,7 +45,7 @@ def test_split_equal_and_sized_parts_match_torch_split() -> None:
 
 def test_concat_matches_torch_cat() -> None:
     parts = {"q": torch.randn(4, 3), "k": torch.randn(2, 3), "v": torch.randn(2, 3)}
-    out = _one("concat", ("q", "k", "v"), "qkv").apply(parts)
+    out = _one("concat", ("q", "k", "v"), "qkv", sizes=(4, 2, 2)).apply(parts)
     assert list(out) == ["qkv"] and _equal(out["qkv"], torch.cat(list(parts.values())))
 
 
@@ -145,6 +145,27 @@ def test_reverse_of_forward_is_the_identity_bit_for_bit(mapping: Mapping, dtype:
     assert all(_equal(back[n], state[n]) for n in state)
 
 
+def test_reverse_undoes_transforms_before_renames() -> None:
+    """The forward renames first and splits the renamed names; the reverse must concat the split
+    names first and rename after (order = "transforms-first"), or its templates would not match."""
+    mapping = Mapping(
+        renames=(Rename("enc.layer_{n}.{*r}", "blocks.{n}.{*r}"),),
+        transforms=(_one("split", "blocks.{n}.qkv", ("blocks.{n}.q", "blocks.{n}.k")).transforms[0],),
+    )
+    state = {
+        "enc.layer_0.qkv": torch.randn(4, 3),
+        "enc.layer_1.qkv": torch.randn(4, 3),
+        "enc.layer_1.w": torch.ones(2),
+    }
+    forward = mapping.apply(state)
+    assert sorted(forward) == ["blocks.0.k", "blocks.0.q", "blocks.1.k", "blocks.1.q", "blocks.1.w"]
+    reverse = parse_mapping(mapping.reversed().to_toml())
+    assert reverse.transforms_first and reverse == mapping.reversed()
+    back = reverse.apply(forward)
+    assert sorted(back) == sorted(state) and all(_equal(back[n], state[n]) for n in state)
+    assert reverse.reversed() == mapping
+
+
 def test_template_renames_reverse_and_regex_renames_need_their_pair() -> None:
     m = Mapping(
         renames=(
@@ -162,8 +183,12 @@ def test_template_renames_reverse_and_regex_renames_need_their_pair() -> None:
         Mapping(renames=(Rename("^a", "b", regex=True),)).reversed()
     with pytest.raises(MappingError, match="drop 'x': a drop cannot be reversed"):
         Mapping(drops=(Drop("x"),)).reversed()
-    with pytest.raises(MappingError, match="not reversible without the parts' sizes"):
-        _one("concat", ("a", "b"), "ab").reversed()  # equal parts would be a guess
+    with pytest.raises(
+        MappingError, match=r"a concat without sizes joins equal parts .* add sizes = \[1, 2\]"
+    ):
+        _one("concat", ("a", "b"), "ab").apply(
+            {"a": torch.ones(1), "b": torch.ones(2)}
+        )  # its reverse would guess
     with pytest.raises(MappingError, match="not reversible; add reverse_shape"):
         _one("reshape", "a", "b", shape=(-1,)).reversed()
 
