@@ -427,6 +427,23 @@ def test_adapt_with_a_mapping_names_unfilled_target_tensors(tmp_path: Path) -> N
     assert _equal(model.state_dict()["0.q_proj.weight"], reference.state_dict()["0.q_proj.weight"])
 
 
+def test_adapt_leaves_out_transform_outputs_the_target_has_no_place_for(tmp_path: Path) -> None:
+    fused = _net(FusedAttention)
+    _save(fused.state_dict(), tmp_path / "f.pth")
+    target = {k: v for k, v in _net(SplitAttention).state_dict().items() if ".v_proj." not in k}
+    _save(target, tmp_path / "target.pth")
+    (tmp_path / "qkv.toml").write_text(QKV_MAP)
+    out = tmp_path / "adapted.safetensors"
+    args = ("adapt", tmp_path / "f.pth", tmp_path / "target.pth", "--map", tmp_path / "qkv.toml")
+    result = run_cli(*args, "-o", out, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["mapping"]["rules"][1]["tensors"] == 4
+    assert "4 source tensor(s) unused: '0.v_proj.weight'" in result.stderr
+    written, reference = _load(out), _split_reference(fused)
+    assert sorted(written) == sorted(target)
+    assert all(_equal(written[n], reference[n].contiguous()) for n in target)
+
+
 def _split_reference(fused: nn.Module) -> dict[str, torch.Tensor]:
     """SplitAttention's state dict made by hand with torch.chunk: the reference for the mapping."""
     out: dict[str, torch.Tensor] = {}
