@@ -554,6 +554,11 @@ def _split_reference(fused: nn.Module) -> dict[str, torch.Tensor]:
             "renames both",
         ),
         (
+            "version = 1\n[[rename]]\nfrom = '0.{*r}'\nto = '1.{*r}'\n"
+            "[[rename]]\nfrom = '1.{*r}'\nto = '0.{*r}'\n",
+            "renames both '0.qkv.weight' and '1.qkv.weight' to '0.qkv.weight'",
+        ),
+        (
             "version = 1\n[[transform]]\nop = 'split'\nfrom = '{n}.qkv.weight'\n"
             "to = ['a{n}', 'b{n}', 'c{n}', 'd{n}', 'e{n}']\n",
             "not divisible into 5",

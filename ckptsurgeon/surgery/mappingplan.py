@@ -84,7 +84,7 @@ def match_mapping(
             f'{label}: marked status = "ambiguous"; review it and set status = "certain" '
             "(or pass --allow-ambiguous)"
         )
-    counts: dict[str, int] = {rule.label: 0 for rule in mapping.rules}
+    counts: dict[int, int] = {id(rule): 0 for rule in mapping.rules}  # by rule, not label: two may look alike
     drops = _dropped(mapping.drops, records, counts)
     kept = [n for n in records if n not in drops]
     if mapping.transforms_first:
@@ -106,17 +106,18 @@ def match_mapping(
     untouched = tuple(e.old for e in plan.entries if e.transform is None and e.new == e.old)
     used = sum(1 for count in counts.values() if count)
     step = f"mapping file: {used} of {len(counts)} rule(s) matched"
-    return MappingMatch(Plan(plan.entries, (step,)), tuple(counts.items()), untouched)
+    labelled = tuple((rule.label, counts[id(rule)]) for rule in mapping.rules)
+    return MappingMatch(Plan(plan.entries, (step,)), labelled, untouched)
 
 
 # -- drops and renames --------------------------------------------------------------------------
-def _dropped(rules: tuple[Drop, ...], names: Names[str, Any], counts: dict[str, int]) -> dict[str, str]:
+def _dropped(rules: tuple[Drop, ...], names: Names[str, Any], counts: dict[int, int]) -> dict[str, str]:
     matchers = [(rule, _drop_matcher(rule)) for rule in rules]
     drops: dict[str, str] = {}
     for name in names:
         for rule, hits in matchers:
             if hits(name):
-                counts[rule.label] += 1
+                counts[id(rule)] += 1
                 drops[name] = rule.reason or f"mapping {rule.label}"
                 break
     return drops
@@ -130,7 +131,7 @@ def _drop_matcher(rule: Drop) -> Any:
     return lambda name: template.match(name) is not None
 
 
-def _renamed(rules: tuple[Rename, ...], names: list[str], counts: dict[str, int]) -> dict[str, str]:
+def _renamed(rules: tuple[Rename, ...], names: list[str], counts: dict[int, int]) -> dict[str, str]:
     """Source name -> its name after every rename; two sources on one name are refused."""
     appliers = [(rule, _rename_function(rule)) for rule in rules]
     out: dict[str, str] = {}
@@ -141,7 +142,7 @@ def _renamed(rules: tuple[Rename, ...], names: list[str], counts: dict[str, int]
             new = apply(current)
             if new is None:
                 continue
-            counts[rule.label] += 1
+            counts[id(rule)] += 1
             if not new:
                 raise MappingError(f"{rule.label}: {current!r} would get an empty name")
             current = new
@@ -183,7 +184,7 @@ def _transformed(
     mapping: Mapping,
     records: Names[str, TensorRecord],
     renames: dict[str, str],
-    counts: dict[str, int],
+    counts: dict[int, int],
 ) -> Plan:
     """``plan`` with every transform rule applied, in order (``renames``: source name -> its name now)."""
     transformed: set[str] = set()
@@ -197,7 +198,7 @@ def _with_transforms(
     rule: TensorTransform,
     records: Names[str, TensorRecord],
     renames: dict[str, str],
-    counts: dict[str, int],
+    counts: dict[int, int],
     transformed: set[str],
 ) -> Plan:
     """``plan`` with ``rule`` applied wherever its first ``from`` template matches a renamed name."""
@@ -221,7 +222,7 @@ def _with_transforms(
         transform = build_transform(rule, [records[n] for n in inputs], [renames[n] for n in inputs], outputs)
         plan = plan.with_transform(transform)
         transformed.update(inputs)
-        counts[rule.label] += 1
+        counts[id(rule)] += 1
     return plan
 
 
