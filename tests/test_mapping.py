@@ -45,7 +45,7 @@ def test_split_equal_and_sized_parts_match_torch_split() -> None:
 
 def test_concat_matches_torch_cat() -> None:
     parts = {"q": torch.randn(4, 3), "k": torch.randn(2, 3), "v": torch.randn(2, 3)}
-    out = _one("concat", ("q", "k", "v"), "qkv").apply(parts)
+    out = _one("concat", ("q", "k", "v"), "qkv", sizes=(4, 2, 2)).apply(parts)
     assert list(out) == ["qkv"] and _equal(out["qkv"], torch.cat(list(parts.values())))
 
 
@@ -118,6 +118,91 @@ def test_rotary_permute_gives_the_same_attention_scores_under_each_layouts_rotar
     torch.testing.assert_close(q[0] @ k[0].transpose(-1, -2), meta(wq) @ meta(wk).transpose(-1, -2))
 
 
+LLAMA_MAP = """\
+# Hugging Face Llama -> Meta's layout: q/k rows in Meta's rotary order, some of llama/model.py's names
+version = 1
+
+[[rename]]
+regex = '^model\\.'
+replace = ''
+reverse_regex = '^(layers|embed_tokens|norm)\\.'
+reverse_replace = 'model.\\1.'
+
+[[rename]]
+from = "embed_tokens.weight"
+to = "tok_embeddings.weight"
+
+[[rename]]
+from = "lm_head.weight"
+to = "output.weight"
+
+[[rename]]
+from = "layers.{n}.{m:part}.{p:part}_proj.weight"
+to = "layers.{n}.{m:part}.{p:part}.weight"
+
+[[rename]]
+from = "layers.{n}.input_layernorm.weight"
+to = "layers.{n}.attention_norm.weight"
+
+[[rename]]
+from = "layers.{n}.post_attention_layernorm.weight"
+to = "layers.{n}.ffn_norm.weight"
+
+[[transform]]
+op = "rotary_permute"
+from = "layers.{n}.self_attn.q.weight"
+to = "layers.{n}.attention.wq.weight"
+n_heads = 4
+direction = "hf_to_meta"
+
+[[transform]]
+op = "rotary_permute"
+from = "layers.{n}.self_attn.k.weight"
+to = "layers.{n}.attention.wk.weight"
+n_heads = 2                        # the key/value heads (grouped-query attention)
+direction = "hf_to_meta"
+"""
+
+
+def test_hugging_face_llama_to_meta_layout_and_back(tmp_path: Path) -> None:
+    """A tiny transformers Llama (GQA) through a mapping file to Meta's layout and back with --reverse:
+    Meta's q/k rows are what Hugging Face's conversion `permute` turns into the model's, and the
+    model rebuilt from the round trip loads strictly and gives the same logits."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    hf = {k: v.contiguous() for k, v in model.state_dict().items()}
+    _save(hf, tmp_path / "hf.safetensors")
+    (tmp_path / "llama.toml").write_text(LLAMA_MAP)
+    meta_file, back_file = tmp_path / "meta.safetensors", tmp_path / "back.safetensors"
+    result = run_cli("rename", tmp_path / "hf.safetensors", "-o", meta_file, "--map", tmp_path / "llama.toml")
+    assert result.exit_code == 0, result.stderr
+    meta = _load(meta_file)
+    assert {"tok_embeddings.weight", "output.weight", "layers.1.attention.wq.weight"} <= set(meta)
+    assert _equal(
+        _hf_permute(meta["layers.0.attention.wq.weight"], 4, 16, 16),
+        hf["model.layers.0.self_attn.q_proj.weight"],
+    )
+    assert _equal(
+        _hf_permute(meta["layers.1.attention.wk.weight"], 2, 8, 16),
+        hf["model.layers.1.self_attn.k_proj.weight"],
+    )
+
+    result = run_cli("rename", meta_file, "-o", back_file, "--map", tmp_path / "llama.toml", "--reverse")
+    assert result.exit_code == 0, result.stderr
+    back = _load(back_file)
+    assert sorted(back) == sorted(hf) and all(_equal(back[n], hf[n]) for n in hf)
+    rebuilt = transformers.LlamaForCausalLM(config).eval()
+    rebuilt.load_state_dict(back, strict=True)
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids).logits, model(ids).logits)
+
+
 # -- reverse(forward(x)) == x --------------------------------------------------------------------
 ROUND_TRIPS = [
     _one("split", "{*p}.qkv", ("{*p}.q", "{*p}.k", "{*p}.v"), sizes=(4, 2, 2)),
@@ -145,6 +230,27 @@ def test_reverse_of_forward_is_the_identity_bit_for_bit(mapping: Mapping, dtype:
     assert all(_equal(back[n], state[n]) for n in state)
 
 
+def test_reverse_undoes_transforms_before_renames() -> None:
+    """The forward renames first and splits the renamed names; the reverse must concat the split
+    names first and rename after (order = "transforms-first"), or its templates would not match."""
+    mapping = Mapping(
+        renames=(Rename("enc.layer_{n}.{*r}", "blocks.{n}.{*r}"),),
+        transforms=(_one("split", "blocks.{n}.qkv", ("blocks.{n}.q", "blocks.{n}.k")).transforms[0],),
+    )
+    state = {
+        "enc.layer_0.qkv": torch.randn(4, 3),
+        "enc.layer_1.qkv": torch.randn(4, 3),
+        "enc.layer_1.w": torch.ones(2),
+    }
+    forward = mapping.apply(state)
+    assert sorted(forward) == ["blocks.0.k", "blocks.0.q", "blocks.1.k", "blocks.1.q", "blocks.1.w"]
+    reverse = parse_mapping(mapping.reversed().to_toml())
+    assert reverse.transforms_first and reverse == mapping.reversed()
+    back = reverse.apply(forward)
+    assert sorted(back) == sorted(state) and all(_equal(back[n], state[n]) for n in state)
+    assert reverse.reversed() == mapping
+
+
 def test_template_renames_reverse_and_regex_renames_need_their_pair() -> None:
     m = Mapping(
         renames=(
@@ -162,8 +268,12 @@ def test_template_renames_reverse_and_regex_renames_need_their_pair() -> None:
         Mapping(renames=(Rename("^a", "b", regex=True),)).reversed()
     with pytest.raises(MappingError, match="drop 'x': a drop cannot be reversed"):
         Mapping(drops=(Drop("x"),)).reversed()
-    with pytest.raises(MappingError, match="not reversible without the parts' sizes"):
-        _one("concat", ("a", "b"), "ab").reversed()  # equal parts would be a guess
+    with pytest.raises(
+        MappingError, match=r"a concat without sizes joins equal parts .* add sizes = \[1, 2\]"
+    ):
+        _one("concat", ("a", "b"), "ab").apply(
+            {"a": torch.ones(1), "b": torch.ones(2)}
+        )  # its reverse would guess
     with pytest.raises(MappingError, match="not reversible; add reverse_shape"):
         _one("reshape", "a", "b", shape=(-1,)).reversed()
 
@@ -402,6 +512,23 @@ def test_adapt_with_a_mapping_names_unfilled_target_tensors(tmp_path: Path) -> N
     assert _equal(model.state_dict()["0.q_proj.weight"], reference.state_dict()["0.q_proj.weight"])
 
 
+def test_adapt_leaves_out_transform_outputs_the_target_has_no_place_for(tmp_path: Path) -> None:
+    fused = _net(FusedAttention)
+    _save(fused.state_dict(), tmp_path / "f.pth")
+    target = {k: v for k, v in _net(SplitAttention).state_dict().items() if ".v_proj." not in k}
+    _save(target, tmp_path / "target.pth")
+    (tmp_path / "qkv.toml").write_text(QKV_MAP)
+    out = tmp_path / "adapted.safetensors"
+    args = ("adapt", tmp_path / "f.pth", tmp_path / "target.pth", "--map", tmp_path / "qkv.toml")
+    result = run_cli(*args, "-o", out, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["mapping"]["rules"][1]["tensors"] == 4
+    assert "4 source tensor(s) unused: '0.v_proj.weight'" in result.stderr
+    written, reference = _load(out), _split_reference(fused)
+    assert sorted(written) == sorted(target)
+    assert all(_equal(written[n], reference[n].contiguous()) for n in target)
+
+
 def _split_reference(fused: nn.Module) -> dict[str, torch.Tensor]:
     """SplitAttention's state dict made by hand with torch.chunk: the reference for the mapping."""
     out: dict[str, torch.Tensor] = {}
@@ -425,6 +552,11 @@ def _split_reference(fused: nn.Module) -> dict[str, torch.Tensor]:
             "version = 1\n[[rename]]\nfrom = '0.{*r}'\nto = 'x.{*r}'\n"
             "[[rename]]\nfrom = '1.{*r}'\nto = 'x.{*r}'\n",
             "renames both",
+        ),
+        (
+            "version = 1\n[[rename]]\nfrom = '0.{*r}'\nto = '1.{*r}'\n"
+            "[[rename]]\nfrom = '1.{*r}'\nto = '0.{*r}'\n",
+            "renames both '0.qkv.weight' and '1.qkv.weight' to '0.qkv.weight'",
         ),
         (
             "version = 1\n[[transform]]\nop = 'split'\nfrom = '{n}.qkv.weight'\n"

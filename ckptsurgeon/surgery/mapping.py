@@ -43,6 +43,7 @@ SCHEMA_VERSION = 1
 STATUSES = ("certain", "ambiguous")
 OPS = ("split", "concat", "transpose", "permute", "reshape", "rotary_permute")
 ROTARY_DIRECTIONS = ("meta_to_hf", "hf_to_meta")
+ORDERS = ("renames-first", "transforms-first")
 MAX_MAPPING_BYTES = 16 * 1024 * 1024  # a mapping is text a person reviews; refuse anything larger
 _PLACEHOLDER = re.compile(r"\{(\*?)([A-Za-z_][A-Za-z0-9_]*)(?::([a-z]+))?\}")
 _KINDS = {"": r"[0-9]+", "part": r"[^.]+", "*": r".+"}
@@ -201,7 +202,8 @@ class TensorTransform:
     """A value-changing rule: ``op`` from the ``sources`` templates to the ``targets`` templates.
 
     ``split``: one source -> several targets along ``dim`` (``sizes``, or equal parts);
-    ``concat``: several sources -> one target along ``dim`` (its inverse); ``transpose``: swap the
+    ``concat``: several sources -> one target along ``dim`` (its inverse: parts of ``sizes``, or
+    equal parts); ``transpose``: swap the
     two ``dims``; ``permute``: reorder by ``dims``; ``reshape``: to ``shape`` (``0`` keeps that
     dimension, ``-1`` is inferred), reversed with ``reverse_shape``; ``rotary_permute``: the q/k
     row order between Meta and Hugging Face Llama layouts (``n_heads``, ``direction``).
@@ -240,12 +242,8 @@ class TensorTransform:
         return f"transform {self.op} {_names(self.sources)} -> {_names(self.targets)}"
 
     def reversed(self) -> TensorTransform:
-        """The transform that undoes this one (a reshape needs ``reverse_shape``, a concat ``sizes``)."""
+        """The transform that undoes this one (a reshape needs ``reverse_shape``)."""
         changes: dict[str, Any] = {"sources": self.targets, "targets": self.sources}
-        if self.op == "concat" and not self.sizes:
-            raise MappingError(
-                f"{self.label}: not reversible without the parts' sizes; add sizes = [...] to the rule"
-            )
         if self.op in ("split", "concat"):
             changes["op"] = "concat" if self.op == "split" else "split"
         elif self.op == "permute":
@@ -325,7 +323,8 @@ Rule = Rename | Drop | TensorTransform
 class Mapping:
     """The rules of one mapping file. Applied in this order: drops (on the source's names), then
     renames (each in file order, on the name the previous one left), then transforms (on the
-    renamed names).
+    renamed names); with ``transforms_first`` (``order = "transforms-first"``, what
+    :meth:`reversed` makes) the transforms come before the renames, which then rename their outputs.
 
     Example:
         >>> m = Mapping(renames=(Rename("module.{*rest}", "{*rest}"),))
@@ -337,6 +336,7 @@ class Mapping:
     drops: tuple[Drop, ...] = ()
     transforms: tuple[TensorTransform, ...] = ()
     version: int = SCHEMA_VERSION
+    transforms_first: bool = False  # ``order = "transforms-first"``: what reversed() makes
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -349,7 +349,8 @@ class Mapping:
         return tuple(rule for rule in self.rules if rule.status == "ambiguous")
 
     def reversed(self) -> Mapping:
-        """The mapping that converts back: transforms undone first, then renames in reverse order.
+        """The mapping that converts back: transforms undone first, then renames in reverse order
+        (the order flips: ``transforms_first``).
 
         A drop, a regex rename without a reverse pair, or a reshape without ``reverse_shape`` is
         refused by name.
@@ -360,7 +361,12 @@ class Mapping:
             )
         renames = tuple(rule.reversed() for rule in reversed(self.renames))
         transforms = tuple(rule.reversed() for rule in reversed(self.transforms))
-        return Mapping(renames=renames, transforms=transforms, version=self.version)
+        return Mapping(
+            renames=renames,
+            transforms=transforms,
+            version=self.version,
+            transforms_first=not self.transforms_first,
+        )
 
     def match(self, tensors: Any, *, allow_ambiguous: bool = False) -> MappingMatch:
         """This mapping over ``tensors`` (a Checkpoint, a Source, or name -> TensorRecord): the plan
@@ -397,6 +403,8 @@ class Mapping:
     def to_toml(self) -> str:
         """This mapping as a TOML document that :func:`parse_mapping` reads back equal."""
         lines = ["# ckpt mapping file (docs/mapping.md)", f"version = {self.version}"]
+        if self.transforms_first:
+            lines.append(f"order = {_string(ORDERS[1])}")
         for rule in self.drops:
             lines += ["", "[[drop]]", *_fields(_drop_fields(rule))]
         for rename in self.renames:
@@ -523,7 +531,10 @@ def parse_mapping(text: str) -> Mapping:
         ()
     """
     document = _parse_toml(text)
-    _only_keys(document, "the file", ("version", "rename", "drop", "transform"))
+    _only_keys(document, "the file", ("version", "order", "rename", "drop", "transform"))
+    order = document.get("order", ORDERS[0])
+    if order not in ORDERS:
+        raise MappingError(f"order = {order!r}: use {ORDERS[0]!r} (the default) or {ORDERS[1]!r}")
     version = document.get("version")
     if version != SCHEMA_VERSION:
         raise MappingError(
@@ -533,6 +544,7 @@ def parse_mapping(text: str) -> Mapping:
         renames=tuple(_rename(t, i) for i, t in enumerate(_tables(document, "rename"))),
         drops=tuple(_drop(t, i) for i, t in enumerate(_tables(document, "drop"))),
         transforms=tuple(_transform(t, i) for i, t in enumerate(_tables(document, "transform"))),
+        transforms_first=order == ORDERS[1],
     )
 
 

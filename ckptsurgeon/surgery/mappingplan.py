@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.record import TensorRecord
 from .mapping import Drop, Mapping, MappingError, Rename, Rule, Template, TensorTransform
-from .plan import Plan, plan_from_mapping
+from .plan import Entry, Plan, plan_from_mapping
 from .transforms import Output, Transform
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -84,32 +84,40 @@ def match_mapping(
             f'{label}: marked status = "ambiguous"; review it and set status = "certain" '
             "(or pass --allow-ambiguous)"
         )
-    counts: dict[str, int] = {rule.label: 0 for rule in mapping.rules}
+    counts: dict[int, int] = {id(rule): 0 for rule in mapping.rules}  # by rule, not label: two may look alike
     drops = _dropped(mapping.drops, records, counts)
-    renames = _renamed(mapping.renames, [n for n in records if n not in drops], counts)
-    plan = plan_from_mapping(records, {old: new for old, new in renames.items() if new != old}, drops)
-    transformed: set[str] = set()
-    for rule in mapping.transforms:
-        plan = _with_transforms(plan, rule, records, renames, counts, transformed)
+    kept = [n for n in records if n not in drops]
+    if mapping.transforms_first:
+        plan = _transformed(
+            plan_from_mapping(records, {}, drops), mapping, records, {n: n for n in kept}, counts
+        )
+        names = plan.output_names
+        after = _renamed(mapping.renames, names, counts)
+        plan = plan.then(Plan(tuple(Entry(n, after[n]) for n in names)))
+    else:
+        renames = _renamed(mapping.renames, kept, counts)
+        changed = {old: new for old, new in renames.items() if new != old}
+        plan = _transformed(plan_from_mapping(records, changed, drops), mapping, records, renames, counts)
     if mapping.rules and records and not any(counts.values()):
         sample = ", ".join(repr(n) for n in list(records)[:3])
         raise MappingError(
             f"no rule of the mapping matches any tensor (names look like {sample}); wrong file or direction?"
         )
-    untouched = tuple(n for n in records if n not in drops and renames[n] == n and n not in transformed)
+    untouched = tuple(e.old for e in plan.entries if e.transform is None and e.new == e.old)
     used = sum(1 for count in counts.values() if count)
     step = f"mapping file: {used} of {len(counts)} rule(s) matched"
-    return MappingMatch(Plan(plan.entries, (step,)), tuple(counts.items()), untouched)
+    labelled = tuple((rule.label, counts[id(rule)]) for rule in mapping.rules)
+    return MappingMatch(Plan(plan.entries, (step,)), labelled, untouched)
 
 
 # -- drops and renames --------------------------------------------------------------------------
-def _dropped(rules: tuple[Drop, ...], names: Names[str, Any], counts: dict[str, int]) -> dict[str, str]:
+def _dropped(rules: tuple[Drop, ...], names: Names[str, Any], counts: dict[int, int]) -> dict[str, str]:
     matchers = [(rule, _drop_matcher(rule)) for rule in rules]
     drops: dict[str, str] = {}
     for name in names:
         for rule, hits in matchers:
             if hits(name):
-                counts[rule.label] += 1
+                counts[id(rule)] += 1
                 drops[name] = rule.reason or f"mapping {rule.label}"
                 break
     return drops
@@ -123,7 +131,7 @@ def _drop_matcher(rule: Drop) -> Any:
     return lambda name: template.match(name) is not None
 
 
-def _renamed(rules: tuple[Rename, ...], names: list[str], counts: dict[str, int]) -> dict[str, str]:
+def _renamed(rules: tuple[Rename, ...], names: list[str], counts: dict[int, int]) -> dict[str, str]:
     """Source name -> its name after every rename; two sources on one name are refused."""
     appliers = [(rule, _rename_function(rule)) for rule in rules]
     out: dict[str, str] = {}
@@ -134,7 +142,7 @@ def _renamed(rules: tuple[Rename, ...], names: list[str], counts: dict[str, int]
             new = apply(current)
             if new is None:
                 continue
-            counts[rule.label] += 1
+            counts[id(rule)] += 1
             if not new:
                 raise MappingError(f"{rule.label}: {current!r} would get an empty name")
             current = new
@@ -171,12 +179,26 @@ def _rename_function(rule: Rename) -> Any:
 
 
 # -- transforms ---------------------------------------------------------------------------------
+def _transformed(
+    plan: Plan,
+    mapping: Mapping,
+    records: Names[str, TensorRecord],
+    renames: dict[str, str],
+    counts: dict[int, int],
+) -> Plan:
+    """``plan`` with every transform rule applied, in order (``renames``: source name -> its name now)."""
+    transformed: set[str] = set()
+    for rule in mapping.transforms:
+        plan = _with_transforms(plan, rule, records, renames, counts, transformed)
+    return plan
+
+
 def _with_transforms(
     plan: Plan,
     rule: TensorTransform,
     records: Names[str, TensorRecord],
     renames: dict[str, str],
-    counts: dict[str, int],
+    counts: dict[int, int],
     transformed: set[str],
 ) -> Plan:
     """``plan`` with ``rule`` applied wherever its first ``from`` template matches a renamed name."""
@@ -200,7 +222,7 @@ def _with_transforms(
         transform = build_transform(rule, [records[n] for n in inputs], [renames[n] for n in inputs], outputs)
         plan = plan.with_transform(transform)
         transformed.update(inputs)
-        counts[rule.label] += 1
+        counts[id(rule)] += 1
     return plan
 
 
@@ -295,6 +317,11 @@ def _concat_shape(
                 f"they cannot be concatenated along dimension {dim}"
             )
     sizes = tuple(rec.shape[dim] for rec in inputs)
+    if not rule.sizes and len(set(sizes)) > 1:
+        raise MappingError(
+            f"{where}: the inputs have sizes {list(sizes)} along dimension {dim}; a concat without "
+            f"sizes joins equal parts (so that its reverse splits them back): add sizes = {list(sizes)}"
+        )
     if rule.sizes and rule.sizes != sizes:
         raise MappingError(
             f"{where}: the inputs have sizes {list(sizes)} along dimension {dim}, "

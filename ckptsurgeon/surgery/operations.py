@@ -27,13 +27,14 @@ from ..formats import ReadOptions
 from .adapting import LoadReport
 from .mapping import Mapping
 from .pipeline import WriteOptions, listing, output_kind, write_checkpoint
-from .plan import Plan, Step, drop_names, head_plan, make_plan
+from .plan import Entry, Plan, Step, drop_names, head_plan, make_plan
 from .plan import add_prefix as _add_prefix
 from .plan import drop as _drop
 from .plan import keep as _keep
 from .plan import replace as _replace
 from .plan import strip_prefix as _strip_prefix
 from .results import AdaptResult, SurgeryResult
+from .transforms import only_outputs
 
 PathLike = str | os.PathLike[str]
 Names = str | Sequence[str]
@@ -310,6 +311,9 @@ def adapt(
 def mapped_then(mapped: Plan, adapted: Plan) -> Plan:
     """A mapping's plan followed by adapt's plan (made for the mapping's output) as one plan.
 
+    A transform output that adapt drops (no place in the target) is not computed; a transform
+    whose outputs are all dropped is dropped with adapt's reason.
+
     Example:
         >>> a = make_plan(["module.w"], [_strip_prefix("module.")])
         >>> mapped_then(a, make_plan(a.output_names, [])).mapping
@@ -320,7 +324,24 @@ def mapped_then(mapped: Plan, adapted: Plan) -> Plan:
             f"adapt would transform {adapted.transformed[0].old!r} after the mapping; "
             "write the mapped file with `ckpt rename --map` first, then adapt it"
         )
-    return mapped.then(adapted)
+    later = {e.old: e for e in adapted.entries}
+    trimmed = Plan(tuple(_kept_outputs(e, later) for e in mapped.entries), mapped.steps)
+    outputs = set(trimmed.output_names)
+    return trimmed.then(Plan(tuple(e for e in adapted.entries if e.old in outputs), adapted.steps))
+
+
+def _kept_outputs(entry: Entry, later: dict[str, Entry]) -> Entry:
+    """``entry`` with its transform's outputs that ``later`` drops left out (all: dropped)."""
+    transform = entry.transform
+    if transform is None:
+        return entry
+    kept = [i for i, name in enumerate(transform.output_names) if later[name].new is not None]
+    if len(kept) == len(transform.outputs):
+        return entry
+    if not kept:
+        return Entry(entry.old, None, later[transform.output_names[0]].reason, entry.dtype, entry.shape)
+    chosen = only_outputs(transform, kept)
+    return Entry(entry.old, chosen.outputs[0].name, "", entry.dtype, entry.shape, chosen)
 
 
 def unfilled_notes(report: LoadReport) -> list[str]:
