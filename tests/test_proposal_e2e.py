@@ -259,12 +259,9 @@ def test_the_library_applies_the_proposal_as_the_cli_does(tmp_path: Path) -> Non
     assert all(torch.equal(back[k], v) for k, v in original.state_dict().items())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mapfile's Mapping.reversed() keeps renames before transforms, so a transform written on a "
-    "renamed name (as docs/mapping.md allows) is not undone by --reverse: values come back permuted",
-)
 def test_llama_reverse_with_the_rotary_transform_on_the_renamed_names(tmp_path: Path) -> None:
+    """The other way a reviewer may write the permutation: a transform on the renamed (Meta) names,
+    after the proposal's renames; ``--reverse`` undoes it before renaming back."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         **LLAMA, num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=0, pad_token_id=0
