@@ -28,6 +28,8 @@ _EXPORTS = {
     "DiffResult": "ckptsurgeon.diffing.result",
     "compare_values": "ckptsurgeon.diffing.values",
     "ValueDiff": "ckptsurgeon.diffing.values",
+    "propose_mapping": "ckptsurgeon.diffing.proposal",
+    "Proposal": "ckptsurgeon.diffing.proposal",
     "load_into": "ckptsurgeon.surgery.adapting",
     "scan": "ckptsurgeon.pickling.scan",
     "ScanResult": "ckptsurgeon.pickling.scan",

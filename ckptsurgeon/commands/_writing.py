@@ -59,6 +59,26 @@ def conversion_options(func: F) -> F:
     return func
 
 
+def mapping_options(func: F) -> F:
+    """``--map``, ``--reverse``, ``--allow-ambiguous``: a mapping file, for rename and adapt."""
+    func = click.option(
+        "--allow-ambiguous",
+        is_flag=True,
+        help='Apply the mapping\'s rules marked status = "ambiguous" too (refused by default).',
+    )(func)
+    func = click.option(
+        "--reverse", is_flag=True, help="Apply the mapping file backwards (every rule must be invertible)."
+    )(func)
+    func = click.option(
+        "--map",
+        "mapping",
+        default=None,
+        metavar="MAP.toml",
+        help="Apply this mapping file (renames, drops, tensor transforms; docs/mapping.md) first.",
+    )(func)
+    return func
+
+
 def run(
     func: Callable[..., SurgeryResult],
     *args: Any,

@@ -8,7 +8,7 @@ import click
 
 from ..core.coverage import DEFAULT_MIN_COVERAGE
 from ._options import output_format, read_options, write_options
-from ._writing import conversion_options, run
+from ._writing import conversion_options, mapping_options, run
 
 
 @click.command("adapt")
@@ -63,6 +63,7 @@ from ._writing import conversion_options, run
     default=True,
     help="Drop the first conv when its input channels differ instead of adapting it (timm's rule).",
 )
+@mapping_options
 @read_options
 @write_options
 @conversion_options
@@ -88,6 +89,9 @@ def COMMAND(src: str, target: str, output: str | None, **flags: Any) -> None:
     vocabulary size changed (new rows from their mean, or --new-rows zeros; shrinking keeps the
     first rows), and --keep-classes 3,17,42 keeps those rows of a larger classifier head.
 
+    --map MAP.toml applies a mapping file first (--reverse: backwards); the checks above then
+    run on its output, and the notes name target tensors left unfilled and sources unused.
+
     \b
     Examples:
       ckpt adapt fixtures/resnet_dp_6.pth 'fixtures/models.py:resnet_like(num_classes=2)' \\
@@ -97,6 +101,7 @@ def COMMAND(src: str, target: str, output: str | None, **flags: Any) -> None:
       ckpt adapt last.ckpt model.safetensors -o fixed.safetensors --dry-run --min-coverage 90
       ckpt adapt lm.safetensors 'transformers.GPT2LMHeadModel(...)' --resize-vocab -o lm-resized.safetensors
       ckpt adapt vgg.pth 'models.py:vgg_like(num_classes=3)' --keep-classes 3,17,42 -o vgg_3.pth
+      ckpt adapt vit_tv.pth 'timm.create_model("vit_base_patch16_224")' --map vit.toml -o vit_timm.pth
     """
     from ..surgery.operations import adapt
 

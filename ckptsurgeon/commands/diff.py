@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from ._options import make_read_options, output_format, read_options
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..formats import ReadOptions
 
 
 @click.command("diff")
@@ -48,6 +53,16 @@ from ._options import make_read_options, output_format, read_options
     metavar="X",
     help="With --values: the relative tolerance (atol 0 if not given).",
 )
+@click.option(
+    "--propose-map",
+    "propose_map",
+    type=click.Path(dir_okay=False, path_type=str),
+    default=None,
+    metavar="MAP.toml",
+    help="Write a mapping from SOURCE to TARGET proposed by structure (blocks, order, shapes) to MAP.toml: "
+    "rules marked certain or ambiguous, to review and apply with `ckpt adapt --map`.",
+)
+@click.option("--force", is_flag=True, help="With --propose-map: overwrite an existing MAP.toml.")
 def COMMAND(
     source: str,
     target: str,
@@ -61,6 +76,8 @@ def COMMAND(
     values: bool,
     atol: float | None,
     rtol: float | None,
+    propose_map: str | None,
+    force: bool,
 ) -> None:
     """Diff a checkpoint against a model: what would load, what not, why, and the fix.
 
@@ -90,8 +107,21 @@ def COMMAND(
       ckpt diff model.pth 'torchvision.models.resnet50(num_classes=2)' --format json
       ckpt diff last.ckpt other.safetensors --key state_dict --min-coverage 90
       ckpt diff --values model.pth model-bf16.safetensors --atol 1e-2
+      ckpt diff tv_vit.pth timm_vit.safetensors --propose-map vit.toml
+
+    With --propose-map MAP.toml, SOURCE's tensors are paired with TARGET's by structure (repeated
+    blocks aligned, then order, shape and role; fused q/k/v, transposed and reshaped tensors as
+    transforms) and the mapping is written to MAP.toml (atomically; --force to overwrite), each rule
+    marked certain or ambiguous with the reason. Exit status: 0 when every target tensor is covered by
+    certain rules, 1 when a rule is ambiguous or a target tensor is left unfilled, 2 on error.
     """
     options = make_read_options(allow_globals, unsafe, target=True)
+    if propose_map is not None:
+        _propose(
+            source, target, key, target_key, options, propose_map, force, values or min_coverage is not None
+        )
+    elif force:
+        raise click.UsageError("--force is for --propose-map (an existing mapping file is kept without it)")
     if values:
         if min_coverage is not None:
             raise click.UsageError("--min-coverage is for a load check; --values checks with --atol/--rtol")
@@ -111,3 +141,25 @@ def COMMAND(
     )
     click.echo(result.render(output_format, verbose=verbose), nl=False)
     raise click.exceptions.Exit(0 if result.passes() else 1)
+
+
+def _propose(
+    source: str,
+    target: str,
+    key: str | None,
+    target_key: str | None,
+    options: ReadOptions,
+    path: str,
+    force: bool,
+    conflicting: bool,
+) -> None:
+    if conflicting:
+        raise click.UsageError(
+            "--propose-map writes a mapping; it does not combine with --values or --min-coverage"
+        )
+    from ..diffing.proposal import propose_mapping, write_proposal
+
+    proposal = propose_mapping(source, target, key=key, read_options=options, target_key=target_key)
+    write_proposal(proposal, path, force=force, source=source, target=target)
+    click.echo(proposal.report(path), nl=False)
+    raise click.exceptions.Exit(0 if proposal.complete else 1)

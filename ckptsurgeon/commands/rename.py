@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from ._options import output_format, read_options, write_options
-from ._writing import conversion_options, run
+from ._writing import conversion_options, mapping_options, run
 
 
 @click.command("rename")
@@ -26,6 +26,7 @@ from ._writing import conversion_options, run
 )
 @click.option("--drop", "drops", multiple=True, metavar="GLOB", help="Drop tensors whose key matches GLOB.")
 @click.option("--keep", "keeps", multiple=True, metavar="GLOB", help="Keep only tensors matching GLOB.")
+@mapping_options
 @read_options
 @write_options
 @conversion_options
@@ -46,11 +47,16 @@ def COMMAND(
     (in the order given) and --add-prefix. A step that matches nothing, or two keys that
     would get one name, is an error. Every other entry of a training checkpoint is kept.
 
+    --map MAP.toml applies a mapping file (renames, drops, split/concat/transpose/permute/
+    reshape/rotary_permute; docs/mapping.md) before the other steps; --reverse applies it
+    backwards. Tensors no rule touches are kept as they are and listed.
+
     \b
     Examples:
       ckpt rename fixtures/resnet_dp_6.pth -o /tmp/ckpt-readme/resnet_6.pth --strip-prefix module.
       ckpt rename last.ckpt -o bb.pth --keep 'model.backbone.*' --strip-prefix model.backbone.
       ckpt rename model.pth -o out.pth --replace '^encoder\\.' 'backbone.' --dry-run
+      ckpt rename fused.pth -o split.pth --map qkv.toml
     """
     from ..surgery.operations import rename
 

@@ -89,6 +89,11 @@ def _sentences(d: Diagnosis, min_coverage: float = DEFAULT_MIN_COVERAGE) -> list
         out.append(
             f"{len(d.ambiguous)} target keys matched several file keys equally well and were left out."
         )
+    if final.total and not enough(final.loadable + len(d.proposed_mapping), final.total, min_coverage):
+        out.append(
+            "The same network from another implementation? `ckpt diff --propose-map map.toml` pairs the "
+            "tensors by structure (blocks, order, shapes) into a mapping file to review and apply."
+        )
     return out
 
 

@@ -335,6 +335,16 @@ def source_records(
     return None
 
 
+def target_of(target: Any, read_options: ReadOptions | None = None, key: str | None = None) -> Target:
+    """The :class:`Target` of anything :func:`diff` accepts as a target.
+
+    Example:
+        >>> target_of({"w": TensorRecord("w", "float32", (2,))}).shapes()
+        {'w': (2,)}
+    """
+    return _target(target, read_options, key)
+
+
 def _target(target: Any, read_options: ReadOptions | None, key: str | None = None) -> Target:
     if isinstance(target, Target):
         return target

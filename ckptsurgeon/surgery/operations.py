@@ -11,10 +11,12 @@ as ``ckpt`` prints them (``.render(fmt)``, ``.to_json()``). Expected failures ra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..core.coverage import DEFAULT_MIN_COVERAGE
 from ..core.report import counted, format_shape
@@ -22,14 +24,17 @@ from ..core.source import Source, open_source
 from ..core.trees import has_unread_values, optimizer_entries
 from ..errors import OutputError, SurgeryError
 from ..formats import ReadOptions
+from .adapting import LoadReport
+from .mapping import Mapping
 from .pipeline import WriteOptions, listing, output_kind, write_checkpoint
-from .plan import Plan, Step, drop_names, head_plan, make_plan
+from .plan import Entry, Plan, Step, drop_names, head_plan, make_plan
 from .plan import add_prefix as _add_prefix
 from .plan import drop as _drop
 from .plan import keep as _keep
 from .plan import replace as _replace
 from .plan import strip_prefix as _strip_prefix
 from .results import AdaptResult, SurgeryResult
+from .transforms import only_outputs
 
 PathLike = str | os.PathLike[str]
 Names = str | Sequence[str]
@@ -78,6 +83,9 @@ def rename(
     replace: Sequence[tuple[str, str]] = (),
     drop: Names = (),
     keep: Names = (),
+    mapping: PathLike | Mapping | None = None,
+    reverse: bool = False,
+    allow_ambiguous: bool = False,
     key: str | None = None,
     to: str | None = None,
     dtype: str | None = None,
@@ -96,6 +104,11 @@ def rename(
     sub-module); ``replace`` is ``(regex, repl)`` pairs applied in order. A step that matches
     nothing, or two names that would collide, raises :class:`~ckptsurgeon.errors.SurgeryError`.
 
+    ``mapping`` (a mapping file's path, or a :class:`~ckptsurgeon.surgery.mapping.Mapping`) is
+    applied first (``reverse=True``: converted back), then the other steps on its output names;
+    ``result.mapping`` lists its rules, the ones that matched nothing and the tensors none touched.
+    A rule marked ambiguous is refused unless ``allow_ambiguous``.
+
     Example:
         >>> import ckptsurgeon
         >>> r = ckptsurgeon.rename("fixtures/resnet_dp_6.pth", strip_prefix="module.", dry_run=True)
@@ -103,14 +116,41 @@ def rename(
         'fc.weight'
     """
     steps = rename_steps(_names(strip_prefix), _names(add_prefix), tuple(replace), _names(drop), _names(keep))
-    if not steps:
-        raise SurgeryError("nothing to do: give --strip-prefix, --add-prefix, --replace, --drop or --keep")
+    rules = None if mapping is None else mapping_rules(mapping, reverse)
+    if not steps and rules is None:
+        raise SurgeryError(
+            "nothing to do: give --map, --strip-prefix, --add-prefix, --replace, --drop or --keep"
+        )
     options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress, jobs)
+    notes: list[str] = []
+    report: dict[str, Any] = {}
 
     def make(source: Source) -> Plan:
-        return make_plan(source.tensors, steps)
+        if rules is None:
+            return make_plan(source.tensors, steps)
+        matched = rules.match(source.tensors, allow_ambiguous=allow_ambiguous)
+        notes.extend(matched.notes())
+        report.update(matched.to_json())
+        if not steps:
+            return matched.plan
+        return matched.plan.then(make_plan(matched.plan.output_names, steps))
 
-    return _surgery(src, key, read_options, options, dry_run, make, dtype=dtype)
+    result = _surgery(src, key, read_options, options, dry_run, make, notes, dtype=dtype)
+    return result if rules is None else dataclasses.replace(result, mapping=report)
+
+
+def mapping_rules(mapping: PathLike | Mapping, reverse: bool = False) -> Mapping:
+    """The :class:`~ckptsurgeon.surgery.mapping.Mapping` to apply: read from a path, reversed if asked.
+
+    Example:
+        >>> from .mapping import Rename
+        >>> mapping_rules(Mapping(renames=(Rename("a.{n}", "b.{n}"),)), reverse=True).renames[0].source
+        'b.{n}'
+    """
+    from .mapping import load_mapping
+
+    rules = mapping if isinstance(mapping, Mapping) else load_mapping(mapping)
+    return rules.reversed() if reverse else rules
 
 
 def strip_head(
@@ -183,6 +223,9 @@ def adapt(
     keep_classes: str | Sequence[int] | None = None,
     resample_pos_embed: bool = True,
     adapt_input_conv: bool = True,
+    mapping: PathLike | Mapping | None = None,
+    reverse: bool = False,
+    allow_ambiguous: bool = False,
 ) -> AdaptResult:
     """Make ``src`` load into ``target``: align wrapper prefixes, drop the head and what has no place.
 
@@ -207,6 +250,10 @@ def adapt(
     larger classifier head, in that order. Each transformed tensor is in ``result.plan`` and
     ``result.report.transformed``, and loads.
 
+    ``mapping`` (a mapping file or a :class:`~ckptsurgeon.surgery.mapping.Mapping`; ``reverse``,
+    ``allow_ambiguous`` as in :func:`rename`) is applied first; the checks above then run on its
+    output, and the notes name the target tensors left unfilled and the source tensors unused.
+
     Example:
         >>> import ckptsurgeon
         >>> r = ckptsurgeon.adapt("fixtures/resnet_dp_6.pth",
@@ -224,14 +271,17 @@ def adapt(
         resample_pos_embed=resample_pos_embed,
         adapt_input_conv=adapt_input_conv,
     )
+    rules = None if mapping is None else mapping_rules(mapping, reverse)
     options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress, jobs)
     _need_output(options, dry_run)
     resolved = resolve_target(target, _target_options(read_options), target_key)
     label = os.fspath(src)
+    notes: list[str] = []
     with gc_paused():
         source = open_source(src, key, read_options)
+        matched = None if rules is None else rules.match(source.tensors, allow_ambiguous=allow_ambiguous)
         adaptation, alarm = checked_adaptation(
-            source.tensors,
+            source.tensors if matched is None else matched.plan.apply(source.tensors),
             resolved,
             label,
             outcome="writing it would be refused" if dry_run else "nothing was written",
@@ -241,8 +291,11 @@ def adapt(
             target_spec=target,
             reshaping=reshaping,
         )
-        plan = adaptation.plan if dtype is None else adaptation.plan.with_cast(source.tensors, dtype)
-        notes = optimizer_notes(source, plan, options)
+        plan = adaptation.plan if matched is None else mapped_then(matched.plan, adaptation.plan)
+        plan = plan if dtype is None else plan.with_cast(source.tensors, dtype)
+        if matched is not None:
+            notes += [*matched.notes(), *unfilled_notes(adaptation.report)]
+        notes += optimizer_notes(source, plan, options)
         # options is None only on a dry run (_need_output refused anything else)
         written = None if dry_run or options is None else write_checkpoint(source, plan, options)
     return AdaptResult(
@@ -256,7 +309,64 @@ def adapt(
         alarm=alarm,
         proposal=adaptation.proposal,
         proposal_commands=adaptation.proposal_commands,
+        mapping=None if matched is None else matched.to_json(),
     )
+
+
+def mapped_then(mapped: Plan, adapted: Plan) -> Plan:
+    """A mapping's plan followed by adapt's plan (made for the mapping's output) as one plan.
+
+    A transform output that adapt drops (no place in the target) is not computed; a transform
+    whose outputs are all dropped is dropped with adapt's reason.
+
+    Example:
+        >>> a = make_plan(["module.w"], [_strip_prefix("module.")])
+        >>> mapped_then(a, make_plan(a.output_names, [])).mapping
+        {'module.w': 'w'}
+    """
+    if adapted.transformed:
+        raise SurgeryError(
+            f"adapt would transform {adapted.transformed[0].old!r} after the mapping; "
+            "write the mapped file with `ckpt rename --map` first, then adapt it"
+        )
+    later = {e.old: e for e in adapted.entries}
+    trimmed = Plan(tuple(_kept_outputs(e, later) for e in mapped.entries), mapped.steps)
+    outputs = set(trimmed.output_names)
+    return trimmed.then(Plan(tuple(e for e in adapted.entries if e.old in outputs), adapted.steps))
+
+
+def _kept_outputs(entry: Entry, later: dict[str, Entry]) -> Entry:
+    """``entry`` with its transform's outputs that ``later`` drops left out (all: dropped)."""
+    transform = entry.transform
+    if transform is None:
+        return entry
+    kept = [i for i, name in enumerate(transform.output_names) if later[name].new is not None]
+    if len(kept) == len(transform.outputs):
+        return entry
+    if not kept:
+        return Entry(entry.old, None, later[transform.output_names[0]].reason, entry.dtype, entry.shape)
+    chosen = only_outputs(transform, kept)
+    return Entry(entry.old, chosen.outputs[0].name, "", entry.dtype, entry.shape, chosen)
+
+
+def unfilled_notes(report: LoadReport) -> list[str]:
+    """Notes naming the target tensors a mapped file leaves unfilled and the source tensors unused.
+
+    Example:
+        >>> unfilled_notes(LoadReport("a", "m", ("w",), ("b",), (), ("x",), "none"))
+        ["1 target tensor(s) left unfilled: 'b'", "1 source tensor(s) unused: 'x'"]
+    """
+    notes = []
+    for what, names in (
+        ("target tensor(s) left unfilled", report.missing),
+        ("source tensor(s) unused", report.unused),
+    ):
+        if names:
+            shown = ", ".join(repr(n) for n in names[:8]) + (
+                f" and {len(names) - 8} more" if len(names) > 8 else ""
+            )
+            notes.append(f"{len(names)} {what}: {shown}")
+    return notes
 
 
 # -- the pieces -------------------------------------------------------------------------------

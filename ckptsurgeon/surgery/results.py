@@ -39,6 +39,7 @@ class SurgeryResult:
     plan: Plan
     written: WriteResult | None = None
     notes: tuple[str, ...] = ()
+    mapping: dict[str, Any] | None = None  # with --map: the rules applied (MappingMatch.to_json)
 
     @property
     def dry_run(self) -> bool:
@@ -68,9 +69,11 @@ class SurgeryResult:
         return []
 
     def to_json(self) -> dict[str, Any]:
-        """``status``, ``source``, ``weights_key``, ``plan``, ``report`` (adapt), ``output``, ``notes``."""
+        """``status``, ``source``, ``weights_key``, ``plan``, ``report`` (adapt), ``output``, ``notes``;
+        with a mapping file, ``mapping`` (its rules, each with the tensors it touched)."""
         report = self._report()
-        return {
+        mapping = {"mapping": self.mapping} if self.mapping is not None else {}
+        return mapping | {
             "status": self.status,
             "source": self.source,
             "weights_key": self.weights_key,

@@ -264,6 +264,24 @@ def split(tensors: Mapping[str, TensorRecord], name: str, outputs: Sequence[str]
     return Transform(f"split along dimension {dim} into {parts}", (name,), declared, compute)
 
 
+def only_outputs(transform: Transform, indices: Sequence[int]) -> Transform:
+    """``transform`` writing only its outputs at ``indices`` (the others are not computed).
+
+    Example:
+        >>> recs = {"qkv": TensorRecord("qkv", "float32", (6, 2))}
+        >>> only_outputs(split(recs, "qkv", ["q", "k", "v"]), [0, 2]).output_names
+        ('q', 'v')
+    """
+    chosen = tuple(indices)
+    inner = transform.compute
+
+    def compute(inputs: tuple[TensorRecord, ...], index: int) -> Any:
+        return inner(inputs, chosen[index])
+
+    outputs = tuple(transform.outputs[i] for i in chosen)
+    return _with(transform, outputs=outputs, compute=compute)
+
+
 # -- helpers ----------------------------------------------------------------------------------
 class _Loader:
     """A transformed record's loader: output ``index`` of ``transform`` (a class, not a closure,
