@@ -8,10 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 from conftest import assert_one_line_error, run_cli
 from torch import nn
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the package depends on tomli there
+    import tomli as tomllib
 
 from ckptsurgeon.surgery.mapping import (
     Drop,
@@ -330,7 +334,7 @@ def test_load_mapping_reads_a_hand_written_file_with_comments(tmp_path: Path) ->
     [
         ("version = 1\n[[rename]\n", "not valid TOML"),
         ("version = 2\n", "version = 2"),
-        ("[[rename]]\nfrom='a'\nto='b'\n", "version = None"),
+        ("[[rename]]\nfrom='a'\nto='b'\n", "no version: start the file with 'version = 1'"),
         ("version = 1\n[[transform]]\nop = 'rotate'\nfrom = 'a'\nto = 'b'\n", "op 'rotate': unknown"),
         ("version = 1\n[[rename]]\nfrom = 'a.{n'\nto = 'b'\n", "a brace that is not a placeholder"),
         ("version = 1\n[[rename]]\nfrom = 'a.{n}'\nto = 'b.{m}'\n", "every template of a rule"),
@@ -349,6 +353,16 @@ def test_bad_mapping_files_are_refused_in_one_line(tmp_path: Path, text: str, fr
         load_mapping(path)
     assert fragment in info.value.message and "\n" not in info.value.message
     assert info.value.message.startswith(str(path))
+
+
+def test_reverse_without_a_mapping_says_what_it_needs(tmp_path: Path) -> None:
+    from conftest import FIXTURES
+
+    for command in (["rename"], ["adapt", FIXTURES / "vit_28.pth"]):
+        out = tmp_path / "out.pth"
+        result = run_cli(command[0], FIXTURES / "vit_28.pth", *command[1:], "-o", out, "--reverse")
+        assert_one_line_error(result, "--reverse", "--map")
+        assert not out.exists()
 
 
 def test_the_readme_shows_the_fixture_mapping() -> None:

@@ -213,3 +213,11 @@ def test_pairs_are_read_a_piece_at_a_time(tmp_path: Path, monkeypatch: pytest.Mo
     h = next(t for t in result.to_json()["tensors"] if t["name"] == "h")
     assert h["status"] == "nan" and h["nan_b"] == 1 and h["bit_equal"] is False
     assert "comparing values" in capsys.readouterr().err  # the bar, on stderr
+
+
+def test_values_against_an_architecture_is_a_usage_error() -> None:
+    from conftest import FIXTURES
+
+    result = run_cli("diff", "--values", FIXTURES / "vit_28.pth", f"{FIXTURES / 'models.py'}:tv_vit_like()")
+    assert result.exit_code == 2 and result.exception is None
+    assert "is an architecture (it holds no values)" in result.stderr

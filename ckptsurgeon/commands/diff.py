@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -125,6 +126,11 @@ def COMMAND(
     if values:
         if min_coverage is not None:
             raise click.UsageError("--min-coverage is for a load check; --values checks with --atol/--rtol")
+        if "(" in target and not Path(target).exists():
+            raise click.UsageError(
+                f"--values compares the values of two checkpoints; {target!r} is an architecture "
+                "(it holds no values): give a second checkpoint"
+            )
         from ..diffing.values import compare_values
 
         compared = compare_values(

@@ -48,7 +48,7 @@ def explain(
         ('All 1 target tensors load as is.', ())
     """
     return Explanation(
-        message=" ".join(_sentences(diagnosis, min_coverage)),
+        message=" ".join(_sentences(diagnosis, min_coverage, _diff_command(source, target_spec, key))),
         filter_idiom=_filter_sentence(diagnosis),
         alarm=_alarm(diagnosis.as_saved, min_coverage),
         fix_commands=fix_commands(diagnosis, source, target_spec, key, min_coverage),
@@ -56,7 +56,16 @@ def explain(
     )
 
 
-def _sentences(d: Diagnosis, min_coverage: float = DEFAULT_MIN_COVERAGE) -> list[str]:
+def _diff_command(source: str, target_spec: str | None, key: str | None) -> str:
+    """``ckpt diff SRC TARGET [--key K]``: the command whose report lists the fixes, spelled out,
+    since adapt and load_into say these sentences without the commands under them."""
+    key_opt = f" --key {shell_quote(key)}" if key else ""
+    return f"ckpt diff {shell_quote(source)} {shell_quote(target_spec or 'TARGET')}{key_opt}"
+
+
+def _sentences(
+    d: Diagnosis, min_coverage: float = DEFAULT_MIN_COVERAGE, diff_command: str = "ckpt diff SRC TARGET"
+) -> list[str]:
     saved = d.as_saved
     if saved.ok:
         return [f"All {saved.total} target tensors load as is.", *_notes(saved)]
@@ -83,7 +92,7 @@ def _sentences(d: Diagnosis, min_coverage: float = DEFAULT_MIN_COVERAGE) -> list
             "Prefix changes are not enough: matching keys by their longest common dotted suffix "
             f"(same shape) proposes {len(d.proposed_mapping)} renames, e.g. {first} → {second}; "
             f"with them {loads} of {final.total} would load. It is a guess, which ckpt adapt does not "
-            "apply: review it, then apply it with the commands below."
+            f"apply: review it, then apply it with the commands `{diff_command}` lists."
         )
     if d.ambiguous:
         out.append(
@@ -91,8 +100,8 @@ def _sentences(d: Diagnosis, min_coverage: float = DEFAULT_MIN_COVERAGE) -> list
         )
     if final.total and not enough(final.loadable + len(d.proposed_mapping), final.total, min_coverage):
         out.append(
-            "The same network from another implementation? `ckpt diff --propose-map map.toml` pairs the "
-            "tensors by structure (blocks, order, shapes) into a mapping file to review and apply."
+            f"The same network from another implementation? `{diff_command} --propose-map map.toml` pairs "
+            "the tensors by structure (blocks, order, shapes) into a mapping file to review and apply."
         )
     return out
 

@@ -1,8 +1,8 @@
 """``compare_values()``: how far apart the values of two checkpoints are, tensor by tensor.
 
 Names are paired through the key transform ``diff`` finds (:func:`~.diagnosis.best_transform`: a
-``module.`` wrapper on one side only still pairs), then each pair is read (``record.to_torch()``),
-measured and freed before the next one, so the peak memory is a few tensors, not a checkpoint.
+``module.`` wrapper on one side only still pairs), then each pair is read and measured a piece
+(4M elements) at a time, so the peak memory is a few pieces, not a tensor or a checkpoint.
 
 Every pair is measured in float64 (complex tensors as complex128, by their real and imaginary
 parts), whatever the two dtypes: ``A`` is the reference.

@@ -536,6 +536,8 @@ def parse_mapping(text: str) -> Mapping:
     if order not in ORDERS:
         raise MappingError(f"order = {order!r}: use {ORDERS[0]!r} (the default) or {ORDERS[1]!r}")
     version = document.get("version")
+    if version is None:
+        raise MappingError(f"no version: start the file with 'version = {SCHEMA_VERSION}'")
     if version != SCHEMA_VERSION:
         raise MappingError(
             f"version = {version!r}: this ckpt reads mapping files of version {SCHEMA_VERSION}"

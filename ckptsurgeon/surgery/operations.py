@@ -117,6 +117,8 @@ def rename(
     """
     steps = rename_steps(_names(strip_prefix), _names(add_prefix), tuple(replace), _names(drop), _names(keep))
     rules = None if mapping is None else mapping_rules(mapping, reverse)
+    if reverse and rules is None:
+        raise SurgeryError("--reverse applies a mapping file backwards: give it with --map")
     if not steps and rules is None:
         raise SurgeryError(
             "nothing to do: give --map, --strip-prefix, --add-prefix, --replace, --drop or --keep"
@@ -272,6 +274,8 @@ def adapt(
         adapt_input_conv=adapt_input_conv,
     )
     rules = None if mapping is None else mapping_rules(mapping, reverse)
+    if reverse and rules is None:
+        raise SurgeryError("--reverse applies a mapping file backwards: give it with --map")
     options = write_options(output, to, dtype, max_shard_size, weights_only, force, verify, progress, jobs)
     _need_output(options, dry_run)
     resolved = resolve_target(target, _target_options(read_options), target_key)
