@@ -280,3 +280,24 @@ def test_llama_reverse_with_the_rotary_transform_on_the_renamed_names(tmp_path: 
     apply_map(tmp_path / "meta.pth", mapping, tmp_path / "back.pth", "--reverse")
     before, after = load(src), load(tmp_path / "back.pth")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_separate_qkv_stored_sorted_are_proposed_as_one_concat(tmp_path: Path) -> None:
+    """A safetensors file lists its names sorted (k_proj, out_proj, q_proj, v_proj): the parts named
+    q/k/v are still found as one concat, and the round trip gives the original back bit for bit."""
+    from conftest import FIXTURES
+
+    split = tmp_path / "split.safetensors"
+    rename = run_cli(
+        "rename", FIXTURES / "vit_28.pth", "--map", FIXTURES / "mappings" / "vit_qkv.toml", "-o", split
+    )
+    assert rename.exit_code == 0, rename.stderr
+    mapping, printed, code = propose(split, FIXTURES / "vit_28.pth", tmp_path)
+    assert code == 0 and "32/32 target tensors covered" in printed and "0 ambiguous" in printed
+    assert 'op = "concat"' in mapping.read_text()
+    back = tmp_path / "back.pth"
+    assert run_cli("rename", split, "--map", mapping, "-o", back).exit_code == 0
+    original = torch.load(FIXTURES / "vit_28.pth", weights_only=True)
+    converted = torch.load(back, weights_only=True)
+    assert converted.keys() == original.keys()
+    assert all(torch.equal(converted[k], v) for k, v in original.items())

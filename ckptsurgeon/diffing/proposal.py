@@ -546,8 +546,29 @@ def _runs(items: list[_Item], whole: _Item) -> list[list[_Item]]:
             continue
         part = (whole.shape[0] // k, *whole.shape[1:])
         alike = [i for i in items if i.shape == part and _kind(i.name) == _kind(whole.name)]
-        found += [alike[i : i + k] for i in range(len(alike) - k + 1)]
+        runs = [alike[i : i + k] for i in range(len(alike) - k + 1)]
+        found += runs + [run for run in _named_runs(alike, k) if run not in runs]
     return found
+
+
+def _named_runs(alike: list[_Item], k: int) -> list[list[_Item]]:
+    """q, k, v (or k, v) parts under one module (``attn.q_proj``, ``attn.k_proj`` ...), in that order
+    wherever the file stores them: a
+    safetensors file lists its names sorted (``k_proj``, ``out_proj``, ``q_proj``, ``v_proj``), so
+    the parts need not stand next to each other."""
+    letters = {3: "qkv", 2: "kv"}.get(k)
+    if letters is None:
+        return []
+    by_module: dict[str, dict[str, list[_Item]]] = {}
+    for item in alike:
+        by_module.setdefault(_module(_module(item.name)), {}).setdefault(_qkv_letter(item.name), []).append(
+            item
+        )
+    return [
+        [parts[letter][0] for letter in letters]
+        for parts in by_module.values()
+        if all(len(parts.get(letter, [])) == 1 for letter in letters)
+    ]
 
 
 def _qkv_letter(name: str) -> str:
