@@ -32,6 +32,9 @@ from ..diffing.heads import find_head
 from ..errors import SurgeryError
 from .transforms import Transform, cast_transform, castable
 
+# The reason of a tensor a transform reads and does not write on: its value lives on in the outputs.
+CONSUMED = "input of "
+
 
 # -- steps ------------------------------------------------------------------------------------
 def _changed(old: str, new: str | None) -> bool:
@@ -318,7 +321,7 @@ class Plan:
             if e is first:
                 e = Entry(e.old, transform.outputs[0].name, "", e.dtype, e.shape, transform)
             elif e.old in consumed and e.new is not None:
-                e = Entry(e.old, None, f"input of {transform.description}", e.dtype, e.shape)
+                e = Entry(e.old, None, f"{CONSUMED}{transform.description}", e.dtype, e.shape)
             entries.append(e)
         return Plan(tuple(entries), (*self.steps, transform.description))
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..core.grouping import collapse
 from ..core.report import counted, dump_json, format_shape, render_table
-from .plan import Plan
+from .plan import CONSUMED, Plan
 
 
 def plan_json(plan: Plan) -> dict[str, Any]:
@@ -83,9 +83,13 @@ def plan_headline(plan: Plan) -> str:
     steps = f" ({'; '.join(plan.steps)})" if plan.steps else ""
     transformed = len(plan.transformed)
     more = f", {transformed} transformed" if transformed else ""
+    consumed = sum(1 for e in plan.dropped if e.reason.startswith(CONSUMED))
+    dropped = f"{len(plan.dropped)} dropped" + (
+        f" ({consumed} of them inputs of transforms)" if consumed else ""
+    )
     return (
         f"Plan: {counted(n, 'tensor')}: {len(plan.renamed)} renamed, "
-        f"{len(plan.unchanged)} unchanged, {len(plan.dropped)} dropped{more}{steps}"
+        f"{len(plan.unchanged)} unchanged, {dropped}{more}{steps}"
     )
 
 
