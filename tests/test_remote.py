@@ -286,3 +286,11 @@ def test_remote_rename_and_remote_diff_target(served: Any, tmp_path: Path) -> No
 def test_scan_of_a_url_says_to_download_first() -> None:
     result = run("scan", "http://127.0.0.1:9/model.pth")
     assert_one_line_error(result, "http://127.0.0.1:9/model.pth", "download it first")
+
+
+def test_an_http_folder_url_says_http_cannot_list(served: Any) -> None:
+    folder, base, counters = served
+    _safetensors(folder / "m.safetensors", {"w": ("F32", [4])}, sparse=False)
+    result = run("inspect", f"{base}/")
+    assert_one_line_error(result, "cannot list a folder", "index.json")
+    assert counters.gets == 0

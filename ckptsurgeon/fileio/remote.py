@@ -265,6 +265,11 @@ class Remote:
 
     # -- mirrors ------------------------------------------------------------------------------
     def mirror_into(self, root: Path, headers_only: bool) -> Path:
+        if self.protocol in ("http", "https") and self.url.endswith("/"):
+            raise RemoteError(
+                f"{self.url}: an HTTP server cannot list a folder; give a file's URL, or a sharded "
+                "set's *.index.json URL"
+            )
         info = self.info(self.path)
         name = self.path.rstrip("/").rsplit("/", 1)[-1] or "checkpoint"
         if info.get("type") == "directory":
