@@ -280,3 +280,22 @@ def test_llama_reverse_with_the_rotary_transform_on_the_renamed_names(tmp_path: 
     apply_map(tmp_path / "meta.pth", mapping, tmp_path / "back.pth", "--reverse")
     before, after = load(src), load(tmp_path / "back.pth")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_propose_map_names_with_newlines_cannot_forge_rules_or_report_lines(tmp_path: Path) -> None:
+    """A hostile tensor name holding a newline is written escaped in the file's comments and in the
+    printed report: it must not become a TOML line (here a drop of every tensor) or a report line."""
+    import tomllib
+
+    forged = 'junk\ndrop = [{regex = ".", reason = "pwned"}]'
+    torch.save({"a.w": torch.ones(4, 2), forged: torch.zeros(7, 7, 7)}, tmp_path / "s.pth")
+    torch.save({"b.w": torch.ones(4, 2)}, tmp_path / "t.pth")
+    mapping = tmp_path / "m.toml"
+    result = run_cli("diff", tmp_path / "s.pth", tmp_path / "t.pth", "--propose-map", mapping)
+    assert result.exit_code == 0, result.stderr
+    assert "drop" not in tomllib.loads(mapping.read_text())
+    assert all(
+        line.startswith("#") or not line.startswith("drop") for line in mapping.read_text().splitlines()
+    )
+    assert not any(line.startswith("drop") for line in result.stdout.splitlines())
+    assert "junk\\ndrop" in result.stdout and "junk\\ndrop" in mapping.read_text()

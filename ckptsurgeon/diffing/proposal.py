@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from ..core.report import printable
 from .heads import HEAD_ROLE_NAMES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -126,7 +127,7 @@ class Proposal:
                 lines.append(f"{title}:")
                 lines += [f"  {n}" for n in names[:limit]]
                 lines += [f"  ... and {len(names) - limit} more"] if len(names) > limit else []
-        return "\n".join(lines) + "\n"
+        return "\n".join(printable(line) for line in lines) + "\n"  # a name cannot forge a line
 
     def summary(self) -> str:
         """One line: target tensors covered, rules to confirm, unfilled and unused tensors."""
@@ -794,7 +795,8 @@ def proposal_toml(proposal: Proposal, source: str = "SOURCE", target: str = "TAR
         *_listed("target tensors no rule fills", proposal.unfilled),
         *_listed("source tensors no rule uses", proposal.unused),
     ]
-    return "\n".join(header) + "\n" + to_mapping(proposal).to_toml()
+    comments = (printable(line) for line in header)  # a name holding a newline cannot write a TOML line
+    return "\n".join(comments) + "\n" + to_mapping(proposal).to_toml()
 
 
 def _listed(title: str, names: Sequence[str], limit: int = 50) -> list[str]:
