@@ -336,6 +336,8 @@ def test_load_mapping_reads_a_hand_written_file_with_comments(tmp_path: Path) ->
         ("version = 1\n[[rename]]\nfrom = 'a.{n}'\nto = 'b.{m}'\n", "every template of a rule"),
         ("version = 1\n[[rename]]\nfrom = 'a'\nto = 'b'\ncolour = 1\n", "unknown key 'colour'"),
         ("version = 1\n[[rename]]\nregex = '('\nreplace = 'b'\n", "not a valid regular expression"),
+        ("version = 1\n[[rename]]\nregex = 'a{4294967296}'\nreplace = 'b'\n", "not a valid regular"),
+        ("version = 1\n[[drop]]\nregex = '" + "(" * 5000 + ")" * 5000 + "'\n", "not a valid regular"),
         ("version = 1\n[[transform]]\nop = 'split'\nfrom = 'a'\nto = 'b'\n", "'to' must be a list"),
         ("version = 1\n[[transform]]\nop = 'permute'\nfrom = 'a'\nto = 'b'\ndims = [0, 0]\n", "permutation"),
         ("version = 1\n[[drop]]\npattern = 'a'\nstatus = 'maybe'\n", "status 'maybe'"),

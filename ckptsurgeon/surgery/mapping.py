@@ -311,7 +311,7 @@ def _check_status(status: str, label: str) -> None:
 def _compile_regex(pattern: str, label: str) -> re.Pattern[str]:
     try:
         return re.compile(pattern)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError) as exc:  # a{4294967296}; parentheses nested deep
         raise MappingError(f"{label}: not a valid regular expression ({exc})") from None
 
 
