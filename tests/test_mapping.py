@@ -384,6 +384,16 @@ def test_applying_refuses_collisions_missing_inputs_misfits_and_ambiguous_rules(
         Mapping(renames=(Rename("zzz", "d"),)).apply(state)
 
 
+def test_reshape_to_a_shape_whose_element_count_overflows_is_refused() -> None:
+    """torch multiplies sizes left to right in int64: [2**62, 2**62, 0] holds no element but torch.load
+    refuses it ("integer multiplication overflow"), so the rule must not write it."""
+    big = 1 << 62
+    for shape in ((big, big, -1), (4, big, -1)):
+        with pytest.raises(MappingError, match="overflows"):
+            _one("reshape", "z", "z", shape=shape).apply({"z": torch.zeros(0)})
+    assert _one("reshape", "z", "z", shape=(0, big)).apply({"z": torch.zeros(0)})["z"].shape == (0, big)
+
+
 def test_the_plan_declares_transform_outputs_and_reports_what_no_rule_touched() -> None:
     from ckptsurgeon.core.record import TensorRecord
 
