@@ -286,3 +286,15 @@ def test_remote_rename_and_remote_diff_target(served: Any, tmp_path: Path) -> No
 def test_scan_of_a_url_says_to_download_first() -> None:
     result = run("scan", "http://127.0.0.1:9/model.pth")
     assert_one_line_error(result, "http://127.0.0.1:9/model.pth", "download it first")
+
+
+def test_a_safetensors_header_length_over_the_cap_is_refused_before_it_is_fetched(served: Any) -> None:
+    """A header claiming 150 MB (over the 100 MB cap) in a 200 MB file: refused from its 8 bytes,
+    never fetched (it was: 150 MB downloaded, then refused)."""
+    folder, base, counters = served
+    with open(folder / "liar.safetensors", "wb") as fh:
+        fh.write(struct.pack("<Q", 150_000_000) + b'{"a": 1}')
+        fh.truncate(200_000_000)
+    result = run("inspect", f"{base}/liar.safetensors")
+    assert_one_line_error(result, "exceeds the 100000000-byte limit")
+    assert counters.bytes_sent < MIB

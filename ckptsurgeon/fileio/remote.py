@@ -432,8 +432,11 @@ class HeaderPlan:
         if head.startswith(b"PK\x03\x04"):
             self._zip()
         elif len(head) >= 9 and head[8:].lstrip(b" \t\r\n")[:1] == b"{":
+            from ..formats.safetensors import MAX_HEADER_BYTES
+
             header_len = int.from_bytes(head[:8], "little")
-            self.get([(0, 8 + header_len)])
+            if header_len <= MAX_HEADER_BYTES:  # a longer one is refused by the reader from its 8 bytes
+                self.get([(0, 8 + header_len)])
         else:
             raise RemoteError(
                 f"{self.remote._url(self.path)}: header-only remote reads take safetensors files, torch zip "
