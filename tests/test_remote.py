@@ -298,3 +298,17 @@ def test_a_safetensors_header_length_over_the_cap_is_refused_before_it_is_fetche
     result = run("inspect", f"{base}/liar.safetensors")
     assert_one_line_error(result, "exceeds the 100000000-byte limit")
     assert counters.bytes_sent < MIB
+
+
+def test_credentials_in_a_url_are_never_printed(served: Any) -> None:
+    folder, base, _ = served
+    src = FIXTURES / "resnet_dp_6.pth"
+    (folder / src.name).write_bytes(src.read_bytes())
+    (folder / "bad.safetensors").write_bytes(struct.pack("<Q", 2) + b"{x")
+    secret = base.replace("http://", "http://someone:s3cret@")
+    for name in ("missing.safetensors", "bad.safetensors"):
+        result = run("inspect", f"{secret}/{name}")
+        assert_one_line_error(result, name)
+        assert "s3cret" not in result.stderr
+    shown = run("inspect", f"{secret}/{src.name}", "--format", "json")
+    assert shown.exit_code == 0 and "s3cret" not in shown.stdout + shown.stderr

@@ -53,6 +53,17 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 METADATA_SUFFIXES = (".json", ".metadata", ".txt", ".yaml", ".yml", ".md", ".model")
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URL in it (``user:password@``) hidden.
+
+    Example:
+        >>> redact("https://me:s3cret@example.com/model.safetensors")
+        'https://***@example.com/model.safetensors'
+    """
+    return _USERINFO.sub(r"\1***@", text)
 
 
 class RemoteError(InputError):
@@ -163,7 +174,7 @@ def open_mirror(url: str, headers_only: bool) -> Mirror:
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise
-    mirror = Mirror(url, local, root, remote.traffic, headers_only)
+    mirror = Mirror(redact(url), local, root, remote.traffic, headers_only)
     MIRRORS[os.fspath(local)] = mirror
     return mirror
 
@@ -172,7 +183,7 @@ def _import_fsspec(url: str) -> Any:
     try:
         import fsspec  # type: ignore[import-untyped,unused-ignore]
     except ImportError:
-        raise RemoteError(f"{url}: reading remote checkpoints needs fsspec; {INSTALL_HINT}") from None
+        raise RemoteError(f"{redact(url)}: reading remote checkpoints needs fsspec; {INSTALL_HINT}") from None
     return fsspec
 
 
@@ -190,7 +201,7 @@ class Remote:
             package = PROTOCOL_PACKAGES.get(self.protocol)
             hint = f"pip install {package}" if package else INSTALL_HINT
             raise RemoteError(
-                f"{url}: fsspec cannot read {self.protocol}:// here ({_short(exc)}); {hint}"
+                f"{redact(url)}: fsspec cannot read {self.protocol}:// here ({_short(exc)}); {hint}"
             ) from None
         self.ranges_checked = False
 
@@ -210,9 +221,10 @@ class Remote:
             raise RemoteError(f"{self._url(path)}: cannot list the remote folder ({_short(exc)})") from None
 
     def _url(self, path: str) -> str:
+        """How messages name ``path``: its URL, credentials hidden."""
         if path == self.path:
-            return self.url
-        return self.fs.unstrip_protocol(path) if hasattr(self.fs, "unstrip_protocol") else path
+            return redact(self.url)
+        return redact(self.fs.unstrip_protocol(path) if hasattr(self.fs, "unstrip_protocol") else path)
 
     # -- range reads --------------------------------------------------------------------------
     def check_ranges(self, path: str, size: int) -> None:
@@ -346,7 +358,7 @@ class Remote:
 
 
 def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())[:120]
+    text = redact(" ".join(str(exc).split()))[:120]
     return text or exc.__class__.__name__
 
 
