@@ -626,12 +626,23 @@ def propose(
     """
     s_shapes = {k: tuple(v) for k, v in source.items()}
     t_shapes = {k: tuple(v) for k, v in target.items()}
-    s_side, t_side = _structure(s_shapes), _structure(t_shapes)
+    # a template cannot name a brace (no escape): such names stay unused/unfilled, never a template
+    s_side = _structure({k: v for k, v in s_shapes.items() if not _braced(k)})
+    t_side = _structure({k: v for k, v in t_shapes.items() if not _braced(k)})
     group_pairs = _align_groups(s_side.groups, t_side.groups)
     rules = _flat_rules(s_side, t_side, group_pairs)
     for s_group, t_group in group_pairs:
         rules += _block_rules(s_group, t_group)
-    return _finish(rules, s_shapes, t_shapes)
+    proposal = _finish(rules, s_shapes, t_shapes)
+    braced = sum(1 for name in (*s_shapes, *t_shapes) if _braced(name))
+    if not braced:
+        return proposal
+    note = f"{braced} tensor name(s) holding a brace left out (a mapping template cannot name a brace)"
+    return replace(proposal, notes=(*proposal.notes, note))
+
+
+def _braced(name: str) -> bool:
+    return "{" in name or "}" in name
 
 
 def _flat_rules(s_side: _Side, t_side: _Side, group_pairs: list[tuple[_Group, _Group]]) -> list[ProposedRule]:
