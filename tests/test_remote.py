@@ -312,3 +312,38 @@ def test_credentials_in_a_url_are_never_printed(served: Any) -> None:
         assert "s3cret" not in result.stderr
     shown = run("inspect", f"{secret}/{src.name}", "--format", "json")
     assert shown.exit_code == 0 and "s3cret" not in shown.stdout + shown.stderr
+
+
+def test_a_server_that_never_answers_times_out_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that accepts the connection and then says nothing: aiohttp's default waits 5 minutes
+    (and cuts any request longer than that, a 64 MiB range on a slow link too); a read that stalls
+    for READ_TIMEOUT seconds is what fails."""
+    import socket
+    import threading
+    import time
+
+    from ckptsurgeon.fileio import remote
+
+    monkeypatch.setattr(remote, "READ_TIMEOUT", 1.0)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        started = time.monotonic()
+        result = run("inspect", f"http://127.0.0.1:{listener.getsockname()[1]}/m.safetensors")
+        assert time.monotonic() - started < 30
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+    assert_one_line_error(result, "m.safetensors")

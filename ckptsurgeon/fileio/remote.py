@@ -51,6 +51,10 @@ SMALL_FILE = 16 << 20  # folder files fetched whole (index JSON, .metadata, conf
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 # Files of a remote folder a header-only read fetches whole (indexes, DCP .metadata, configs).
 METADATA_SUFFIXES = (".json", ".metadata", ".txt", ".yaml", ".yml", ".md", ".model")
+# HTTP(S): a server that stops sending for this long fails the read (aiohttp's default instead cuts
+# every request at 5 minutes, however fast its bytes come, and waits that long on a silent server).
+CONNECT_TIMEOUT = 30.0
+READ_TIMEOUT = 60.0
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
@@ -196,7 +200,7 @@ class Remote:
         self.traffic = Traffic()
         self.protocol = url.split("://", 1)[0].lower()
         try:
-            self.fs, self.path = fsspec.core.url_to_fs(url)
+            self.fs, self.path = fsspec.core.url_to_fs(url, **self._options())
         except (ImportError, ValueError) as exc:
             package = PROTOCOL_PACKAGES.get(self.protocol)
             hint = f"pip install {package}" if package else INSTALL_HINT
@@ -204,6 +208,14 @@ class Remote:
                 f"{redact(url)}: fsspec cannot read {self.protocol}:// here ({_short(exc)}); {hint}"
             ) from None
         self.ranges_checked = False
+
+    def _options(self) -> dict[str, Any]:
+        if self.protocol not in ("http", "https"):
+            return {}
+        import aiohttp  # type: ignore[import-not-found,unused-ignore]
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
+        return {"client_kwargs": {"timeout": timeout}}
 
     # -- metadata ---------------------------------------------------------------------------
     def info(self, path: str) -> dict[str, Any]:
