@@ -346,4 +346,17 @@ def test_a_server_that_never_answers_times_out_in_one_line(monkeypatch: pytest.M
         listener.close()
         for conn in held:
             conn.close()
-    assert_one_line_error(result, "m.safetensors")
+    assert_one_line_error(result, "m.safetensors", "cannot be reached")
+
+
+def test_an_unreachable_server_is_not_called_a_missing_file(served: Any) -> None:
+    """fsspec's HTTP info() raises FileNotFoundError for every failure; only a 404 is a missing file."""
+    import socket
+
+    _, base, _ = served
+    assert_one_line_error(run("inspect", f"{base}/none.safetensors"), "no such remote file")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    assert_one_line_error(run("inspect", f"http://127.0.0.1:{port}/m.safetensors"), "cannot be reached")

@@ -221,7 +221,10 @@ class Remote:
     def info(self, path: str) -> dict[str, Any]:
         try:
             return dict(self.fs.info(path))
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
+            cause = exc.__cause__  # fsspec's HTTP info() says FileNotFoundError for any failure
+            if cause is not None and getattr(cause, "status", None) not in (404, 410):
+                raise RemoteError(f"{self._url(path)}: cannot be reached ({_short(cause)})") from None
             raise RemoteError(f"{self._url(path)}: no such remote file or folder") from None
         except Exception as exc:
             raise RemoteError(f"{self._url(path)}: cannot be reached ({_short(exc)})") from None
