@@ -299,3 +299,18 @@ def test_propose_map_names_with_newlines_cannot_forge_rules_or_report_lines(tmp_
     )
     assert not any(line.startswith("drop") for line in result.stdout.splitlines())
     assert "junk\\ndrop" in result.stdout and "junk\\ndrop" in mapping.read_text()
+
+
+def test_propose_map_never_overwrites_its_source_or_target_even_with_force(tmp_path: Path) -> None:
+    from conftest import assert_one_line_error, sha256
+
+    torch.save({"a.w": torch.ones(4, 2)}, tmp_path / "s.pth")
+    torch.save({"b.w": torch.ones(4, 2)}, tmp_path / "t.pth")
+    (tmp_path / "models.py").write_text("import torch\n\ndef net():\n    return torch.nn.Linear(2, 4)\n")
+    before = {p.name: sha256(p) for p in tmp_path.iterdir()}
+    for target, onto in (("t.pth", "s.pth"), ("t.pth", "t.pth"), ("models.py:net()", "models.py")):
+        result = run_cli(
+            "diff", tmp_path / "s.pth", f"{tmp_path}/{target}", "--propose-map", tmp_path / onto, "--force"
+        )
+        assert_one_line_error(result, "--propose-map", onto)
+    assert {p.name: sha256(p) for p in tmp_path.iterdir()} == before

@@ -825,8 +825,18 @@ def write_proposal(
     Example:
         >>> write_proposal(propose({"a": (1,)}, {"b": (1,)}), "map.toml")   # doctest: +SKIP
     """
+    import os
+
+    from ..errors import OutputError
     from ..fileio.writing import atomic_output
 
+    for name in (source, target, target.rsplit(":", 1)[0]):  # a target "models.py:net()" names its file
+        try:
+            same = os.path.isfile(path) and os.path.samefile(path, name)
+        except (OSError, ValueError):
+            same = False
+        if same:  # even with --force: a mapping file never replaces the checkpoint or the code it maps
+            raise OutputError(f"{path}: is {name}, an input of this diff; name a new file for --propose-map")
     text = proposal_toml(proposal, source, target).encode("utf-8")
     with atomic_output(path, force=force) as fh:
         fh.write(text)
