@@ -334,6 +334,11 @@ def test_load_mapping_reads_a_hand_written_file_with_comments(tmp_path: Path) ->
         ("version = 1\n[[transform]]\nop = 'rotate'\nfrom = 'a'\nto = 'b'\n", "op 'rotate': unknown"),
         ("version = 1\n[[rename]]\nfrom = 'a.{n'\nto = 'b'\n", "a brace that is not a placeholder"),
         ("version = 1\n[[rename]]\nfrom = 'a.{n}'\nto = 'b.{m}'\n", "every template of a rule"),
+        ("version = 1\n[[rename]]\nfrom = 'a.{x:part}'\nto = 'b.{x}'\n", "every template of a rule"),
+        (
+            "version = 1\n[[drop]]\npattern = 'a'\n[[rename]]\nfrom = 'a.{*x}'\nto = 'b.{x:part}'\n",
+            "{x:part}",
+        ),
         ("version = 1\n[[rename]]\nfrom = 'a'\nto = 'b'\ncolour = 1\n", "unknown key 'colour'"),
         ("version = 1\n[[rename]]\nregex = '('\nreplace = 'b'\n", "not a valid regular expression"),
         ("version = 1\n[[rename]]\nregex = 'a{4294967296}'\nreplace = 'b'\n", "not a valid regular"),

@@ -294,13 +294,17 @@ def _check_op_fields(rule: TensorTransform) -> None:
 
 def _same_placeholders(label: str, sources: Sequence[Template], targets: Sequence[Template]) -> None:
     """Every template of a rule uses the same placeholders, so values carry over both ways."""
-    wanted = set(sources[0].placeholders)
+    wanted = _spelled(sources[0])  # names and kinds: {x:part} against {x} (digits) would not reverse
     for template in [*sources, *targets]:
-        if set(template.placeholders) != wanted:
+        if _spelled(template) != wanted:
             raise MappingError(
-                f"{label}: {template.text!r} uses placeholders {sorted(template.placeholders)}, "
-                f"{sources[0].text!r} uses {sorted(wanted)}; every template of a rule needs the same ones"
+                f"{label}: {template.text!r} uses placeholders {_spelled(template)}, "
+                f"{sources[0].text!r} uses {wanted}; every template of a rule needs the same ones"
             )
+
+
+def _spelled(template: Template) -> list[str]:
+    return sorted(m.group(0) for m in _PLACEHOLDER.finditer(template.text))
 
 
 def _check_status(status: str, label: str) -> None:
