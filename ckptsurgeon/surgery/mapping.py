@@ -540,7 +540,7 @@ def parse_mapping(text: str) -> Mapping:
     if order not in ORDERS:
         raise MappingError(f"order = {order!r}: use {ORDERS[0]!r} (the default) or {ORDERS[1]!r}")
     version = document.get("version")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # true and 1.0 equal 1 in Python
         raise MappingError(
             f"version = {version!r}: this ckpt reads mapping files of version {SCHEMA_VERSION}"
         )
