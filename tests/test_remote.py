@@ -310,6 +310,12 @@ def test_credentials_in_a_url_are_never_printed(served: Any) -> None:
         result = run("inspect", f"{secret}/{name}")
         assert_one_line_error(result, name)
         assert "s3cret" not in result.stderr
+    from ckptsurgeon.fileio.remote import redact
+
+    assert (
+        redact("see https://u:p@ss@host/a@b and s3://k:s@bucket/x")
+        == "see https://***@host/a@b and s3://***@bucket/x"
+    )
     shown = run("inspect", f"{secret}/{src.name}", "--format", "json")
     assert shown.exit_code == 0 and "s3cret" not in shown.stdout + shown.stderr
 

@@ -57,7 +57,7 @@ CONNECT_TIMEOUT = 30.0
 READ_TIMEOUT = 60.0
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s]*@")  # to the last @ of the authority
 
 
 def redact(text: str) -> str:
