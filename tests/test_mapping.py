@@ -333,6 +333,8 @@ def test_load_mapping_reads_a_hand_written_file_with_comments(tmp_path: Path) ->
         ("[[rename]]\nfrom='a'\nto='b'\n", "version = None"),
         ("version = 1\n[[transform]]\nop = 'rotate'\nfrom = 'a'\nto = 'b'\n", "op 'rotate': unknown"),
         ("version = true\n", "version = True"),
+        ("version = 1\n[[transform]]\nop = 'concat'\nfrom = ['{*p}', '{*p}']\nto = '{*p}.c'\n", "twice"),
+        ("version = 1\n[[transform]]\nop = 'split'\nfrom = '{*p}'\nto = ['{*p}.a', '{*p}.a']\n", "twice"),
         ("version = 1.0\n", "version = 1.0"),
         ("version = 1\n[[rename]]\nfrom = 'a.{n'\nto = 'b'\n", "a brace that is not a placeholder"),
         ("version = 1\n[[rename]]\nfrom = 'a.{n}'\nto = 'b.{m}'\n", "every template of a rule"),

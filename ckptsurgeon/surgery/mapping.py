@@ -269,6 +269,10 @@ def _check_arity(rule: TensorTransform) -> None:
     if (len(rule.targets) >= 2) != many_out or (len(rule.targets) == 0):
         need = "a list of two or more names" if many_out else "one name"
         raise MappingError(f"{rule.label}: 'to' must be {need}")
+    for key, names in (("from", rule.sources), ("to", rule.targets)):
+        twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+        if twice is not None:  # a concat of a tensor with itself has no reverse
+            raise MappingError(f"{rule.label}: {twice!r} appears twice in '{key}'")
     parts = max(len(rule.sources), len(rule.targets))
     if rule.sizes and (len(rule.sizes) != parts or any(s <= 0 for s in rule.sizes)):
         raise MappingError(f"{rule.label}: 'sizes' must be {parts} positive integers, one per part")
