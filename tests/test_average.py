@@ -196,6 +196,16 @@ def test_refuses_bad_weights(tmp_path: Path, weights: str, fragment: str) -> Non
     _refused(tmp_path, *paths, "--weights", weights, fragments=("--weights", fragment))
 
 
+def test_huge_weights_are_normalised_without_overflow(tmp_path: Path) -> None:
+    """Weights are relative: 1e308 and 1.7e308 are 10 and 17 (their float sum overflows)."""
+    paths = _inputs(tmp_path, n=2)
+    big = ckptsurgeon.average(paths, tmp_path / "big.safetensors", weights="1e308,1.7e308")
+    small = ckptsurgeon.average(paths, tmp_path / "small.safetensors", weights="10,17")
+    assert big.weights == pytest.approx(small.weights) and sum(big.weights) == pytest.approx(1)
+    result = run_cli("average", *paths, "--weights", "1e308,1.7e308", "-o", tmp_path / "cli.safetensors")
+    assert result.exit_code == 0, result.stderr
+
+
 def test_refuses_one_input(tmp_path: Path) -> None:
     paths = _inputs(tmp_path, n=1)
     _refused(tmp_path, *paths, fragments=("at least two",))

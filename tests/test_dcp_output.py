@@ -138,6 +138,23 @@ def test_force_never_replaces_a_folder_that_is_not_a_dcp_checkpoint(tmp_path: Pa
     assert (out / "keep.txt").read_text() == "mine"
 
 
+def test_force_never_deletes_other_files_beside_a_dcp_checkpoint(tmp_path: Path) -> None:
+    """A folder holding a .metadata and more (a training run's folder, its scripts and subfolders): the
+    whole folder used to be replaced, deleting them. --force replaces a DCP checkpoint, nothing else."""
+    src = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(3)}, src)
+    out = tmp_path / "run"
+    assert run_cli("convert", src, "-o", out, "--to", "dcp").exit_code == 0
+    (out / "train.py").write_text("mine")
+    (out / "logs").mkdir()
+    (out / "logs" / "events").write_text("mine too")
+    before = sorted(os.listdir(out))
+    result = run_cli("convert", src, "-o", out, "--to", "dcp", "--force")
+    assert_one_line_error(result, "holds 'logs' beside its DCP checkpoint")
+    assert sorted(os.listdir(out)) == before and (out / "train.py").read_text() == "mine"
+    assert (out / "logs" / "events").read_text() == "mine too"
+
+
 def test_wrong_output_names_are_refused(tmp_path: Path) -> None:
     src = tmp_path / "m.safetensors"
     save_file({"w": torch.ones(3)}, src)

@@ -336,10 +336,21 @@ def test_load_mapping_reads_a_hand_written_file_with_comments(tmp_path: Path) ->
         ("version = 2\n", "version = 2"),
         ("[[rename]]\nfrom='a'\nto='b'\n", "no version: start the file with 'version = 1'"),
         ("version = 1\n[[transform]]\nop = 'rotate'\nfrom = 'a'\nto = 'b'\n", "op 'rotate': unknown"),
+        ("version = true\n", "version = True"),
+        ("version = 1\n[[transform]]\nop = 'concat'\nfrom = ['{*p}', '{*p}']\nto = '{*p}.c'\n", "twice"),
+        ("version = 1\n[[transform]]\nop = 'split'\nfrom = '{*p}'\nto = ['{*p}.a', '{*p}.a']\n", "twice"),
+        ("version = 1.0\n", "version = 1.0"),
         ("version = 1\n[[rename]]\nfrom = 'a.{n'\nto = 'b'\n", "a brace that is not a placeholder"),
         ("version = 1\n[[rename]]\nfrom = 'a.{n}'\nto = 'b.{m}'\n", "every template of a rule"),
+        ("version = 1\n[[rename]]\nfrom = 'a.{x:part}'\nto = 'b.{x}'\n", "every template of a rule"),
+        (
+            "version = 1\n[[drop]]\npattern = 'a'\n[[rename]]\nfrom = 'a.{*x}'\nto = 'b.{x:part}'\n",
+            "{x:part}",
+        ),
         ("version = 1\n[[rename]]\nfrom = 'a'\nto = 'b'\ncolour = 1\n", "unknown key 'colour'"),
         ("version = 1\n[[rename]]\nregex = '('\nreplace = 'b'\n", "not a valid regular expression"),
+        ("version = 1\n[[rename]]\nregex = 'a{4294967296}'\nreplace = 'b'\n", "not a valid regular"),
+        ("version = 1\n[[drop]]\nregex = '" + "(" * 5000 + ")" * 5000 + "'\n", "not a valid regular"),
         ("version = 1\n[[transform]]\nop = 'split'\nfrom = 'a'\nto = 'b'\n", "'to' must be a list"),
         ("version = 1\n[[transform]]\nop = 'permute'\nfrom = 'a'\nto = 'b'\ndims = [0, 0]\n", "permutation"),
         ("version = 1\n[[drop]]\npattern = 'a'\nstatus = 'maybe'\n", "status 'maybe'"),
@@ -394,6 +405,16 @@ def test_applying_refuses_collisions_missing_inputs_misfits_and_ambiguous_rules(
     ]
     with pytest.raises(MappingError, match="no rule of the mapping matches any tensor"):
         Mapping(renames=(Rename("zzz", "d"),)).apply(state)
+
+
+def test_reshape_to_a_shape_whose_element_count_overflows_is_refused() -> None:
+    """torch multiplies sizes left to right in int64: [2**62, 2**62, 0] holds no element but torch.load
+    refuses it ("integer multiplication overflow"), so the rule must not write it."""
+    big = 1 << 62
+    for shape in ((big, big, -1), (4, big, -1)):
+        with pytest.raises(MappingError, match="overflows"):
+            _one("reshape", "z", "z", shape=shape).apply({"z": torch.zeros(0)})
+    assert _one("reshape", "z", "z", shape=(0, big)).apply({"z": torch.zeros(0)})["z"].shape == (0, big)
 
 
 def test_the_plan_declares_transform_outputs_and_reports_what_no_rule_touched() -> None:

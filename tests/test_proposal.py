@@ -199,3 +199,17 @@ def test_a_fused_tensor_whose_parts_names_do_not_say_qkv_is_to_confirm() -> None
     # several ways to cut it and no names to choose: no guess at all
     many = {f"dec.{x}.weight": (4, 4) for x in "abcd"}
     assert propose(src, many).rules == ()
+
+
+def test_names_holding_braces_are_left_out_never_written_as_templates() -> None:
+    """A template has no escape for a brace: 'enc.{*r}' written as a rule would rename every 'enc.'
+    tensor, and 'enc.{x}' made the whole proposal fail. Such names are left out, and said so."""
+    from ckptsurgeon.diffing.proposal import to_mapping
+
+    src = {"enc.{*r}": (4, 2), "enc.{x}": (5, 2), "a.w": (3,)}
+    tgt = {"dec.{*r}": (4, 2), "b.w": (5, 2), "c.w": (3,)}
+    proposal = propose(src, tgt)
+    assert [(r.sources, r.targets) for r in proposal.rules] == [(("a.w",), ("c.w",))]
+    assert set(proposal.unused) == {"enc.{*r}", "enc.{x}"} and set(proposal.unfilled) == {"dec.{*r}", "b.w"}
+    assert any("brace" in note for note in proposal.notes)
+    assert [(r.source, r.target) for r in to_mapping(proposal).renames] == [("a.w", "c.w")]

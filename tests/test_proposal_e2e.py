@@ -301,3 +301,37 @@ def test_separate_qkv_stored_sorted_are_proposed_as_one_concat(tmp_path: Path) -
     converted = torch.load(back, weights_only=True)
     assert converted.keys() == original.keys()
     assert all(torch.equal(converted[k], v) for k, v in original.items())
+
+
+def test_propose_map_names_with_newlines_cannot_forge_rules_or_report_lines(tmp_path: Path) -> None:
+    """A hostile tensor name holding a newline is written escaped in the file's comments and in the
+    printed report: it must not become a TOML line (here a drop of every tensor) or a report line."""
+    import tomllib
+
+    forged = 'junk\ndrop = [{regex = ".", reason = "pwned"}]'
+    torch.save({"a.w": torch.ones(4, 2), forged: torch.zeros(7, 7, 7)}, tmp_path / "s.pth")
+    torch.save({"b.w": torch.ones(4, 2)}, tmp_path / "t.pth")
+    mapping = tmp_path / "m.toml"
+    result = run_cli("diff", tmp_path / "s.pth", tmp_path / "t.pth", "--propose-map", mapping)
+    assert result.exit_code == 0, result.stderr
+    assert "drop" not in tomllib.loads(mapping.read_text())
+    assert all(
+        line.startswith("#") or not line.startswith("drop") for line in mapping.read_text().splitlines()
+    )
+    assert not any(line.startswith("drop") for line in result.stdout.splitlines())
+    assert "junk\\ndrop" in result.stdout and "junk\\ndrop" in mapping.read_text()
+
+
+def test_propose_map_never_overwrites_its_source_or_target_even_with_force(tmp_path: Path) -> None:
+    from conftest import assert_one_line_error, sha256
+
+    torch.save({"a.w": torch.ones(4, 2)}, tmp_path / "s.pth")
+    torch.save({"b.w": torch.ones(4, 2)}, tmp_path / "t.pth")
+    (tmp_path / "models.py").write_text("import torch\n\ndef net():\n    return torch.nn.Linear(2, 4)\n")
+    before = {p.name: sha256(p) for p in tmp_path.iterdir()}
+    for target, onto in (("t.pth", "s.pth"), ("t.pth", "t.pth"), ("models.py:net()", "models.py")):
+        result = run_cli(
+            "diff", tmp_path / "s.pth", f"{tmp_path}/{target}", "--propose-map", tmp_path / onto, "--force"
+        )
+        assert_one_line_error(result, "--propose-map", onto)
+    assert {p.name: sha256(p) for p in tmp_path.iterdir()} == before

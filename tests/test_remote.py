@@ -294,3 +294,83 @@ def test_an_http_folder_url_says_http_cannot_list(served: Any) -> None:
     result = run("inspect", f"{base}/")
     assert_one_line_error(result, "cannot list a folder", "index.json")
     assert counters.gets == 0
+
+
+def test_a_safetensors_header_length_over_the_cap_is_refused_before_it_is_fetched(served: Any) -> None:
+    """A header claiming 150 MB (over the 100 MB cap) in a 200 MB file: refused from its 8 bytes,
+    never fetched (it was: 150 MB downloaded, then refused)."""
+    folder, base, counters = served
+    with open(folder / "liar.safetensors", "wb") as fh:
+        fh.write(struct.pack("<Q", 150_000_000) + b'{"a": 1}')
+        fh.truncate(200_000_000)
+    result = run("inspect", f"{base}/liar.safetensors")
+    assert_one_line_error(result, "exceeds the 100000000-byte limit")
+    assert counters.bytes_sent < MIB
+
+
+def test_credentials_in_a_url_are_never_printed(served: Any) -> None:
+    folder, base, _ = served
+    src = FIXTURES / "resnet_dp_6.pth"
+    (folder / src.name).write_bytes(src.read_bytes())
+    (folder / "bad.safetensors").write_bytes(struct.pack("<Q", 2) + b"{x")
+    secret = base.replace("http://", "http://someone:s3cret@")
+    for name in ("missing.safetensors", "bad.safetensors"):
+        result = run("inspect", f"{secret}/{name}")
+        assert_one_line_error(result, name)
+        assert "s3cret" not in result.stderr
+    from ckptsurgeon.fileio.remote import redact
+
+    assert (
+        redact("see https://u:p@ss@host/a@b and s3://k:s@bucket/x")
+        == "see https://***@host/a@b and s3://***@bucket/x"
+    )
+    shown = run("inspect", f"{secret}/{src.name}", "--format", "json")
+    assert shown.exit_code == 0 and "s3cret" not in shown.stdout + shown.stderr
+
+
+def test_a_server_that_never_answers_times_out_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that accepts the connection and then says nothing: aiohttp's default waits 5 minutes
+    (and cuts any request longer than that, a 64 MiB range on a slow link too); a read that stalls
+    for READ_TIMEOUT seconds is what fails."""
+    import socket
+    import threading
+    import time
+
+    from ckptsurgeon.fileio import remote
+
+    monkeypatch.setattr(remote, "READ_TIMEOUT", 1.0)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        started = time.monotonic()
+        result = run("inspect", f"http://127.0.0.1:{listener.getsockname()[1]}/m.safetensors")
+        assert time.monotonic() - started < 30
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+    assert_one_line_error(result, "m.safetensors", "cannot be reached")
+
+
+def test_an_unreachable_server_is_not_called_a_missing_file(served: Any) -> None:
+    """fsspec's HTTP info() raises FileNotFoundError for every failure; only a 404 is a missing file."""
+    import socket
+
+    _, base, _ = served
+    assert_one_line_error(run("inspect", f"{base}/none.safetensors"), "no such remote file")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    assert_one_line_error(run("inspect", f"http://127.0.0.1:{port}/m.safetensors"), "cannot be reached")

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from ..core.report import printable
 from .heads import HEAD_ROLE_NAMES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -126,7 +127,7 @@ class Proposal:
                 lines.append(f"{title}:")
                 lines += [f"  {n}" for n in names[:limit]]
                 lines += [f"  ... and {len(names) - limit} more"] if len(names) > limit else []
-        return "\n".join(lines) + "\n"
+        return "\n".join(printable(line) for line in lines) + "\n"  # a name cannot forge a line
 
     def summary(self) -> str:
         """One line: target tensors covered, rules to confirm, unfilled and unused tensors."""
@@ -646,12 +647,23 @@ def propose(
     """
     s_shapes = {k: tuple(v) for k, v in source.items()}
     t_shapes = {k: tuple(v) for k, v in target.items()}
-    s_side, t_side = _structure(s_shapes), _structure(t_shapes)
+    # a template cannot name a brace (no escape): such names stay unused/unfilled, never a template
+    s_side = _structure({k: v for k, v in s_shapes.items() if not _braced(k)})
+    t_side = _structure({k: v for k, v in t_shapes.items() if not _braced(k)})
     group_pairs = _align_groups(s_side.groups, t_side.groups)
     rules = _flat_rules(s_side, t_side, group_pairs)
     for s_group, t_group in group_pairs:
         rules += _block_rules(s_group, t_group)
-    return _finish(rules, s_shapes, t_shapes)
+    proposal = _finish(rules, s_shapes, t_shapes)
+    braced = sum(1 for name in (*s_shapes, *t_shapes) if _braced(name))
+    if not braced:
+        return proposal
+    note = f"{braced} tensor name(s) holding a brace left out (a mapping template cannot name a brace)"
+    return replace(proposal, notes=(*proposal.notes, note))
+
+
+def _braced(name: str) -> bool:
+    return "{" in name or "}" in name
 
 
 def _flat_rules(s_side: _Side, t_side: _Side, group_pairs: list[tuple[_Group, _Group]]) -> list[ProposedRule]:
@@ -815,7 +827,8 @@ def proposal_toml(proposal: Proposal, source: str = "SOURCE", target: str = "TAR
         *_listed("target tensors no rule fills", proposal.unfilled),
         *_listed("source tensors no rule uses", proposal.unused),
     ]
-    return "\n".join(header) + "\n" + to_mapping(proposal).to_toml()
+    comments = (printable(line) for line in header)  # a name holding a newline cannot write a TOML line
+    return "\n".join(comments) + "\n" + to_mapping(proposal).to_toml()
 
 
 def _listed(title: str, names: Sequence[str], limit: int = 50) -> list[str]:
@@ -833,8 +846,18 @@ def write_proposal(
     Example:
         >>> write_proposal(propose({"a": (1,)}, {"b": (1,)}), "map.toml")   # doctest: +SKIP
     """
+    import os
+
+    from ..errors import OutputError
     from ..fileio.writing import atomic_output
 
+    for name in (source, target, target.rsplit(":", 1)[0]):  # a target "models.py:net()" names its file
+        try:
+            same = os.path.isfile(path) and os.path.samefile(path, name)
+        except (OSError, ValueError):
+            same = False
+        if same:  # even with --force: a mapping file never replaces the checkpoint or the code it maps
+            raise OutputError(f"{path}: is {name}, an input of this diff; name a new file for --propose-map")
     text = proposal_toml(proposal, source, target).encode("utf-8")
     with atomic_output(path, force=force) as fh:
         fh.write(text)

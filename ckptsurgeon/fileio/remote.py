@@ -51,8 +51,23 @@ SMALL_FILE = 16 << 20  # folder files fetched whole (index JSON, .metadata, conf
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 # Files of a remote folder a header-only read fetches whole (indexes, DCP .metadata, configs).
 METADATA_SUFFIXES = (".json", ".metadata", ".txt", ".yaml", ".yml", ".md", ".model")
+# HTTP(S): a server that stops sending for this long fails the read (aiohttp's default instead cuts
+# every request at 5 minutes, however fast its bytes come, and waits that long on a silent server).
+CONNECT_TIMEOUT = 30.0
+READ_TIMEOUT = 60.0
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s]*@")  # to the last @ of the authority
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URL in it (``user:password@``) hidden.
+
+    Example:
+        >>> redact("https://me:s3cret@example.com/model.safetensors")
+        'https://***@example.com/model.safetensors'
+    """
+    return _USERINFO.sub(r"\1***@", text)
 
 
 class RemoteError(InputError):
@@ -163,7 +178,7 @@ def open_mirror(url: str, headers_only: bool) -> Mirror:
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise
-    mirror = Mirror(url, local, root, remote.traffic, headers_only)
+    mirror = Mirror(redact(url), local, root, remote.traffic, headers_only)
     MIRRORS[os.fspath(local)] = mirror
     return mirror
 
@@ -172,7 +187,7 @@ def _import_fsspec(url: str) -> Any:
     try:
         import fsspec  # type: ignore[import-untyped,unused-ignore]
     except ImportError:
-        raise RemoteError(f"{url}: reading remote checkpoints needs fsspec; {INSTALL_HINT}") from None
+        raise RemoteError(f"{redact(url)}: reading remote checkpoints needs fsspec; {INSTALL_HINT}") from None
     return fsspec
 
 
@@ -185,20 +200,31 @@ class Remote:
         self.traffic = Traffic()
         self.protocol = url.split("://", 1)[0].lower()
         try:
-            self.fs, self.path = fsspec.core.url_to_fs(url)
+            self.fs, self.path = fsspec.core.url_to_fs(url, **self._options())
         except (ImportError, ValueError) as exc:
             package = PROTOCOL_PACKAGES.get(self.protocol)
             hint = f"pip install {package}" if package else INSTALL_HINT
             raise RemoteError(
-                f"{url}: fsspec cannot read {self.protocol}:// here ({_short(exc)}); {hint}"
+                f"{redact(url)}: fsspec cannot read {self.protocol}:// here ({_short(exc)}); {hint}"
             ) from None
         self.ranges_checked = False
+
+    def _options(self) -> dict[str, Any]:
+        if self.protocol not in ("http", "https"):
+            return {}
+        import aiohttp  # type: ignore[import-not-found,unused-ignore]
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)
+        return {"client_kwargs": {"timeout": timeout}}
 
     # -- metadata ---------------------------------------------------------------------------
     def info(self, path: str) -> dict[str, Any]:
         try:
             return dict(self.fs.info(path))
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
+            cause = exc.__cause__  # fsspec's HTTP info() says FileNotFoundError for any failure
+            if cause is not None and getattr(cause, "status", None) not in (404, 410):
+                raise RemoteError(f"{self._url(path)}: cannot be reached ({_short(cause)})") from None
             raise RemoteError(f"{self._url(path)}: no such remote file or folder") from None
         except Exception as exc:
             raise RemoteError(f"{self._url(path)}: cannot be reached ({_short(exc)})") from None
@@ -210,9 +236,10 @@ class Remote:
             raise RemoteError(f"{self._url(path)}: cannot list the remote folder ({_short(exc)})") from None
 
     def _url(self, path: str) -> str:
+        """How messages name ``path``: its URL, credentials hidden."""
         if path == self.path:
-            return self.url
-        return self.fs.unstrip_protocol(path) if hasattr(self.fs, "unstrip_protocol") else path
+            return redact(self.url)
+        return redact(self.fs.unstrip_protocol(path) if hasattr(self.fs, "unstrip_protocol") else path)
 
     # -- range reads --------------------------------------------------------------------------
     def check_ranges(self, path: str, size: int) -> None:
@@ -267,7 +294,7 @@ class Remote:
     def mirror_into(self, root: Path, headers_only: bool) -> Path:
         if self.protocol in ("http", "https") and self.url.endswith("/"):
             raise RemoteError(
-                f"{self.url}: an HTTP server cannot list a folder; give a file's URL, or a sharded "
+                f"{redact(self.url)}: an HTTP server cannot list a folder; give a file's URL, or a sharded "
                 "set's *.index.json URL"
             )
         info = self.info(self.path)
@@ -351,7 +378,7 @@ class Remote:
 
 
 def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())[:120]
+    text = redact(" ".join(str(exc).split()))[:120]
     return text or exc.__class__.__name__
 
 
@@ -437,8 +464,11 @@ class HeaderPlan:
         if head.startswith(b"PK\x03\x04"):
             self._zip()
         elif len(head) >= 9 and head[8:].lstrip(b" \t\r\n")[:1] == b"{":
+            from ..formats.safetensors import MAX_HEADER_BYTES
+
             header_len = int.from_bytes(head[:8], "little")
-            self.get([(0, 8 + header_len)])
+            if header_len <= MAX_HEADER_BYTES:  # a longer one is refused by the reader from its 8 bytes
+                self.get([(0, 8 + header_len)])
         else:
             raise RemoteError(
                 f"{self.remote._url(self.path)}: header-only remote reads take safetensors files, torch zip "

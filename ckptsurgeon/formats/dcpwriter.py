@@ -92,6 +92,19 @@ def check_output_folder(final: Path, *, force: bool) -> bool:
             f"{final}: a folder that is not a DCP checkpoint (no {METADATA_FILE}); even with --force "
             "it is not replaced: name a new folder"
         )
+    other = next(  # the whole folder is replaced: a file beside the checkpoint would be deleted with it
+        (
+            n
+            for n in sorted(names)
+            if not (n == METADATA_FILE or n.endswith(DATA_FILE_SUFFIX)) or not (final / n).is_file()
+        ),
+        None,
+    )
+    if other is not None:
+        raise OutputError(
+            f"{final}: holds {other!r} beside its DCP checkpoint; --force replaces the whole folder, so it "
+            "is not replaced: name a new folder (or move that out)"
+        )
     return True
 
 

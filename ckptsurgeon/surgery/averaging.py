@@ -68,7 +68,11 @@ def parse_weights(weights: str | Sequence[float] | None, count: int) -> tuple[fl
         raise SurgeryError(f"--weights: {bad!r} is not a positive number; every weight must be > 0")
     if all(v == values[0] for v in values):
         return None
-    total = math.fsum(values)
+    try:
+        total = math.fsum(values)
+    except OverflowError:  # 1e308,1.7e308: the weights are relative, so scale them by the largest first
+        values = [v / max(values) for v in values]
+        total = math.fsum(values)
     return tuple(v / total for v in values)
 
 

@@ -269,6 +269,10 @@ def _check_arity(rule: TensorTransform) -> None:
     if (len(rule.targets) >= 2) != many_out or (len(rule.targets) == 0):
         need = "a list of two or more names" if many_out else "one name"
         raise MappingError(f"{rule.label}: 'to' must be {need}")
+    for key, names in (("from", rule.sources), ("to", rule.targets)):
+        twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+        if twice is not None:  # a concat of a tensor with itself has no reverse
+            raise MappingError(f"{rule.label}: {twice!r} appears twice in '{key}'")
     parts = max(len(rule.sources), len(rule.targets))
     if rule.sizes and (len(rule.sizes) != parts or any(s <= 0 for s in rule.sizes)):
         raise MappingError(f"{rule.label}: 'sizes' must be {parts} positive integers, one per part")
@@ -294,13 +298,17 @@ def _check_op_fields(rule: TensorTransform) -> None:
 
 def _same_placeholders(label: str, sources: Sequence[Template], targets: Sequence[Template]) -> None:
     """Every template of a rule uses the same placeholders, so values carry over both ways."""
-    wanted = set(sources[0].placeholders)
+    wanted = _spelled(sources[0])  # names and kinds: {x:part} against {x} (digits) would not reverse
     for template in [*sources, *targets]:
-        if set(template.placeholders) != wanted:
+        if _spelled(template) != wanted:
             raise MappingError(
-                f"{label}: {template.text!r} uses placeholders {sorted(template.placeholders)}, "
-                f"{sources[0].text!r} uses {sorted(wanted)}; every template of a rule needs the same ones"
+                f"{label}: {template.text!r} uses placeholders {_spelled(template)}, "
+                f"{sources[0].text!r} uses {wanted}; every template of a rule needs the same ones"
             )
+
+
+def _spelled(template: Template) -> list[str]:
+    return sorted(m.group(0) for m in _PLACEHOLDER.finditer(template.text))
 
 
 def _check_status(status: str, label: str) -> None:
@@ -311,7 +319,7 @@ def _check_status(status: str, label: str) -> None:
 def _compile_regex(pattern: str, label: str) -> re.Pattern[str]:
     try:
         return re.compile(pattern)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError) as exc:  # a{4294967296}; parentheses nested deep
         raise MappingError(f"{label}: not a valid regular expression ({exc})") from None
 
 
@@ -538,7 +546,7 @@ def parse_mapping(text: str) -> Mapping:
     version = document.get("version")
     if version is None:
         raise MappingError(f"no version: start the file with 'version = {SCHEMA_VERSION}'")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # true and 1.0 equal 1 in Python
         raise MappingError(
             f"version = {version!r}: this ckpt reads mapping files of version {SCHEMA_VERSION}"
         )

@@ -382,6 +382,11 @@ def _resolved_shape(wanted: tuple[int, ...], shape: tuple[int, ...], where: str)
         sizes[sizes.index(-1)] = numel // known
     if math.prod(sizes) != numel:
         raise MappingError(f"{where}: {numel} elements cannot be reshaped to {sizes}")
+    count = 1
+    for size in sizes:  # as torch counts elements: left to right in int64 ([2**62, 2**62, 0] overflows)
+        count *= size
+        if count >= 1 << 63:
+            raise MappingError(f"{where}: reshape to {sizes}: the element count overflows int64")
     return tuple(sizes)
 
 
