@@ -342,6 +342,8 @@ def test_load_mapping_reads_a_hand_written_file_with_comments(tmp_path: Path) ->
         ("version = 1.0\n", "version = 1.0"),
         ("version = 1\n[[rename]]\nfrom = 'a.{n'\nto = 'b'\n", "a brace that is not a placeholder"),
         ("version = 1\n[[rename]]\nfrom = 'a.{n}'\nto = 'b.{m}'\n", "every template of a rule"),
+        ("version = 1\n[[rename]]\nfrom = '{*a}{*b}.zz'\nto = '{*a}.{*b}'\n", "side by side"),
+        ("version = 1\n[[rename]]\nfrom = '{*a}.{*b}.{*c}.z'\nto = 'x.{*a}.{*b}.{*c}'\n", "at most 2"),
         ("version = 1\n[[rename]]\nfrom = 'a.{x:part}'\nto = 'b.{x}'\n", "every template of a rule"),
         (
             "version = 1\n[[drop]]\npattern = 'a'\n[[rename]]\nfrom = 'a.{*x}'\nto = 'b.{x:part}'\n",

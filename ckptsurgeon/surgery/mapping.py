@@ -83,6 +83,10 @@ class Template:
         return _PLACEHOLDER.sub(lambda m: values[m.group(2)], self.text)
 
 
+# {*name} placeholders a template may hold: matching costs grow as a name's length to this power.
+MAX_TAILS = 2
+
+
 def _compile_template(text: str) -> tuple[re.Pattern[str], tuple[str, ...]]:
     if not isinstance(text, str) or not text:
         raise MappingError(f"template {text!r}: give a non-empty tensor name with placeholders")
@@ -90,6 +94,10 @@ def _compile_template(text: str) -> tuple[re.Pattern[str], tuple[str, ...]]:
     names: list[str] = []
     at = 0
     for m in _PLACEHOLDER.finditer(text):
+        if names and m.start() == at:  # which characters go to which: a guess, and backtracking
+            raise MappingError(
+                f"template {text!r}: two placeholders side by side; put a literal such as '.' between them"
+            )
         parts.append(_literal(text, text[at : m.start()]))
         star, name, kind = m.group(1), m.group(2), m.group(3) or ""
         if star and kind:
@@ -102,6 +110,9 @@ def _compile_template(text: str) -> tuple[re.Pattern[str], tuple[str, ...]]:
         parts.append(f"(?P<{name}>{_KINDS[star or kind]})")
         at = m.end()
     parts.append(_literal(text, text[at:]))
+    if sum(1 for m in _PLACEHOLDER.finditer(text) if m.group(1)) > MAX_TAILS:
+        # each {*name} more multiplies the backtracking over a (possibly hostile) name's dots
+        raise MappingError(f"template {text!r}: at most {MAX_TAILS} {{*name}} placeholders")
     return re.compile("".join(parts)), tuple(names)
 
 
